@@ -12,7 +12,7 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
-from tests import tiny_models  # noqa: E402
+from tests import tiny_models
 
 
 @pytest.fixture(scope="session")

@@ -173,7 +173,9 @@ def test_concurrent_jobs_get_the_same_results_as_alone(embedder: ModuleType) -> 
     alone = [output_of(run_job(embedder.handler, {"texts": [text]}))["embeddings"] for text in SENTENCES]
 
     async def together() -> list[dict[str, Any]]:
-        jobs = [run_job_async(embedder.handler, {"id": f"j{i}", "input": {"texts": [t]}}) for i, t in enumerate(SENTENCES)]
+        jobs = [
+            run_job_async(embedder.handler, {"id": f"j{i}", "input": {"texts": [t]}}) for i, t in enumerate(SENTENCES)
+        ]
         return await asyncio.gather(*jobs)
 
     for result, expected in zip(asyncio.run(together()), alone, strict=True):
@@ -276,12 +278,17 @@ BAD_INPUTS = [
     (openai_job({"model": "m"}), "openai_input.input: Field required"),
     (openai_job({"input": [1, 2, 3]}), "openai_input.input: Value error, token id arrays are not supported"),
     (openai_job({"input": "hi", "encoding_format": "int8"}), "openai_input.encoding_format: Input should be"),
-    (openai_job({"input": "hi", "dimensions": 100}), "openai_input.dimensions: Input should be less than or equal to 32"),
+    (
+        openai_job({"input": "hi", "dimensions": 100}),
+        "openai_input.dimensions: Input should be less than or equal to 32",
+    ),
 ]
 
 
 @pytest.mark.parametrize(("job_input", "message"), BAD_INPUTS, ids=[m for _, m in BAD_INPUTS])
-def test_bad_input_is_a_clear_error_and_the_worker_serves_on(embedder: ModuleType, job_input: Any, message: str) -> None:
+def test_bad_input_is_a_clear_error_and_the_worker_serves_on(
+    embedder: ModuleType, job_input: Any, message: str
+) -> None:
     result = run_job(embedder.handler, job_input)
     assert message in result["error"]
     assert "Traceback" not in result["error"]
