@@ -10,16 +10,25 @@ Try a handler offline with one:
     python tests/tiny_models.py sentence-transformer /tmp/tiny-embedder
     cd 03_embeddings && MODEL_NAME=/tmp/tiny-embedder python handler.py
 
+The causal LM kinds (llama, mistral, mixtral, qwen3, phi3, gemma3) each come with their family's
+special tokens, chat template and end-of-turn eos token, e.g.
+
+    python tests/tiny_models.py qwen3 /tmp/tiny-qwen3
+
 Builds are deterministic: the same kind always gives the same weights and vocabulary.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 # A few hundred words of varied English, so trained tokenizers have a real vocabulary and
 # tests can send ordinary sentences without every word falling back to unknown tokens.
@@ -101,8 +110,220 @@ def build_sentence_transformer(out: Path) -> Path:
     return out
 
 
+# ---- causal LMs -------------------------------------------------------------------------------
+#
+# Every family shares one byte-level BPE vocabulary (only the special tokens differ; the real
+# Mistral, Phi-3 and Gemma use SentencePiece, but byte-level BPE round-trips any text exactly) and
+# one set of dimensions; a `_Family` holds what really differs: config class, special tokens and
+# chat template. head_dim is 32 because vLLM's CPU attention kernels need head sizes of 32 or more.
+
+_LM_DIMS: dict[str, Any] = {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,  # grouped-query attention, as most of these families use
+    "head_dim": 32,
+    "intermediate_size": 128,
+    "max_position_embeddings": 2048,
+}
+
+# Gemma and Mistral templates refuse a system message; ours fold it into the first user turn (as
+# Gemma's official template does), so one request shape works with every family.
+_FOLD_SYSTEM = (
+    r"{%- if messages and messages[0]['role'] == 'system' %}"
+    r"{%- set system = messages[0]['content'] + '\n\n' %}{%- set messages = messages[1:] %}"
+    r"{%- else %}{%- set system = '' %}{%- endif %}"
+)
+
+
+@dataclass(frozen=True)
+class _Family:
+    config: str  # name of the transformers config class
+    specials: list[str]  # special tokens, in id order from 0
+    eos: str  # end of turn: the tokenizer's eos_token, so a chat reply stops on it
+    pad: str
+    chat_template: str
+    bos: str | None = None  # added in front of every encoding when set (Qwen and Phi-3 add none)
+    stop: tuple[str, ...] = ()  # more tokens that end generation, as in the real generation_config
+    config_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+_LLAMA_TEMPLATE = (
+    r"{{- bos_token }}{%- for m in messages %}"
+    r"{{- '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' + m['content'] | trim + '<|eot_id|>' }}"
+    r"{%- endfor %}"
+    r"{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif %}"
+)
+_MISTRAL_TEMPLATE = _FOLD_SYSTEM + (
+    r"{{- bos_token }}{%- for m in messages %}"
+    r"{%- if m['role'] == 'user' %}{{- '[INST] ' + (system if loop.first else '') + m['content'] + ' [/INST]' }}"
+    r"{%- elif m['role'] == 'assistant' %}{{- ' ' + m['content'] + eos_token }}"
+    r"{%- else %}{{- raise_exception('roles must be user and assistant after an optional system message') }}"
+    r"{%- endif %}{%- endfor %}"
+)
+_MISTRAL_SPECIALS = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]"]
+
+_FAMILIES: dict[str, _Family] = {
+    # Llama 3 Instruct: header tokens around each role, <|eot_id|> ends a turn.
+    "llama": _Family(
+        config="LlamaConfig",
+        specials=[
+            "<|begin_of_text|>",
+            "<|end_of_text|>",
+            "<|start_header_id|>",
+            "<|end_header_id|>",
+            "<|eom_id|>",
+            "<|eot_id|>",
+            "<|finetune_right_pad_id|>",
+        ],
+        bos="<|begin_of_text|>",
+        eos="<|eot_id|>",
+        pad="<|finetune_right_pad_id|>",
+        stop=("<|end_of_text|>", "<|eom_id|>"),
+        chat_template=_LLAMA_TEMPLATE,
+    ),
+    # Mistral Instruct: [INST] ... [/INST] turns, </s> after each reply. No pad token of its own.
+    "mistral": _Family(
+        config="MistralConfig",
+        specials=_MISTRAL_SPECIALS,
+        bos="<s>",
+        eos="</s>",
+        pad="<unk>",
+        chat_template=_MISTRAL_TEMPLATE,
+        config_kwargs={"sliding_window": None},  # as Mistral 7B v0.2 and later
+    ),
+    # Mixtral: Mistral's tokenizer with sparse mixture-of-experts MLPs (4 experts, 2 per token).
+    "mixtral": _Family(
+        config="MixtralConfig",
+        specials=_MISTRAL_SPECIALS,
+        bos="<s>",
+        eos="</s>",
+        pad="<unk>",
+        chat_template=_MISTRAL_TEMPLATE,
+        config_kwargs={"num_local_experts": 4, "num_experts_per_tok": 2},
+    ),
+    # Qwen3: ChatML, no bos token; q/k norms in attention.
+    "qwen3": _Family(
+        config="Qwen3Config",
+        specials=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        eos="<|im_end|>",
+        pad="<|endoftext|>",
+        stop=("<|endoftext|>",),
+        chat_template=(
+            r"{%- for m in messages %}{{- '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+            r"{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
+        ),
+    ),
+    # Phi-3: <|role|> tags, <|end|> ends a turn; the tokenizer adds no bos token.
+    "phi3": _Family(
+        config="Phi3Config",
+        specials=["<unk>", "<s>", "</s>", "<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>"],
+        eos="<|end|>",
+        pad="<|endoftext|>",
+        stop=("<|endoftext|>",),
+        chat_template=(
+            r"{%- for m in messages %}{{- '<|' + m['role'] + '|>\n' + m['content'] + '<|end|>\n' }}"
+            r"{%- endfor %}{%- if add_generation_prompt %}{{- '<|assistant|>\n' }}{%- endif %}"
+        ),
+        config_kwargs={"original_max_position_embeddings": _LM_DIMS["max_position_embeddings"]},
+    ),
+    # Gemma 3 text-only (Gemma3ForCausalLM, like gemma-3-1b-it): the assistant role is "model";
+    # one sliding-window layer then one global layer, as the real 5:1 pattern shortened.
+    "gemma3": _Family(
+        config="Gemma3TextConfig",
+        specials=["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"],
+        bos="<bos>",
+        eos="<end_of_turn>",
+        pad="<pad>",
+        stop=("<eos>",),
+        chat_template=_FOLD_SYSTEM
+        + (
+            r"{{- bos_token }}{%- for m in messages %}"
+            r"{%- set role = 'model' if m['role'] == 'assistant' else m['role'] %}"
+            r"{{- '<start_of_turn>' + role + '\n' + (system if loop.first else '') + m['content'] | trim }}"
+            r"{{- '<end_of_turn>\n' }}{%- endfor %}"
+            r"{%- if add_generation_prompt %}{{- '<start_of_turn>model\n' }}{%- endif %}"
+        ),
+        config_kwargs={
+            "layer_types": ["sliding_attention", "full_attention"],
+            "sliding_window_pattern": 2,  # the older spelling of layer_types, still read by some loaders
+            "sliding_window": 512,
+            "query_pre_attn_scalar": 32,  # = head_dim, as in the real models
+        },
+    ),
+}
+
+
+def _train_byte_bpe(family: _Family, vocab_size: int = 1000):
+    """A byte-level BPE tokenizer (as Llama 3, Qwen and GPT use) trained on CORPUS, no download.
+
+    Byte-level means every string, emoji and CJK included, encodes without unknown tokens and
+    decodes back exactly.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=family.specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([CORPUS], trainer)
+    if family.bos:
+        bos = (family.bos, tok.token_to_id(family.bos))
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{family.bos} $A", pair=f"{family.bos} $A {family.bos}:1 $B:1", special_tokens=[bos]
+        )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=family.bos,
+        eos_token=family.eos,
+        pad_token=family.pad,
+        unk_token=None,
+        chat_template=family.chat_template,
+        model_max_length=_LM_DIMS["max_position_embeddings"],
+    )
+
+
+def build_causal_lm(out: Path, kind: str) -> Path:
+    """A causal LM of family `kind` with random float32 weights, saved as a Hub-style checkpoint."""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    family = _FAMILIES[kind]
+    tokenizer = _train_byte_bpe(family)
+    ids = {name: tokenizer.convert_tokens_to_ids(name) for name in family.specials}
+    bos_id = ids.get(family.bos) if family.bos else None
+    token_ids = {"bos_token_id": bos_id, "eos_token_id": ids[family.eos], "pad_token_id": ids[family.pad]}
+    config = getattr(transformers, family.config)(
+        vocab_size=len(tokenizer), **_LM_DIMS, **token_ids, **family.config_kwargs
+    )
+    torch.manual_seed(SEED)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # The real generation configs stop on every end token (e.g. Llama 3 on <|eot_id|>, <|eom_id|>
+    # and <|end_of_text|>), so generation ends the same way whichever one the model emits.
+    eos_ids = [ids[family.eos], *(ids[name] for name in family.stop)]
+    model.generation_config = GenerationConfig(
+        bos_token_id=bos_id, eos_token_id=eos_ids if len(eos_ids) > 1 else eos_ids[0], pad_token_id=ids[family.pad]
+    )
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    # transformers 5 records the class as "TokenizersBackend", a name transformers 4 (which a
+    # vLLM release may pin) cannot load; both read "PreTrainedTokenizerFast" as this same tokenizer.
+    tokenizer_config = out / "tokenizer_config.json"
+    settings = json.loads(tokenizer_config.read_text()) | {"tokenizer_class": "PreTrainedTokenizerFast"}
+    tokenizer_config.write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n")
+    return out
+
+
 BUILDERS: dict[str, Callable[[Path], Path]] = {
     "sentence-transformer": build_sentence_transformer,
+    **{kind: partial(build_causal_lm, kind=kind) for kind in _FAMILIES},
 }
 
 
