@@ -11,6 +11,8 @@ import pytest
 # The suite never touches the network: every model is built locally or shipped in a wheel.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+# The SDK logs every job's input and output at its default level, DEBUG: too loud for test reports.
+os.environ.setdefault("RUNPOD_LOG_LEVEL", "INFO")
 
 from tests import tiny_models
 
