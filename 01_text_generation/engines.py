@@ -325,7 +325,8 @@ def quantization_config(name: str | None, compute_dtype: torch.dtype) -> Any:
             f"QUANTIZATION={name} needs the vLLM engine (pre-quantized {name} checkpoints); "
             f"the transformers engine supports {' and '.join(BNB_QUANTIZATION)}"
         )
-    raise ValueError(f"QUANTIZATION must be one of {', '.join(BNB_QUANTIZATION + VLLM_ONLY_QUANTIZATION)}, got {name!r}")
+    choices = ", ".join(BNB_QUANTIZATION + VLLM_ONLY_QUANTIZATION)
+    raise ValueError(f"QUANTIZATION must be one of {choices}, got {name!r}")
 
 
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty")
