@@ -354,13 +354,19 @@ def load_transformers_engine(
     max_concurrency: int,
     trust_remote_code: bool,
     cache_dir: str | None,
+    tokenizer_cache_dir: str | None,
 ) -> TransformersEngine:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cuda = torch.cuda.is_available()
     compute_dtype = torch_dtype(dtype, cuda)
     common = {"revision": revision, "trust_remote_code": trust_remote_code, "cache_dir": cache_dir}
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_name or model_name, **common)
+    tokenizer = AutoTokenizer.from_pretrained(
+        tokenizer_name or model_name,
+        revision=None if tokenizer_name else revision,  # MODEL_REVISION names a commit of the model's repo
+        trust_remote_code=trust_remote_code,
+        cache_dir=tokenizer_cache_dir,
+    )
     model = AutoModelForCausalLM.from_pretrained(
         model_name,
         dtype=compute_dtype,

@@ -24,6 +24,7 @@ from typing import Annotated, Any, Literal
 
 import runpod
 import torch
+from jinja2 import TemplateError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
@@ -108,6 +109,7 @@ ENGINE = load_transformers_engine(
     max_concurrency=MAX_CONCURRENCY,
     trust_remote_code=TRUST_REMOTE_CODE,
     cache_dir=cached_hub_folder(MODEL_NAME),
+    tokenizer_cache_dir=cached_hub_folder(TOKENIZER_NAME or MODEL_NAME),
 )
 CONTEXT_LEN = ENGINE.max_model_len
 SAMPLING_DEFAULTS = ENGINE.sampling_defaults  # what the model's generation_config.json recommends
@@ -154,14 +156,14 @@ class TextPart(BaseModel):
 
 class Message(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")  # "name" and other OpenAI extras are harmless
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant"]  # developer: OpenAI's new name for system
     content: str | list[TextPart]
 
     @field_validator("content", mode="before")
     @classmethod
     def _text_only(cls, value: Any) -> Any:
         if isinstance(value, list) and any(isinstance(p, dict) and p.get("type") != "text" for p in value):
-            raise unsupported("non-text content", "; this worker serves a text-only model (see 04_multimodal)")
+            raise unsupported("non-text content", "; this worker serves a text-only model")
         return value
 
     def text(self) -> str:
@@ -180,7 +182,7 @@ class Sampling(BaseModel):
     top_p: TopP | None = None
     top_k: TopK | None = None
     repetition_penalty: RepetitionPenalty | None = None
-    stop: StopList = []
+    stop: StopList | None = None
     seed: Seed | None = None
 
     _stop_as_list = field_validator("stop", mode="before")(_one_as_list)
@@ -213,25 +215,26 @@ class OpenAIRequest(Sampling):
 
     model_config = ConfigDict(strict=True, extra="ignore")
     model: str | None = None  # one endpoint serves one model, whatever the name says
-    stream: bool = False
+    # OpenAI accepts null for every optional field, so these do too (null = the default).
+    stream: bool | None = None
     stream_options: StreamOptions | None = None
-    n: int = 1
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    n: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     user: str | None = None
 
     @field_validator("n")
     @classmethod
-    def _one_choice(cls, value: int) -> int:
-        if value != 1:
+    def _one_choice(cls, value: int | None) -> int | None:
+        if value not in (None, 1):
             raise unsupported(f"n={value}", "; send one request per choice (n must be 1)")
         return value
 
     @field_validator("presence_penalty", "frequency_penalty")
     @classmethod
-    def _no_openai_penalties(cls, value: float, info: Any) -> float:
-        if value != 0:
+    def _no_openai_penalties(cls, value: float | None, info: Any) -> float | None:
+        if value:
             raise unsupported(f"{info.field_name} other than 0", "; use repetition_penalty")
         return value
 
@@ -246,7 +249,7 @@ class OpenAIRequest(Sampling):
 class ChatCompletionRequest(OpenAIRequest):
     messages: Messages
     max_completion_tokens: MaxTokens | None = None  # OpenAI's newer name for max_tokens
-    logprobs: bool = False
+    logprobs: bool | None = None
     top_logprobs: int | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
@@ -265,7 +268,7 @@ class ChatCompletionRequest(OpenAIRequest):
 
 class CompletionRequest(OpenAIRequest):
     prompt: Annotated[list[PromptText], Field(min_length=1, max_length=1)]
-    echo: bool = False
+    echo: bool | None = None
     suffix: str | None = None
     best_of: int | None = None
     logprobs: int | None = None
@@ -281,9 +284,14 @@ class CompletionRequest(OpenAIRequest):
 
     @model_validator(mode="after")
     def _refuse_unsupported(self) -> CompletionRequest:
-        for name in ("echo", "suffix", "best_of", "logprobs"):
-            if getattr(self, name) not in (None, False, 1 if name == "best_of" else None):
-                raise unsupported(name)
+        if self.echo:
+            raise unsupported("echo")
+        if self.suffix:
+            raise unsupported("suffix")
+        if self.best_of not in (None, 1):
+            raise unsupported(f"best_of={self.best_of}")
+        if self.logprobs is not None:
+            raise unsupported("logprobs")
         return self
 
 
@@ -347,9 +355,17 @@ def render_prompt(request: BaseModel) -> Prompt:
         return Prompt(prompt, False, ENGINE.count_prompt_tokens(prompt, is_chat=False))
     if not ENGINE.has_chat_template:
         raise RequestError(f"{MODEL_NAME} has no chat template: send a raw prompt instead of messages")
-    turns = [{"role": m.role, "content": m.text()} for m in messages]
-    # A conversation ending with an assistant turn asks the model to continue that turn.
-    text = ENGINE.render_chat(turns, continue_final_message=turns[-1]["role"] == "assistant")
+    turns = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+    characters = sum(len(turn["content"]) for turn in turns)
+    if characters > CONTEXT_LEN * CHARS_PER_TOKEN_BOUND:
+        raise RequestError(
+            f"messages: {characters} characters cannot fit the {CONTEXT_LEN}-token context (MAX_MODEL_LEN)"
+        )
+    try:
+        # A conversation ending with an assistant turn asks the model to continue that turn.
+        text = ENGINE.render_chat(turns, continue_final_message=turns[-1]["role"] == "assistant")
+    except TemplateError as error:  # the template's own rules, e.g. "roles must alternate user/assistant"
+        raise RequestError(f"messages: the model's chat template refused them: {error}") from None
     return Prompt(text, True, ENGINE.count_prompt_tokens(text, is_chat=True))
 
 
@@ -382,7 +398,7 @@ def resolve_sampling(
         top_p=pick("top_p", 1.0),
         top_k=max(pick("top_k", 0), 0),
         repetition_penalty=pick("repetition_penalty", 1.0),
-        stop=tuple(sampling.stop),
+        stop=tuple(sampling.stop or ()),
         seed=sampling.seed,
     )
 

@@ -123,6 +123,21 @@ def test_assistant_last_message_continues_that_turn(qwen) -> None:
     assert open_turn.text.endswith("<|im_start|>assistant\n")
 
 
+def test_developer_role_is_the_system_role(qwen) -> None:
+    as_developer = [{"role": "developer", "content": "You are terse."}, CHAT[1]]
+    assert (
+        qwen.render_prompt(qwen.GenerateRequest(messages=as_developer)).text
+        == qwen.render_prompt(qwen.GenerateRequest(messages=CHAT)).text
+    )
+
+
+def test_a_chat_template_refusal_is_a_clear_error(handlers) -> None:
+    two_systems = [{"role": "system", "content": "a"}, {"role": "system", "content": "b"}, CHAT[1]]
+    result = run_job(handlers["mistral"].handler, {"messages": two_systems})
+    assert result["error"].startswith("messages: the model's chat template refused them:")
+    assert "Traceback" not in result["error"]
+
+
 def test_content_parts_are_joined(qwen) -> None:
     parts = [{"role": "user", "content": [{"type": "text", "text": "Hello "}, {"type": "text", "text": "there"}]}]
     prompt = qwen.render_prompt(qwen.GenerateRequest.model_validate({"messages": parts}))
@@ -276,6 +291,14 @@ def test_models_route(qwen) -> None:
     assert [Model.model_validate(m).id for m in response["data"]] == [qwen.SERVED_MODEL_NAME]
 
 
+def test_openai_nulls_mean_defaults(qwen) -> None:
+    nulls = dict.fromkeys(
+        ["stop", "n", "stream", "stream_options", "presence_penalty", "frequency_penalty", "seed", "logprobs", "top_p"]
+    )
+    [response] = ok(run_job(qwen.handler, openai_chat({"messages": CHAT, **GREEDY, **nulls})))
+    assert ChatCompletion.model_validate(response).choices[0].finish_reason in ("stop", "length")
+
+
 def test_unknown_openai_fields_are_ignored(qwen) -> None:
     body = {"messages": CHAT, **GREEDY, "user": "u1", "metadata": {"a": 1}, "parallel_tool_calls": False, "n": 1}
     [response] = ok(run_job(qwen.handler, openai_chat(body)))
@@ -336,7 +359,7 @@ BAD_INPUTS = [
     ({}, "send exactly one of prompt or messages"),
     ({"prompt": "a", "messages": CHAT}, "send exactly one of prompt or messages"),
     ({"messages": []}, "messages: List should have at least 1 item"),
-    ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0.role: Input should be 'system', 'user' or"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0.role: Input should be 'system', 'developer', 'user' or"),
     ({"messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
     ({"messages": [{"role": "user"}]}, "messages.0.content: Field required"),
     (
@@ -396,6 +419,8 @@ def test_prompt_and_max_tokens_must_fit_max_model_len(short_context) -> None:
     assert whole["usage"]["total_tokens"] <= 64  # the default max_tokens shrank to fit
     huge = run_job(short_context.handler, {"prompt": "x" * (64 * 32 + 1)})
     assert "prompt: String should have at most 2048 characters" in huge["error"]
+    long_chat = run_job(short_context.handler, {"messages": [{"role": "user", "content": "x" * 3000}]})
+    assert long_chat["error"] == "messages: 3000 characters cannot fit the 64-token context (MAX_MODEL_LEN)"
 
 
 def test_unsupported_settings_stop_the_worker_at_startup(tiny_model) -> None:
