@@ -1,0 +1,556 @@
+"""Image generation on Runpod Serverless with diffusers: SD 1.5, SD 2.1, SDXL and SDXL Turbo.
+
+One worker serves the model in `MODEL_NAME` for text-to-image, image-to-image and (with
+`CONTROLNET_MODEL`) ControlNet, all three sharing one copy of the weights:
+
+  {"input": {"prompt": "a lighthouse at dawn", "num_images": 2, "seed": 42}}
+
+The handler is an async generator: while the model denoises it streams progress chunks
+({"status": "progress", "step": 3, "total": 30}), then one chunk with the images and the seed of
+each one. The file reads top to bottom: configuration, model load, request schema, inference,
+response, the handler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import tempfile
+import threading
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+import numpy as np
+import runpod
+import torch
+from diffusers import (
+    AutoPipelineForImage2Image,
+    AutoPipelineForText2Image,
+    ControlNetModel,
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    LMSDiscreteScheduler,
+    PNDMScheduler,
+    UniPCMultistepScheduler,
+)
+from images import ImageInputError, ImageLimits, data_uri, encode_image, load_image
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
+from runpod.serverless.utils import rp_upload
+
+from local_run import for_local_run
+
+log = runpod.RunPodLogger()
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Configuration: read once from the environment, each default with its reason.
+# ---------------------------------------------------------------------------------------------
+def env_int(name: str, default: int) -> int:
+    return int(os.environ.get(name) or default)
+
+
+def env_str(name: str, default: str | None) -> str | None:
+    return os.environ.get(name) or default
+
+
+def env_flag(name: str, default: bool) -> bool:
+    return (os.environ.get(name) or str(default)).lower() in ("1", "true", "yes")
+
+
+# SDXL base 1.0: the most used open text-to-image model; 1024² images, fits a 24 GB GPU in fp16.
+DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
+MODEL_NAME = env_str("MODEL_NAME", DEFAULT_MODEL)  # a Hub id or a local folder (diffusers layout)
+MODEL_REVISION = env_str("MODEL_REVISION", None)  # a commit hash makes deployments reproducible
+CONTROLNET_MODEL = env_str("CONTROLNET_MODEL", None)  # e.g. diffusers/controlnet-canny-sdxl-1.0
+# fp16 halves memory and doubles speed on GPUs; the published "fp16" weight variant is used when
+# the repo has one (SDXL's VAE overflows in fp16: use madebyollin/sdxl-vae-fp16-fix or bf16).
+DTYPE = env_str("DTYPE", "auto")  # auto (fp16 on GPU, fp32 on CPU) | float16 | bfloat16 | float32
+# Images generated at once. 1: diffusion saturates a GPU on its own, and a second job would only
+# split it and double the activation memory.
+MAX_CONCURRENCY = env_int("MAX_CONCURRENCY", 1)
+ENABLE_CPU_OFFLOAD = env_flag("ENABLE_CPU_OFFLOAD", False)  # SDXL in ~6 GB of VRAM, ~2x slower
+ENABLE_VAE_TILING = env_flag("ENABLE_VAE_TILING", False)  # decode big images in tiles: bounded memory
+TORCH_COMPILE = env_flag("TORCH_COMPILE", False)  # ~20-40% faster UNet, minutes of compile at start
+
+# Request limits.
+MAX_PIXELS = env_int("MAX_PIXELS", 1536 * 1536)  # output width × height: 2.25 MP stays inside 24 GB for SDXL
+MAX_SIDE = 2048  # longest side, so the pixel budget cannot be spent on a 8x2048 sliver
+MIN_SIDE = 64  # one 8x8 latent: anything smaller is not an image
+MAX_STEPS = 150  # more steps than any scheduler benefits from
+MAX_GUIDANCE = 30.0  # beyond this, classifier-free guidance only burns the image
+MAX_IMAGES = env_int("MAX_IMAGES", 4)  # per request; each one costs a full denoising run
+DEFAULT_STRENGTH = 0.8  # diffusers' own default: keeps the input's layout, repaints its details
+MAX_PROMPT_CHARS = 2000  # CLIP reads 77 tokens; the cap only bounds nonsense
+MAX_SEED = 2**63 - 1  # torch.Generator takes a signed 64-bit seed
+RANDOM_SEED_BOUND = 2**53  # drawn seeds stay exact in JavaScript's JSON numbers too
+INPUT_LIMITS = ImageLimits(
+    max_bytes=env_int("MAX_INPUT_IMAGE_BYTES", 20 * 1024 * 1024),  # a 20 MB photo is plenty for conditioning
+    max_pixels=env_int("MAX_INPUT_IMAGE_PIXELS", 4096 * 4096),  # bigger is resized anyway; refused before decoding
+    timeout_s=float(env_int("DOWNLOAD_TIMEOUT_S", 15)),  # a whole download, not each read
+)
+
+# S3-compatible storage for outputs: all three set → images are uploaded and URLs returned.
+BUCKET_ENDPOINT_URL = env_str("BUCKET_ENDPOINT_URL", None)
+BUCKET_ACCESS_KEY_ID = env_str("BUCKET_ACCESS_KEY_ID", None)
+BUCKET_SECRET_ACCESS_KEY = env_str("BUCKET_SECRET_ACCESS_KEY", None)
+BUCKET_NAME = env_str("BUCKET_NAME", "runpod-images")  # the SDK's own default is the month ("11-26")
+UPLOAD = bool(BUCKET_ENDPOINT_URL and BUCKET_ACCESS_KEY_ID and BUCKET_SECRET_ACCESS_KEY)
+BUCKET_CREDENTIALS = {
+    "endpointUrl": BUCKET_ENDPOINT_URL,
+    "accessId": BUCKET_ACCESS_KEY_ID,
+    "accessSecret": BUCKET_SECRET_ACCESS_KEY,
+}
+
+# Runpod's "cached models" put Hub snapshots here, on the host, before the worker starts.
+RUNPOD_HF_CACHE = "/runpod-volume/huggingface-cache/hub"
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Model load: once per worker, at import, before the first job is taken.
+# ---------------------------------------------------------------------------------------------
+def cached_hub_folder(model_name: str, cache_dir: str = RUNPOD_HF_CACHE) -> str | None:
+    """The Runpod model cache when it holds `model_name`, else None (the default Hugging Face cache)."""
+    snapshot = os.path.join(cache_dir, "models--" + model_name.replace("/", "--"))
+    return cache_dir if os.path.isdir(snapshot) else None
+
+
+@dataclass(frozen=True)
+class Family:
+    """What the loaded model is, and the defaults its authors recommend."""
+
+    name: str
+    width: int
+    height: int
+    steps: int
+    guidance: float
+
+
+def detect_family(pipeline: Any, model_name: str) -> Family:
+    """SDXL vs SD 1.x/2.x from the pipeline class, v-prediction (SD 2.1-768) from the scheduler;
+    Turbo models share SD's architecture, so only their name tells them apart."""
+    xl = "XL" in type(pipeline).__name__
+    if "turbo" in model_name.lower():  # distilled for 1-4 steps without guidance, trained at 512²
+        return Family("sdxl-turbo" if xl else "sd-turbo", 512, 512, 1, 0.0)
+    if xl:
+        return Family("sdxl", 1024, 1024, 30, 5.0)
+    if pipeline.scheduler.config.get("prediction_type") == "v_prediction":
+        return Family("sd2", 768, 768, 30, 7.5)
+    return Family("sd1", 512, 512, 30, 7.5)
+
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TORCH_DTYPE = getattr(torch, DTYPE) if DTYPE != "auto" else torch.float16 if DEVICE == "cuda" else torch.float32
+
+
+def load_pipelines() -> tuple[Any, Any, Any | None]:
+    """Text-to-image, image-to-image and (optionally) ControlNet pipelines over one set of weights."""
+    common = {"dtype": TORCH_DTYPE, "revision": MODEL_REVISION, "cache_dir": cached_hub_folder(MODEL_NAME)}
+    if TORCH_DTYPE == torch.float16:
+        # Most Hub repos publish an fp16 variant: half the download. Fall back when one doesn't.
+        try:
+            text2image = AutoPipelineForText2Image.from_pretrained(MODEL_NAME, variant="fp16", **common)
+        except (OSError, ValueError):
+            text2image = AutoPipelineForText2Image.from_pretrained(MODEL_NAME, **common)
+    else:
+        text2image = AutoPipelineForText2Image.from_pretrained(MODEL_NAME, **common)
+    if ENABLE_CPU_OFFLOAD and DEVICE == "cuda":
+        text2image.enable_model_cpu_offload()
+    else:
+        text2image.to(DEVICE)
+    if ENABLE_VAE_TILING:
+        text2image.vae.enable_tiling()
+    text2image.set_progress_bar_config(disable=True)
+    if TORCH_COMPILE:
+        text2image.unet = torch.compile(text2image.unet, mode="max-autotune", fullgraph=True)
+
+    # from_pipe shares every component: no second copy of the weights in memory.
+    image2image = AutoPipelineForImage2Image.from_pipe(text2image)
+    controlnet = None
+    if CONTROLNET_MODEL:
+        model = ControlNetModel.from_pretrained(
+            CONTROLNET_MODEL, dtype=TORCH_DTYPE, cache_dir=cached_hub_folder(CONTROLNET_MODEL)
+        ).to(DEVICE)
+        controlnet = AutoPipelineForText2Image.from_pipe(text2image, controlnet=model)
+    return text2image, image2image, controlnet
+
+
+_load_started = time.perf_counter()
+TEXT2IMAGE, IMAGE2IMAGE, CONTROLNET = load_pipelines()
+FAMILY = detect_family(TEXT2IMAGE, MODEL_NAME)
+log.info(
+    f"Loaded {MODEL_NAME} ({FAMILY.name}, {type(TEXT2IMAGE).__name__}) on {DEVICE} ({TORCH_DTYPE}) in "
+    f"{time.perf_counter() - _load_started:.1f}s; ControlNet: {CONTROLNET_MODEL or 'none'}; "
+    f"outputs: {'S3 bucket ' + BUCKET_NAME if UPLOAD else 'data URIs'}"
+)
+
+# Denoising runs on these threads; the event loop stays free to stream progress and take jobs.
+PIPELINE_THREADS = ThreadPoolExecutor(max_workers=MAX_CONCURRENCY, thread_name_prefix="denoise")
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Request schema: the single source of truth for names, defaults and limits.
+# ---------------------------------------------------------------------------------------------
+class RequestError(ValueError):
+    """A request the caller must fix; its message is returned to them as is."""
+
+
+# Each name → (scheduler class, settings). "default" keeps the model's own scheduler.
+SCHEDULERS: dict[str, tuple[type, dict[str, Any]]] = {
+    "ddim": (DDIMScheduler, {"clip_sample": False}),  # clipping is for pixel-space models, not latents
+    "pndm": (PNDMScheduler, {}),
+    "lms": (LMSDiscreteScheduler, {}),
+    "euler": (EulerDiscreteScheduler, {}),
+    "euler-a": (EulerAncestralDiscreteScheduler, {}),
+    "heun": (HeunDiscreteScheduler, {}),
+    "dpm++2m": (DPMSolverMultistepScheduler, {}),
+    "dpm++2m-karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
+    "unipc": (UniPCMultistepScheduler, {}),
+}
+SchedulerName = Literal[
+    "default", "ddim", "pndm", "lms", "euler", "euler-a", "heun", "dpm++2m", "dpm++2m-karras", "unipc"
+]
+Side = Annotated[int, Field(ge=MIN_SIDE, le=MAX_SIDE, multiple_of=8)]
+PromptText = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
+
+
+class ImageRequest(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")  # a misspelt field is an error, not ignored
+
+    prompt: PromptText
+    negative_prompt: Annotated[str, Field(max_length=MAX_PROMPT_CHARS)] | None = None
+    width: Side | None = None  # default: the model family's (SDXL 1024, SD 1.5 512), or the input image's
+    height: Side | None = None
+    num_inference_steps: Annotated[int, Field(ge=1, le=MAX_STEPS)] | None = None
+    guidance_scale: Annotated[float, Field(ge=0, le=MAX_GUIDANCE)] | None = None
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = None  # image i gets seed + i
+    num_images: Annotated[int, Field(ge=1, le=MAX_IMAGES)] = 1
+    scheduler: SchedulerName = "default"
+    image: str | None = None  # image-to-image: URL, data URI or base64
+    strength: Annotated[float, Field(gt=0, le=1)] | None = None  # how far from `image`: 1 ignores it
+    control_image: str | None = None  # ControlNet conditioning (needs CONTROLNET_MODEL)
+    controlnet_conditioning_scale: Annotated[float, Field(ge=0, le=2)] = 1.0
+    canny: bool = False  # turn a plain photo into the edge map a Canny ControlNet expects
+    canny_low_threshold: Annotated[int, Field(ge=0, le=255)] = 100
+    canny_high_threshold: Annotated[int, Field(ge=0, le=255)] = 200
+    output_format: Literal["png", "jpeg", "webp"] = "png"
+    output_quality: Annotated[int, Field(ge=1, le=100)] = 90  # jpeg and webp only
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ImageRequest:
+        if self.width and self.height and self.width * self.height > MAX_PIXELS:
+            raise PydanticCustomError(
+                "pixel_budget",
+                f"width × height is {self.width}x{self.height} = {self.width * self.height} pixels,"
+                f" over the budget of {MAX_PIXELS} (MAX_PIXELS)",
+            )
+        if self.image is not None and self.control_image is not None:
+            raise PydanticCustomError(
+                "exclusive", "send image (image-to-image) or control_image (ControlNet), not both"
+            )
+        if self.strength is not None and self.image is None:
+            raise PydanticCustomError("strength", "strength is only used with image (image-to-image)")
+        if self.canny and self.control_image is None:
+            raise PydanticCustomError("canny", "canny preprocesses control_image, which is missing")
+        return self
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """One line per problem, each naming the field: "width: Input should be a multiple of 8"."""
+    problems = []
+    for item in error.errors(include_url=False):
+        field = ".".join(str(part) for part in item["loc"]) or "input"
+        problems.append(f"{field}: {item['msg']}")
+    return "; ".join(problems)
+
+
+def parse_request(job_input: Any) -> ImageRequest:
+    """Validate a job's input. Pure: no model, no I/O (images are fetched later)."""
+    if not isinstance(job_input, dict):
+        raise RequestError(f"input must be a JSON object, got {type(job_input).__name__}")
+    try:
+        request = ImageRequest.model_validate(job_input)
+    except ValidationError as error:
+        raise RequestError(describe_validation_error(error)) from None
+    if request.control_image is not None and CONTROLNET is None:
+        raise RequestError("control_image needs a ControlNet: set CONTROLNET_MODEL on the endpoint")
+    return request
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Inference: sizes, seeds, a scheduler of the request's own, denoising on a thread.
+# ---------------------------------------------------------------------------------------------
+def fit_size(width: int, height: int, target_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """An output size with the input's aspect ratio, about `target_pixels`, multiples of 8."""
+    scale = (min(target_pixels, max_pixels) / (width * height)) ** 0.5
+    fitted = [max(MIN_SIDE, min(MAX_SIDE, int(side * scale) // 8 * 8)) for side in (width, height)]
+    while fitted[0] * fitted[1] > max_pixels:  # rounding and MIN_SIDE can overshoot by a little
+        fitted = [max(MIN_SIDE, side - 8) for side in fitted]
+    return fitted[0], fitted[1]
+
+
+def output_size(request: ImageRequest, source: Image.Image | None) -> tuple[int, int]:
+    if request.width and request.height:
+        return request.width, request.height
+    if source is None:
+        return request.width or FAMILY.width, request.height or FAMILY.height
+    return fit_size(source.width, source.height, FAMILY.width * FAMILY.height, MAX_PIXELS)
+
+
+def image_seeds(seed: int | None, count: int) -> list[int]:
+    """Seed i reproduces image i alone: a request with that seed and one image gives it back."""
+    first = seed if seed is not None else secrets.randbelow(RANDOM_SEED_BOUND - count)
+    return [first + index for index in range(count)]
+
+
+def canny_edges(image: Image.Image, low: int, high: int) -> Image.Image:
+    import cv2
+
+    edges = cv2.Canny(np.asarray(image.convert("L")), low, high)
+    return Image.fromarray(edges).convert("RGB")
+
+
+@dataclass
+class Job:
+    """Everything one denoising run needs, resolved before the first chunk is yielded."""
+
+    request: ImageRequest
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    seeds: list[int]
+    source: Image.Image | None = None  # image-to-image input, resized
+    control: Image.Image | None = None  # ControlNet conditioning, resized
+
+    def parameters(self) -> dict[str, Any]:
+        """What was actually used, so a caller can reproduce the output."""
+        used: dict[str, Any] = {
+            "model": MODEL_NAME,
+            "family": FAMILY.name,
+            "width": self.width,
+            "height": self.height,
+            "num_inference_steps": self.steps,
+            "guidance_scale": self.guidance,
+            "scheduler": self.request.scheduler,
+            "num_images": len(self.seeds),
+            "output_format": self.request.output_format,
+        }
+        if self.source is not None:
+            used["strength"] = self.strength
+        if self.control is not None:
+            used["controlnet_conditioning_scale"] = self.request.controlnet_conditioning_scale
+            used["canny"] = self.request.canny
+        return used
+
+    @property
+    def strength(self) -> float:
+        return self.request.strength if self.request.strength is not None else DEFAULT_STRENGTH
+
+
+def prepare(request: ImageRequest) -> Job:
+    """Fetch and fit the input images and settle every setting. Blocking: runs off the event loop."""
+    source = load_image("image", request.image, INPUT_LIMITS) if request.image else None
+    control = load_image("control_image", request.control_image, INPUT_LIMITS) if request.control_image else None
+    width, height = output_size(request, source or control)
+    steps = request.num_inference_steps or FAMILY.steps
+    if source is not None and int(steps * (request.strength or DEFAULT_STRENGTH)) < 1:
+        raise RequestError(
+            f"strength × num_inference_steps must reach at least one step, got {request.strength} × {steps}:"
+            " raise either one"
+        )
+    if control is not None and request.canny:
+        control = canny_edges(control, request.canny_low_threshold, request.canny_high_threshold)
+    return Job(
+        request=request,
+        width=width,
+        height=height,
+        steps=steps,
+        guidance=request.guidance_scale if request.guidance_scale is not None else FAMILY.guidance,
+        seeds=image_seeds(request.seed, request.num_images),
+        source=source.resize((width, height), Image.Resampling.LANCZOS) if source else None,
+        control=control.resize((width, height), Image.Resampling.LANCZOS) if control else None,
+    )
+
+
+def pipeline_for(job: Job) -> Any:
+    """A pipeline of this request's own over the shared weights.
+
+    Schedulers keep state while they denoise (their timesteps, step index, past outputs), so
+    every request gets a fresh one, of the requested kind, and nothing it sets outlives it.
+    """
+    base = CONTROLNET if job.control is not None else IMAGE2IMAGE if job.source is not None else TEXT2IMAGE
+    if job.request.scheduler == "default":
+        scheduler = type(base.scheduler).from_config(base.scheduler.config)
+    else:
+        scheduler_class, settings = SCHEDULERS[job.request.scheduler]
+        scheduler = scheduler_class.from_config(base.scheduler.config, **settings)
+    pipeline = type(base).from_pipe(base, scheduler=scheduler)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def denoise(job: Job, on_step: Any, cancelled: threading.Event) -> list[Image.Image]:
+    """One image at a time, each from its own generator: bit-for-bit what a one-image request
+    with that seed gives (batching would change the arithmetic, and so the pixels)."""
+    pipeline = pipeline_for(job)
+
+    def step_end_for(image_index: int) -> Any:
+        def step_end(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+            # The scheduler's own step count: PNDM adds warm-up steps, image-to-image runs
+            # only strength × num_inference_steps of them.
+            per_image = pipe.num_timesteps
+            on_step(image_index * per_image + step + 1, per_image * len(job.seeds))
+            if cancelled.is_set():
+                pipe._interrupt = True  # diffusers' own way to stop a run between steps
+            return tensors
+
+        return step_end
+
+    kwargs: dict[str, Any] = {
+        "prompt": job.request.prompt,
+        "negative_prompt": job.request.negative_prompt,
+        "num_inference_steps": job.steps,
+        "guidance_scale": job.guidance,
+    }
+    if job.source is not None:
+        kwargs.update(image=job.source, strength=job.strength)
+    else:
+        kwargs.update(width=job.width, height=job.height)
+    if job.control is not None:
+        kwargs.update(image=job.control, controlnet_conditioning_scale=job.request.controlnet_conditioning_scale)
+
+    images = []
+    for index, seed in enumerate(job.seeds):
+        if cancelled.is_set():
+            break
+        # Noise drawn on the CPU: a seed gives the same starting latents on every machine.
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        with torch.inference_mode():
+            result = pipeline(generator=generator, callback_on_step_end=step_end_for(index), **kwargs)
+            images.append(result.images[0])
+    return images
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Response: encoded images (data URIs, or URLs in S3-compatible storage), seeds, timings.
+# ---------------------------------------------------------------------------------------------
+MIME = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+
+
+def upload(job_id: str, index: int, seed: int, data: bytes, output_format: str) -> str:
+    """Store one image with the SDK's S3 helper and return its presigned URL (valid 7 days)."""
+    with tempfile.NamedTemporaryFile(suffix=f".{output_format}") as file:
+        file.write(data)
+        file.flush()
+        return rp_upload.upload_file_to_bucket(
+            file_name=f"{index}-{seed}.{output_format}",
+            file_location=file.name,
+            bucket_creds=BUCKET_CREDENTIALS,
+            bucket_name=BUCKET_NAME,
+            prefix=job_id,
+            extra_args={"ContentType": MIME[output_format]},
+        )
+
+
+def deliver(job_id: str, job: Job, images: list[Image.Image]) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """Encode (and upload) every image; returns the images with their seeds, and the time each part took."""
+    started = time.perf_counter()
+    fmt = job.request.output_format
+    encoded = [encode_image(image, fmt, job.request.output_quality) for image in images]
+    timings = {"encode_ms": (time.perf_counter() - started) * 1000}
+    if UPLOAD:
+        started = time.perf_counter()
+        located = [
+            upload(job_id, i, seed, data, fmt) for i, (seed, data) in enumerate(zip(job.seeds, encoded, strict=True))
+        ]
+        timings["upload_ms"] = (time.perf_counter() - started) * 1000
+    else:
+        located = [data_uri(data, fmt) for data in encoded]
+    return [{"image": where, "seed": seed} for where, seed in zip(located, job.seeds, strict=True)], timings
+
+
+def progress_chunk(step: int, total: int) -> dict[str, Any]:
+    return {"status": "progress", "step": step, "total": total}
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. The handler: validate and fetch before the first yield, then stream progress and images.
+# ---------------------------------------------------------------------------------------------
+async def handler(job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    job_id = str(job.get("id"))
+    loop = asyncio.get_running_loop()
+    try:
+        request = parse_request(job.get("input"))
+        prepared = await loop.run_in_executor(None, prepare, request)
+    except (RequestError, ImageInputError) as error:
+        log.warn(f"Rejected request: {error}", job_id)
+        yield {"error": str(error)}
+        return
+
+    progress: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
+    cancelled = threading.Event()
+
+    def on_step(step: int, total: int) -> None:
+        loop.call_soon_threadsafe(progress.put_nowait, (step, total))
+
+    started = time.perf_counter()
+    running = loop.run_in_executor(PIPELINE_THREADS, denoise, prepared, on_step, cancelled)
+    try:
+        while not running.done() or not progress.empty():
+            getter = asyncio.ensure_future(progress.get())
+            await asyncio.wait({getter, running}, return_when=asyncio.FIRST_COMPLETED)
+            if getter.done():
+                yield progress_chunk(*getter.result())
+            else:
+                getter.cancel()
+        images = running.result()
+        inference_ms = (time.perf_counter() - started) * 1000
+        results, timings = await loop.run_in_executor(None, deliver, job_id, prepared, images)
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()  # give the memory back so the next job can run
+        log.error(f"Out of GPU memory at {prepared.width}x{prepared.height}", job_id)
+        yield {"error": "out of GPU memory for this size: lower width and height or num_images"}
+        return
+    except torch.AcceleratorError:
+        # The CUDA context is gone (device-side assert, ECC error): only a fresh worker recovers.
+        WORKER_CONFIG["refresh_worker"] = True
+        log.error("Unrecoverable GPU error; asking Runpod for a fresh worker", job_id)
+        yield {"error": "the GPU failed while generating; retry the request"}
+        return
+    except Exception as error:  # noqa: BLE001 - the caller gets a message, the log gets the details
+        log.error(f"Generation failed: {type(error).__name__}: {error}", job_id)
+        yield {"error": "image generation failed inside the worker; see the worker logs"}
+        return
+    finally:
+        # Reached when the job is cancelled or its consumer leaves too: stop at the next step.
+        cancelled.set()
+        with contextlib.suppress(Exception):
+            await asyncio.shield(running)
+
+    log.info(
+        f"{len(results)} image(s) {prepared.width}x{prepared.height}, {prepared.steps} steps in {inference_ms:.0f} ms",
+        job_id,
+    )
+    yield {"images": results, "parameters": prepared.parameters(), "timings": {"inference_ms": inference_ms, **timings}}
+
+
+WORKER_CONFIG: dict[str, Any] = {
+    "handler": handler,
+    "return_aggregate_stream": True,  # /runsync and /status get every chunk, not []
+    # Only async handlers run concurrently in the SDK; this sets how many jobs at once.
+    "concurrency_modifier": lambda current: MAX_CONCURRENCY,
+}
+
+if __name__ == "__main__":
+    WORKER_CONFIG["handler"] = for_local_run(handler)
+    runpod.serverless.start(WORKER_CONFIG)

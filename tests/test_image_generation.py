@@ -1,0 +1,458 @@
+"""02_image_generation: the handler on tiny random-weight SD 1.5, SD 2.1, SDXL, SDXL Turbo and ControlNet."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import boto3
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.harness import DevServer, json_lines, load_handler, run_job, run_job_async, run_local
+from tests.servers import http_server, s3_server
+
+EXAMPLE = "02_image_generation"
+SMALL = {"width": 64, "height": 64, "num_inference_steps": 2}
+
+
+@pytest.fixture(scope="module")
+def handlers(tiny_model) -> dict[str, ModuleType]:
+    """One loaded handler per family, built on first use."""
+
+    class Lazy(dict):
+        def __missing__(self, family: str) -> ModuleType:
+            self[family] = load_handler(EXAMPLE, {"MODEL_NAME": str(tiny_model(family))})
+            return self[family]
+
+    return Lazy()
+
+
+@pytest.fixture(scope="module")
+def sd15(handlers) -> ModuleType:
+    return handlers["sd15"]
+
+
+@pytest.fixture(scope="module")
+def controlnet(tiny_model) -> ModuleType:
+    env = {"MODEL_NAME": str(tiny_model("sd15")), "CONTROLNET_MODEL": str(tiny_model("controlnet-sd15"))}
+    return load_handler(EXAMPLE, env)
+
+
+def generate(module: ModuleType, **request: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Run one job; return (progress chunks, final chunk)."""
+    result = run_job(module.handler, request)
+    assert "error" not in result, result
+    *progress, final = result["output"]
+    return progress, final
+
+
+def decode(image: str) -> Image.Image:
+    _, data = image.split(",", 1)
+    return Image.open(io.BytesIO(base64.b64decode(data)))
+
+
+def pixels(image: str) -> np.ndarray:
+    return np.asarray(decode(image).convert("RGB"))
+
+
+def png_data_uri(width: int, height: int, seed: int = 0) -> str:
+    rng = np.random.default_rng(seed)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+# ---- every family ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("family", "name", "pipeline"),
+    [
+        ("sd15", "sd1", "StableDiffusionPipeline"),
+        ("sd2", "sd2", "StableDiffusionPipeline"),
+        ("sdxl", "sdxl", "StableDiffusionXLPipeline"),
+        ("sdxl-turbo", "sdxl-turbo", "StableDiffusionXLPipeline"),
+    ],
+)
+def test_each_family_generates_with_progress(handlers, family: str, name: str, pipeline: str) -> None:
+    module = handlers[family]
+    assert module.FAMILY.name == name and type(module.TEXT2IMAGE).__name__ == pipeline
+    progress, final = generate(module, prompt="a red bicycle", seed=3, **SMALL)
+    assert [(p["status"], p["step"]) for p in progress] == [("progress", i + 1) for i in range(len(progress))]
+    assert progress and {p["total"] for p in progress} == {len(progress)}
+    [image] = final["images"]
+    assert image["seed"] == 3 and decode(image["image"]).size == (64, 64)
+    assert final["parameters"]["family"] == name and final["parameters"]["num_inference_steps"] == 2
+    assert final["timings"]["inference_ms"] > 0 and final["timings"]["encode_ms"] >= 0
+
+
+def test_sd2_keeps_v_prediction(handlers) -> None:
+    module = handlers["sd2"]
+    assert module.TEXT2IMAGE.scheduler.config.prediction_type == "v_prediction"
+    assert module.pipeline_for(
+        module.prepare(module.parse_request({"prompt": "x"}))
+    ).scheduler.config.prediction_type == ("v_prediction")
+
+
+def test_family_defaults(handlers) -> None:
+    turbo = handlers["sdxl-turbo"]
+    _, final = generate(turbo, prompt="a cat", seed=1)
+    used = final["parameters"]
+    assert (used["width"], used["height"], used["num_inference_steps"], used["guidance_scale"]) == (512, 512, 1, 0.0)
+    assert decode(final["images"][0]["image"]).size == (512, 512)
+    assert handlers["sdxl"].FAMILY == handlers["sdxl"].Family("sdxl", 1024, 1024, 30, 5.0)
+    assert handlers["sd2"].FAMILY.width == 768 and handlers["sd15"].FAMILY.width == 512
+
+
+# ---- seeds ----------------------------------------------------------------------------------
+
+
+def test_each_images_seed_reproduces_it_alone_bit_for_bit(sd15) -> None:
+    _, batch = generate(sd15, prompt="a lighthouse", seed=100, num_images=3, **SMALL)
+    assert [image["seed"] for image in batch["images"]] == [100, 101, 102]
+    _, alone = generate(sd15, prompt="a lighthouse", seed=101, **SMALL)
+    np.testing.assert_array_equal(pixels(batch["images"][1]["image"]), pixels(alone["images"][0]["image"]))
+    assert not np.array_equal(pixels(batch["images"][0]["image"]), pixels(batch["images"][1]["image"]))
+
+
+def test_without_a_seed_the_returned_seed_reproduces_the_image(sd15) -> None:
+    _, first = generate(sd15, prompt="a forest", **SMALL)
+    seed = first["images"][0]["seed"]
+    assert 0 <= seed < 2**53
+    _, again = generate(sd15, prompt="a forest", seed=seed, **SMALL)
+    np.testing.assert_array_equal(pixels(first["images"][0]["image"]), pixels(again["images"][0]["image"]))
+
+
+@pytest.mark.parametrize(("fmt", "pil_format"), [("png", "PNG"), ("jpeg", "JPEG"), ("webp", "WEBP")])
+def test_output_formats(sd15, fmt: str, pil_format: str) -> None:
+    _, final = generate(sd15, prompt="a boat", seed=1, output_format=fmt, output_quality=80, **SMALL)
+    uri = final["images"][0]["image"]
+    assert uri.startswith(f"data:image/{fmt};base64,")
+    assert decode(uri).format == pil_format
+
+
+# ---- schedulers and shared state --------------------------------------------------------------
+
+
+def test_a_request_scheduler_never_leaks_into_the_next_request(sd15) -> None:
+    loaded_scheduler = type(sd15.TEXT2IMAGE.scheduler)
+    _, before = generate(sd15, prompt="a tree", seed=5, **SMALL)
+    for name in ("euler", "euler-a", "dpm++2m-karras", "ddim", "unipc"):
+        _, other = generate(sd15, prompt="a tree", seed=5, scheduler=name, **SMALL)
+        assert other["parameters"]["scheduler"] == name
+    _, after = generate(sd15, prompt="a tree", seed=5, **SMALL)
+    assert type(sd15.TEXT2IMAGE.scheduler) is loaded_scheduler
+    np.testing.assert_array_equal(pixels(before["images"][0]["image"]), pixels(after["images"][0]["image"]))
+
+
+def test_schedulers_change_the_image(sd15) -> None:
+    _, default = generate(sd15, prompt="a tree", seed=5, **SMALL)
+    _, euler = generate(sd15, prompt="a tree", seed=5, scheduler="euler", **SMALL)
+    assert not np.array_equal(pixels(default["images"][0]["image"]), pixels(euler["images"][0]["image"]))
+
+
+def test_concurrent_jobs_with_different_settings_match_their_solo_runs(tiny_model) -> None:
+    module = load_handler(EXAMPLE, {"MODEL_NAME": str(tiny_model("sd15")), "MAX_CONCURRENCY": "2"})
+    requests = [
+        {"prompt": "a tree", "seed": 1, "scheduler": "euler-a", **SMALL},
+        {"prompt": "a house", "seed": 2, "scheduler": "ddim", "num_images": 2, **SMALL},
+        {"prompt": "a river", "seed": 3, **SMALL},
+    ]
+    alone = [generate(module, **request)[1]["images"] for request in requests]
+
+    async def together() -> list[dict[str, Any]]:
+        return await asyncio.gather(*(run_job_async(module.handler, {"input": r}) for r in requests))
+
+    for result, expected in zip(asyncio.run(together()), alone, strict=True):
+        images = result["output"][-1]["images"]
+        assert [i["seed"] for i in images] == [i["seed"] for i in expected]
+        for got, want in zip(images, expected, strict=True):
+            np.testing.assert_array_equal(pixels(got["image"]), pixels(want["image"]))
+
+
+# ---- image to image ---------------------------------------------------------------------------
+
+
+def test_image_to_image_from_data_uri_base64_and_url(sd15, monkeypatch) -> None:
+    source = png_data_uri(80, 48)
+    _, from_uri = generate(sd15, prompt="a painting", image=source, strength=0.5, seed=9, **SMALL)
+    _, from_b64 = generate(sd15, prompt="a painting", image=source.split(",", 1)[1], strength=0.5, seed=9, **SMALL)
+    monkeypatch.setenv("RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS", "true")  # the test server is on localhost
+    with http_server({"/photo.png": (200, "image/png", base64.b64decode(source.split(",", 1)[1]))}) as base:
+        _, from_url = generate(sd15, prompt="a painting", image=f"{base}/photo.png", strength=0.5, seed=9, **SMALL)
+    first = pixels(from_uri["images"][0]["image"])
+    np.testing.assert_array_equal(first, pixels(from_b64["images"][0]["image"]))
+    np.testing.assert_array_equal(first, pixels(from_url["images"][0]["image"]))
+    assert from_uri["parameters"]["strength"] == 0.5
+    _, other_input = generate(
+        sd15, prompt="a painting", image=png_data_uri(80, 48, seed=1), strength=0.5, seed=9, **SMALL
+    )
+    assert not np.array_equal(first, pixels(other_input["images"][0]["image"])), "the input image matters"
+
+
+def test_image_to_image_progress_counts_only_the_steps_it_runs(sd15) -> None:
+    request = {"prompt": "x", "image": png_data_uri(64, 64), "strength": 0.5, "num_inference_steps": 8}
+    progress, final = generate(sd15, width=64, height=64, **request)
+    assert [p["step"] for p in progress] == list(range(1, progress[-1]["total"] + 1))
+    assert progress[-1]["total"] < 8
+    assert decode(final["images"][0]["image"]).size == (64, 64)
+
+
+def test_image_to_image_size_follows_the_input_aspect(sd15) -> None:
+    assert sd15.fit_size(1600, 900, 512 * 512, 1536 * 1536) == (680, 384)
+    assert sd15.fit_size(64, 64, 512 * 512, 100 * 100) == (96, 96)
+    width, height = sd15.fit_size(4000, 3000, 1024 * 1024, 1536 * 1536)
+    assert width % 8 == height % 8 == 0 and abs(width / height - 4 / 3) < 0.02
+
+
+def test_sdxl_image_to_image(handlers) -> None:
+    _, final = generate(handlers["sdxl"], prompt="x", image=png_data_uri(64, 64), strength=0.6, seed=2, **SMALL)
+    assert decode(final["images"][0]["image"]).size == (64, 64)
+
+
+# ---- ControlNet -----------------------------------------------------------------------------
+
+
+def test_controlnet_follows_the_control_image(controlnet) -> None:
+    assert type(controlnet.CONTROLNET).__name__ == "StableDiffusionControlNetPipeline"
+    _, a = generate(controlnet, prompt="a room", control_image=png_data_uri(64, 64, 1), seed=4, **SMALL)
+    _, b = generate(controlnet, prompt="a room", control_image=png_data_uri(64, 64, 2), seed=4, **SMALL)
+    _, plain = generate(controlnet, prompt="a room", seed=4, **SMALL)
+    assert not np.array_equal(pixels(a["images"][0]["image"]), pixels(b["images"][0]["image"]))
+    assert a["parameters"]["controlnet_conditioning_scale"] == 1.0 and a["parameters"]["canny"] is False
+    assert "controlnet_conditioning_scale" not in plain["parameters"]
+
+
+def test_controlnet_with_canny_preprocessing(controlnet) -> None:
+    _, edges = generate(controlnet, prompt="a room", control_image=png_data_uri(64, 64, 1), canny=True, seed=4, **SMALL)
+    _, raw = generate(controlnet, prompt="a room", control_image=png_data_uri(64, 64, 1), seed=4, **SMALL)
+    assert edges["parameters"]["canny"] is True
+    assert not np.array_equal(pixels(edges["images"][0]["image"]), pixels(raw["images"][0]["image"]))
+
+
+def test_canny_edges_is_a_binary_edge_map(controlnet) -> None:
+    square = Image.new("RGB", (32, 32), (0, 0, 0))
+    square.paste((255, 255, 255), (8, 8, 24, 24))
+    edges = np.asarray(controlnet.canny_edges(square, 100, 200))
+    assert set(np.unique(edges)) == {0, 255}
+    assert np.argwhere(edges[:, 16, 0] == 255).ravel().tolist() == [7, 23]  # the square's top and bottom edges
+
+
+def test_sdxl_controlnet(tiny_model) -> None:
+    env = {"MODEL_NAME": str(tiny_model("sdxl")), "CONTROLNET_MODEL": str(tiny_model("controlnet-sdxl"))}
+    module = load_handler(EXAMPLE, env)
+    _, final = generate(module, prompt="x", control_image=png_data_uri(64, 64), seed=1, **SMALL)
+    assert type(module.CONTROLNET).__name__ == "StableDiffusionXLControlNetPipeline"
+    assert decode(final["images"][0]["image"]).size == (64, 64)
+
+
+# ---- S3 upload ------------------------------------------------------------------------------
+
+
+def test_images_upload_to_s3_compatible_storage(tiny_model, sd15) -> None:
+    with s3_server() as endpoint:
+        keys = {"aws_access_key_id": "test-key", "aws_secret_access_key": "test-secret"}
+        s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", **keys)
+        s3.create_bucket(Bucket="generated")
+        env = {
+            "MODEL_NAME": str(tiny_model("sd15")),
+            "BUCKET_ENDPOINT_URL": endpoint,
+            "BUCKET_ACCESS_KEY_ID": keys["aws_access_key_id"],
+            "BUCKET_SECRET_ACCESS_KEY": keys["aws_secret_access_key"],
+            "BUCKET_NAME": "generated",
+        }
+        uploading = load_handler(EXAMPLE, env)
+        result = run_job(uploading.handler, {"prompt": "a lighthouse", "seed": 7, "num_images": 2, **SMALL})
+        images = result["output"][-1]["images"]
+        _, inline = generate(sd15, prompt="a lighthouse", seed=7, num_images=2, **SMALL)
+        stored = s3.list_objects_v2(Bucket="generated")["Contents"]
+        assert sorted(item["Key"] for item in stored) == ["test-job/0-7.png", "test-job/1-8.png"]
+        for index, (image, expected) in enumerate(zip(images, inline["images"], strict=True)):
+            assert image["image"].startswith(f"{endpoint}/generated/test-job/{index}-{image['seed']}.png?")
+            obj = s3.get_object(Bucket="generated", Key=f"test-job/{index}-{image['seed']}.png")
+            assert obj["ContentType"] == "image/png"
+            body = obj["Body"].read()
+            assert httpx.get(image["image"]).content == body  # the presigned URL serves the same object
+            np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(body))), pixels(expected["image"]))
+        assert result["output"][-1]["timings"]["upload_ms"] > 0
+
+
+# ---- bad input ------------------------------------------------------------------------------
+
+
+def bomb_data_uri() -> str:
+    buffer = io.BytesIO()
+    Image.new("L", (5000, 4000)).save(buffer, format="PNG")  # 20 MP of zeros: a few KB on the wire
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+BAD_INPUTS = [
+    ("a string", "input must be a JSON object"),
+    ({}, "prompt: Field required"),
+    ({"prompt": ""}, "prompt: String should have at least 1 character"),
+    ({"prompt": "x", "width": 1001, "height": 512}, "width: Input should be a multiple of 8"),
+    ({"prompt": "x", "width": 2048, "height": 2048}, "width × height is 2048x2048 = 4194304 pixels, over the budget"),
+    ({"prompt": "x", "width": 32}, "width: Input should be greater than or equal to 64"),
+    ({"prompt": "x", "scheduler": "karras-magic"}, "scheduler: Input should be 'default', 'ddim'"),
+    ({"prompt": "x", "num_images": 5}, "num_images: Input should be less than or equal to 4"),
+    ({"prompt": "x", "num_inference_steps": 151}, "num_inference_steps: Input should be less than or equal to 150"),
+    ({"prompt": "x", "guidance_scale": 31}, "guidance_scale: Input should be less than or equal to 30"),
+    ({"prompt": "x", "seed": -1}, "seed: Input should be greater than or equal to 0"),
+    ({"prompt": "x", "output_format": "gif"}, "output_format: Input should be 'png', 'jpeg' or 'webp'"),
+    ({"prompt": "x", "steps": 4}, "steps: Extra inputs are not permitted"),
+    ({"prompt": "x", "strength": 0.5}, "strength is only used with image (image-to-image)"),
+    ({"prompt": "x", "image": "aGk=", "control_image": "aGk="}, "send image (image-to-image) or control_image"),
+    ({"prompt": "x", "canny": True}, "canny preprocesses control_image, which is missing"),
+    ({"prompt": "x", "control_image": png_data_uri(8, 8)}, "control_image needs a ControlNet: set CONTROLNET_MODEL"),
+    ({"prompt": "x", "image": "%%% not base64 %%%"}, "image: not valid base64"),
+    ({"prompt": "x", "image": base64.b64encode(b"plain text").decode()}, "image: not an image PIL can read"),
+    ({"prompt": "x", "image": "http://127.0.0.1:9/cat.png"}, "image: the URL is refused: only public http(s)"),
+    ({"prompt": "x", "image": "http://169.254.169.254/latest/meta-data"}, "image: the URL is refused"),
+    ({"prompt": "x", "image": bomb_data_uri()}, "image: 5000x4000 is 20000000 pixels, over the limit of 16777216"),
+    (
+        {"prompt": "x", "image": png_data_uri(64, 64), "strength": 0.1, "num_inference_steps": 2},
+        "strength × num_inference_steps must reach at least one step",
+    ),
+]
+
+
+@pytest.mark.parametrize(("job_input", "message"), BAD_INPUTS, ids=[m for _, m in BAD_INPUTS])
+def test_bad_input_is_a_clear_error_and_the_worker_serves_on(sd15, job_input: Any, message: str) -> None:
+    result = run_job(sd15.handler, job_input)
+    assert message in result.get("error", ""), result
+    assert "Traceback" not in result["error"] and result["stream"] == []
+    assert generate(sd15, prompt="still serving", seed=1, **SMALL)[1]["images"]
+
+
+def test_a_url_to_a_non_image(sd15, monkeypatch) -> None:
+    monkeypatch.setenv("RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS", "true")
+    with http_server({"/index.html": (200, "text/html", b"<html></html>")}) as base:
+        result = run_job(sd15.handler, {"prompt": "x", "image": f"{base}/index.html", **SMALL})
+    assert result["error"] == "image: not an image PIL can read (PNG, JPEG, WebP, GIF, BMP, TIFF)"
+
+
+# ---- cancellation and faults ----------------------------------------------------------------
+
+
+def unet_calls(module: ModuleType) -> tuple[list[int], Any]:
+    calls: list[int] = []
+    return calls, module.TEXT2IMAGE.unet.register_forward_hook(lambda *args: calls.append(1))
+
+
+def test_an_abandoned_stream_stops_denoising(sd15) -> None:
+    calls, hook = unet_calls(sd15)
+
+    async def read_one_then_leave() -> None:
+        stream = sd15.handler(
+            {"id": "gone", "input": {"prompt": "x", "num_inference_steps": 100, "width": 64, "height": 64}}
+        )
+        first = await anext(stream)
+        assert first["status"] == "progress"
+        await stream.aclose()
+
+    try:
+        asyncio.run(read_one_then_leave())
+    finally:
+        hook.remove()
+    assert len(calls) < 100, f"denoising ran {len(calls)} of 100 steps after the consumer left"
+
+
+def test_a_failure_mid_denoising_is_an_error_and_the_next_job_is_served(sd15) -> None:
+    calls: list[int] = []
+
+    def fail_on_third_step(*args: Any) -> None:
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("numerical explosion in /secret/path")
+
+    hook = sd15.TEXT2IMAGE.unet.register_forward_hook(fail_on_third_step)
+    try:
+        result = run_job(sd15.handler, {"prompt": "x", **{**SMALL, "num_inference_steps": 6}})
+    finally:
+        hook.remove()
+    assert result["error"] == "image generation failed inside the worker; see the worker logs"
+    assert [chunk["step"] for chunk in result["stream"]] == [1, 2]
+    assert generate(sd15, prompt="again", seed=1, **SMALL)[1]["images"]
+
+
+def test_out_of_memory_answers_the_job_and_keeps_the_worker(sd15, monkeypatch) -> None:
+    def oom(*args: Any, **kwargs: Any) -> Any:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+
+    monkeypatch.setattr(sd15, "denoise", oom)
+    result = run_job(sd15.handler, {"prompt": "x", **SMALL})
+    assert result["error"] == "out of GPU memory for this size: lower width and height or num_images"
+    assert "refresh_worker" not in sd15.WORKER_CONFIG
+    monkeypatch.undo()
+    assert generate(sd15, prompt="again", seed=1, **SMALL)[1]["images"]
+
+
+def test_an_unrecoverable_gpu_error_retires_the_worker(tiny_model, monkeypatch) -> None:
+    module = load_handler(EXAMPLE, {"MODEL_NAME": str(tiny_model("sd15"))})
+
+    def device_lost(*args: Any, **kwargs: Any) -> Any:
+        raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(module, "denoise", device_lost)
+    result = run_job(module.handler, {"prompt": "x", **SMALL})
+    assert result["error"] == "the GPU failed while generating; retry the request"
+    assert module.WORKER_CONFIG["refresh_worker"] is True
+
+
+# ---- pure functions -------------------------------------------------------------------------
+
+
+def test_image_seeds(sd15) -> None:
+    assert sd15.image_seeds(41, 3) == [41, 42, 43]
+    drawn = sd15.image_seeds(None, 2)
+    assert drawn[1] == drawn[0] + 1 and drawn[1] < 2**53
+
+
+def test_detect_family_by_name_and_config(sd15) -> None:
+    class FakeXL:
+        scheduler = type("S", (), {"config": {"prediction_type": "epsilon"}})()
+
+    FakeXL.__name__ = "StableDiffusionXLPipeline"
+    assert sd15.detect_family(FakeXL(), "stabilityai/sdxl-turbo").name == "sdxl-turbo"
+    assert sd15.detect_family(sd15.TEXT2IMAGE, "stabilityai/sd-turbo").name == "sd-turbo"
+    assert sd15.detect_family(sd15.TEXT2IMAGE, "runwayml/stable-diffusion-v1-5").name == "sd1"
+
+
+# ---- as a user runs it ----------------------------------------------------------------------
+
+
+def test_python_handler_py_prints_progress_then_images(tiny_model) -> None:
+    run = run_local(EXAMPLE, {"MODEL_NAME": str(tiny_model("sd15")), "RUNPOD_LOG_LEVEL": "INFO"})
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    *progress, final = json_lines(run.stdout)
+    test_input = json.loads((Path(__file__).parents[1] / EXAMPLE / "test_input.json").read_text())["input"]
+    assert [p["step"] for p in progress] == list(range(1, len(progress) + 1))
+    assert final["images"][0]["seed"] == test_input["seed"]
+    assert final["images"][0]["image"].startswith(f"data:image/{test_input['output_format']};base64,")
+    assert test_input["prompt"] not in run.stdout + run.stderr, "prompts never reach the logs"
+
+
+def test_python_handler_py_fails_on_a_bad_job(tiny_model) -> None:
+    run = run_local(
+        EXAMPLE, {"MODEL_NAME": str(tiny_model("sd15"))}, "--test_input", '{"input": {"prompt": "x", "width": 100}}'
+    )
+    assert run.returncode == 1
+    assert "width: Input should be a multiple of 8" in run.stdout
+
+
+def test_dev_server_runsync(tiny_model) -> None:
+    with DevServer(EXAMPLE, {"MODEL_NAME": str(tiny_model("sd15"))}) as server:
+        response = server.post("/runsync", {"input": {"prompt": "a kite", "seed": 3, **SMALL}})
+    body = response.json()
+    assert response.status_code == 200 and body["status"] == "COMPLETED"
+    assert body["output"][-1]["images"][0]["seed"] == 3
+    assert decode(body["output"][-1]["images"][0]["image"]).size == (64, 64)
