@@ -14,10 +14,8 @@ bottom: configuration, model load, request schema, prompt and sampling, response
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -27,8 +25,9 @@ import torch
 from jinja2 import TemplateError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
+from textstream import Delta, OpenAIShape, SamplingParams, Usage, native_responses, openai_responses
 
-from engines import Delta, SamplingParams, Usage, load_transformers_engine
+from engines import load_transformers_engine
 from local_run import for_local_run
 
 log = runpod.RunPodLogger()
@@ -404,88 +403,8 @@ def resolve_sampling(
 
 
 # ---------------------------------------------------------------------------------------------
-# 5. Response: pure functions shaping deltas into the native and OpenAI formats (plain JSON only).
+# 5. Response: textstream.py shapes deltas into native chunks or OpenAI objects (plain JSON only).
 # ---------------------------------------------------------------------------------------------
-def usage_json(usage: Usage) -> dict[str, int]:
-    return {
-        "prompt_tokens": usage.prompt_tokens,
-        "completion_tokens": usage.completion_tokens,
-        "total_tokens": usage.total_tokens,
-    }
-
-
-def native_chunk(delta: Delta) -> dict[str, Any]:
-    """A streamed chunk: {"text": "..."} (never empty), then {"finish_reason": ..., "usage": ...}."""
-    if delta.finish_reason is None:
-        return {"text": delta.text}
-    return {"finish_reason": delta.finish_reason, "usage": usage_json(delta.usage)}
-
-
-def sse(payload: dict[str, Any] | str) -> str:
-    """One whole server-sent event, as OpenAI's streaming API sends it."""
-    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
-    return f"data: {data}\n\n"
-
-
-SSE_DONE = sse("[DONE]")
-
-
-@dataclass(frozen=True)
-class OpenAIShape:
-    """Builds OpenAI's objects for one response: chat.completion(.chunk) or text_completion."""
-
-    route: str
-    id: str
-    created: int
-    model: str
-
-    @classmethod
-    def new(cls, route: str, model: str) -> OpenAIShape:
-        prefix = "chatcmpl" if route == CHAT_ROUTE else "cmpl"
-        return cls(route, f"{prefix}-{uuid.uuid4().hex}", int(time.time()), model)
-
-    def _envelope(self, obj: str, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices, **extra}
-
-    def chunk(self, text: str | None, finish_reason: str | None = None, role: bool = False, **extra: Any) -> dict:
-        """One streamed chunk. Chat: `delta` carries the role first, then content; text: `text`."""
-        if self.route == CHAT_ROUTE:
-            delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
-            if text:
-                delta["content"] = text
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-            return self._envelope("chat.completion.chunk", [choice], **extra)
-        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
-        return self._envelope("text_completion", [choice], **extra)
-
-    def usage_chunk(self, usage: Usage) -> dict[str, Any]:
-        obj = "chat.completion.chunk" if self.route == CHAT_ROUTE else "text_completion"
-        return self._envelope(obj, [], usage=usage_json(usage))
-
-    def complete(self, text: str, finish_reason: str, usage: Usage) -> dict[str, Any]:
-        if self.route == CHAT_ROUTE:
-            message = {"role": "assistant", "content": text}
-            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
-            return self._envelope("chat.completion", [choice], usage=usage_json(usage))
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-        return self._envelope("text_completion", [choice], usage=usage_json(usage))
-
-
-async def openai_events(shape: OpenAIShape, deltas: AsyncIterator[Delta], include_usage: bool) -> AsyncIterator[str]:
-    """vLLM's stream shape: a role delta (chat), content deltas, a finish_reason chunk, optional usage, [DONE]."""
-    extra = {"usage": None} if include_usage else {}  # OpenAI: null usage on every chunk but the last
-    if shape.route == CHAT_ROUTE:
-        yield sse(shape.chunk(None, role=True, **extra))
-    async for delta in deltas:
-        if delta.finish_reason is None:
-            yield sse(shape.chunk(delta.text, **extra))
-            continue
-        yield sse(shape.chunk(None, finish_reason=delta.finish_reason, **extra))
-        if include_usage:
-            yield sse(shape.usage_chunk(delta.usage))
-    yield SSE_DONE
-
-
 def models_response() -> dict[str, Any]:
     model = {"id": SERVED_MODEL_NAME, "object": "model", "created": LOADED_AT, "owned_by": "runpod"}
     return {"object": "list", "data": [model]}
@@ -494,33 +413,13 @@ def models_response() -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 # 6. The handler: validate everything before the first yield, then stream.
 # ---------------------------------------------------------------------------------------------
-async def collect(deltas: AsyncIterator[Delta]) -> tuple[str, Delta]:
-    parts, last = [], Delta()
-    async for delta in deltas:
-        if delta.finish_reason is None:
-            parts.append(delta.text)
-        else:
-            last = delta
-    return "".join(parts), last
-
-
-async def respond(route: str, request: BaseModel, deltas: AsyncIterator[Delta]) -> AsyncIterator[Any]:
+def respond(route: str, request: BaseModel, deltas: AsyncIterator[Delta]) -> AsyncIterator[Any]:
+    """The chunks this route sends: native ones, or OpenAI's objects (SSE events when streamed)."""
     if route == NATIVE:
-        if request.stream:
-            async for delta in deltas:
-                yield native_chunk(delta)
-        else:
-            text, last = await collect(deltas)
-            yield {"text": text, **native_chunk(last)}
-        return
-    shape = OpenAIShape.new(route, SERVED_MODEL_NAME)
-    if request.stream:
-        include_usage = bool(request.stream_options and request.stream_options.include_usage)
-        async for event in openai_events(shape, deltas, include_usage):
-            yield event
-    else:
-        text, last = await collect(deltas)
-        yield shape.complete(text, last.finish_reason, last.usage)
+        return native_responses(deltas, request.stream)
+    include_usage = bool(request.stream_options and request.stream_options.include_usage)
+    shape = OpenAIShape.new(chat=route == CHAT_ROUTE, model=SERVED_MODEL_NAME)
+    return openai_responses(shape, deltas, bool(request.stream), include_usage)
 
 
 async def handler(job: dict[str, Any]) -> AsyncIterator[Any]:

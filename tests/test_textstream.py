@@ -1,0 +1,115 @@
+"""textstream.py: streamed generation and its response shapes. One identical copy per text example."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+from openai.types import Completion
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+from tests.harness import EXAMPLES, REPO
+
+COPIES = [REPO / example / "textstream.py" for example in EXAMPLES if (REPO / example / "textstream.py").exists()]
+
+
+def load(path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"textstream_{path.parent.name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # as an import does: dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_copy_is_identical() -> None:
+    assert COPIES
+    assert len({path.read_text() for path in COPIES}) == 1, "textstream.py copies differ between examples"
+
+
+@pytest.fixture(params=COPIES, ids=[path.parent.name for path in COPIES])
+def textstream(request: pytest.FixtureRequest) -> ModuleType:
+    return load(request.param)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model("qwen3"))
+
+
+def test_incremental_decoder_never_splits_a_character(textstream: ModuleType, tokenizer) -> None:
+    text = "Tokyo 東京 🎉🎊 Здравствуйте naïve 𝔘"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) > len(text.split()), "multi-byte characters span several byte-level tokens"
+    decoder = textstream.IncrementalDecoder(tokenizer)
+    deltas = [decoder.push(token) for token in ids]
+    deltas.append(decoder.flush())
+    assert all("\ufffd" not in delta for delta in deltas)
+    assert "".join(deltas) == text
+
+
+def test_incremental_decoder_keeps_leading_spaces_after_context(textstream: ModuleType, tokenizer) -> None:
+    context = tokenizer("Hello", add_special_tokens=False)["input_ids"]
+    decoder = textstream.IncrementalDecoder(tokenizer, context)
+    ids = tokenizer(" world", add_special_tokens=False)["input_ids"]
+    assert "".join(decoder.push(token) for token in ids) + decoder.flush() == " world"
+
+
+def test_stop_string_filter_holds_back_possible_starts(textstream: ModuleType) -> None:
+    stops = textstream.StopStringFilter(["Observation:", "\n\n"])
+    released = [stops.push(piece) for piece in ["Thought: go", " Obs", "erv", "e the", " sky\n", "\nnever"]]
+    assert released == ["Thought: go", " ", "", "Observe the", " sky", ""]
+    assert stops.stopped and stops.flush() == ""
+    unfinished = textstream.StopStringFilter(["END"])
+    assert unfinished.push("the EN") == "the " and unfinished.flush() == "EN"
+
+
+def test_native_chunks(textstream: ModuleType) -> None:
+    usage = textstream.Usage(5, 3)
+    assert textstream.native_chunk(textstream.Delta(text="hi")) == {"text": "hi"}
+    last = textstream.native_chunk(textstream.Delta(finish_reason="stop", usage=usage))
+    assert last == {"finish_reason": "stop", "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}}
+
+
+async def deltas_of(textstream: ModuleType, *texts: str):
+    for text in texts:
+        yield textstream.Delta(text=text)
+    yield textstream.Delta(finish_reason="length", usage=textstream.Usage(4, len(texts)))
+
+
+def collect_all(stream) -> list:
+    async def run() -> list:
+        return [item async for item in stream]
+
+    return asyncio.run(run())
+
+
+def test_openai_chat_objects_parse_with_the_openai_types(textstream: ModuleType) -> None:
+    shape = textstream.OpenAIShape.new(chat=True, model="m")
+    [whole] = collect_all(textstream.openai_responses(shape, deltas_of(textstream, "Hé", "llo"), False, False))
+    parsed = ChatCompletion.model_validate(whole)
+    assert parsed.choices[0].message.content == "Héllo" and parsed.usage.total_tokens == 6
+    events = collect_all(textstream.openai_responses(shape, deltas_of(textstream, "Hé", "llo"), True, True))
+    assert events[-1] == "data: [DONE]\n\n"
+    chunks = [ChatCompletionChunk.model_validate(json.loads(e[len("data: ") :])) for e in events[:-1]]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].delta.content for c in chunks[1:3]] == ["Hé", "llo"]
+    assert chunks[3].choices[0].finish_reason == "length" and chunks[4].choices == []
+    assert chunks[4].usage.completion_tokens == 2 and all(c.usage is None for c in chunks[:4])
+    assert all(e.startswith("data: ") and e.endswith("\n\n") and e.count("\n\n") == 1 for e in events)
+
+
+def test_openai_text_completion_objects(textstream: ModuleType) -> None:
+    shape = textstream.OpenAIShape.new(chat=False, model="m")
+    [whole] = collect_all(textstream.openai_responses(shape, deltas_of(textstream, "a", "b"), False, False))
+    assert Completion.model_validate(whole).choices[0].text == "ab"
+    events = collect_all(textstream.openai_responses(shape, deltas_of(textstream, "a", "b"), True, False))
+    bodies = [json.loads(e[len("data: ") :]) for e in events[:-1]]
+    assert [b["choices"][0]["text"] for b in bodies] == ["a", "b", ""]
+    assert bodies[-1]["choices"][0]["finish_reason"] == "length" and "usage" not in bodies[0]
