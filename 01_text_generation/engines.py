@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
-from textstream import Delta, SamplingParams, StreamingGenerator
+from textstream import Delta, SamplingParams, StreamingGenerator, recommended_sampling
 
 
 class Engine(Protocol):
@@ -100,20 +100,6 @@ def quantization_config(name: str | None, compute_dtype: torch.dtype) -> Any:
         )
     choices = ", ".join(BNB_QUANTIZATION + VLLM_ONLY_QUANTIZATION)
     raise ValueError(f"QUANTIZATION must be one of {choices}, got {name!r}")
-
-
-SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty")
-
-
-def recommended_sampling(generation_config: Any) -> dict[str, Any]:
-    """The sampling values a model's generation_config.json sets (Llama 3: temperature 0.6, top_p 0.9).
-
-    Only values its authors wrote down count, and only when they ask for sampling, as vLLM does.
-    """
-    written = generation_config.to_diff_dict()
-    if not written.get("do_sample"):
-        return {}
-    return {name: written[name] for name in SAMPLING_FIELDS if name in written}
 
 
 def load_transformers_engine(

@@ -25,7 +25,15 @@ import torch
 from jinja2 import TemplateError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
-from textstream import Delta, OpenAIShape, SamplingParams, Usage, native_responses, openai_responses
+from textstream import (
+    ContextLengthError,
+    Delta,
+    OpenAIShape,
+    Usage,
+    native_responses,
+    openai_responses,
+    resolve_sampling,
+)
 
 from engines import load_transformers_engine
 from local_run import for_local_run
@@ -368,40 +376,6 @@ def render_prompt(request: BaseModel) -> Prompt:
     return Prompt(text, True, ENGINE.count_prompt_tokens(text, is_chat=True))
 
 
-def resolve_sampling(
-    sampling: Sampling, prompt_tokens: int, defaults: dict[str, Any], context_len: int, default_max_tokens: int
-) -> SamplingParams:
-    """Request values, else the model's recommended ones, else the usual ones; checked against the context."""
-    room = context_len - prompt_tokens
-    if room < 1:
-        raise RequestError(
-            f"the prompt has {prompt_tokens} tokens, which leaves no room in the {context_len}-token context"
-            " (MAX_MODEL_LEN): shorten it"
-        )
-    max_tokens = sampling.max_tokens
-    if max_tokens is None:
-        max_tokens = min(default_max_tokens, room)
-    elif max_tokens > room:
-        raise RequestError(
-            f"max_tokens: the prompt has {prompt_tokens} tokens and max_tokens is {max_tokens}; together they must"
-            f" fit the {context_len}-token context (MAX_MODEL_LEN), so max_tokens can be at most {room}"
-        )
-
-    def pick(name: str, usual: Any) -> Any:
-        value = getattr(sampling, name)
-        return value if value is not None else defaults.get(name, usual)
-
-    return SamplingParams(
-        max_tokens=max_tokens,
-        temperature=pick("temperature", 1.0),
-        top_p=pick("top_p", 1.0),
-        top_k=max(pick("top_k", 0), 0),
-        repetition_penalty=pick("repetition_penalty", 1.0),
-        stop=tuple(sampling.stop or ()),
-        seed=sampling.seed,
-    )
-
-
 # ---------------------------------------------------------------------------------------------
 # 5. Response: textstream.py shapes deltas into native chunks or OpenAI objects (plain JSON only).
 # ---------------------------------------------------------------------------------------------
@@ -434,7 +408,7 @@ async def handler(job: dict[str, Any]) -> AsyncIterator[Any]:
         if isinstance(request, ChatCompletionRequest) and request.max_completion_tokens is not None:
             sampling = sampling.model_copy(update={"max_tokens": request.max_completion_tokens})
         params = resolve_sampling(sampling, prompt.tokens, SAMPLING_DEFAULTS, CONTEXT_LEN, DEFAULT_MAX_TOKENS)
-    except RequestError as error:
+    except (RequestError, ContextLengthError) as error:
         log.warn(f"Rejected request: {error}", job_id)
         yield {"error": str(error)}
         return

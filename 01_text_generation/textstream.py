@@ -187,6 +187,62 @@ class TokenStream:
         return torch.full((input_ids.shape[0],), self.stop.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
+# ---------------------------------------------------------------------------------------------
+# Sampling: the request's values, the model's recommendations, the context length.
+# ---------------------------------------------------------------------------------------------
+class ContextLengthError(ValueError):
+    """Prompt and completion cannot fit the context; the message says by how much."""
+
+
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty")
+
+
+def recommended_sampling(generation_config: Any) -> dict[str, Any]:
+    """The sampling values a model's generation_config.json sets (Llama 3: temperature 0.6, top_p 0.9).
+
+    Only values its authors wrote down count, and only when they ask for sampling, as vLLM does.
+    """
+    written = generation_config.to_diff_dict()
+    if not written.get("do_sample"):
+        return {}
+    return {name: written[name] for name in SAMPLING_FIELDS if name in written}
+
+
+def resolve_sampling(
+    sampling: Any, prompt_tokens: int, defaults: dict[str, Any], context_len: int, default_max_tokens: int
+) -> SamplingParams:
+    """Request values (`sampling` has the fields of SamplingParams, None where unset), else the model's
+    recommended ones, else the usual ones; checked against the context."""
+    room = context_len - prompt_tokens
+    if room < 1:
+        raise ContextLengthError(
+            f"the prompt has {prompt_tokens} tokens, which leaves no room in the {context_len}-token context"
+            " (MAX_MODEL_LEN): shorten it"
+        )
+    max_tokens = sampling.max_tokens
+    if max_tokens is None:
+        max_tokens = min(default_max_tokens, room)
+    elif max_tokens > room:
+        raise ContextLengthError(
+            f"max_tokens: the prompt has {prompt_tokens} tokens and max_tokens is {max_tokens}; together they must"
+            f" fit the {context_len}-token context (MAX_MODEL_LEN), so max_tokens can be at most {room}"
+        )
+
+    def pick(name: str, usual: Any) -> Any:
+        value = getattr(sampling, name)
+        return value if value is not None else defaults.get(name, usual)
+
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=pick("temperature", 1.0),
+        top_p=pick("top_p", 1.0),
+        top_k=max(pick("top_k", 0), 0),
+        repetition_penalty=pick("repetition_penalty", 1.0),
+        stop=tuple(sampling.stop or ()),
+        seed=sampling.seed,
+    )
+
+
 class StreamingGenerator:
     """`model.generate` on a pool of threads (one per running generation), streamed as Deltas."""
 

@@ -196,7 +196,7 @@ def test_resolve_sampling_prefers_request_then_model_then_usual(qwen) -> None:
 def test_recommended_sampling_reads_only_what_the_model_sets(qwen) -> None:
     from transformers import GenerationConfig
 
-    recommended = engines_module(qwen).recommended_sampling
+    recommended = engines_module(qwen).recommended_sampling  # engines.py imports it from textstream.py
     assert recommended(GenerationConfig(do_sample=True, temperature=0.6, top_p=0.9)) == {
         "temperature": 0.6,
         "top_p": 0.9,
