@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import secrets
 import tempfile
@@ -25,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
+import diffusers
 import numpy as np
 import runpod
 import torch
@@ -50,6 +52,8 @@ from runpod.serverless.utils import rp_upload
 from local_run import for_local_run
 
 log = runpod.RunPodLogger()
+# diffusers warns with the cut-off part of any prompt over CLIP's 77 tokens: prompts stay out of logs.
+diffusers.utils.logging.set_verbosity_error()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -57,6 +61,10 @@ log = runpod.RunPodLogger()
 # ---------------------------------------------------------------------------------------------
 def env_int(name: str, default: int) -> int:
     return int(os.environ.get(name) or default)
+
+
+def env_float(name: str, default: float) -> float:
+    return float(os.environ.get(name) or default)
 
 
 def env_str(name: str, default: str | None) -> str | None:
@@ -96,7 +104,7 @@ RANDOM_SEED_BOUND = 2**53  # drawn seeds stay exact in JavaScript's JSON numbers
 INPUT_LIMITS = ImageLimits(
     max_bytes=env_int("MAX_INPUT_IMAGE_BYTES", 20 * 1024 * 1024),  # a 20 MB photo is plenty for conditioning
     max_pixels=env_int("MAX_INPUT_IMAGE_PIXELS", 4096 * 4096),  # bigger is resized anyway; refused before decoding
-    timeout_s=float(env_int("DOWNLOAD_TIMEOUT_S", 15)),  # a whole download, not each read
+    timeout_s=env_float("DOWNLOAD_TIMEOUT_S", 15.0),  # a whole download, not each read
 )
 
 # S3-compatible storage for outputs: all three set → images are uploaded and URLs returned.
@@ -152,17 +160,21 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TORCH_DTYPE = getattr(torch, DTYPE) if DTYPE != "auto" else torch.float16 if DEVICE == "cuda" else torch.float32
 
 
+def from_pretrained_fp16_first(loader: Any, name: str, **kwargs: Any) -> Any:
+    """Most Hub repos publish an fp16 variant: half the download when we load in fp16 anyway."""
+    if TORCH_DTYPE == torch.float16:
+        try:
+            return loader.from_pretrained(name, dtype=TORCH_DTYPE, variant="fp16", **kwargs)
+        except (OSError, ValueError):
+            pass  # no fp16 variant in this repo: load the full-precision files
+    return loader.from_pretrained(name, dtype=TORCH_DTYPE, **kwargs)
+
+
 def load_pipelines() -> tuple[Any, Any, Any | None]:
     """Text-to-image, image-to-image and (optionally) ControlNet pipelines over one set of weights."""
-    common = {"dtype": TORCH_DTYPE, "revision": MODEL_REVISION, "cache_dir": cached_hub_folder(MODEL_NAME)}
-    if TORCH_DTYPE == torch.float16:
-        # Most Hub repos publish an fp16 variant: half the download. Fall back when one doesn't.
-        try:
-            text2image = AutoPipelineForText2Image.from_pretrained(MODEL_NAME, variant="fp16", **common)
-        except (OSError, ValueError):
-            text2image = AutoPipelineForText2Image.from_pretrained(MODEL_NAME, **common)
-    else:
-        text2image = AutoPipelineForText2Image.from_pretrained(MODEL_NAME, **common)
+    text2image = from_pretrained_fp16_first(
+        AutoPipelineForText2Image, MODEL_NAME, revision=MODEL_REVISION, cache_dir=cached_hub_folder(MODEL_NAME)
+    )
     if ENABLE_CPU_OFFLOAD and DEVICE == "cuda":
         text2image.enable_model_cpu_offload()
     else:
@@ -177,8 +189,8 @@ def load_pipelines() -> tuple[Any, Any, Any | None]:
     image2image = AutoPipelineForImage2Image.from_pipe(text2image)
     controlnet = None
     if CONTROLNET_MODEL:
-        model = ControlNetModel.from_pretrained(
-            CONTROLNET_MODEL, dtype=TORCH_DTYPE, cache_dir=cached_hub_folder(CONTROLNET_MODEL)
+        model = from_pretrained_fp16_first(
+            ControlNetModel, CONTROLNET_MODEL, cache_dir=cached_hub_folder(CONTROLNET_MODEL)
         ).to(DEVICE)
         controlnet = AutoPipelineForText2Image.from_pipe(text2image, controlnet=model)
     return text2image, image2image, controlnet
@@ -259,8 +271,13 @@ class ImageRequest(BaseModel):
             )
         if self.strength is not None and self.image is None:
             raise PydanticCustomError("strength", "strength is only used with image (image-to-image)")
-        if self.canny and self.control_image is None:
-            raise PydanticCustomError("canny", "canny preprocesses control_image, which is missing")
+        controlnet_only = {"canny", "controlnet_conditioning_scale", "canny_low_threshold", "canny_high_threshold"}
+        if self.control_image is None and (given := sorted(controlnet_only & self.model_fields_set)):
+            raise PydanticCustomError(
+                "controlnet_only", f"{', '.join(given)} only apply with control_image (ControlNet), which is missing"
+            )
+        if self.seed is not None and self.seed + self.num_images - 1 > MAX_SEED:
+            raise PydanticCustomError("seed", f"seed + num_images - 1 must be at most {MAX_SEED}")
         return self
 
 
@@ -299,11 +316,26 @@ def fit_size(width: int, height: int, target_pixels: int, max_pixels: int) -> tu
 
 
 def output_size(request: ImageRequest, source: Image.Image | None) -> tuple[int, int]:
+    """The requested size; a missing side follows the input image's aspect (or the family default)."""
     if request.width and request.height:
         return request.width, request.height
     if source is None:
         return request.width or FAMILY.width, request.height or FAMILY.height
+    if request.width:
+        return request.width, max(MIN_SIDE, round(request.width * source.height / source.width / 8) * 8)
+    if request.height:
+        return max(MIN_SIDE, round(request.height * source.width / source.height / 8) * 8), request.height
     return fit_size(source.width, source.height, FAMILY.width * FAMILY.height, MAX_PIXELS)
+
+
+def default_steps(request: ImageRequest, image_to_image: bool) -> int:
+    """The family's steps; with an input image, at least enough for strength to run one step
+    (SDXL Turbo's single step × strength 0.8 would run none)."""
+    if request.num_inference_steps is not None:
+        return request.num_inference_steps
+    if image_to_image:
+        return max(FAMILY.steps, math.ceil(1 / (request.strength or DEFAULT_STRENGTH)))
+    return FAMILY.steps
 
 
 def image_seeds(seed: int | None, count: int) -> list[int]:
@@ -362,11 +394,16 @@ def prepare(request: ImageRequest) -> Job:
     source = load_image("image", request.image, INPUT_LIMITS) if request.image else None
     control = load_image("control_image", request.control_image, INPUT_LIMITS) if request.control_image else None
     width, height = output_size(request, source or control)
-    steps = request.num_inference_steps or FAMILY.steps
-    if source is not None and int(steps * (request.strength or DEFAULT_STRENGTH)) < 1:
+    if width * height > MAX_PIXELS or max(width, height) > MAX_SIDE:
         raise RequestError(
-            f"strength × num_inference_steps must reach at least one step, got {request.strength} × {steps}:"
-            " raise either one"
+            f"width × height is {width}x{height} = {width * height} pixels, over the budget of {MAX_PIXELS}"
+            f" (MAX_PIXELS) or a side over {MAX_SIDE}"
+        )
+    steps = default_steps(request, source is not None)
+    strength = request.strength or DEFAULT_STRENGTH
+    if source is not None and int(steps * strength) < 1:
+        raise RequestError(
+            f"strength × num_inference_steps must reach at least one step, got {strength} × {steps}: raise either one"
         )
     if control is not None and request.canny:
         control = canny_edges(control, request.canny_low_threshold, request.canny_high_threshold)
@@ -394,12 +431,19 @@ def pipeline_for(job: Job) -> Any:
     else:
         scheduler_class, settings = SCHEDULERS[job.request.scheduler]
         scheduler = scheduler_class.from_config(base.scheduler.config, **settings)
-    pipeline = type(base).from_pipe(base, scheduler=scheduler)
+    # dtype: from_pipe otherwise casts the shared weights to fp32 in place (diffusers' default).
+    pipeline = type(base).from_pipe(base, scheduler=scheduler, dtype=base.dtype)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 
 
-def denoise(job: Job, on_step: Any, cancelled: threading.Event) -> list[Image.Image]:
+@dataclass(frozen=True)
+class Generated:
+    image: Image.Image
+    nsfw: bool | None  # None: the model has no safety checker
+
+
+def denoise(job: Job, on_step: Any, cancelled: threading.Event) -> list[Generated]:
     """One image at a time, each from its own generator: bit-for-bit what a one-image request
     with that seed gives (batching would change the arithmetic, and so the pixels)."""
     pipeline = pipeline_for(job)
@@ -437,7 +481,9 @@ def denoise(job: Job, on_step: Any, cancelled: threading.Event) -> list[Image.Im
         generator = torch.Generator(device="cpu").manual_seed(seed)
         with torch.inference_mode():
             result = pipeline(generator=generator, callback_on_step_end=step_end_for(index), **kwargs)
-            images.append(result.images[0])
+        # SD 1.x/2.x repos that ship a safety checker black out what it flags; say so, not silently.
+        flags = getattr(result, "nsfw_content_detected", None)
+        images.append(Generated(result.images[0], bool(flags[0]) if flags else None))
     return images
 
 
@@ -462,11 +508,11 @@ def upload(job_id: str, index: int, seed: int, data: bytes, output_format: str) 
         )
 
 
-def deliver(job_id: str, job: Job, images: list[Image.Image]) -> tuple[list[dict[str, Any]], dict[str, float]]:
+def deliver(job_id: str, job: Job, images: list[Generated]) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """Encode (and upload) every image; returns the images with their seeds, and the time each part took."""
     started = time.perf_counter()
     fmt = job.request.output_format
-    encoded = [encode_image(image, fmt, job.request.output_quality) for image in images]
+    encoded = [encode_image(generated.image, fmt, job.request.output_quality) for generated in images]
     timings = {"encode_ms": (time.perf_counter() - started) * 1000}
     if UPLOAD:
         started = time.perf_counter()
@@ -476,7 +522,13 @@ def deliver(job_id: str, job: Job, images: list[Image.Image]) -> tuple[list[dict
         timings["upload_ms"] = (time.perf_counter() - started) * 1000
     else:
         located = [data_uri(data, fmt) for data in encoded]
-    return [{"image": where, "seed": seed} for where, seed in zip(located, job.seeds, strict=True)], timings
+    results = []
+    for where, seed, generated in zip(located, job.seeds, images, strict=True):
+        result: dict[str, Any] = {"image": where, "seed": seed}
+        if generated.nsfw is not None:
+            result["nsfw_content_detected"] = generated.nsfw
+        results.append(result)
+    return results, timings
 
 
 def progress_chunk(step: int, total: int) -> dict[str, Any]:

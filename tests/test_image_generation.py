@@ -214,6 +214,28 @@ def test_image_to_image_size_follows_the_input_aspect(sd15) -> None:
     assert width % 8 == height % 8 == 0 and abs(width / height - 4 / 3) < 0.02
 
 
+def test_a_single_side_with_an_input_image_keeps_its_aspect(sd15) -> None:
+    _, final = generate(sd15, prompt="x", image=png_data_uri(96, 48), width=128, num_inference_steps=2, seed=1)
+    assert decode(final["images"][0]["image"]).size == (128, 64)
+
+
+def test_turbo_image_to_image_works_with_its_defaults(handlers) -> None:
+    _, final = generate(handlers["sdxl-turbo"], prompt="x", image=png_data_uri(64, 64), width=64, height=64, seed=1)
+    assert final["parameters"]["num_inference_steps"] == 2  # 1 step × strength 0.8 would run none
+    assert decode(final["images"][0]["image"]).size == (64, 64)
+
+
+def test_the_shared_weights_keep_their_dtype(tiny_model) -> None:
+    module = load_handler(EXAMPLE, {"MODEL_NAME": str(tiny_model("sd15")), "DTYPE": "bfloat16"})
+    for scheduler in ("default", "euler"):
+        _, final = generate(module, prompt="x", seed=1, scheduler=scheduler, **SMALL)
+        assert decode(final["images"][0]["image"]).size == (64, 64)
+    pipeline = module.TEXT2IMAGE
+    assert {p.dtype for model in (pipeline.unet, pipeline.vae, pipeline.text_encoder) for p in model.parameters()} == {
+        torch.bfloat16
+    }
+
+
 def test_sdxl_image_to_image(handlers) -> None:
     _, final = generate(handlers["sdxl"], prompt="x", image=png_data_uri(64, 64), strength=0.6, seed=2, **SMALL)
     assert decode(final["images"][0]["image"]).size == (64, 64)
@@ -311,7 +333,16 @@ BAD_INPUTS = [
     ({"prompt": "x", "steps": 4}, "steps: Extra inputs are not permitted"),
     ({"prompt": "x", "strength": 0.5}, "strength is only used with image (image-to-image)"),
     ({"prompt": "x", "image": "aGk=", "control_image": "aGk="}, "send image (image-to-image) or control_image"),
-    ({"prompt": "x", "canny": True}, "canny preprocesses control_image, which is missing"),
+    ({"prompt": "x", "canny": True}, "canny only apply with control_image (ControlNet), which is missing"),
+    (
+        {"prompt": "x", "controlnet_conditioning_scale": 0.5, "canny_low_threshold": 5},
+        "canny_low_threshold, controlnet_conditioning_scale only apply with control_image",
+    ),
+    ({"prompt": "x", "seed": 2**63 - 2, "num_images": 3}, "seed + num_images - 1 must be at most"),
+    (
+        {"prompt": "x", "image": png_data_uri(64, 64), "width": 2048},
+        "width × height is 2048x2048 = 4194304 pixels, over the budget",
+    ),
     ({"prompt": "x", "control_image": png_data_uri(8, 8)}, "control_image needs a ControlNet: set CONTROLNET_MODEL"),
     ({"prompt": "x", "image": "%%% not base64 %%%"}, "image: not valid base64"),
     ({"prompt": "x", "image": base64.b64encode(b"plain text").decode()}, "image: not an image PIL can read"),
@@ -439,6 +470,14 @@ def test_python_handler_py_prints_progress_then_images(tiny_model) -> None:
     assert final["images"][0]["seed"] == test_input["seed"]
     assert final["images"][0]["image"].startswith(f"data:image/{test_input['output_format']};base64,")
     assert test_input["prompt"] not in run.stdout + run.stderr, "prompts never reach the logs"
+
+
+def test_a_prompt_over_clips_77_tokens_stays_out_of_the_logs(tiny_model) -> None:
+    long_prompt = "a lighthouse " * 60 + "secrettailword"
+    job = json.dumps({"input": {"prompt": long_prompt, "seed": 1, **SMALL}})
+    run = run_local(EXAMPLE, {"MODEL_NAME": str(tiny_model("sd15")), "RUNPOD_LOG_LEVEL": "INFO"}, "--test_input", job)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "secrettailword" not in run.stdout + run.stderr
 
 
 def test_python_handler_py_fails_on_a_bad_job(tiny_model) -> None:

@@ -22,6 +22,14 @@ The Stable Diffusion kinds (sd15, sd2, sdxl, sdxl-turbo) are whole diffusers pip
     python tests/tiny_models.py sdxl /tmp/tiny-sdxl
     python tests/tiny_models.py controlnet-sdxl /tmp/tiny-controlnet-sdxl
 
+The vision-language kinds take any image, resized to 32 px: clip (CLIPModel + CLIPProcessor, for
+zero-shot labels and image/text embeddings), llava (LLaVA 1.5, Llama) and llava-next (LLaVA-NeXT,
+Mistral, anyres tiles), both with a chat template that takes OpenAI-style image and text parts, and
+blip2 (BLIP-2 with OPT, for captions and "Question: ... Answer:" prompts). They load with
+`AutoProcessor` and `CLIPModel` or `AutoModelForImageTextToText`:
+
+    python tests/tiny_models.py llava /tmp/tiny-llava
+
 Builds are deterministic: the same kind always gives the same weights and vocabulary.
 """
 
@@ -151,10 +159,11 @@ class _Family:
     specials: list[str]  # special tokens, in id order from 0
     eos: str  # end of turn: the tokenizer's eos_token, so a chat reply stops on it
     pad: str
-    chat_template: str
+    chat_template: str | None = None  # None for base (non-chat) models
     bos: str | None = None  # added in front of every encoding when set (Qwen and Phi-3 add none)
     stop: tuple[str, ...] = ()  # more tokens that end generation, as in the real generation_config
     config_kwargs: dict[str, Any] = field(default_factory=dict)
+    dims: dict[str, Any] = field(default_factory=_LM_DIMS.copy)  # OPT names its dimensions differently
 
 
 _LLAMA_TEMPLATE = (
@@ -263,11 +272,11 @@ _FAMILIES: dict[str, _Family] = {
 }
 
 
-def _train_byte_bpe(family: _Family, vocab_size: int = 1000):
+def _train_byte_bpe(family: _Family, vocab_size: int = 1000, **kwargs: Any):
     """A byte-level BPE tokenizer (as Llama 3, Qwen and GPT use) trained on CORPUS, no download.
 
     Byte-level means every string, emoji and CJK included, encodes without unknown tokens and
-    decodes back exactly.
+    decodes back exactly. `kwargs` go to the tokenizer, e.g. padding_side.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -293,40 +302,57 @@ def _train_byte_bpe(family: _Family, vocab_size: int = 1000):
         eos_token=family.eos,
         pad_token=family.pad,
         unk_token=None,
-        chat_template=family.chat_template,
         model_max_length=_LM_DIMS["max_position_embeddings"],
+        **({"chat_template": family.chat_template} if family.chat_template else {}),
+        **kwargs,
     )
+
+
+def _text_config(family: _Family, tokenizer) -> tuple[Any, Any]:
+    """The language model's config for `family` and its generation config, with the tokenizer's ids."""
+    import transformers
+    from transformers import GenerationConfig
+
+    ids = {name: tokenizer.convert_tokens_to_ids(name) for name in family.specials}
+    bos_id = ids.get(family.bos) if family.bos else None
+    token_ids = {"bos_token_id": bos_id, "eos_token_id": ids[family.eos], "pad_token_id": ids[family.pad]}
+    config = getattr(transformers, family.config)(
+        vocab_size=len(tokenizer), **family.dims, **token_ids, **family.config_kwargs
+    )
+    # The real generation configs stop on every end token (e.g. Llama 3 on <|eot_id|>, <|eom_id|>
+    # and <|end_of_text|>), so generation ends the same way whichever one the model emits.
+    eos_ids = [ids[family.eos], *(ids[name] for name in family.stop)]
+    generation_config = GenerationConfig(
+        bos_token_id=bos_id, eos_token_id=eos_ids if len(eos_ids) > 1 else eos_ids[0], pad_token_id=ids[family.pad]
+    )
+    return config, generation_config
+
+
+def _v4_tokenizer_class(out: Path) -> None:
+    """transformers 5 records a tokenizer built from a `tokenizers` object as "TokenizersBackend", a
+    name transformers 4 (which a vLLM release may pin) cannot load; both read "PreTrainedTokenizerFast"
+    as this same tokenizer."""
+    tokenizer_config = out / "tokenizer_config.json"
+    settings = json.loads(tokenizer_config.read_text())
+    if settings.get("tokenizer_class") == "TokenizersBackend":
+        settings["tokenizer_class"] = "PreTrainedTokenizerFast"
+        tokenizer_config.write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n")
 
 
 def build_causal_lm(out: Path, kind: str) -> Path:
     """A causal LM of family `kind` with random float32 weights, saved as a Hub-style checkpoint."""
     import torch
-    import transformers
-    from transformers import AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoModelForCausalLM
 
     family = _FAMILIES[kind]
     tokenizer = _train_byte_bpe(family)
-    ids = {name: tokenizer.convert_tokens_to_ids(name) for name in family.specials}
-    bos_id = ids.get(family.bos) if family.bos else None
-    token_ids = {"bos_token_id": bos_id, "eos_token_id": ids[family.eos], "pad_token_id": ids[family.pad]}
-    config = getattr(transformers, family.config)(
-        vocab_size=len(tokenizer), **_LM_DIMS, **token_ids, **family.config_kwargs
-    )
+    config, generation_config = _text_config(family, tokenizer)
     torch.manual_seed(SEED)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    # The real generation configs stop on every end token (e.g. Llama 3 on <|eot_id|>, <|eom_id|>
-    # and <|end_of_text|>), so generation ends the same way whichever one the model emits.
-    eos_ids = [ids[family.eos], *(ids[name] for name in family.stop)]
-    model.generation_config = GenerationConfig(
-        bos_token_id=bos_id, eos_token_id=eos_ids if len(eos_ids) > 1 else eos_ids[0], pad_token_id=ids[family.pad]
-    )
+    model.generation_config = generation_config
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    # transformers 5 records the class as "TokenizersBackend", a name transformers 4 (which a
-    # vLLM release may pin) cannot load; both read "PreTrainedTokenizerFast" as this same tokenizer.
-    tokenizer_config = out / "tokenizer_config.json"
-    settings = json.loads(tokenizer_config.read_text()) | {"tokenizer_class": "PreTrainedTokenizerFast"}
-    tokenizer_config.write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n")
+    _v4_tokenizer_class(out)
     return out
 
 
@@ -523,6 +549,13 @@ def _train_clip_bpe(max_merges: int = 400) -> tuple[dict[str, int], list[tuple[s
     return {token: i for i, token in enumerate(dict.fromkeys(tokens))}, merges
 
 
+def _write_clip_vocab(folder: Path, vocab: dict[str, int], merges: list[tuple[str, str]]) -> None:
+    """transformers 5 saves tokenizer.json only; the real checkpoints also carry vocab.json and
+    merges.txt, which transformers 4's slow CLIPTokenizer needs."""
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False) + "\n")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+
+
 def _diffusion_unet(family: _Diffusion):
     """The family's UNet, seeded on its own so a ControlNet copies exactly the pipeline's weights."""
     import torch
@@ -558,11 +591,8 @@ def build_stable_diffusion(out: Path, kind: str) -> Path:
         vae=vae, unet=_diffusion_unet(family), scheduler=scheduler, **components, **family.pipeline_kwargs
     )
     pipeline.save_pretrained(out, safe_serialization=True)
-    # transformers 5 saves tokenizer.json only; the real checkpoints also carry vocab.json and
-    # merges.txt, which transformers 4's slow CLIPTokenizer needs.
     for folder in out.glob("tokenizer*"):
-        (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False) + "\n")
-        (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+        _write_clip_vocab(folder, vocab, merges)
     return out
 
 
@@ -590,12 +620,251 @@ def build_controlnet(out: Path, base: str) -> Path:
     return out
 
 
+# ---- vision-language models -------------------------------------------------------------------
+#
+# CLIP, LLaVA 1.5, LLaVA-NeXT and BLIP-2 at 32x32 pixels. Every vision tower is a ViT with 4-pixel
+# patches, so an image is 8x8 = 64 patches (plus a CLS token); the image processors resize any photo
+# down to 32 px, as the real ones do to 224 or 336. Processors are saved in the Hub's layout.
+
+_CLIP_VISION: dict[str, Any] = {
+    "image_size": 32,
+    "patch_size": 4,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "hidden_act": "quick_gelu",
+    "projection_dim": 32,
+}
+# CLIPImageProcessor's steps, as for the real 224 or 336 px: shortest edge to 32, then a 32x32 centre crop.
+_CLIP_IMAGE: dict[str, Any] = {"size": {"shortest_edge": 32}, "crop_size": {"height": 32, "width": 32}}
+
+
+def _save_processor(processor, out: Path) -> None:
+    """Save `processor` in the layout of the Hub's checkpoints, which transformers 4 and 5 both load.
+
+    transformers 5 nests the image processor's settings in processor_config.json, which transformers
+    4 would pass as the image processor itself; the Hub's repos keep them in preprocessor_config.json.
+    """
+    processor.save_pretrained(out)
+    processor_config = out / "processor_config.json"
+    settings = json.loads(processor_config.read_text())
+    settings.pop("image_processor", None)
+    processor_config.write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n")
+    processor.image_processor.save_pretrained(out)
+    _v4_tokenizer_class(out)
+
+
+def _image_processor(name: str, **kwargs: Any):
+    """The PIL backend of image processor `name` (the default one needs torchvision); it is saved under
+    the plain name, so a machine with torchvision loads the default backend with the same settings."""
+    import transformers
+
+    return getattr(transformers, f"{name}Pil")(**kwargs)
+
+
+def build_clip(out: Path) -> Path:
+    """A CLIPModel (ViT image and text towers, projected to 32 dims) with CLIPProcessor, like
+    openai/clip-vit-base-patch32, for zero-shot classification and image/text embeddings."""
+    import torch
+    import transformers
+
+    vocab, merges = _train_clip_bpe()
+    tokenizer = transformers.CLIPTokenizer(vocab=vocab, merges=merges, pad_token="<|endoftext|>", model_max_length=77)
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+    config = transformers.CLIPConfig(
+        text_config=_CLIP_TEXT | {"vocab_size": len(vocab), "pad_token_id": tokenizer.pad_token_id, **ids},
+        vision_config=_CLIP_VISION,
+        projection_dim=_CLIP_TEXT["projection_dim"],
+    )
+    torch.manual_seed(SEED)
+    transformers.CLIPModel(config).save_pretrained(out)
+    image_processor = _image_processor("CLIPImageProcessor", **_CLIP_IMAGE)
+    _save_processor(transformers.CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer), out)
+    _write_clip_vocab(out, vocab, merges)
+    return out
+
+
+# The chat templates take a message's content as a string or as OpenAI-style parts; as in the real
+# LLaVA templates, a message's images come first, one "<image>\n" each, then its text parts.
+_VLM_CONTENT = (
+    r"{%- macro render(content) %}{%- if content is string %}{{- content }}{%- else %}"
+    r"{%- for part in content if part['type'] in ('image', 'image_url') %}{{- '<image>\n' }}{%- endfor %}"
+    r"{{- content | selectattr('type', 'equalto', 'text') | map(attribute='text') | join(' ') }}"
+    r"{%- endif %}{%- endmacro %}"
+)
+
+
+@dataclass(frozen=True)
+class _Llava:
+    config: str  # LlavaConfig or LlavaNextConfig
+    processor: str
+    image_processor: str
+    family: _Family  # the language model: config class, tokenizer specials (with <image>), chat template
+    shared: dict[str, Any] = field(default_factory=dict)  # settings both the model config and image processor hold
+
+
+_LLAVA: dict[str, _Llava] = {
+    # LLaVA 1.5 (llava-hf/llava-1.5-7b-hf): Vicuna's "USER: ... ASSISTANT:" turns, </s> after each reply
+    # as in LLaVA's own conversation format. No bos in the template: the tokenizer adds it, as the
+    # processor tokenizes the rendered prompt.
+    "llava": _Llava(
+        config="LlavaConfig",
+        processor="LlavaProcessor",
+        image_processor="CLIPImageProcessor",
+        family=_Family(
+            config="LlamaConfig",
+            specials=["<unk>", "<s>", "</s>", "<image>", "<pad>"],
+            bos="<s>",
+            eos="</s>",
+            pad="<pad>",
+            chat_template=_VLM_CONTENT
+            + (
+                r"{%- for m in messages %}"
+                r"{%- if m['role'] == 'system' %}{{- render(m['content']) + ' ' }}"
+                r"{%- elif m['role'] == 'user' %}{{- 'USER: ' + render(m['content']) + ' ' }}"
+                r"{%- else %}{{- 'ASSISTANT: ' + render(m['content']) + eos_token }}{%- endif %}"
+                r"{%- endfor %}{%- if add_generation_prompt %}{{- 'ASSISTANT:' }}{%- endif %}"
+            ),
+        ),
+    ),
+    # LLaVA-NeXT (llava-hf/llava-v1.6-mistral-7b-hf): Mistral's [INST] turns. "anyres": the image is
+    # also resized to the best fitting of these resolutions, the real ones scaled by 32/336, and cut
+    # into 32x32 tiles, each encoded like the whole image.
+    "llava-next": _Llava(
+        config="LlavaNextConfig",
+        processor="LlavaNextProcessor",
+        image_processor="LlavaNextImageProcessor",
+        family=_Family(
+            config="MistralConfig",
+            specials=[*_MISTRAL_SPECIALS, "<image>", "<pad>"],
+            bos="<s>",
+            eos="</s>",
+            pad="<pad>",
+            chat_template=_VLM_CONTENT
+            + (
+                r"{%- set ns = namespace(system='') %}{%- for m in messages %}"
+                r"{%- if m['role'] == 'system' %}{%- set ns.system = render(m['content']) + '\n\n' %}"
+                r"{%- elif m['role'] == 'user' %}{{- '[INST] ' + ns.system + render(m['content']) + ' [/INST]' }}"
+                r"{%- set ns.system = '' %}"
+                r"{%- elif m['role'] == 'assistant' %}{{- ' ' + render(m['content']) + eos_token }}"
+                r"{%- else %}{{- raise_exception('roles must be system, user and assistant') }}"
+                r"{%- endif %}{%- endfor %}"
+            ),
+            config_kwargs={"sliding_window": None},
+        ),
+        shared={"image_grid_pinpoints": [[32, 64], [64, 32], [64, 64], [96, 32], [32, 96]]},
+    ),
+}
+
+
+def build_llava(out: Path, kind: str) -> Path:
+    """A LLaVA model of family `kind`: CLIP vision tower, two-layer MLP projector and a Llama or
+    Mistral language model; its processor expands each <image> into one token per image feature."""
+    import torch
+    import transformers
+    from transformers import AutoModelForImageTextToText
+
+    llava = _LLAVA[kind]
+    # Left padding, as llava-hf's tokenizers: every prompt of a padded batch ends where generation starts.
+    tokenizer = _train_byte_bpe(llava.family, padding_side="left")
+    text_config, generation_config = _text_config(llava.family, tokenizer)
+    patch_size = _CLIP_VISION["patch_size"]
+    # As the real ones: features from the second to last layer, without the CLS token ("default").
+    strategy = "default"
+    config = getattr(transformers, llava.config)(
+        vision_config=transformers.CLIPVisionConfig(**_CLIP_VISION),
+        text_config=text_config,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_seq_length=(_CLIP_VISION["image_size"] // patch_size) ** 2,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy=strategy,
+        **llava.shared,
+    )
+    torch.manual_seed(SEED)
+    model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+    model.generation_config = generation_config
+    model.save_pretrained(out)
+    processor = getattr(transformers, llava.processor)(
+        image_processor=_image_processor(llava.image_processor, **_CLIP_IMAGE, **llava.shared),
+        tokenizer=tokenizer,
+        chat_template=llava.family.chat_template,
+        patch_size=patch_size,
+        num_additional_image_tokens=1,  # the CLS token, which "default" then drops
+        vision_feature_select_strategy=strategy,
+    )
+    _save_processor(processor, out)
+    return out
+
+
+# OPT as in Salesforce/blip2-opt-2.7b: GPT-2's byte-level BPE, with </s> as both bos and eos.
+_OPT = _Family(
+    config="OPTConfig",
+    specials=["<s>", "<pad>", "</s>", "<unk>", "<image>"],
+    bos="</s>",
+    eos="</s>",
+    pad="<pad>",
+    dims={
+        "hidden_size": 64,
+        "word_embed_proj_dim": 64,
+        "ffn_dim": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "max_position_embeddings": 2048,
+    },
+)
+_BLIP2_QUERY_TOKENS = 8  # the real 32, shrunk
+
+
+def build_blip2(out: Path) -> Path:
+    """A BLIP-2 captioning / visual question answering model with an OPT language model.
+
+    The Q-Former turns the image into 8 query embeddings, which stand in for 8 <image> tokens the
+    processor puts in front of the text (or generate() in front of bos when there is none).
+    """
+    import torch
+    import transformers
+    from transformers import AutoModelForImageTextToText
+
+    tokenizer = _train_byte_bpe(_OPT)
+    text_config, generation_config = _text_config(_OPT, tokenizer)
+    vision = {k: v for k, v in _CLIP_VISION.items() if k != "projection_dim"} | {"hidden_act": "gelu"}
+    config = transformers.Blip2Config(
+        vision_config=vision,
+        # The real Q-Former is a BERT-base with cross-attention to the image every other layer.
+        qformer_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "cross_attention_frequency": 2,
+            "encoder_hidden_size": vision["hidden_size"],
+        },
+        text_config=text_config,
+        num_query_tokens=_BLIP2_QUERY_TOKENS,
+        image_text_hidden_size=32,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+    )
+    torch.manual_seed(SEED)
+    model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+    model.generation_config = generation_config
+    model.save_pretrained(out)
+    # BLIP resizes straight to the square size, without keeping the aspect ratio or cropping.
+    image_processor = _image_processor("BlipImageProcessor", size={"height": 32, "width": 32})
+    processor = transformers.Blip2Processor(image_processor, tokenizer, num_query_tokens=_BLIP2_QUERY_TOKENS)
+    _save_processor(processor, out)
+    return out
+
+
 BUILDERS: dict[str, Callable[[Path], Path]] = {
     "sentence-transformer": build_sentence_transformer,
     **{kind: partial(build_causal_lm, kind=kind) for kind in _FAMILIES},
     **{kind: partial(build_stable_diffusion, kind=kind) for kind in _DIFFUSION},
     "controlnet-sd15": partial(build_controlnet, base="sd15"),
     "controlnet-sdxl": partial(build_controlnet, base="sdxl"),
+    "clip": build_clip,
+    **{kind: partial(build_llava, kind=kind) for kind in _LLAVA},
+    "blip2": build_blip2,
 }
 
 
