@@ -1,0 +1,579 @@
+"""Vision-language models on Runpod Serverless: CLIP, LLaVA (1.5 and NeXT) and BLIP-2.
+
+One worker serves the model in `MODEL_NAME`; its family, read from the model's own config,
+decides which tasks it can do:
+
+  CLIP     classify (zero-shot: an image and candidate labels) and embed (images and texts)
+  LLaVA    caption, answer (a question about an image) and chat (messages with images,
+           also through OpenAI's /v1/chat/completions with image_url parts)
+  BLIP-2   caption and answer
+
+  {"input": {"task": "answer", "image": "https://.../cat.jpg", "question": "What is the cat doing?"}}
+
+The handler is an async generator: LLaVA and BLIP-2 answers stream as text deltas, CLIP results
+come as one chunk. The file reads top to bottom: configuration, model load, request schema,
+inputs, inference, response, the handler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+import runpod
+import torch
+from images import ImageInputError, ImageLimits, load_image
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+from textstream import (
+    ContextLengthError,
+    Delta,
+    OpenAIShape,
+    StreamingGenerator,
+    Usage,
+    native_responses,
+    openai_responses,
+    recommended_sampling,
+    resolve_sampling,
+)
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
+
+from local_run import for_local_run
+
+log = runpod.RunPodLogger()
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Configuration: read once from the environment, each default with its reason.
+# ---------------------------------------------------------------------------------------------
+def env_int(name: str, default: int) -> int:
+    return int(os.environ.get(name) or default)
+
+
+def env_str(name: str, default: str | None) -> str | None:
+    return os.environ.get(name) or default
+
+
+# CLIP ViT-B/32: the reference zero-shot classifier and image/text embedder; 150M parameters, so
+# it serves from any GPU (or CPU). Set MODEL_NAME to a LLaVA or BLIP-2 model to answer questions.
+DEFAULT_MODEL = "openai/clip-vit-base-patch32"
+MODEL_NAME = env_str("MODEL_NAME", DEFAULT_MODEL)  # a Hub id or a local folder
+MODEL_REVISION = env_str("MODEL_REVISION", None)  # a commit hash makes deployments reproducible
+SERVED_MODEL_NAME = env_str("SERVED_MODEL_NAME", MODEL_NAME)  # the id /v1/models lists
+DTYPE = env_str("DTYPE", "auto")  # auto: fp16 on GPU, fp32 on CPU | bfloat16 | float16 | float32
+QUANTIZATION = env_str("QUANTIZATION", None)  # bnb-8bit | bnb-4bit, for LLaVA and BLIP-2: LLaVA-7B in ~5 GB
+# Jobs one worker runs at once; LLaVA and BLIP-2 generate on a thread each, CLIP queues for one.
+MAX_CONCURRENCY = env_int("MAX_CONCURRENCY", 4)
+DEFAULT_MAX_TOKENS = env_int("DEFAULT_MAX_TOKENS", 256)  # a full answer about an image, not an essay
+
+# Request limits.
+MAX_LABELS = env_int("MAX_LABELS", 100)  # zero-shot classes per request: each is one text to encode
+MAX_EMBED_ITEMS = env_int("MAX_EMBED_ITEMS", 64)  # images plus texts per embed request
+MAX_IMAGES_PER_CHAT = 4  # LLaVA was trained on one image a turn; a few keep prompts inside the context
+MAX_TEXT_CHARS = 4000  # one label, question or message: far beyond any model's window
+MAX_MESSAGES = 64  # turns in a chat
+MAX_TEMPERATURE = 2.0  # OpenAI's range is [0, 2]
+MAX_REPETITION_PENALTY = 2.0  # above 2 output degrades into noise
+MAX_SEED = 2**63 - 1  # torch.Generator takes a signed 64-bit seed
+MAX_STOP_SEQUENCES = 4  # OpenAI's limit
+INPUT_LIMITS = ImageLimits(
+    max_bytes=env_int("MAX_INPUT_IMAGE_BYTES", 20 * 1024 * 1024),  # a 20 MB photo; every model resizes to < 1 MP
+    max_pixels=env_int("MAX_INPUT_IMAGE_PIXELS", 4096 * 4096),  # refused from the header, before decoding
+    timeout_s=float(env_int("DOWNLOAD_TIMEOUT_S", 15)),  # a whole download, not each read
+)
+
+# Runpod's "cached models" put Hub snapshots here, on the host, before the worker starts.
+RUNPOD_HF_CACHE = "/runpod-volume/huggingface-cache/hub"
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Model load: the family from the config, then the model; once per worker, at import.
+# ---------------------------------------------------------------------------------------------
+def cached_hub_folder(model_name: str, cache_dir: str = RUNPOD_HF_CACHE) -> str | None:
+    """The Runpod model cache when it holds `model_name`, else None (the default Hugging Face cache)."""
+    snapshot = os.path.join(cache_dir, "models--" + model_name.replace("/", "--"))
+    return cache_dir if os.path.isdir(snapshot) else None
+
+
+FAMILIES = {"clip": "clip", "llava": "llava", "llava_next": "llava", "blip-2": "blip2"}
+TASKS = {"clip": ("classify", "embed"), "llava": ("caption", "answer", "chat"), "blip2": ("caption", "answer")}
+
+
+def family_of(model_type: str) -> str:
+    if model_type not in FAMILIES:
+        raise ValueError(
+            f"MODEL_NAME is a {model_type!r} model; this worker serves CLIP, LLaVA (1.5 and NeXT) and BLIP-2"
+        )
+    return FAMILIES[model_type]
+
+
+# Module paths (from the model's root) that stay in full precision when QUANTIZATION is set.
+KEEP_UNQUANTIZED = {
+    "llava": ["model.vision_tower", "model.multi_modal_projector", "lm_head"],
+    "blip2": ["vision_model", "qformer", "language_projection", "language_model.lm_head"],
+}
+
+
+def quantization_config(name: str | None, family: str, compute_dtype: torch.dtype) -> BitsAndBytesConfig | None:
+    if not name:
+        return None
+    if family == "clip":
+        raise ValueError("QUANTIZATION applies to LLaVA and BLIP-2; CLIP is small enough to serve unquantized")
+    # Only the language model is quantized: it holds ~95% of the weights, while the vision encoder
+    # and the projector are small and lose the most accuracy at low precision.
+    keep = KEEP_UNQUANTIZED[family]
+    if name == "bnb-8bit":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=keep)
+    if name == "bnb-4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=compute_dtype,
+            llm_int8_skip_modules=keep,
+        )
+    raise ValueError(f"QUANTIZATION must be bnb-8bit or bnb-4bit, got {name!r}")
+
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TORCH_DTYPE = getattr(torch, DTYPE) if DTYPE != "auto" else torch.float16 if DEVICE == "cuda" else torch.float32
+
+_load_started = time.perf_counter()
+_common = {"revision": MODEL_REVISION, "cache_dir": cached_hub_folder(MODEL_NAME)}
+CONFIG = AutoConfig.from_pretrained(MODEL_NAME, **_common)
+FAMILY = family_of(CONFIG.model_type)
+QUANTIZATION_CONFIG = quantization_config(QUANTIZATION, FAMILY, TORCH_DTYPE)  # refused before any weights load
+PROCESSOR = AutoProcessor.from_pretrained(MODEL_NAME, **_common)
+if FAMILY == "clip":
+    MODEL = AutoModel.from_pretrained(MODEL_NAME, dtype=TORCH_DTYPE, **_common).to(DEVICE)
+else:
+    MODEL = AutoModelForImageTextToText.from_pretrained(
+        MODEL_NAME,
+        dtype=TORCH_DTYPE,
+        device_map="auto" if DEVICE == "cuda" else None,  # several GPUs for a big LLaVA
+        quantization_config=QUANTIZATION_CONFIG,
+        **_common,
+    )
+MODEL.eval()
+TOKENIZER = PROCESSOR.tokenizer
+CONTEXT_LEN = CONFIG.get_text_config().max_position_embeddings
+LOADED_AT = int(time.time())
+log.info(
+    f"Loaded {MODEL_NAME} ({FAMILY}, {type(MODEL).__name__}) on {DEVICE} ({QUANTIZATION or TORCH_DTYPE}) in "
+    f"{time.perf_counter() - _load_started:.1f}s; tasks: {', '.join(TASKS[FAMILY])}"
+)
+
+
+def eos_token_ids(model: Any, tokenizer: Any) -> set[int]:
+    """Every token that ends a turn: the generation config's (often several) and the tokenizer's."""
+    configured = model.generation_config.eos_token_id
+    ids = set(configured if isinstance(configured, list) else [] if configured is None else [configured])
+    return ids | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
+
+
+# LLaVA and BLIP-2 stream from generation threads; CLIP's forward passes queue for one thread.
+if FAMILY == "clip":
+    GENERATOR, SAMPLING_DEFAULTS = None, {}
+else:
+    GENERATOR = StreamingGenerator(MODEL, TOKENIZER, eos_token_ids(MODEL, TOKENIZER), MAX_CONCURRENCY)
+    SAMPLING_DEFAULTS = recommended_sampling(MODEL.generation_config)
+CLIP_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clip")
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Request schema: the single source of truth for names, defaults and limits.
+# ---------------------------------------------------------------------------------------------
+class RequestError(ValueError):
+    """A request the caller must fix; its message is returned to them as is."""
+
+
+def unsupported(feature: str, hint: str = "") -> PydanticCustomError:
+    return PydanticCustomError("unsupported", f"{feature} is not supported by this worker{hint}")
+
+
+Text = Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS)]
+ImageSource = Annotated[str, Field(min_length=1)]  # URL, data URI or base64; checked when fetched
+
+
+class Sampling(BaseModel):
+    """Sampling for LLaVA and BLIP-2; None means the model's default (or the usual one)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    max_tokens: Annotated[int, Field(ge=1, le=CONTEXT_LEN)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=MAX_TEMPERATURE)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    top_k: Annotated[int, Field(ge=-1)] | None = None  # -1 and 0 both mean "no top-k"
+    repetition_penalty: Annotated[float, Field(gt=0, le=MAX_REPETITION_PENALTY)] | None = None
+    stop: Annotated[list[Text], Field(max_length=MAX_STOP_SEQUENCES)] | None = None
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = None
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _one_as_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")  # a misspelt field is an error, not ignored
+
+
+class ClassifyRequest(Strict):
+    task: Literal["classify"]
+    image: ImageSource
+    labels: Annotated[
+        list[Annotated[str, Field(min_length=1, max_length=200)]], Field(min_length=2, max_length=MAX_LABELS)
+    ]
+    # CLIP was trained on captions, so "a photo of a dog." scores better than the bare label "dog".
+    hypothesis_template: Annotated[str, Field(max_length=200)] = "a photo of a {}."
+
+    @field_validator("hypothesis_template")
+    @classmethod
+    def _has_slot(cls, value: str) -> str:
+        if value.count("{}") != 1:
+            raise PydanticCustomError("template", "must contain exactly one {} where the label goes")
+        return value
+
+
+class EmbedRequest(Strict):
+    task: Literal["embed"]
+    images: Annotated[list[ImageSource], Field(max_length=MAX_EMBED_ITEMS)] = []
+    texts: Annotated[list[Text], Field(max_length=MAX_EMBED_ITEMS)] = []
+
+    @model_validator(mode="after")
+    def _something_to_embed(self) -> EmbedRequest:
+        if not self.images and not self.texts:
+            raise PydanticCustomError("empty", "send images, texts or both")
+        if len(self.images) + len(self.texts) > MAX_EMBED_ITEMS:
+            raise PydanticCustomError("too_many", f"images and texts together must be at most {MAX_EMBED_ITEMS}")
+        return self
+
+
+class Generating(Strict):
+    sampling_params: Sampling = Sampling()
+    stream: bool = False
+
+
+class CaptionRequest(Generating):
+    task: Literal["caption"]
+    image: ImageSource
+
+
+class AnswerRequest(Generating):
+    task: Literal["answer"]
+    image: ImageSource
+    question: Text
+
+
+class ImageURL(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # OpenAI's "detail" is accepted and has no effect here
+    url: ImageSource
+
+
+class Part(BaseModel):
+    """OpenAI content parts: {"type": "text", "text": ...} or {"type": "image_url", "image_url": {"url": ...}}."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+    type: Literal["text", "image_url"]
+    text: str | None = None
+    image_url: ImageURL | None = None
+
+    @model_validator(mode="after")
+    def _payload(self) -> Part:
+        if self.type == "text" and self.text is None:
+            raise PydanticCustomError("part", "a text part needs text")
+        if self.type == "image_url" and self.image_url is None:
+            raise PydanticCustomError("part", "an image_url part needs image_url.url")
+        return self
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    role: Literal["system", "user", "assistant"]
+    content: Annotated[str, Field(max_length=MAX_TEXT_CHARS)] | list[Part]
+
+
+Messages = Annotated[list[Message], Field(min_length=1, max_length=MAX_MESSAGES)]
+
+
+class ChatRequest(Generating):
+    task: Literal["chat"]
+    messages: Messages
+
+
+class OpenAIChatRequest(Sampling):
+    """OpenAI's chat request with image_url parts. Unknown fields are ignored; features this worker
+    lacks are refused, never silently dropped."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+    messages: Messages
+    model: str | None = None
+    stream: bool | None = None
+    stream_options: dict[str, Any] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1, le=CONTEXT_LEN)] | None = None
+    n: int | None = None
+    logprobs: bool | None = None
+    tools: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _refuse_unsupported(self) -> OpenAIChatRequest:
+        if self.n not in (None, 1):
+            raise unsupported(f"n={self.n}", "; send one request per choice (n must be 1)")
+        if self.logprobs:
+            raise unsupported("logprobs")
+        if self.tools:
+            raise unsupported("tool calling")
+        return self
+
+
+NATIVE_REQUESTS = {
+    "classify": ClassifyRequest,
+    "embed": EmbedRequest,
+    "caption": CaptionRequest,
+    "answer": AnswerRequest,
+    "chat": ChatRequest,
+}
+CHAT_ROUTE = "/v1/chat/completions"
+MODELS_ROUTE = "/v1/models"
+OPENAI_ROUTES = (CHAT_ROUTE, MODELS_ROUTE)
+
+
+def describe_validation_error(error: ValidationError, prefix: str = "") -> str:
+    """One line per problem, each naming the field: "labels: List should have at least 2 items"."""
+    problems = []
+    for item in error.errors(include_url=False):
+        field = ".".join(str(part) for part in item["loc"])
+        location = f"{prefix}.{field}" if prefix and field else prefix or field or "input"
+        problems.append(f"{location}: {item['msg']}")
+    return "; ".join(problems)
+
+
+def parse_request(job_input: Any, family: str) -> tuple[str, BaseModel | None]:
+    """Turn a job's input into (task or route, validated request). Pure: no model, no I/O."""
+    if not isinstance(job_input, dict):
+        raise RequestError(f"input must be a JSON object, got {type(job_input).__name__}")
+    tasks = TASKS[family]
+    if "openai_route" in job_input:
+        route = job_input["openai_route"]
+        if route not in OPENAI_ROUTES:
+            raise RequestError(f"openai_route must be one of {', '.join(OPENAI_ROUTES)}, got {route!r}")
+        if route == MODELS_ROUTE:
+            return route, None
+        if "chat" not in tasks:
+            raise RequestError(f"this is a {family} model, which cannot chat; it can do: {', '.join(tasks)}")
+        body = job_input.get("openai_input")
+        if not isinstance(body, dict):
+            raise RequestError(f"openai_input must be a JSON object with the {route} request body")
+        try:
+            return route, OpenAIChatRequest.model_validate(body)
+        except ValidationError as error:
+            raise RequestError(describe_validation_error(error, prefix="openai_input")) from None
+
+    task = job_input.get("task")
+    if task not in NATIVE_REQUESTS:
+        raise RequestError(f"task must be one of {', '.join(tasks)} (what this {family} model can do), got {task!r}")
+    if task not in tasks:
+        raise RequestError(f"task: a {family} model cannot {task}; it can do: {', '.join(tasks)}")
+    try:
+        return task, NATIVE_REQUESTS[task].model_validate(job_input)
+    except ValidationError as error:
+        raise RequestError(describe_validation_error(error)) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Inputs: images fetched and prompts built, all before the first chunk is yielded.
+# ---------------------------------------------------------------------------------------------
+BLIP2_QUESTION = "Question: {} Answer:"  # the prompt format BLIP-2 was fine-tuned on for VQA
+LLAVA_CAPTION = "Describe this image in one sentence."
+
+
+def chat_turns(messages: list[Message]) -> tuple[list[dict[str, Any]], list[str]]:
+    """OpenAI-style messages → the processor's chat format, plus the image sources in order."""
+    turns, sources = [], []
+    for message in messages:
+        parts = [Part(type="text", text=message.content)] if isinstance(message.content, str) else message.content
+        content = []
+        for part in parts:
+            if part.type == "text":
+                content.append({"type": "text", "text": part.text})
+            else:
+                content.append({"type": "image"})
+                sources.append(part.image_url.url)
+        turns.append({"role": message.role, "content": content})
+    if len(sources) > MAX_IMAGES_PER_CHAT:
+        raise RequestError(f"messages: {len(sources)} images, more than the limit of {MAX_IMAGES_PER_CHAT}")
+    if not sources:
+        raise RequestError("messages: send at least one image (an image_url part); this worker answers about images")
+    return turns, sources
+
+
+@dataclass
+class Prepared:
+    """A generation request, ready for the model."""
+
+    inputs: dict[str, Any]
+    prompt_tokens: int
+
+
+def llava_inputs(turns: list[dict[str, Any]], images: list[Image.Image]) -> dict[str, Any]:
+    prompt = PROCESSOR.apply_chat_template(turns, add_generation_prompt=True)
+    return PROCESSOR(images=images, text=prompt, return_tensors="pt")
+
+
+def prepare_generation(task: str, request: BaseModel) -> Prepared:
+    """Fetch the images and build the model inputs. Blocking: runs off the event loop."""
+    if task == "chat" or isinstance(request, OpenAIChatRequest):
+        turns, sources = chat_turns(request.messages)
+        images = [load_image(f"image {index}", source, INPUT_LIMITS) for index, source in enumerate(sources)]
+        inputs = llava_inputs(turns, images)
+    else:
+        image = load_image("image", request.image, INPUT_LIMITS)
+        if FAMILY == "llava":
+            question = request.question if task == "answer" else LLAVA_CAPTION
+            inputs = llava_inputs(
+                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}], [image]
+            )
+        elif task == "answer":
+            inputs = PROCESSOR(images=image, text=BLIP2_QUESTION.format(request.question), return_tensors="pt")
+        else:  # an empty text still yields the image tokens and BOS that generation starts from
+            inputs = PROCESSOR(images=image, text="", return_tensors="pt")
+    inputs = {
+        name: value.to(MODEL.device, dtype=MODEL.dtype) if name == "pixel_values" else value.to(MODEL.device)
+        for name, value in inputs.items()
+    }
+    return Prepared(inputs, int(inputs["input_ids"].shape[1]))
+
+
+def sampling_of(request: BaseModel) -> Sampling:
+    if isinstance(request, OpenAIChatRequest):
+        if request.max_completion_tokens is not None:
+            return request.model_copy(update={"max_tokens": request.max_completion_tokens})
+        return request
+    return request.sampling_params
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Inference and response for CLIP (one chunk); generation streams through textstream.py.
+# ---------------------------------------------------------------------------------------------
+def classify(request: ClassifyRequest) -> dict[str, Any]:
+    """Zero-shot classification: softmax over the image's similarity to each label's caption."""
+    image = load_image("image", request.image, INPUT_LIMITS)
+    captions = [request.hypothesis_template.format(label) for label in request.labels]
+    inputs = PROCESSOR(text=captions, images=image, return_tensors="pt", padding=True, truncation=True).to(DEVICE)
+    with torch.inference_mode():
+        probabilities = MODEL(**inputs).logits_per_image.softmax(dim=-1)[0].float().tolist()
+    ranked = sorted(zip(request.labels, probabilities, strict=True), key=lambda pair: pair[1], reverse=True)
+    return {"model": SERVED_MODEL_NAME, "labels": [{"label": label, "score": score} for label, score in ranked]}
+
+
+def unit_rows(features: torch.Tensor) -> list[list[float]]:
+    return torch.nn.functional.normalize(features.float(), dim=-1).tolist()
+
+
+def embed(request: EmbedRequest) -> dict[str, Any]:
+    """Image and text embeddings in CLIP's shared space, unit length: cosine similarity is a dot product."""
+    images = [load_image(f"images.{index}", source, INPUT_LIMITS) for index, source in enumerate(request.images)]
+    response: dict[str, Any] = {"model": SERVED_MODEL_NAME, "dimensions": CONFIG.projection_dim}
+    with torch.inference_mode():
+        if images:
+            pixels = PROCESSOR(images=images, return_tensors="pt")["pixel_values"].to(DEVICE, dtype=MODEL.dtype)
+            response["image_embeddings"] = unit_rows(MODEL.get_image_features(pixel_values=pixels).pooler_output)
+        if request.texts:
+            tokens = PROCESSOR(text=request.texts, return_tensors="pt", padding=True, truncation=True).to(DEVICE)
+            response["text_embeddings"] = unit_rows(MODEL.get_text_features(**tokens).pooler_output)
+    return response
+
+
+def models_response() -> dict[str, Any]:
+    model = {"id": SERVED_MODEL_NAME, "object": "model", "created": LOADED_AT, "owned_by": "runpod"}
+    return {"object": "list", "data": [model]}
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. The handler: validate and fetch before the first yield, then answer or stream.
+# ---------------------------------------------------------------------------------------------
+async def handler(job: dict[str, Any]) -> AsyncIterator[Any]:
+    job_id = job.get("id")
+    loop = asyncio.get_running_loop()
+    started = time.perf_counter()
+    try:
+        task, request = parse_request(job.get("input"), FAMILY)
+        if task == MODELS_ROUTE:
+            yield models_response()
+            return
+        if task in ("classify", "embed"):
+            result = await loop.run_in_executor(CLIP_THREAD, classify if task == "classify" else embed, request)
+            log.info(f"{task} in {(time.perf_counter() - started) * 1000:.0f} ms", job_id)
+            yield result
+            return
+        prepared = await loop.run_in_executor(None, prepare_generation, task, request)
+        params = resolve_sampling(
+            sampling_of(request), prepared.prompt_tokens, SAMPLING_DEFAULTS, CONTEXT_LEN, DEFAULT_MAX_TOKENS
+        )
+    except (RequestError, ImageInputError, ContextLengthError) as error:
+        log.warn(f"Rejected request: {error}", job_id)
+        yield {"error": str(error)}
+        return
+    except Exception as error:  # noqa: BLE001 - the caller gets a message, the log gets the details
+        log.error(f"{type(error).__name__}: {error}", job_id)
+        yield {"error": "the model failed on this request inside the worker; see the worker logs"}
+        return
+
+    usage: Usage | None = None
+    try:
+        # aclosing: if the job is cancelled or its consumer leaves, generation stops at once.
+        async with contextlib.aclosing(GENERATOR.generate(prepared.inputs, params)) as deltas:
+
+            async def observed() -> AsyncIterator[Delta]:
+                nonlocal usage
+                async for delta in deltas:
+                    usage = delta.usage or usage
+                    yield delta
+
+            if isinstance(request, OpenAIChatRequest):
+                include_usage = bool((request.stream_options or {}).get("include_usage"))
+                shape = OpenAIShape.new(chat=True, model=SERVED_MODEL_NAME)
+                chunks = openai_responses(shape, observed(), bool(request.stream), include_usage)
+            else:
+                chunks = native_responses(observed(), request.stream)
+            async for chunk in chunks:
+                yield chunk
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()  # give the memory back so the next job can run
+        log.error(f"Out of GPU memory ({prepared.prompt_tokens} prompt tokens)", job_id)
+        yield {"error": "out of GPU memory for this request; lower max_tokens or send fewer images"}
+        return
+    except torch.AcceleratorError:
+        # The CUDA context is gone (device-side assert, ECC error): only a fresh worker recovers.
+        WORKER_CONFIG["refresh_worker"] = True
+        log.error("Unrecoverable GPU error; asking Runpod for a fresh worker", job_id)
+        yield {"error": "the GPU failed during generation; retry the request"}
+        return
+    except Exception as error:  # noqa: BLE001 - the caller gets a message, the log gets the details
+        log.error(f"Generation failed: {type(error).__name__}: {error}", job_id)
+        yield {"error": "generation failed inside the worker; see the worker logs"}
+        return
+
+    if usage is not None:
+        log.info(
+            f"{task}: {usage.prompt_tokens} prompt + {usage.completion_tokens} completion tokens in "
+            f"{time.perf_counter() - started:.2f}s",
+            job_id,
+        )
+
+
+WORKER_CONFIG: dict[str, Any] = {
+    "handler": handler,
+    "return_aggregate_stream": True,  # /runsync and /status get every chunk, not []
+    # Only async handlers run concurrently in the SDK; this sets how many jobs at once.
+    "concurrency_modifier": lambda current: MAX_CONCURRENCY,
+}
+
+if __name__ == "__main__":
+    WORKER_CONFIG["handler"] = for_local_run(handler)
+    runpod.serverless.start(WORKER_CONFIG)

@@ -1,0 +1,524 @@
+"""04_multimodal: the handler on tiny random-weight CLIP, LLaVA 1.5, LLaVA-NeXT and BLIP-2 models."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import httpx
+import numpy as np
+import openai
+import pytest
+import torch
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
+from PIL import Image
+
+from tests.harness import DevServer, json_lines, load_handler, run_job, run_job_async, run_local
+from tests.servers import http_server
+
+EXAMPLE = "04_multimodal"
+GREEDY = {"temperature": 0, "max_tokens": 12}
+
+
+@pytest.fixture(scope="module")
+def handlers(tiny_model) -> dict[str, ModuleType]:
+    """One loaded handler per family, built on first use."""
+
+    class Lazy(dict):
+        def __missing__(self, kind: str) -> ModuleType:
+            self[kind] = load_handler(EXAMPLE, {"MODEL_NAME": str(tiny_model(kind))})
+            return self[kind]
+
+    return Lazy()
+
+
+@pytest.fixture(scope="module")
+def clip(handlers) -> ModuleType:
+    return handlers["clip"]
+
+
+@pytest.fixture(scope="module")
+def llava(handlers) -> ModuleType:
+    return handlers["llava"]
+
+
+def image_uri(width: int = 80, height: int = 48, seed: int = 0) -> str:
+    rng = np.random.default_rng(seed)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def ok(result: dict[str, Any]) -> list[Any]:
+    assert "error" not in result, result
+    return result["output"]
+
+
+def one(module: ModuleType, **request: Any) -> Any:
+    [chunk] = ok(run_job(module.handler, request))
+    return chunk
+
+
+# ---- family detection -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "family", "model_class"),
+    [
+        ("clip", "clip", "CLIPModel"),
+        ("llava", "llava", "LlavaForConditionalGeneration"),
+        ("llava-next", "llava", "LlavaNextForConditionalGeneration"),
+        ("blip2", "blip2", "Blip2ForConditionalGeneration"),
+    ],
+)
+def test_the_family_comes_from_the_models_config(handlers, kind: str, family: str, model_class: str) -> None:
+    module = handlers[kind]
+    assert module.FAMILY == family and type(module.MODEL).__name__ == model_class
+
+
+def test_an_unsupported_model_stops_the_worker_at_startup(tiny_model) -> None:
+    with pytest.raises(ValueError, match="MODEL_NAME is a 'llama' model; this worker serves CLIP, LLaVA"):
+        load_handler(EXAMPLE, {"MODEL_NAME": str(tiny_model("llama"))})
+    with pytest.raises(ValueError, match="QUANTIZATION applies to LLaVA and BLIP-2"):
+        load_handler(EXAMPLE, {"MODEL_NAME": str(tiny_model("clip")), "QUANTIZATION": "bnb-8bit"})
+
+
+@pytest.mark.parametrize(
+    ("kind", "task", "message"),
+    [
+        ("clip", "answer", "task: a clip model cannot answer; it can do: classify, embed"),
+        ("blip2", "chat", "task: a blip2 model cannot chat; it can do: caption, answer"),
+        ("llava", "classify", "task: a llava model cannot classify; it can do: caption, answer, chat"),
+        ("clip", "paint", "task must be one of classify, embed (what this clip model can do), got 'paint'"),
+        ("blip2", None, "task must be one of caption, answer (what this blip2 model can do), got None"),
+    ],
+)
+def test_a_task_the_model_cannot_do_names_the_tasks_it_can(handlers, kind: str, task: Any, message: str) -> None:
+    request = {"image": image_uri(), "question": "what?", "labels": ["a", "b"]}
+    if task is not None:
+        request["task"] = task
+    assert run_job(handlers[kind].handler, request)["error"] == message
+
+
+# ---- CLIP -----------------------------------------------------------------------------------
+
+
+def test_zero_shot_probabilities_sum_to_one_and_follow_the_labels(clip) -> None:
+    labels = ["a dog", "a cat", "a car", "a tree"]
+    result = one(clip, task="classify", image=image_uri(), labels=labels)
+    scores = [entry["score"] for entry in result["labels"]]
+    assert sorted(entry["label"] for entry in result["labels"]) == sorted(labels)
+    assert scores == sorted(scores, reverse=True) and abs(sum(scores) - 1) < 1e-5
+    # The same scores as the raw model on the same captions, label for label.
+    processor, model = clip.PROCESSOR, clip.MODEL
+    image = clip.load_image("image", image_uri(), clip.INPUT_LIMITS)
+    inputs = processor(
+        text=[f"a photo of a {label}." for label in labels], images=image, return_tensors="pt", padding=True
+    )
+    with torch.inference_mode():
+        expected = model(**inputs).logits_per_image.softmax(-1)[0].tolist()
+    by_label = {entry["label"]: entry["score"] for entry in result["labels"]}
+    np.testing.assert_allclose([by_label[label] for label in labels], expected, atol=1e-6)
+
+
+def test_the_hypothesis_template_changes_the_scores(clip) -> None:
+    plain = one(clip, task="classify", image=image_uri(), labels=["dog", "cat"], hypothesis_template="{}")
+    photo = one(clip, task="classify", image=image_uri(), labels=["dog", "cat"])
+    assert plain["labels"] != photo["labels"]
+
+
+def test_embeddings_have_the_models_dimension_and_unit_length(clip) -> None:
+    result = one(clip, task="embed", images=[image_uri(), image_uri(seed=1)], texts=["a dog", "a cat", "a car"])
+    assert result["dimensions"] == clip.CONFIG.projection_dim == 32
+    images, texts = np.array(result["image_embeddings"]), np.array(result["text_embeddings"])
+    assert images.shape == (2, 32) and texts.shape == (3, 32)
+    np.testing.assert_allclose(np.linalg.norm(images, axis=1), 1, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(texts, axis=1), 1, atol=1e-5)
+    assert not np.allclose(images[0], images[1])
+    only_texts = one(clip, task="embed", texts=["a dog"])
+    assert "image_embeddings" not in only_texts
+    np.testing.assert_allclose(only_texts["text_embeddings"][0], texts[0], atol=1e-5)
+
+
+def test_classify_from_a_url(clip, monkeypatch) -> None:
+    png = base64.b64decode(image_uri().split(",", 1)[1])
+    monkeypatch.setenv("RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS", "true")  # the test server is on localhost
+    with http_server({"/cat.png": (200, "image/png", png)}) as base:
+        from_url = one(clip, task="classify", image=f"{base}/cat.png", labels=["a", "b"])
+    assert from_url == one(clip, task="classify", image=image_uri(), labels=["a", "b"])
+
+
+# ---- LLaVA and BLIP-2 -----------------------------------------------------------------------
+
+
+def reference_answer(module: ModuleType, inputs: dict[str, Any], max_new_tokens: int) -> str:
+    """What transformers' own greedy generate says for the same inputs."""
+    with torch.inference_mode():
+        out = module.MODEL.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=sorted(module.GENERATOR.eos_token_ids),
+            pad_token_id=module.TOKENIZER.pad_token_id,
+        )
+    return module.TOKENIZER.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("kind", ["llava", "llava-next", "blip2"])
+def test_answers_stream_in_order_and_match_raw_generate(handlers, kind: str) -> None:
+    module = handlers[kind]
+    request = {"task": "answer", "image": image_uri(), "question": "What is in the picture?"}
+    *deltas, last = ok(run_job(module.handler, {**request, "sampling_params": GREEDY, "stream": True}))
+    assert deltas and all(set(d) == {"text"} and d["text"] for d in deltas), "text deltas, never empty"
+    assert last["finish_reason"] in ("stop", "length")
+    prepared = module.prepare_generation("answer", module.parse_request(request, module.FAMILY)[1])
+    assert last["usage"]["prompt_tokens"] == prepared.prompt_tokens
+    assert 1 <= last["usage"]["completion_tokens"] <= GREEDY["max_tokens"]
+    reference = reference_answer(module, prepared.inputs, GREEDY["max_tokens"])
+    assert "".join(d["text"] for d in deltas) == reference
+    [whole] = ok(run_job(module.handler, {**request, "sampling_params": GREEDY}))
+    assert whole["text"] == reference and whole["usage"] == last["usage"]
+
+
+@pytest.mark.parametrize("kind", ["llava", "blip2"])
+def test_captions(handlers, kind: str) -> None:
+    module = handlers[kind]
+    [whole] = ok(run_job(module.handler, {"task": "caption", "image": image_uri(), "sampling_params": GREEDY}))
+    assert whole["finish_reason"] in ("stop", "length") and whole["usage"]["completion_tokens"] >= 1
+    prepared = module.prepare_generation(
+        "caption", module.parse_request({"task": "caption", "image": image_uri()}, module.FAMILY)[1]
+    )
+    assert whole["text"] == reference_answer(module, prepared.inputs, GREEDY["max_tokens"])
+
+
+def test_prompt_formats(handlers) -> None:
+    blip2 = handlers["blip2"]
+    request = blip2.parse_request({"task": "answer", "image": image_uri(), "question": "Is it red?"}, "blip2")[1]
+    text = blip2.TOKENIZER.decode(
+        blip2.prepare_generation("answer", request).inputs["input_ids"][0], skip_special_tokens=True
+    )
+    assert text.strip() == "Question: Is it red? Answer:"
+    llava = handlers["llava"]
+    request = llava.parse_request({"task": "answer", "image": image_uri(), "question": "Is it red?"}, "llava")[1]
+    ids = llava.prepare_generation("answer", request).inputs["input_ids"][0].tolist()
+    assert ids.count(llava.CONFIG.image_token_index) > 1, "the processor expands <image> into the image's tokens"
+    assert llava.TOKENIZER.decode(ids, skip_special_tokens=True).strip().endswith("Is it red? ASSISTANT:")
+
+
+def test_the_image_matters(llava) -> None:
+    answers = {
+        one(llava, task="answer", image=image_uri(seed=seed), question="What is it?", sampling_params=GREEDY)["text"]
+        for seed in range(3)
+    }
+    assert len(answers) > 1
+
+
+def test_seeded_sampling_reproduces(llava) -> None:
+    params = {"temperature": 1.0, "max_tokens": 16, "seed": 9}
+    runs = [
+        one(llava, task="answer", image=image_uri(), question="Why?", sampling_params=params)["text"] for _ in range(2)
+    ]
+    assert runs[0] == runs[1]
+
+
+def test_native_chat_with_several_images(llava) -> None:
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": image_uri(seed=1)}},
+                {"type": "image_url", "image_url": {"url": image_uri(seed=2)}},
+                {"type": "text", "text": "Compare them."},
+            ],
+        },
+    ]
+    [whole] = ok(run_job(llava.handler, {"task": "chat", "messages": messages, "sampling_params": GREEDY}))
+    prepared = llava.prepare_generation("chat", llava.parse_request({"task": "chat", "messages": messages}, "llava")[1])
+    assert int(prepared.inputs["pixel_values"].shape[0]) == 2
+    assert whole["text"] == reference_answer(llava, prepared.inputs, GREEDY["max_tokens"])
+
+
+def openai_chat(body: dict[str, Any]) -> dict[str, Any]:
+    return {"openai_route": "/v1/chat/completions", "openai_input": body}
+
+
+def image_question(url: str) -> list[dict[str, Any]]:
+    return [
+        {
+            "role": "user",
+            "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What?"}],
+        }
+    ]
+
+
+@pytest.mark.parametrize("kind", ["llava", "llava-next"])
+def test_openai_chat_with_image_parts(handlers, kind: str) -> None:
+    module = handlers[kind]
+    body = {"model": "m", "messages": image_question(image_uri()), "temperature": 0, "max_tokens": 10}
+    [response] = ok(run_job(module.handler, openai_chat(body)))
+    parsed = ChatCompletion.model_validate(response)
+    native = one(
+        module, task="answer", image=image_uri(), question="What?", sampling_params={"temperature": 0, "max_tokens": 10}
+    )
+    assert parsed.choices[0].message.content == native["text"]
+    events = ok(
+        run_job(module.handler, openai_chat({**body, "stream": True, "stream_options": {"include_usage": True}}))
+    )
+    assert events[-1] == "data: [DONE]\n\n"
+    chunks = [ChatCompletionChunk.model_validate(json.loads(e[len("data: ") :])) for e in events[:-1]]
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].usage.completion_tokens >= 1
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == native["text"]
+
+
+def test_the_official_openai_client_with_an_image(llava) -> None:
+    def respond(request: httpx.Request) -> httpx.Response:
+        result = run_job(llava.handler, openai_chat(json.loads(request.content)))
+        if "error" in result:
+            return httpx.Response(400, json={"error": {"message": result["error"]}})
+        output = result["output"]
+        if isinstance(output[0], str):
+            return httpx.Response(200, content="".join(output).encode(), headers={"content-type": "text/event-stream"})
+        return httpx.Response(200, json=output[0])
+
+    client = openai.OpenAI(
+        api_key="test",
+        base_url="https://api.runpod.ai/v2/endpoint-id/openai/v1",
+        http_client=httpx.Client(transport=httpx.MockTransport(respond)),
+    )
+    answer = client.chat.completions.create(
+        model="m", messages=image_question(image_uri()), temperature=0, max_tokens=8
+    )
+    stream = client.chat.completions.create(
+        model="m", messages=image_question(image_uri()), temperature=0, max_tokens=8, stream=True
+    )
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in stream) == answer.choices[0].message.content
+    with pytest.raises(openai.BadRequestError, match="send at least one image"):
+        client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+
+
+def test_models_route(clip) -> None:
+    [response] = ok(run_job(clip.handler, {"openai_route": "/v1/models"}))
+    assert response["data"][0]["id"] == clip.SERVED_MODEL_NAME
+
+
+def test_concurrent_answers_match_their_solo_runs(llava) -> None:
+    requests = [
+        {"task": "answer", "image": image_uri(seed=s), "question": "What?", "sampling_params": GREEDY} for s in range(3)
+    ]
+    alone = [ok(run_job(llava.handler, r)) for r in requests]
+
+    async def together() -> list[dict[str, Any]]:
+        return await asyncio.gather(*(run_job_async(llava.handler, {"input": r}) for r in requests))
+
+    assert [ok(result) for result in asyncio.run(together())] == alone
+
+
+# ---- quantization ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("setting", "layer"), [("bnb-8bit", "Linear8bitLt"), ("bnb-4bit", "Linear4bit")])
+@pytest.mark.parametrize("kind", ["llava", "blip2"])
+def test_bitsandbytes_quantization_loads_and_answers(tiny_model, kind: str, setting: str, layer: str) -> None:
+    module = load_handler(EXAMPLE, {"MODEL_NAME": str(tiny_model(kind)), "QUANTIZATION": setting})
+    quantized = [name for name, m in module.MODEL.named_modules() if type(m).__name__ == layer]
+    assert quantized and all("language_model" in name for name in quantized), "only the language model is quantized"
+    chunks = ok(
+        run_job(
+            module.handler,
+            {"task": "answer", "image": image_uri(), "question": "What?", "sampling_params": GREEDY, "stream": True},
+        )
+    )
+    assert chunks[-1]["usage"]["completion_tokens"] >= 1
+
+
+# ---- bad input ------------------------------------------------------------------------------
+
+
+def bomb_uri() -> str:
+    buffer = io.BytesIO()
+    Image.new("L", (5000, 4000)).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+CLIP_BAD = [
+    ("not an object", "input must be a JSON object"),
+    ({"task": "classify", "labels": ["a", "b"]}, "image: Field required"),
+    ({"task": "classify", "image": image_uri(), "labels": ["a"]}, "labels: List should have at least 2 items"),
+    ({"task": "classify", "image": image_uri(), "labels": ["x"] * 101}, "labels: List should have at most 100 items"),
+    ({"task": "classify", "image": image_uri(), "labels": ["a", 3]}, "labels.1: Input should be a valid string"),
+    (
+        {"task": "classify", "image": image_uri(), "labels": ["a", "b"], "hypothesis_template": "a photo"},
+        "hypothesis_template: must contain exactly one {} where the label goes",
+    ),
+    ({"task": "classify", "image": "%%%", "labels": ["a", "b"]}, "image: not valid base64"),
+    (
+        {"task": "classify", "image": base64.b64encode(b"text").decode(), "labels": ["a", "b"]},
+        "image: not an image PIL",
+    ),
+    ({"task": "classify", "image": bomb_uri(), "labels": ["a", "b"]}, "image: 5000x4000 is 20000000 pixels, over the"),
+    ({"task": "classify", "image": "http://10.0.0.1/x.png", "labels": ["a", "b"]}, "image: the URL is refused"),
+    ({"task": "embed"}, "send images, texts or both"),
+    (
+        {"task": "embed", "texts": ["a"] * 40, "images": [image_uri()] * 30},
+        "images and texts together must be at most 64",
+    ),
+    ({"task": "embed", "images": ["%%%"]}, "images.0: not valid base64"),
+    (
+        {"task": "classify", "image": image_uri(), "labels": ["a", "b"], "top_k": 3},
+        "top_k: Extra inputs are not permitted",
+    ),
+    ({"openai_route": "/v1/chat/completions", "openai_input": {}}, "this is a clip model, which cannot chat"),
+]
+
+LLAVA_BAD = [
+    ({"task": "answer", "question": "What?"}, "image: Field required"),
+    ({"task": "answer", "image": image_uri()}, "question: Field required"),
+    ({"task": "answer", "image": "%%%", "question": "q"}, "image: not valid base64"),
+    (
+        {"task": "answer", "image": image_uri(), "question": "q", "sampling_params": {"top_p": 2}},
+        "sampling_params.top_p",
+    ),
+    ({"task": "chat", "messages": [{"role": "user", "content": "hi"}]}, "messages: send at least one image"),
+    (
+        {"task": "chat", "messages": image_question(image_uri()) * 5},
+        "messages: 5 images, more than the limit of 4",
+    ),
+    (
+        {"task": "chat", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+        "an image_url part needs image_url.url",
+    ),
+    ({"task": "chat", "messages": [{"role": "tool", "content": "x"}]}, "messages.0.role: Input should be"),
+    (openai_chat({"messages": image_question(image_uri()), "n": 3}), "n=3 is not supported by this worker"),
+    (openai_chat({"messages": image_question(image_uri()), "logprobs": True}), "logprobs is not supported"),
+    (openai_chat({"messages": image_question("ftp://x/y.png")}), "image 0: only http(s) URLs are fetched"),
+    ({"openai_route": "/v1/embeddings", "openai_input": {}}, "openai_route must be one of /v1/chat/completions"),
+    (
+        {"task": "answer", "image": image_uri(), "question": "q", "sampling_params": {"max_tokens": 4096}},
+        "sampling_params.max_tokens: Input should be less than or equal to 2048",
+    ),
+]
+
+
+@pytest.mark.parametrize(("job_input", "message"), CLIP_BAD, ids=[m for _, m in CLIP_BAD])
+def test_clip_bad_input(clip, job_input: Any, message: str) -> None:
+    result = run_job(clip.handler, job_input)
+    assert message in result.get("error", ""), result
+    assert "Traceback" not in result["error"] and result["stream"] == []
+    assert one(clip, task="classify", image=image_uri(), labels=["a", "b"])["labels"]
+
+
+@pytest.mark.parametrize(("job_input", "message"), LLAVA_BAD, ids=[m for _, m in LLAVA_BAD])
+def test_llava_bad_input(llava, job_input: Any, message: str) -> None:
+    result = run_job(llava.handler, job_input)
+    assert message in result.get("error", ""), result
+    assert "Traceback" not in result["error"] and result["stream"] == []
+    assert one(llava, task="caption", image=image_uri(), sampling_params={"max_tokens": 2})["text"] is not None
+
+
+def test_prompt_and_max_tokens_must_fit_the_context(handlers) -> None:
+    module = handlers["llava-next"]
+    result = run_job(
+        module.handler,
+        {"task": "answer", "image": image_uri(), "question": "q", "sampling_params": {"max_tokens": 2000}},
+    )
+    assert "max_tokens: the prompt has" in result["error"] and "max_tokens can be at most" in result["error"]
+
+
+# ---- faults ---------------------------------------------------------------------------------
+
+
+def test_a_failure_mid_generation_is_an_error_and_the_next_job_is_served(llava) -> None:
+    calls: list[int] = []
+
+    def explode(*args: Any) -> None:
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("boom at /secret/path")
+
+    hook = llava.MODEL.register_forward_hook(explode)
+    try:
+        result = run_job(llava.handler, {"task": "caption", "image": image_uri(), "sampling_params": {"max_tokens": 8}})
+    finally:
+        hook.remove()
+    assert result["error"] == "generation failed inside the worker; see the worker logs"
+    assert one(llava, task="caption", image=image_uri(), sampling_params={"max_tokens": 2})["usage"]
+
+
+def test_an_abandoned_stream_stops_generating(llava) -> None:
+    calls: list[int] = []
+    hook = llava.MODEL.register_forward_hook(lambda *args: calls.append(1))
+    request = {
+        "task": "caption",
+        "image": image_uri(),
+        "sampling_params": {"temperature": 1.0, "max_tokens": 1000},
+        "stream": True,
+    }
+
+    async def read_one_then_leave() -> None:
+        stream = llava.handler({"id": "gone", "input": request})
+        await anext(stream)
+        await stream.aclose()
+        for _ in range(500):
+            if not llava.GENERATOR.active:
+                break
+            await asyncio.sleep(0.01)
+
+    try:
+        asyncio.run(read_one_then_leave())
+    finally:
+        hook.remove()
+    assert llava.GENERATOR.active == 0 and len(calls) < 100
+
+
+def test_cuda_out_of_memory_answers_the_job(llava, monkeypatch) -> None:
+    def oom(*args: Any, **kwargs: Any) -> Any:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(llava.MODEL, "generate", oom)
+    result = run_job(llava.handler, {"task": "caption", "image": image_uri()})
+    assert result["error"] == "out of GPU memory for this request; lower max_tokens or send fewer images"
+    assert "refresh_worker" not in llava.WORKER_CONFIG
+
+
+# ---- as a user runs it ----------------------------------------------------------------------
+
+
+def test_python_handler_py_runs_test_input_json(tiny_model) -> None:
+    run = run_local(EXAMPLE, {"MODEL_NAME": str(tiny_model("clip")), "RUNPOD_LOG_LEVEL": "INFO"})
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    [result] = json_lines(run.stdout)
+    test_input = json.loads((Path(__file__).parents[1] / EXAMPLE / "test_input.json").read_text())["input"]
+    assert sorted(entry["label"] for entry in result["labels"]) == sorted(test_input["labels"])
+    assert test_input["image"].split(",", 1)[1][:40] not in run.stdout.replace(json.dumps(result), "")
+
+
+def test_python_handler_py_streams_an_answer(tiny_model) -> None:
+    job = {
+        "input": {
+            "task": "answer",
+            "image": image_uri(),
+            "question": "What?",
+            "stream": True,
+            "sampling_params": GREEDY,
+        }
+    }
+    run = run_local(EXAMPLE, {"MODEL_NAME": str(tiny_model("llava"))}, "--test_input", json.dumps(job))
+    assert run.returncode == 0, run.stderr[-2000:]
+    *deltas, last = json_lines(run.stdout)
+    assert deltas and all(d["text"] for d in deltas) and last["finish_reason"] in ("stop", "length")
+
+
+def test_dev_server_runsync(tiny_model) -> None:
+    with DevServer(EXAMPLE, {"MODEL_NAME": str(tiny_model("blip2"))}) as server:
+        response = server.post(
+            "/runsync", {"input": {"task": "caption", "image": image_uri(), "sampling_params": GREEDY}}
+        )
+    body = response.json()
+    assert response.status_code == 200 and body["status"] == "COMPLETED"
+    assert body["output"][0]["usage"]["completion_tokens"] >= 1
