@@ -273,6 +273,14 @@ BAD_INPUTS = [
     ({"texts": "hi", "encoding_format": "int8"}, "encoding_format: Input should be 'float' or 'base64'"),
     ({"texts": "hi", "input_type": "passage"}, "input_type: Input should be 'query' or 'document'"),
     ({"texts": "hi", "normalise": True}, "normalise: Extra inputs are not permitted"),
+    (
+        {"texts": "hi", "precision": "int4"},
+        "precision: Input should be 'float32', 'int8', 'uint8', 'binary' or 'ubinary'",
+    ),
+    (
+        {"texts": "hi", "precision": "binary", "dimensions": 12},
+        "binary packs 8 dimensions per byte; 12 is not a multiple",
+    ),
     (openai_job({"input": "hi"}, route="/v1/chat/completions"), "openai_route must be one of /v1/embeddings"),
     (openai_job(None), "openai_input must be a JSON object"),
     (openai_job({"model": "m"}), "openai_input.input: Field required"),
@@ -313,10 +321,213 @@ def test_gpu_out_of_memory_answers_the_job_and_keeps_serving(embedder: ModuleTyp
 
     monkeypatch.setattr(embedder, "embed", out_of_memory)
     result = run_job(embedder.handler, {"texts": ["a", "b"]})
-    assert result["error"].startswith("out of GPU memory embedding 2 inputs")
+    assert result["error"].startswith("out of GPU memory for this batch; send fewer or shorter texts")
     assert "stopPod" not in result
     monkeypatch.undo()
     assert output_of(run_job(embedder.handler, {"texts": "hi"}))["embeddings"]
+
+
+# ---- dynamic batching -----------------------------------------------------------------------
+
+MIXED_JOBS = [
+    {"texts": ["The cat sat on the mat."]},
+    {"texts": ["Paris is the capital of France.", "Berlin too."], "dimensions": 8},
+    {"texts": "How do I reset my password?", "input_type": "query"},
+    {"texts": ["Reset it from the settings page."], "input_type": "document", "normalize": False},
+    {"texts": ["Café 東京 😀"], "encoding_format": "base64"},
+    {"texts": ["int8 please", "and again"], "precision": "int8", "dimensions": 16},
+    {"texts": ["binary"], "precision": "ubinary"},
+    {"openai_route": "/v1/embeddings", "openai_input": {"input": ["via openai"], "dimensions": 4}},
+]
+
+
+def run_together(module: ModuleType, inputs: list[Any]) -> list[dict[str, Any]]:
+    async def together() -> list[dict[str, Any]]:
+        jobs = [run_job_async(module.handler, {"id": f"job-{i}", "input": job}) for i, job in enumerate(inputs)]
+        return await asyncio.gather(*jobs)
+
+    return asyncio.run(together())
+
+
+def assert_same_output(got: dict[str, Any], want: dict[str, Any]) -> None:
+    assert got.keys() == want.keys()
+    for key in got:
+        if key in ("embeddings", "data"):
+            vectors = [item["embedding"] if isinstance(item, dict) else item for item in got[key]]
+            expected = [item["embedding"] if isinstance(item, dict) else item for item in want[key]]
+            if vectors and isinstance(vectors[0], str):
+                vectors, expected = [decode_base64(v) for v in vectors], [decode_base64(v) for v in expected]
+            np.testing.assert_allclose(np.array(vectors, dtype=float), np.array(expected, dtype=float), atol=1e-5)
+        else:
+            assert got[key] == want[key], key
+
+
+def test_concurrent_jobs_share_one_batch_with_their_own_options(embedder: ModuleType) -> None:
+    alone = [output_of(run_job(embedder.handler, job)) for job in MIXED_JOBS]
+    before = embedder.BATCHER.batches
+    together = run_together(embedder, MIXED_JOBS)
+    assert embedder.BATCHER.batches - before == 1, "all eight jobs went through one merged model call"
+    for result, expected in zip(together, alone, strict=True):
+        assert_same_output(output_of(result), expected)
+
+
+def test_a_bad_job_never_breaks_the_others_in_its_batch(embedder: ModuleType) -> None:
+    jobs = [{"texts": ["fine"]}, {"texts": []}, {"texts": ["also fine"], "dimensions": 999}, {"texts": ["ok"]}]
+    results = run_together(embedder, jobs)
+    assert [("error" in result) for result in results] == [False, True, True, False]
+    assert len(output_of(results[3])["embeddings"]) == 1
+
+
+def test_a_failed_batch_fails_each_of_its_jobs(embedder: ModuleType, monkeypatch) -> None:
+    def broken(*args: Any) -> Any:
+        raise RuntimeError("device fell over")
+
+    monkeypatch.setattr(embedder, "embed", broken)
+    results = run_together(embedder, [{"texts": ["a"]}, {"texts": ["b"]}, {"texts": ["c"]}])
+    assert [result["error"] for result in results] == ["embedding failed inside the worker; see the worker logs"] * 3
+    monkeypatch.undo()
+    assert output_of(run_job(embedder.handler, {"texts": "recovered"}))["embeddings"]
+
+
+def test_batching_can_be_turned_off(tiny_path: Path) -> None:
+    module = load_handler(EXAMPLE, {"MODEL_NAME": str(tiny_path), "DYNAMIC_BATCHING": "false"})
+    results = run_together(module, MIXED_JOBS[:3])
+    assert module.BATCHER.batches == 0
+    assert all("embeddings" in output_of(result) for result in results)
+
+
+def test_embed_many_splits_results_back_per_job(embedder: ModuleType) -> None:
+    jobs = [(["a", "b"], None), (["c"], "query"), (["d", "e", "f"], None)]
+    results = embedder.embed_many(jobs)
+    for (texts, kind), (vectors, counts) in zip(jobs, results, strict=True):
+        expected, expected_counts = embedder.embed(texts, kind)
+        np.testing.assert_allclose(vectors, expected, atol=1e-5)
+        assert counts == expected_counts
+
+
+# ---- precision ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("precision", "width", "low", "high"), [("int8", 32, -128, 127), ("uint8", 32, 0, 255)])
+def test_int8_and_uint8_share_one_scale_across_requests(embedder: ModuleType, precision, width, low, high) -> None:
+    alone = output_of(run_job(embedder.handler, {"texts": ["Paris"], "precision": precision}))
+    mixed = output_of(run_job(embedder.handler, {"texts": ["Berlin", "Paris"], "precision": precision}))
+    assert alone["precision"] == precision and alone["dimensions"] == 32
+    assert len(alone["embeddings"][0]) == width and all(
+        low <= v <= high and type(v) is int for v in alone["embeddings"][0]
+    )
+    assert alone["embeddings"][0] == mixed["embeddings"][1], "a text's quantized vector does not depend on its company"
+    floats = np.array(output_of(run_job(embedder.handler, {"texts": ["Paris"]}))["embeddings"])
+    calibration = embedder.shape_embeddings(embedder.CALIBRATION, None, True)
+    expected = embedder.quantize_embeddings(
+        floats.astype(np.float32), precision=precision, calibration_embeddings=calibration
+    )
+    assert alone["embeddings"][0] == expected[0].tolist()
+
+
+@pytest.mark.parametrize(("precision", "dtype"), [("binary", np.int8), ("ubinary", np.uint8)])
+def test_binary_packs_eight_dimensions_per_value(embedder: ModuleType, precision, dtype) -> None:
+    out = output_of(run_job(embedder.handler, {"texts": SENTENCES, "precision": precision, "dimensions": 16}))
+    assert np.array(out["embeddings"]).shape == (3, 2)
+    packed = output_of(
+        run_job(
+            embedder.handler,
+            {"texts": SENTENCES, "precision": precision, "dimensions": 16, "encoding_format": "base64"},
+        )
+    )
+    decoded = [np.frombuffer(base64.b64decode(v), dtype=dtype).tolist() for v in packed["embeddings"]]
+    assert decoded == out["embeddings"]
+    floats = np.array(output_of(run_job(embedder.handler, {"texts": SENTENCES, "dimensions": 16}))["embeddings"])
+    bits = np.unpackbits(
+        np.array(out["embeddings"], dtype=np.int16).astype(dtype).view(np.uint8) ^ (0x80 if dtype == np.int8 else 0),
+        axis=1,
+    )
+    assert (bits == (floats > 0)).all(), "each bit is the sign of one dimension"
+
+
+def test_real_minilm_keeps_its_ranking_in_int8_and_binary(minilm: ModuleType) -> None:
+    texts = ["A man is playing a guitar.", "Someone is strumming an acoustic guitar.", "The stock market fell sharply."]
+    for precision, dtype in (("int8", np.int64), ("ubinary", np.uint8)):
+        vectors = np.array(
+            output_of(run_job(minilm.handler, {"texts": texts, "precision": precision}))["embeddings"], dtype=dtype
+        )
+        if precision == "ubinary":
+            distance = [int(np.unpackbits(vectors[0] ^ vectors[i]).sum()) for i in (1, 2)]
+            assert distance[0] < distance[1], distance
+        else:
+            similarity = vectors @ vectors[0]
+            assert similarity[1] > similarity[2]
+
+
+# ---- rerank ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def reranking(tiny_model, tiny_path: Path) -> ModuleType:
+    env = {"MODEL_NAME": str(tiny_path), "RERANK_MODEL_NAME": str(tiny_model("cross-encoder"))}
+    return load_handler(EXAMPLE, env)
+
+
+DOCUMENTS = [
+    "Paris is the capital of France.",
+    "Cats sleep a lot.",
+    "The train leaves at nine.",
+    "Berlin is in Germany.",
+]
+
+
+def test_rerank_sorts_documents_by_the_cross_encoders_score(reranking: ModuleType) -> None:
+    out = output_of(run_job(reranking.handler, {"query": "capital of France", "documents": DOCUMENTS}))
+    results = out["results"]
+    assert sorted(r["index"] for r in results) == [0, 1, 2, 3]
+    scores = [r["relevance_score"] for r in results]
+    assert scores == sorted(scores, reverse=True)
+    raw = reranking.RERANKER.predict([("capital of France", d) for d in DOCUMENTS])
+    np.testing.assert_allclose([raw[r["index"]] for r in results], scores, atol=1e-6)
+    assert out["model"] == reranking.RERANK_MODEL_NAME and "document" not in results[0]
+
+
+def test_rerank_top_n_documents_and_the_openai_style_route(reranking: ModuleType) -> None:
+    native = output_of(
+        run_job(reranking.handler, {"query": "q", "documents": DOCUMENTS, "top_n": 2, "return_documents": True})
+    )
+    assert len(native["results"]) == 2
+    assert all(r["document"] == DOCUMENTS[r["index"]] for r in native["results"])
+    routed = output_of(
+        run_job(
+            reranking.handler,
+            {
+                "openai_route": "/v1/rerank",
+                "openai_input": {
+                    "model": "x",
+                    "query": "q",
+                    "documents": DOCUMENTS,
+                    "top_n": 2,
+                    "return_documents": True,
+                },
+            },
+        )
+    )
+    assert routed["results"] == native["results"]
+
+
+def test_rerank_without_a_reranker_is_a_clear_error(embedder: ModuleType) -> None:
+    result = run_job(embedder.handler, {"query": "q", "documents": ["a"]})
+    assert result["error"] == "reranking needs a cross-encoder: set RERANK_MODEL_NAME on the endpoint"
+
+
+@pytest.mark.parametrize(
+    ("job_input", "message"),
+    [
+        ({"query": "q", "documents": []}, "documents: List should have at least 1 item"),
+        ({"query": "", "documents": ["a"]}, "query: String should have at least 1 character"),
+        ({"documents": ["a"]}, "query: Field required"),
+        ({"query": "q", "documents": ["a"], "top_n": 0}, "top_n: Input should be greater than or equal to 1"),
+        ({"query": "q", "documents": ["a", 5]}, "documents.1: Input should be a valid string"),
+    ],
+)
+def test_rerank_bad_input(reranking: ModuleType, job_input: Any, message: str) -> None:
+    assert message in run_job(reranking.handler, job_input)["error"]
 
 
 # ---- pure functions -------------------------------------------------------------------------

@@ -127,6 +127,30 @@ def build_sentence_transformer(out: Path) -> Path:
     return out
 
 
+def build_cross_encoder(out: Path) -> Path:
+    """A BERT cross-encoder (one relevance logit per query-document pair), like BAAI/bge-reranker-base."""
+    import torch
+    from sentence_transformers import CrossEncoder
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(SEED)
+    tokenizer = _train_wordpiece()
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        num_labels=1,
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        BertForSequenceClassification(config).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        CrossEncoder(tmp, device="cpu", max_length=128).save(str(out))
+    return out
+
+
 # ---- causal LMs -------------------------------------------------------------------------------
 #
 # Every family shares one byte-level BPE vocabulary (only the special tokens differ; the real
@@ -858,6 +882,7 @@ def build_blip2(out: Path) -> Path:
 
 BUILDERS: dict[str, Callable[[Path], Path]] = {
     "sentence-transformer": build_sentence_transformer,
+    "cross-encoder": build_cross_encoder,
     **{kind: partial(build_causal_lm, kind=kind) for kind in _FAMILIES},
     **{kind: partial(build_stable_diffusion, kind=kind) for kind in _DIFFUSION},
     "controlnet-sd15": partial(build_controlnet, base="sd15"),

