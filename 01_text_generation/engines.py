@@ -40,10 +40,13 @@ class TransformersEngine:
     max_concurrency: int
     eos_token_ids: set[int] = field(default_factory=set)
     sampling_defaults: dict[str, Any] = field(default_factory=dict)
+    time_limit_s: float | None = None  # per generation
 
     def __post_init__(self) -> None:
         self.has_chat_template = bool(getattr(self.tokenizer, "chat_template", None))
-        self.generator = StreamingGenerator(self.model, self.tokenizer, self.eos_token_ids, self.max_concurrency)
+        self.generator = StreamingGenerator(
+            self.model, self.tokenizer, self.eos_token_ids, self.max_concurrency, self.time_limit_s
+        )
 
     @property
     def active(self) -> int:
@@ -111,6 +114,7 @@ def load_transformers_engine(
     quantization: str | None,
     max_model_len: int | None,
     max_concurrency: int,
+    time_limit_s: float | None,
     trust_remote_code: bool,
     cache_dir: str | None,
     tokenizer_cache_dir: str | None,
@@ -148,5 +152,6 @@ def load_transformers_engine(
         tokenizer=tokenizer,
         max_model_len=max_model_len or context,
         max_concurrency=max_concurrency,
+        time_limit_s=time_limit_s,
         eos_token_ids=eos_ids,
     )

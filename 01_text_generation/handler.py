@@ -28,6 +28,7 @@ from pydantic_core import PydanticCustomError
 from textstream import (
     ContextLengthError,
     Delta,
+    GenerationTimeout,
     OpenAIShape,
     Usage,
     native_responses,
@@ -47,6 +48,10 @@ log = runpod.RunPodLogger()
 def env_int(name: str, default: int | None) -> int | None:
     value = os.environ.get(name)
     return int(value) if value else default
+
+
+def env_float(name: str, default: float) -> float:
+    return float(os.environ.get(name) or default)
 
 
 def env_str(name: str, default: str | None) -> str | None:
@@ -73,6 +78,9 @@ MAX_CONCURRENCY = env_int("MAX_CONCURRENCY", 4)
 # Completion length when a request names none: long enough for a real answer (OpenAI's
 # completions default of 16 tokens silently truncates), short enough to bound a forgotten limit.
 DEFAULT_MAX_TOKENS = env_int("DEFAULT_MAX_TOKENS", 512)
+# Seconds one generation may run: well under Runpod's default execution timeout (600 s), so a
+# runaway request ends with an answer instead of a killed job. 0 turns the limit off.
+MAX_GENERATION_SECONDS = env_float("MAX_GENERATION_SECONDS", 300.0)
 
 # Limits of the request schema (OpenAI's own where it has one).
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit
@@ -114,6 +122,7 @@ ENGINE = load_transformers_engine(
     quantization=QUANTIZATION,
     max_model_len=MAX_MODEL_LEN,
     max_concurrency=MAX_CONCURRENCY,
+    time_limit_s=MAX_GENERATION_SECONDS or None,
     trust_remote_code=TRUST_REMOTE_CODE,
     cache_dir=cached_hub_folder(MODEL_NAME),
     tokenizer_cache_dir=cached_hub_folder(TOKENIZER_NAME or MODEL_NAME),
@@ -427,6 +436,10 @@ async def handler(job: dict[str, Any]) -> AsyncIterator[Any]:
 
             async for chunk in respond(route, request, observed()):
                 yield chunk
+    except GenerationTimeout as error:
+        log.warn(f"{error} (MAX_GENERATION_SECONDS)", job_id)
+        yield {"error": f"{error} (MAX_GENERATION_SECONDS): lower max_tokens, or raise the limit on the endpoint"}
+        return
     except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()  # give the memory back so the next job can run
         log.error(f"Out of GPU memory ({prompt.tokens} prompt tokens, max_tokens {params.max_tokens})", job_id)

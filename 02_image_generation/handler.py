@@ -89,6 +89,9 @@ MAX_CONCURRENCY = env_int("MAX_CONCURRENCY", 1)
 ENABLE_CPU_OFFLOAD = env_flag("ENABLE_CPU_OFFLOAD", False)  # SDXL in ~6 GB of VRAM, ~2x slower
 ENABLE_VAE_TILING = env_flag("ENABLE_VAE_TILING", False)  # decode big images in tiles: bounded memory
 TORCH_COMPILE = env_flag("TORCH_COMPILE", False)  # ~20-40% faster UNet, minutes of compile at start
+# Seconds one request may denoise: well under Runpod's default execution timeout (600 s), so a
+# runaway request ends with an answer instead of a killed job. 0 turns the limit off.
+MAX_GENERATION_SECONDS = env_float("MAX_GENERATION_SECONDS", 300.0)
 
 # Request limits.
 MAX_PIXELS = env_int("MAX_PIXELS", 1536 * 1536)  # output width × height: 2.25 MP stays inside 24 GB for SDXL
@@ -531,6 +534,10 @@ def deliver(job_id: str, job: Job, images: list[Generated]) -> tuple[list[dict[s
     return results, timings
 
 
+class TimeLimitExceeded(Exception):
+    """Denoising ran past MAX_GENERATION_SECONDS; it is interrupted at its next step."""
+
+
 def progress_chunk(step: int, total: int) -> dict[str, Any]:
     return {"status": "progress", "step": step, "total": total}
 
@@ -556,18 +563,29 @@ async def handler(job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         loop.call_soon_threadsafe(progress.put_nowait, (step, total))
 
     started = time.perf_counter()
+    deadline = loop.time() + MAX_GENERATION_SECONDS if MAX_GENERATION_SECONDS else None
     running = loop.run_in_executor(PIPELINE_THREADS, denoise, prepared, on_step, cancelled)
     try:
         while not running.done() or not progress.empty():
             getter = asyncio.ensure_future(progress.get())
-            await asyncio.wait({getter, running}, return_when=asyncio.FIRST_COMPLETED)
+            remaining = None if deadline is None else max(deadline - loop.time(), 0)
+            await asyncio.wait({getter, running}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
             if getter.done():
                 yield progress_chunk(*getter.result())
-            else:
-                getter.cancel()
+                continue
+            getter.cancel()
+            if not running.done():  # the time limit passed first
+                raise TimeLimitExceeded
         images = running.result()
         inference_ms = (time.perf_counter() - started) * 1000
         results, timings = await loop.run_in_executor(None, deliver, job_id, prepared, images)
+    except TimeLimitExceeded:
+        log.warn(f"Stopped at the {MAX_GENERATION_SECONDS:g}-second limit (MAX_GENERATION_SECONDS)", job_id)
+        yield {
+            "error": f"generation stopped at its {MAX_GENERATION_SECONDS:g}-second limit (MAX_GENERATION_SECONDS):"
+            " lower num_inference_steps, num_images or the size, or raise the limit on the endpoint"
+        }
+        return
     except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()  # give the memory back so the next job can run
         log.error(f"Out of GPU memory at {prepared.width}x{prepared.height}", job_id)

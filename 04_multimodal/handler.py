@@ -35,6 +35,7 @@ from pydantic_core import PydanticCustomError
 from textstream import (
     ContextLengthError,
     Delta,
+    GenerationTimeout,
     OpenAIShape,
     StreamingGenerator,
     Usage,
@@ -57,6 +58,10 @@ def env_int(name: str, default: int) -> int:
     return int(os.environ.get(name) or default)
 
 
+def env_float(name: str, default: float) -> float:
+    return float(os.environ.get(name) or default)
+
+
 def env_str(name: str, default: str | None) -> str | None:
     return os.environ.get(name) or default
 
@@ -72,6 +77,9 @@ QUANTIZATION = env_str("QUANTIZATION", None)  # bnb-8bit | bnb-4bit, for LLaVA a
 # Jobs one worker runs at once; LLaVA and BLIP-2 generate on a thread each, CLIP queues for one.
 MAX_CONCURRENCY = env_int("MAX_CONCURRENCY", 4)
 DEFAULT_MAX_TOKENS = env_int("DEFAULT_MAX_TOKENS", 256)  # a full answer about an image, not an essay
+# Seconds one generation may run: well under Runpod's default execution timeout (600 s), so a
+# runaway request ends with an answer instead of a killed job. 0 turns the limit off.
+MAX_GENERATION_SECONDS = env_float("MAX_GENERATION_SECONDS", 300.0)
 
 # Request limits.
 MAX_LABELS = env_int("MAX_LABELS", 100)  # zero-shot classes per request: each is one text to encode
@@ -86,7 +94,7 @@ MAX_STOP_SEQUENCES = 4  # OpenAI's limit
 INPUT_LIMITS = ImageLimits(
     max_bytes=env_int("MAX_INPUT_IMAGE_BYTES", 20 * 1024 * 1024),  # a 20 MB photo; every model resizes to < 1 MP
     max_pixels=env_int("MAX_INPUT_IMAGE_PIXELS", 4096 * 4096),  # refused from the header, before decoding
-    timeout_s=float(env_int("DOWNLOAD_TIMEOUT_S", 15)),  # a whole download, not each read
+    timeout_s=env_float("DOWNLOAD_TIMEOUT_S", 15.0),  # a whole download, not each read
 )
 
 # Runpod's "cached models" put Hub snapshots here, on the host, before the worker starts.
@@ -181,7 +189,9 @@ def eos_token_ids(model: Any, tokenizer: Any) -> set[int]:
 if FAMILY == "clip":
     GENERATOR, SAMPLING_DEFAULTS = None, {}
 else:
-    GENERATOR = StreamingGenerator(MODEL, TOKENIZER, eos_token_ids(MODEL, TOKENIZER), MAX_CONCURRENCY)
+    GENERATOR = StreamingGenerator(
+        MODEL, TOKENIZER, eos_token_ids(MODEL, TOKENIZER), MAX_CONCURRENCY, MAX_GENERATION_SECONDS or None
+    )
     SAMPLING_DEFAULTS = recommended_sampling(MODEL.generation_config)
 CLIP_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clip")
 
@@ -543,6 +553,10 @@ async def handler(job: dict[str, Any]) -> AsyncIterator[Any]:
                 chunks = native_responses(observed(), request.stream)
             async for chunk in chunks:
                 yield chunk
+    except GenerationTimeout as error:
+        log.warn(f"{error} (MAX_GENERATION_SECONDS)", job_id)
+        yield {"error": f"{error} (MAX_GENERATION_SECONDS): lower max_tokens, or raise the limit on the endpoint"}
+        return
     except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()  # give the memory back so the next job can run
         log.error(f"Out of GPU memory ({prepared.prompt_tokens} prompt tokens)", job_id)

@@ -243,11 +243,23 @@ def resolve_sampling(
     )
 
 
+class GenerationTimeout(TimeoutError):
+    """A generation ran past its time limit; it was stopped."""
+
+
 class StreamingGenerator:
     """`model.generate` on a pool of threads (one per running generation), streamed as Deltas."""
 
-    def __init__(self, model: Any, tokenizer: Any, eos_token_ids: set[int], max_concurrency: int) -> None:
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        eos_token_ids: set[int],
+        max_concurrency: int,
+        time_limit_s: float | None = None,
+    ) -> None:
         self.model = model
+        self.time_limit_s = time_limit_s  # per generation; None: no limit
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
         self.pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="generate")
@@ -299,10 +311,21 @@ class StreamingGenerator:
         kwargs = {**model_inputs, **self._generate_kwargs(params, stream)}
         decoder = IncrementalDecoder(self.tokenizer, prompt_ids[-DECODE_CONTEXT_TOKENS:])
         stops = StopStringFilter(params.stop)
-        running = asyncio.get_running_loop().run_in_executor(self.pool, self._run, kwargs)
+        loop = asyncio.get_running_loop()
+        running = loop.run_in_executor(self.pool, self._run, kwargs)
+        deadline = loop.time() + self.time_limit_s if self.time_limit_s else None
         generated: list[int] = []
+
+        async def next_token() -> int | None:
+            if deadline is None:
+                return await stream.queue.get()
+            try:
+                return await asyncio.wait_for(stream.queue.get(), max(deadline - loop.time(), 0))
+            except TimeoutError:
+                raise GenerationTimeout(f"generation stopped at its {self.time_limit_s:g}-second limit") from None
+
         try:
-            while (token_id := await stream.queue.get()) is not None:
+            while (token_id := await next_token()) is not None:
                 generated.append(token_id)
                 if text := stops.push(decoder.push(token_id)):
                     yield Delta(text=text)

@@ -397,6 +397,18 @@ def test_an_abandoned_stream_stops_denoising(sd15) -> None:
     assert len(calls) < 100, f"denoising ran {len(calls)} of 100 steps after the consumer left"
 
 
+def test_denoising_past_its_time_limit_is_stopped_with_a_clear_error(tiny_model) -> None:
+    module = load_handler(EXAMPLE, {"MODEL_NAME": str(tiny_model("sd15")), "MAX_GENERATION_SECONDS": "0.3"})
+    calls, hook = unet_calls(module)
+    try:
+        result = run_job(module.handler, {"prompt": "x", "width": 64, "height": 64, "num_inference_steps": 150})
+    finally:
+        hook.remove()
+    assert result["error"].startswith("generation stopped at its 0.3-second limit (MAX_GENERATION_SECONDS)")
+    assert len(calls) < 150, "the run was interrupted, not finished"
+    assert generate(module, prompt="quick", seed=1, **SMALL)[1]["images"]
+
+
 def test_a_failure_mid_denoising_is_an_error_and_the_next_job_is_served(sd15) -> None:
     calls: list[int] = []
 

@@ -476,6 +476,13 @@ def test_an_abandoned_stream_stops_generating(llava) -> None:
     assert llava.GENERATOR.active == 0 and len(calls) < 100
 
 
+def test_a_generation_past_its_time_limit_is_stopped(tiny_model) -> None:
+    module = load_handler(EXAMPLE, {"MODEL_NAME": str(tiny_model("llava")), "MAX_GENERATION_SECONDS": "0.3"})
+    request = {"task": "caption", "image": image_uri(), "sampling_params": {"temperature": 1.0, "max_tokens": 1900}}
+    result = run_job(module.handler, request)
+    assert result["error"].startswith("generation stopped at its 0.3-second limit (MAX_GENERATION_SECONDS)")
+
+
 def test_cuda_out_of_memory_answers_the_job(llava, monkeypatch) -> None:
     def oom(*args: Any, **kwargs: Any) -> Any:
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")

@@ -502,6 +502,24 @@ def test_a_cancelled_job_stops_generating(qwen) -> None:
     assert len(calls) < 100
 
 
+def test_a_generation_past_its_time_limit_is_stopped_with_a_clear_error(tiny_model) -> None:
+    module = load_handler(EXAMPLE, {"MODEL_NAME": str(tiny_model("qwen3")), "MAX_GENERATION_SECONDS": "0.3"})
+    request = {"prompt": "Once", "sampling_params": {"temperature": 1.0, "max_tokens": 2000}, "stream": True}
+    result = run_job(module.handler, request)
+    assert result["error"] == (
+        "generation stopped at its 0.3-second limit (MAX_GENERATION_SECONDS): lower max_tokens, or raise the limit"
+        " on the endpoint"
+    )
+    assert result["stream"], "what was generated before the limit was streamed"
+
+    async def idle() -> None:
+        await wait_until_idle(module)
+
+    asyncio.run(idle())
+    assert module.ENGINE.active == 0
+    assert native(module, prompt="short", sampling_params={"max_tokens": 3})[-1]["usage"]["completion_tokens"] >= 1
+
+
 def test_a_model_failure_mid_generation_is_an_error_and_the_next_job_is_served(qwen) -> None:
     calls: list[int] = []
 
