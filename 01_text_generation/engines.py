@@ -73,10 +73,15 @@ class TransformersEngine:
         return self.generator.generate({"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}, params)
 
 
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
 def torch_dtype(name: str, cuda: bool) -> torch.dtype:
     """DTYPE=auto: bf16 on GPUs that have it (Ampere and newer), else fp16; fp32 on CPU."""
+    if name not in ("auto", *DTYPES):
+        raise ValueError(f"DTYPE must be auto, {', '.join(DTYPES)}, got {name!r}")
     if name != "auto":
-        return getattr(torch, name)
+        return DTYPES[name]
     if not cuda:
         return torch.float32
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

@@ -416,7 +416,9 @@ async def handler(job: dict[str, Any]) -> AsyncIterator[Any]:
         sampling = request.sampling_params if isinstance(request, GenerateRequest) else request
         if isinstance(request, ChatCompletionRequest) and request.max_completion_tokens is not None:
             sampling = sampling.model_copy(update={"max_tokens": request.max_completion_tokens})
-        params = resolve_sampling(sampling, prompt.tokens, SAMPLING_DEFAULTS, CONTEXT_LEN, DEFAULT_MAX_TOKENS)
+        params = resolve_sampling(
+            sampling, prompt.tokens, SAMPLING_DEFAULTS, CONTEXT_LEN, DEFAULT_MAX_TOKENS, " (MAX_MODEL_LEN)"
+        )
     except (RequestError, ContextLengthError) as error:
         log.warn(f"Rejected request: {error}", job_id)
         yield {"error": str(error)}

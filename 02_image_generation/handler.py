@@ -160,7 +160,10 @@ def detect_family(pipeline: Any, model_name: str) -> Family:
 
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TORCH_DTYPE = getattr(torch, DTYPE) if DTYPE != "auto" else torch.float16 if DEVICE == "cuda" else torch.float32
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+if DTYPE not in ("auto", *DTYPES):
+    raise ValueError(f"DTYPE must be auto, {', '.join(DTYPES)}, got {DTYPE!r}")
+TORCH_DTYPE = DTYPES[DTYPE] if DTYPE != "auto" else torch.float16 if DEVICE == "cuda" else torch.float32
 
 
 def from_pretrained_fp16_first(loader: Any, name: str, **kwargs: Any) -> Any:

@@ -512,11 +512,12 @@ async def handler(job: dict[str, Any]) -> dict[str, Any]:
     return openai_response(vectors, counts, request)
 
 
+WORKER_CONFIG: dict[str, Any] = {
+    "handler": handler,
+    # Only async handlers run concurrently in the SDK; this sets how many jobs at once.
+    "concurrency_modifier": lambda current: MAX_CONCURRENCY,
+}
+
 if __name__ == "__main__":
-    runpod.serverless.start(
-        {
-            "handler": for_local_run(handler),
-            # Only async handlers run concurrently in the SDK; this sets how many jobs at once.
-            "concurrency_modifier": lambda current: MAX_CONCURRENCY,
-        }
-    )
+    WORKER_CONFIG["handler"] = for_local_run(handler)
+    runpod.serverless.start(WORKER_CONFIG)

@@ -83,6 +83,7 @@ MAX_GENERATION_SECONDS = env_float("MAX_GENERATION_SECONDS", 300.0)
 
 # Request limits.
 MAX_LABELS = env_int("MAX_LABELS", 100)  # zero-shot classes per request: each is one text to encode
+MAX_LABEL_CHARS = 200  # CLIP reads 77 tokens of a label's caption; longer is a mistake
 MAX_EMBED_ITEMS = env_int("MAX_EMBED_ITEMS", 64)  # images plus texts per embed request
 MAX_IMAGES_PER_CHAT = 4  # LLaVA was trained on one image a turn; a few keep prompts inside the context
 MAX_TEXT_CHARS = 4000  # one label, question or message: far beyond any model's window
@@ -150,12 +151,18 @@ def quantization_config(name: str | None, family: str, compute_dtype: torch.dtyp
 
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TORCH_DTYPE = getattr(torch, DTYPE) if DTYPE != "auto" else torch.float16 if DEVICE == "cuda" else torch.float32
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+if DTYPE not in ("auto", *DTYPES):
+    raise ValueError(f"DTYPE must be auto, {', '.join(DTYPES)}, got {DTYPE!r}")
+TORCH_DTYPE = DTYPES[DTYPE] if DTYPE != "auto" else torch.float16 if DEVICE == "cuda" else torch.float32
 
 _load_started = time.perf_counter()
 _common = {"revision": MODEL_REVISION, "cache_dir": cached_hub_folder(MODEL_NAME)}
 CONFIG = AutoConfig.from_pretrained(MODEL_NAME, **_common)
 FAMILY = family_of(CONFIG.model_type)
+if CONFIG.get_text_config().is_encoder_decoder:
+    # textstream streams decoder-only generation; BLIP-2's FLAN-T5 checkpoints are encoder-decoder.
+    raise ValueError("MODEL_NAME pairs its vision encoder with an encoder-decoder (T5) language model; use an OPT one")
 QUANTIZATION_CONFIG = quantization_config(QUANTIZATION, FAMILY, TORCH_DTYPE)  # refused before any weights load
 PROCESSOR = AutoProcessor.from_pretrained(MODEL_NAME, **_common)
 if FAMILY == "clip":
@@ -237,16 +244,23 @@ class ClassifyRequest(Strict):
     task: Literal["classify"]
     image: ImageSource
     labels: Annotated[
-        list[Annotated[str, Field(min_length=1, max_length=200)]], Field(min_length=2, max_length=MAX_LABELS)
+        list[Annotated[str, Field(min_length=1, max_length=MAX_LABEL_CHARS)]],
+        Field(min_length=2, max_length=MAX_LABELS),
     ]
     # CLIP was trained on captions, so "a photo of a dog." scores better than the bare label "dog".
-    hypothesis_template: Annotated[str, Field(max_length=200)] = "a photo of a {}."
+    hypothesis_template: Annotated[str, Field(max_length=MAX_LABEL_CHARS)] = "a photo of a {}."
 
     @field_validator("hypothesis_template")
     @classmethod
     def _has_slot(cls, value: str) -> str:
-        if value.count("{}") != 1:
-            raise PydanticCustomError("template", "must contain exactly one {} where the label goes")
+        try:
+            fits = value.count("{}") == 1 and value.format("label") is not None
+        except (IndexError, KeyError, ValueError):
+            fits = False
+        if not fits:
+            raise PydanticCustomError(
+                "template", "must contain exactly one {} where the label goes (write other braces as {{ and }})"
+            )
         return value
 
 
@@ -290,7 +304,7 @@ class Part(BaseModel):
 
     model_config = ConfigDict(strict=True, extra="ignore")
     type: Literal["text", "image_url"]
-    text: str | None = None
+    text: Annotated[str, Field(max_length=MAX_TEXT_CHARS)] | None = None
     image_url: ImageURL | None = None
 
     @model_validator(mode="after")
@@ -328,16 +342,30 @@ class OpenAIChatRequest(Sampling):
     max_completion_tokens: Annotated[int, Field(ge=1, le=CONTEXT_LEN)] | None = None
     n: int | None = None
     logprobs: bool | None = None
+    top_logprobs: int | None = None
     tools: list[Any] | None = None
+    tool_choice: Any = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    response_format: dict[str, Any] | None = None
+    user: str | None = None
 
     @model_validator(mode="after")
     def _refuse_unsupported(self) -> OpenAIChatRequest:
         if self.n not in (None, 1):
             raise unsupported(f"n={self.n}", "; send one request per choice (n must be 1)")
-        if self.logprobs:
+        if self.logprobs or self.top_logprobs:
             raise unsupported("logprobs")
-        if self.tools:
-            raise unsupported("tool calling")
+        if self.tools or self.tool_choice not in (None, "none"):
+            raise unsupported("tool calling (tools, tool_choice)")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                raise unsupported(f"{name} other than 0", "; use repetition_penalty")
+        if self.logit_bias:
+            raise unsupported("logit_bias")
+        if self.response_format and self.response_format.get("type") != "text":
+            raise unsupported("response_format other than text")
         return self
 
 
@@ -470,9 +498,16 @@ def sampling_of(request: BaseModel) -> Sampling:
 # ---------------------------------------------------------------------------------------------
 # 5. Inference and response for CLIP (one chunk); generation streams through textstream.py.
 # ---------------------------------------------------------------------------------------------
-def classify(request: ClassifyRequest) -> dict[str, Any]:
+def fetch_images(request: ClassifyRequest | EmbedRequest) -> list[Image.Image]:
+    """A CLIP request's images, fetched before it queues for the model (a slow URL holds no one up)."""
+    if isinstance(request, ClassifyRequest):
+        return [load_image("image", request.image, INPUT_LIMITS)]
+    return [load_image(f"images.{index}", source, INPUT_LIMITS) for index, source in enumerate(request.images)]
+
+
+def classify(request: ClassifyRequest, images: list[Image.Image]) -> dict[str, Any]:
     """Zero-shot classification: softmax over the image's similarity to each label's caption."""
-    image = load_image("image", request.image, INPUT_LIMITS)
+    [image] = images
     captions = [request.hypothesis_template.format(label) for label in request.labels]
     inputs = PROCESSOR(text=captions, images=image, return_tensors="pt", padding=True, truncation=True).to(DEVICE)
     with torch.inference_mode():
@@ -485,9 +520,8 @@ def unit_rows(features: torch.Tensor) -> list[list[float]]:
     return torch.nn.functional.normalize(features.float(), dim=-1).tolist()
 
 
-def embed(request: EmbedRequest) -> dict[str, Any]:
+def embed(request: EmbedRequest, images: list[Image.Image]) -> dict[str, Any]:
     """Image and text embeddings in CLIP's shared space, unit length: cosine similarity is a dot product."""
-    images = [load_image(f"images.{index}", source, INPUT_LIMITS) for index, source in enumerate(request.images)]
     response: dict[str, Any] = {"model": SERVED_MODEL_NAME, "dimensions": CONFIG.projection_dim}
     with torch.inference_mode():
         if images:
@@ -511,31 +545,25 @@ async def handler(job: dict[str, Any]) -> AsyncIterator[Any]:
     job_id = job.get("id")
     loop = asyncio.get_running_loop()
     started = time.perf_counter()
+    usage: Usage | None = None
     try:
         task, request = parse_request(job.get("input"), FAMILY)
         if task == MODELS_ROUTE:
             yield models_response()
             return
         if task in ("classify", "embed"):
-            result = await loop.run_in_executor(CLIP_THREAD, classify if task == "classify" else embed, request)
+            images = await loop.run_in_executor(None, fetch_images, request)
+            run = classify if task == "classify" else embed
+            result = await loop.run_in_executor(CLIP_THREAD, run, request, images)
             log.info(f"{task} in {(time.perf_counter() - started) * 1000:.0f} ms", job_id)
             yield result
             return
+
+        # Everything that can refuse the request happens before the first chunk.
         prepared = await loop.run_in_executor(None, prepare_generation, task, request)
         params = resolve_sampling(
             sampling_of(request), prepared.prompt_tokens, SAMPLING_DEFAULTS, CONTEXT_LEN, DEFAULT_MAX_TOKENS
         )
-    except (RequestError, ImageInputError, ContextLengthError) as error:
-        log.warn(f"Rejected request: {error}", job_id)
-        yield {"error": str(error)}
-        return
-    except Exception as error:  # noqa: BLE001 - the caller gets a message, the log gets the details
-        log.error(f"{type(error).__name__}: {error}", job_id)
-        yield {"error": "the model failed on this request inside the worker; see the worker logs"}
-        return
-
-    usage: Usage | None = None
-    try:
         # aclosing: if the job is cancelled or its consumer leaves, generation stops at once.
         async with contextlib.aclosing(GENERATOR.generate(prepared.inputs, params)) as deltas:
 
@@ -553,24 +581,28 @@ async def handler(job: dict[str, Any]) -> AsyncIterator[Any]:
                 chunks = native_responses(observed(), request.stream)
             async for chunk in chunks:
                 yield chunk
+    except (RequestError, ImageInputError, ContextLengthError) as error:
+        log.warn(f"Rejected request: {error}", job_id)
+        yield {"error": str(error)}
+        return
     except GenerationTimeout as error:
         log.warn(f"{error} (MAX_GENERATION_SECONDS)", job_id)
         yield {"error": f"{error} (MAX_GENERATION_SECONDS): lower max_tokens, or raise the limit on the endpoint"}
         return
     except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()  # give the memory back so the next job can run
-        log.error(f"Out of GPU memory ({prepared.prompt_tokens} prompt tokens)", job_id)
+        log.error("Out of GPU memory", job_id)
         yield {"error": "out of GPU memory for this request; lower max_tokens or send fewer images"}
         return
     except torch.AcceleratorError:
         # The CUDA context is gone (device-side assert, ECC error): only a fresh worker recovers.
         WORKER_CONFIG["refresh_worker"] = True
         log.error("Unrecoverable GPU error; asking Runpod for a fresh worker", job_id)
-        yield {"error": "the GPU failed during generation; retry the request"}
+        yield {"error": "the GPU failed on this request; retry it"}
         return
     except Exception as error:  # noqa: BLE001 - the caller gets a message, the log gets the details
-        log.error(f"Generation failed: {type(error).__name__}: {error}", job_id)
-        yield {"error": "generation failed inside the worker; see the worker logs"}
+        log.error(f"Request failed: {type(error).__name__}: {error}", job_id)
+        yield {"error": "the model failed on this request inside the worker; see the worker logs"}
         return
 
     if usage is not None:

@@ -209,15 +209,21 @@ def recommended_sampling(generation_config: Any) -> dict[str, Any]:
 
 
 def resolve_sampling(
-    sampling: Any, prompt_tokens: int, defaults: dict[str, Any], context_len: int, default_max_tokens: int
+    sampling: Any,
+    prompt_tokens: int,
+    defaults: dict[str, Any],
+    context_len: int,
+    default_max_tokens: int,
+    context_setting: str = "",
 ) -> SamplingParams:
     """Request values (`sampling` has the fields of SamplingParams, None where unset), else the model's
-    recommended ones, else the usual ones; checked against the context."""
+    recommended ones, else the usual ones; checked against the context. `context_setting` names
+    the setting that sets the context length, for the error messages (e.g. " (MAX_MODEL_LEN)")."""
     room = context_len - prompt_tokens
     if room < 1:
         raise ContextLengthError(
             f"the prompt has {prompt_tokens} tokens, which leaves no room in the {context_len}-token context"
-            " (MAX_MODEL_LEN): shorten it"
+            f"{context_setting}: shorten it"
         )
     max_tokens = sampling.max_tokens
     if max_tokens is None:
@@ -225,7 +231,7 @@ def resolve_sampling(
     elif max_tokens > room:
         raise ContextLengthError(
             f"max_tokens: the prompt has {prompt_tokens} tokens and max_tokens is {max_tokens}; together they must"
-            f" fit the {context_len}-token context (MAX_MODEL_LEN), so max_tokens can be at most {room}"
+            f" fit the {context_len}-token context{context_setting}, so max_tokens can be at most {room}"
         )
 
     def pick(name: str, usual: Any) -> Any:

@@ -21,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -164,11 +165,13 @@ class DevServer:
     def __init__(self, example: str, env: Mapping[str, str], startup_timeout: float = 180) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        # A file, not a pipe: a chatty server would fill a pipe nobody reads and block.
+        self.log = tempfile.TemporaryFile(mode="w+")
         self.process = subprocess.Popen(
             [sys.executable, "handler.py", "--rp_serve_api", "--rp_api_port", str(self.port)],
             cwd=REPO / example,
             env=base_env(**env),
-            stdout=subprocess.PIPE,
+            stdout=self.log,
             stderr=subprocess.STDOUT,
             text=True,
             start_new_session=True,
@@ -179,7 +182,7 @@ class DevServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"dev server exited with {self.process.returncode}:\n{self.process.stdout.read()}")
+                raise RuntimeError(f"dev server exited with {self.process.returncode}:\n{self.output()}")
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=1):
                 return
             time.sleep(0.25)
@@ -188,6 +191,10 @@ class DevServer:
 
     def post(self, route: str, body: dict[str, Any], timeout: float = 120) -> httpx.Response:
         return httpx.post(f"{self.url}{route}", json=body, timeout=timeout)
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read()
 
     def stop(self) -> str:
         """Stop the server's whole process group by its pid and return what it printed."""
@@ -198,7 +205,7 @@ class DevServer:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
-        return self.process.stdout.read()
+        return self.output()
 
     def __enter__(self) -> DevServer:
         return self

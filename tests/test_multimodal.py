@@ -81,9 +81,16 @@ def test_the_family_comes_from_the_models_config(handlers, kind: str, family: st
     assert module.FAMILY == family and type(module.MODEL).__name__ == model_class
 
 
+def test_braces_in_a_hypothesis_template_can_be_escaped(clip) -> None:
+    result = one(clip, task="classify", image=image_uri(), labels=["a", "b"], hypothesis_template="{{set}} of {}")
+    assert len(result["labels"]) == 2
+
+
 def test_an_unsupported_model_stops_the_worker_at_startup(tiny_model) -> None:
     with pytest.raises(ValueError, match="MODEL_NAME is a 'llama' model; this worker serves CLIP, LLaVA"):
         load_handler(EXAMPLE, {"MODEL_NAME": str(tiny_model("llama"))})
+    with pytest.raises(ValueError, match="DTYPE must be auto, float16, bfloat16, float32, got 'fp16'"):
+        load_handler(EXAMPLE, {"MODEL_NAME": str(tiny_model("clip")), "DTYPE": "fp16"})
     with pytest.raises(ValueError, match="QUANTIZATION applies to LLaVA and BLIP-2"):
         load_handler(EXAMPLE, {"MODEL_NAME": str(tiny_model("clip")), "QUANTIZATION": "bnb-8bit"})
 
@@ -356,6 +363,10 @@ CLIP_BAD = [
         {"task": "classify", "image": image_uri(), "labels": ["a", "b"], "hypothesis_template": "a photo"},
         "hypothesis_template: must contain exactly one {} where the label goes",
     ),
+    (
+        {"task": "classify", "image": image_uri(), "labels": ["a", "b"], "hypothesis_template": "{} in {place}"},
+        "hypothesis_template: must contain exactly one {} where the label goes (write other braces as {{ and }})",
+    ),
     ({"task": "classify", "image": "%%%", "labels": ["a", "b"]}, "image: not valid base64"),
     (
         {"task": "classify", "image": base64.b64encode(b"text").decode(), "labels": ["a", "b"]},
@@ -396,6 +407,11 @@ LLAVA_BAD = [
     ({"task": "chat", "messages": [{"role": "tool", "content": "x"}]}, "messages.0.role: Input should be"),
     (openai_chat({"messages": image_question(image_uri()), "n": 3}), "n=3 is not supported by this worker"),
     (openai_chat({"messages": image_question(image_uri()), "logprobs": True}), "logprobs is not supported"),
+    (openai_chat({"messages": image_question(image_uri()), "presence_penalty": 1}), "presence_penalty other than 0"),
+    (
+        openai_chat({"messages": image_question(image_uri()), "response_format": {"type": "json_object"}}),
+        "response_format other than text is not supported",
+    ),
     (openai_chat({"messages": image_question("ftp://x/y.png")}), "image 0: only http(s) URLs are fetched"),
     ({"openai_route": "/v1/embeddings", "openai_input": {}}, "openai_route must be one of /v1/chat/completions"),
     (
@@ -446,11 +462,12 @@ def test_a_failure_mid_generation_is_an_error_and_the_next_job_is_served(llava) 
         result = run_job(llava.handler, {"task": "caption", "image": image_uri(), "sampling_params": {"max_tokens": 8}})
     finally:
         hook.remove()
-    assert result["error"] == "generation failed inside the worker; see the worker logs"
+    assert result["error"] == "the model failed on this request inside the worker; see the worker logs"
     assert one(llava, task="caption", image=image_uri(), sampling_params={"max_tokens": 2})["usage"]
 
 
-def test_an_abandoned_stream_stops_generating(llava) -> None:
+def test_an_abandoned_stream_stops_generating(llava, monkeypatch) -> None:
+    monkeypatch.setattr(llava.GENERATOR, "eos_token_ids", set())  # only stopping can end it early
     calls: list[int] = []
     hook = llava.MODEL.register_forward_hook(lambda *args: calls.append(1))
     request = {
@@ -478,6 +495,7 @@ def test_an_abandoned_stream_stops_generating(llava) -> None:
 
 def test_a_generation_past_its_time_limit_is_stopped(tiny_model) -> None:
     module = load_handler(EXAMPLE, {"MODEL_NAME": str(tiny_model("llava")), "MAX_GENERATION_SECONDS": "0.3"})
+    module.GENERATOR.eos_token_ids = set()  # a random model may end its turn early; this one cannot
     request = {"task": "caption", "image": image_uri(), "sampling_params": {"temperature": 1.0, "max_tokens": 1900}}
     result = run_job(module.handler, request)
     assert result["error"].startswith("generation stopped at its 0.3-second limit (MAX_GENERATION_SECONDS)")
