@@ -14,6 +14,7 @@ bottom: configuration, model load, request schema, prompt and sampling, response
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import time
 from collections.abc import AsyncIterator
@@ -36,7 +37,7 @@ from textstream import (
     resolve_sampling,
 )
 
-from engines import load_transformers_engine
+from engines import Engine, load_transformers_engine, load_vllm_engine, vllm_engine_args
 from local_run import for_local_run
 
 log = runpod.RunPodLogger()
@@ -65,9 +66,12 @@ MODEL_NAME = env_str("MODEL_NAME", DEFAULT_MODEL)  # a Hub id or a local folder
 MODEL_REVISION = env_str("MODEL_REVISION", None)  # a commit hash makes deployments reproducible
 TOKENIZER_NAME = env_str("TOKENIZER_NAME", None)  # when the tokenizer lives in another repo
 SERVED_MODEL_NAME = env_str("SERVED_MODEL_NAME", MODEL_NAME)  # the id /v1/models lists
-ENGINE_NAME = env_str("ENGINE", "auto")  # auto | transformers (see README: the vLLM engine)
+# auto: vLLM when it is installed and a GPU is present (the CUDA image), transformers otherwise.
+ENGINE_NAME = env_str("ENGINE", "auto")  # auto | transformers | vllm
 DTYPE = env_str("DTYPE", "auto")  # auto: bf16 on Ampere+ GPUs, fp16 on older ones, fp32 on CPU
-QUANTIZATION = env_str("QUANTIZATION", None)  # bnb-8bit | bnb-4bit: ~1/2 and ~1/4 of the fp16 memory
+# transformers: bnb-8bit | bnb-4bit (~1/2 and ~1/4 of the fp16 memory); vLLM: awq | gptq | fp8 |
+# bnb-4bit (pre-quantized awq/gptq checkpoints, fp8 on Ada/Hopper GPUs).
+QUANTIZATION = env_str("QUANTIZATION", None)
 TRUST_REMOTE_CODE = env_str("TRUST_REMOTE_CODE", "false").lower() in ("1", "true", "yes")
 # Prompt + completion tokens per request. Unset: the model's own context length. Lower it to
 # bound the KV cache a single request can take.
@@ -81,6 +85,12 @@ DEFAULT_MAX_TOKENS = env_int("DEFAULT_MAX_TOKENS", 512)
 # Seconds one generation may run: well under Runpod's default execution timeout (600 s), so a
 # runaway request ends with an answer instead of a killed job. 0 turns the limit off.
 MAX_GENERATION_SECONDS = env_float("MAX_GENERATION_SECONDS", 300.0)
+# vLLM only. It reserves GPU_MEMORY_UTILIZATION of the GPU up front, for the weights and a paged
+# KV cache shared by all running requests; 0.9 leaves room for CUDA's own allocations.
+GPU_MEMORY_UTILIZATION = env_float("GPU_MEMORY_UTILIZATION", 0.9)
+TENSOR_PARALLEL_SIZE = env_int("TENSOR_PARALLEL_SIZE", 1)  # GPUs one model is split across
+MAX_NUM_SEQS = env_int("MAX_NUM_SEQS", 256)  # sequences batched per step: vLLM's own default
+ENFORCE_EAGER = env_str("ENFORCE_EAGER", "false").lower() in ("1", "true", "yes")  # no CUDA graphs: faster start
 
 # Limits of the request schema (OpenAI's own where it has one).
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit
@@ -106,35 +116,67 @@ def cached_hub_folder(model_name: str, cache_dir: str = RUNPOD_HF_CACHE) -> str 
     return cache_dir if os.path.isdir(snapshot) else None
 
 
-def choose_engine(requested: str) -> str:
-    if requested in ("auto", "transformers"):
-        return "transformers"
-    raise ValueError(f"ENGINE must be auto or transformers, got {requested!r}")
+def choose_engine(requested: str, vllm_installed: bool, gpu: bool) -> str:
+    if requested == "auto":
+        return "vllm" if vllm_installed and gpu else "transformers"
+    if requested not in ("transformers", "vllm"):
+        raise ValueError(f"ENGINE must be auto, transformers or vllm, got {requested!r}")
+    if requested == "vllm" and not vllm_installed:
+        raise ValueError("ENGINE=vllm, but vLLM is not installed in this image")
+    return requested
 
 
+def load_engine(kind: str) -> Engine:
+    if kind == "vllm":
+        args = vllm_engine_args(
+            MODEL_NAME,
+            revision=MODEL_REVISION,
+            tokenizer_name=TOKENIZER_NAME,
+            dtype=DTYPE,
+            quantization=QUANTIZATION,
+            max_model_len=MAX_MODEL_LEN,
+            gpu_memory_utilization=GPU_MEMORY_UTILIZATION,
+            tensor_parallel_size=TENSOR_PARALLEL_SIZE,
+            max_num_seqs=MAX_NUM_SEQS,
+            enforce_eager=ENFORCE_EAGER,
+            trust_remote_code=TRUST_REMOTE_CODE,
+            download_dir=cached_hub_folder(MODEL_NAME),
+        )
+        return load_vllm_engine(
+            args,
+            tokenizer_cache_dir=cached_hub_folder(TOKENIZER_NAME or MODEL_NAME),
+            time_limit_s=MAX_GENERATION_SECONDS or None,
+        )
+    return load_transformers_engine(
+        MODEL_NAME,
+        revision=MODEL_REVISION,
+        tokenizer_name=TOKENIZER_NAME,
+        dtype=DTYPE,
+        quantization=QUANTIZATION,
+        max_model_len=MAX_MODEL_LEN,
+        max_concurrency=MAX_CONCURRENCY,
+        time_limit_s=MAX_GENERATION_SECONDS or None,
+        trust_remote_code=TRUST_REMOTE_CODE,
+        cache_dir=cached_hub_folder(MODEL_NAME),
+        tokenizer_cache_dir=cached_hub_folder(TOKENIZER_NAME or MODEL_NAME),
+    )
+
+
+# vLLM's engine core runs in a process started with multiprocessing's "spawn", which imports this
+# file again as __mp_main__: that process must not load a second engine.
+IN_ENGINE_PROCESS = __name__ == "__mp_main__"
 _load_started = time.perf_counter()
-ENGINE_KIND = choose_engine(ENGINE_NAME)
-ENGINE = load_transformers_engine(
-    MODEL_NAME,
-    revision=MODEL_REVISION,
-    tokenizer_name=TOKENIZER_NAME,
-    dtype=DTYPE,
-    quantization=QUANTIZATION,
-    max_model_len=MAX_MODEL_LEN,
-    max_concurrency=MAX_CONCURRENCY,
-    time_limit_s=MAX_GENERATION_SECONDS or None,
-    trust_remote_code=TRUST_REMOTE_CODE,
-    cache_dir=cached_hub_folder(MODEL_NAME),
-    tokenizer_cache_dir=cached_hub_folder(TOKENIZER_NAME or MODEL_NAME),
-)
-CONTEXT_LEN = ENGINE.max_model_len
-SAMPLING_DEFAULTS = ENGINE.sampling_defaults  # what the model's generation_config.json recommends
+ENGINE_KIND = choose_engine(ENGINE_NAME, importlib.util.find_spec("vllm") is not None, torch.cuda.is_available())
+ENGINE: Engine | None = None if IN_ENGINE_PROCESS else load_engine(ENGINE_KIND)
+CONTEXT_LEN = ENGINE.max_model_len if ENGINE else 1
+SAMPLING_DEFAULTS = ENGINE.sampling_defaults if ENGINE else {}  # what the model's generation_config.json recommends
 LOADED_AT = int(time.time())
-log.info(
-    f"Loaded {MODEL_NAME} with {ENGINE_KIND} ({QUANTIZATION or DTYPE}) in "
-    f"{time.perf_counter() - _load_started:.1f}s: context {CONTEXT_LEN} tokens, "
-    f"chat template: {'yes' if ENGINE.has_chat_template else 'no'}, sampling defaults: {SAMPLING_DEFAULTS or 'none'}"
-)
+if ENGINE:
+    log.info(
+        f"Loaded {MODEL_NAME} with {ENGINE_KIND} ({QUANTIZATION or DTYPE}) in "
+        f"{time.perf_counter() - _load_started:.1f}s: context {CONTEXT_LEN} tokens, chat template: "
+        f"{'yes' if ENGINE.has_chat_template else 'no'}, sampling defaults: {SAMPLING_DEFAULTS or 'none'}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -468,6 +468,7 @@ def test_a_failure_mid_generation_is_an_error_and_the_next_job_is_served(llava) 
 
 def test_an_abandoned_stream_stops_generating(llava, monkeypatch) -> None:
     monkeypatch.setattr(llava.GENERATOR, "eos_token_ids", set())  # only stopping can end it early
+    monkeypatch.setattr(llava.MODEL.generation_config, "eos_token_id", None)
     calls: list[int] = []
     hook = llava.MODEL.register_forward_hook(lambda *args: calls.append(1))
     request = {
@@ -496,6 +497,7 @@ def test_an_abandoned_stream_stops_generating(llava, monkeypatch) -> None:
 def test_a_generation_past_its_time_limit_is_stopped(tiny_model) -> None:
     module = load_handler(EXAMPLE, {"MODEL_NAME": str(tiny_model("llava")), "MAX_GENERATION_SECONDS": "0.3"})
     module.GENERATOR.eos_token_ids = set()  # a random model may end its turn early; this one cannot
+    module.MODEL.generation_config.eos_token_id = None
     request = {"task": "caption", "image": image_uri(), "sampling_params": {"temperature": 1.0, "max_tokens": 1900}}
     result = run_job(module.handler, request)
     assert result["error"].startswith("generation stopped at its 0.3-second limit (MAX_GENERATION_SECONDS)")

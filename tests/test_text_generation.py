@@ -193,6 +193,37 @@ def test_resolve_sampling_prefers_request_then_model_then_usual(qwen) -> None:
     assert qwen.resolve_sampling(qwen.Sampling(top_k=-1), 10, {}, 100, 50).top_k == 0
 
 
+def test_engine_choice(qwen) -> None:
+    assert qwen.choose_engine("auto", vllm_installed=True, gpu=True) == "vllm"
+    assert qwen.choose_engine("auto", vllm_installed=True, gpu=False) == "transformers"
+    assert qwen.choose_engine("auto", vllm_installed=False, gpu=True) == "transformers"
+    assert qwen.choose_engine("vllm", vllm_installed=True, gpu=False) == "vllm"  # vLLM's CPU build, as tested
+
+
+def test_environment_maps_to_vllm_engine_arguments(qwen) -> None:
+    settings = {
+        "revision": "abc123",
+        "tokenizer_name": None,
+        "dtype": "bfloat16",
+        "quantization": "awq",
+        "max_model_len": 8192,
+        "gpu_memory_utilization": 0.85,
+        "tensor_parallel_size": 2,
+        "max_num_seqs": 64,
+        "enforce_eager": True,
+        "trust_remote_code": False,
+        "download_dir": None,
+    }
+    args = qwen.vllm_engine_args("org/model", **settings)
+    assert args["model"] == "org/model" and args["quantization"] == "awq" and args["tensor_parallel_size"] == 2
+    assert (args["max_model_len"], args["gpu_memory_utilization"], args["max_num_seqs"]) == (8192, 0.85, 64)
+    assert qwen.vllm_engine_args("m", **{**settings, "quantization": "bnb-4bit"})["quantization"] == "bitsandbytes"
+    with pytest.raises(ValueError, match="QUANTIZATION=bnb-8bit is not available on the vLLM engine"):
+        qwen.vllm_engine_args("m", **{**settings, "quantization": "bnb-8bit"})
+    with pytest.raises(ValueError, match="DTYPE must be auto"):
+        qwen.vllm_engine_args("m", **{**settings, "dtype": "fp16"})
+
+
 def test_recommended_sampling_reads_only_what_the_model_sets(qwen) -> None:
     from transformers import GenerationConfig
 
@@ -407,8 +438,10 @@ def test_unsupported_settings_stop_the_worker_at_startup(tiny_model) -> None:
         load_handler(EXAMPLE, {"MODEL_NAME": model, "QUANTIZATION": "awq"})
     with pytest.raises(ValueError, match="QUANTIZATION must be one of"):
         load_handler(EXAMPLE, {"MODEL_NAME": model, "QUANTIZATION": "int3"})
-    with pytest.raises(ValueError, match="ENGINE must be auto or transformers"):
+    with pytest.raises(ValueError, match="ENGINE must be auto, transformers or vllm, got 'tgi'"):
         load_handler(EXAMPLE, {"MODEL_NAME": model, "ENGINE": "tgi"})
+    with pytest.raises(ValueError, match="ENGINE=vllm, but vLLM is not installed in this image"):
+        load_handler(EXAMPLE, {"MODEL_NAME": model, "ENGINE": "vllm"})
     with pytest.raises(ValueError, match="MAX_MODEL_LEN=100000 exceeds the model's context of 2048"):
         load_handler(EXAMPLE, {"MODEL_NAME": model, "MAX_MODEL_LEN": "100000"})
 
@@ -445,6 +478,13 @@ def test_concurrent_jobs_give_the_same_texts_as_alone(qwen) -> None:
     assert [streamed_text(ok(result)) for result in asyncio.run(together())] == alone
 
 
+def never_ending(module: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A random model may sample its end-of-turn token at any step; take that ending away, so only
+    max_tokens, a time limit or a stop can end the generation."""
+    monkeypatch.setattr(module.ENGINE.generator, "eos_token_ids", set())
+    monkeypatch.setattr(module.ENGINE.model.generation_config, "eos_token_id", None)
+
+
 def count_forward_calls(module: ModuleType) -> tuple[list[int], Any]:
     calls: list[int] = []
     hook = module.ENGINE.model.register_forward_hook(lambda *args: calls.append(1))
@@ -458,7 +498,7 @@ async def wait_until_idle(module: ModuleType, timeout: float = 10.0) -> None:
 
 
 def test_an_abandoned_stream_stops_generating(qwen, monkeypatch) -> None:
-    monkeypatch.setattr(qwen.ENGINE.generator, "eos_token_ids", set())  # only stopping can end it early
+    never_ending(qwen, monkeypatch)
     calls, hook = count_forward_calls(qwen)
     request = {"prompt": "Once", "sampling_params": {"temperature": 1.0, "max_tokens": 1500}, "stream": True}
 
@@ -478,7 +518,7 @@ def test_an_abandoned_stream_stops_generating(qwen, monkeypatch) -> None:
 
 
 def test_a_cancelled_job_stops_generating(qwen, monkeypatch) -> None:
-    monkeypatch.setattr(qwen.ENGINE.generator, "eos_token_ids", set())  # only stopping can end it early
+    never_ending(qwen, monkeypatch)
     calls, hook = count_forward_calls(qwen)
     request = {"prompt": "Once", "sampling_params": {"temperature": 1.0, "max_tokens": 1500}, "stream": True}
 
@@ -504,9 +544,9 @@ def test_a_cancelled_job_stops_generating(qwen, monkeypatch) -> None:
     assert len(calls) < 100
 
 
-def test_a_generation_past_its_time_limit_is_stopped_with_a_clear_error(tiny_model) -> None:
+def test_a_generation_past_its_time_limit_is_stopped_with_a_clear_error(tiny_model, monkeypatch) -> None:
     module = load_handler(EXAMPLE, {"MODEL_NAME": str(tiny_model("qwen3")), "MAX_GENERATION_SECONDS": "0.5"})
-    module.ENGINE.generator.eos_token_ids = set()  # a random model may end its turn early; this one cannot
+    never_ending(module, monkeypatch)
     calls, hook = count_forward_calls(module)
     request = {"prompt": "Once", "sampling_params": {"temperature": 1.0, "max_tokens": 2000}, "stream": True}
     try:
