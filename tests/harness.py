@@ -80,6 +80,21 @@ def load_handler(example: str, env: Mapping[str, str]) -> ModuleType:
     return module
 
 
+def shared_copies(filename: str) -> list[Path]:
+    """Every example's copy of a helper that is repeated on purpose (each folder is its own image)."""
+    return [REPO / example / filename for example in EXAMPLES if (REPO / example / filename).exists()]
+
+
+def load_copy(path: Path) -> ModuleType:
+    """Import one example's copy of a shared helper under a name of its own."""
+    spec = importlib.util.spec_from_file_location(f"{path.stem}_{path.parent.name}", path)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # as an import does: dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
 def assert_json(value: Any) -> None:
     """Fail the test exactly where production would lose a result: json.dumps raising TypeError."""
     try:

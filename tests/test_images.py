@@ -3,29 +3,18 @@
 from __future__ import annotations
 
 import base64
-import importlib.util
 import io
-import sys
 import time
 from http.server import BaseHTTPRequestHandler
-from pathlib import Path
 from types import ModuleType
 
 import pytest
 from PIL import Image
 
-from tests.harness import EXAMPLES, REPO
+from tests.harness import load_copy, shared_copies
 from tests.servers import http_server
 
-COPIES = [REPO / example / "images.py" for example in EXAMPLES if (REPO / example / "images.py").exists()]
-
-
-def load(path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"images_{path.parent.name}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # as an import does: dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
+COPIES = shared_copies("images.py")
 
 
 def test_every_copy_is_identical() -> None:
@@ -35,7 +24,7 @@ def test_every_copy_is_identical() -> None:
 
 @pytest.fixture(params=COPIES, ids=[path.parent.name for path in COPIES])
 def images(request: pytest.FixtureRequest) -> ModuleType:
-    return load(request.param)
+    return load_copy(request.param)
 
 
 @pytest.fixture

@@ -3,23 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
 
-from tests.harness import EXAMPLES, REPO
+from tests.harness import load_copy, shared_copies
 
-COPIES = [REPO / example / "local_run.py" for example in EXAMPLES if (REPO / example / "local_run.py").exists()]
-
-
-def load(path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"local_run_{path.parent.name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+COPIES = shared_copies("local_run.py")
 
 
 def test_every_copy_is_identical() -> None:
@@ -29,7 +20,7 @@ def test_every_copy_is_identical() -> None:
 
 @pytest.fixture(params=COPIES, ids=[path.parent.name for path in COPIES])
 def local_run(request: pytest.FixtureRequest) -> ModuleType:
-    return load(request.param)
+    return load_copy(request.param)
 
 
 @pytest.mark.parametrize(

@@ -3,27 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
-import sys
-from pathlib import Path
 from types import ModuleType
 
 import pytest
 from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from tests.harness import EXAMPLES, REPO
+from tests.harness import load_copy, shared_copies
 
-COPIES = [REPO / example / "textstream.py" for example in EXAMPLES if (REPO / example / "textstream.py").exists()]
-
-
-def load(path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"textstream_{path.parent.name}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # as an import does: dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
+COPIES = shared_copies("textstream.py")
 
 
 def test_every_copy_is_identical() -> None:
@@ -33,7 +22,7 @@ def test_every_copy_is_identical() -> None:
 
 @pytest.fixture(params=COPIES, ids=[path.parent.name for path in COPIES])
 def textstream(request: pytest.FixtureRequest) -> ModuleType:
-    return load(request.param)
+    return load_copy(request.param)
 
 
 @pytest.fixture(scope="module")
