@@ -194,7 +194,7 @@ MaxTokens = Annotated[int, Field(ge=1, le=CONTEXT_LEN)]
 Temperature = Annotated[float, Field(ge=0, le=MAX_TEMPERATURE)]
 TopP = Annotated[float, Field(gt=0, le=1)]
 TopK = Annotated[int, Field(ge=-1)]  # -1 and 0 both mean "no top-k", as in vLLM
-RepetitionPenalty = Annotated[float, Field(gt=0, le=MAX_REPETITION_PENALTY)]
+RepetitionPenalty = Annotated[float, Field(ge=0.01, le=MAX_REPETITION_PENALTY)]
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 StopList = Annotated[
     list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]], Field(max_length=MAX_STOP_SEQUENCES)
@@ -381,7 +381,7 @@ def parse_request(job_input: Any) -> tuple[str, BaseModel | None]:
             raise RequestError(describe_validation_error(error)) from None
 
     route = job_input["openai_route"]
-    if route not in OPENAI_ROUTES:
+    if not isinstance(route, str) or route not in OPENAI_ROUTES:
         raise RequestError(f"openai_route must be one of {', '.join(OPENAI_ROUTES)}, got {route!r}")
     schema = OPENAI_ROUTES[route]
     if schema is None:

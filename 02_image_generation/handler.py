@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import math
 import os
 import secrets
@@ -340,6 +341,8 @@ def default_steps(request: ImageRequest, image_to_image: bool) -> int:
     if request.num_inference_steps is not None:
         return request.num_inference_steps
     if image_to_image:
+        if (request.strength or DEFAULT_STRENGTH) * MAX_STEPS < 1:
+            raise RequestError(f"strength must be at least {1 / MAX_STEPS:g}: lower strengths run no step")
         return max(FAMILY.steps, math.ceil(1 / (request.strength or DEFAULT_STRENGTH)))
     return FAMILY.steps
 
@@ -425,6 +428,21 @@ def prepare(request: ImageRequest) -> Job:
     )
 
 
+_THREAD_LOCAL = threading.local()
+
+
+def thread_tokenizers() -> dict[str, Any]:
+    """Tokenizers of this thread's own: a fast tokenizer keeps its padding settings on the object,
+    so two threads sharing one get each other's padding."""
+    if not hasattr(_THREAD_LOCAL, "tokenizers"):
+        _THREAD_LOCAL.tokenizers = {
+            name: copy.deepcopy(getattr(TEXT2IMAGE, name))
+            for name in ("tokenizer", "tokenizer_2")
+            if getattr(TEXT2IMAGE, name, None) is not None
+        }
+    return _THREAD_LOCAL.tokenizers
+
+
 def pipeline_for(job: Job) -> Any:
     """A pipeline of this request's own over the shared weights.
 
@@ -438,7 +456,7 @@ def pipeline_for(job: Job) -> Any:
         scheduler_class, settings = SCHEDULERS[job.request.scheduler]
         scheduler = scheduler_class.from_config(base.scheduler.config, **settings)
     # dtype: from_pipe otherwise casts the shared weights to fp32 in place (diffusers' default).
-    pipeline = type(base).from_pipe(base, scheduler=scheduler, dtype=base.dtype)
+    pipeline = type(base).from_pipe(base, scheduler=scheduler, dtype=base.dtype, **thread_tokenizers())
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 

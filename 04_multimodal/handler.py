@@ -226,7 +226,7 @@ class Sampling(BaseModel):
     temperature: Annotated[float, Field(ge=0, le=MAX_TEMPERATURE)] | None = None
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
     top_k: Annotated[int, Field(ge=-1)] | None = None  # -1 and 0 both mean "no top-k"
-    repetition_penalty: Annotated[float, Field(gt=0, le=MAX_REPETITION_PENALTY)] | None = None
+    repetition_penalty: Annotated[float, Field(ge=0.01, le=MAX_REPETITION_PENALTY)] | None = None
     stop: Annotated[list[Text], Field(max_length=MAX_STOP_SEQUENCES)] | None = None
     seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = None
 
@@ -413,7 +413,7 @@ def parse_request(job_input: Any, family: str) -> tuple[str, BaseModel | None]:
             raise RequestError(describe_validation_error(error, prefix="openai_input")) from None
 
     task = job_input.get("task")
-    if task not in NATIVE_REQUESTS:
+    if not isinstance(task, str) or task not in NATIVE_REQUESTS:
         raise RequestError(f"task must be one of {', '.join(tasks)} (what this {family} model can do), got {task!r}")
     if task not in tasks:
         raise RequestError(f"task: a {family} model cannot {task}; it can do: {', '.join(tasks)}")

@@ -288,7 +288,7 @@ class StreamingGenerator:
             repetition_penalty=params.repetition_penalty,
         )
         processors = LogitsProcessorList()
-        if params.temperature > 0:
+        if params.temperature >= 1e-5:  # below that, greedy, as vLLM does: scores / temperature overflow
             seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
             processors.append(SeededSampler(params, seed, self.device))
         return {
