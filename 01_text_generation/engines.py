@@ -250,6 +250,15 @@ class VLLMEngine(HuggingFacePrompts):
         written = self.engine.model_config.try_get_generation_config()  # the model's generation_config.json
         self.sampling_defaults = recommended_sampling(GenerationConfig.from_dict(written)) if written else {}
 
+    def shutdown(self) -> None:
+        """Stop the engine from its own loop, where its output task lives (from any other thread,
+        vLLM stops the engine core first and that task logs a dead engine on its way out)."""
+
+        async def stop() -> None:
+            self.engine.shutdown()
+
+        asyncio.run_coroutine_threadsafe(stop(), self.loop).result()
+
     def _sampling(self, params: SamplingParams) -> Any:
         from vllm import SamplingParams as VLLMSamplingParams
         from vllm.sampling_params import RequestOutputKind

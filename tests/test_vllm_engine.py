@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -54,7 +55,8 @@ def vllm(env: dict[str, str]) -> Iterator[ModuleType]:
     module = load_handler(EXAMPLE, env)
     assert type(module.ENGINE).__name__ == "VLLMEngine"
     yield module
-    module.ENGINE.engine.shutdown()  # its engine process, before pytest closes the streams it logs to
+    module.ENGINE.shutdown()  # its engine process, before pytest closes the streams it logs to
+    sys.modules.pop(module.__name__, None)  # or AsyncLLM.__del__ runs again at interpreter exit
 
 
 def ok(result: dict[str, Any]) -> list[Any]:
