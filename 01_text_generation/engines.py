@@ -120,6 +120,20 @@ def quantization_config(name: str | None, compute_dtype: torch.dtype) -> Any:
     raise ValueError(f"QUANTIZATION must be one of {choices}, got {name!r}")
 
 
+def load_tokenizer(
+    model_name: str, tokenizer_name: str | None, revision: str | None, trust_remote_code: bool, cache_dir: str | None
+) -> Any:
+    """The model's tokenizer, or TOKENIZER_NAME's; both engines tokenize and template with it."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(
+        tokenizer_name or model_name,
+        revision=None if tokenizer_name else revision,  # MODEL_REVISION names a commit of the model's repo
+        trust_remote_code=trust_remote_code,
+        cache_dir=cache_dir,
+    )
+
+
 def load_transformers_engine(
     model_name: str,
     *,
@@ -134,17 +148,12 @@ def load_transformers_engine(
     cache_dir: str | None,
     tokenizer_cache_dir: str | None,
 ) -> TransformersEngine:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     cuda = torch.cuda.is_available()
     compute_dtype = torch_dtype(dtype, cuda)
     common = {"revision": revision, "trust_remote_code": trust_remote_code, "cache_dir": cache_dir}
-    tokenizer = AutoTokenizer.from_pretrained(
-        tokenizer_name or model_name,
-        revision=None if tokenizer_name else revision,  # MODEL_REVISION names a commit of the model's repo
-        trust_remote_code=trust_remote_code,
-        cache_dir=tokenizer_cache_dir,
-    )
+    tokenizer = load_tokenizer(model_name, tokenizer_name, revision, trust_remote_code, tokenizer_cache_dir)
     model = AutoModelForCausalLM.from_pretrained(
         model_name,
         dtype=compute_dtype,
@@ -331,12 +340,11 @@ class VLLMEngine(HuggingFacePrompts):
 def load_vllm_engine(
     engine_args: dict[str, Any], *, tokenizer_cache_dir: str | None, time_limit_s: float | None
 ) -> VLLMEngine:
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(
-        engine_args["tokenizer"] or engine_args["model"],
-        revision=None if engine_args["tokenizer"] else engine_args["revision"],
-        trust_remote_code=engine_args["trust_remote_code"],
-        cache_dir=tokenizer_cache_dir,
+    tokenizer = load_tokenizer(
+        engine_args["model"],
+        engine_args["tokenizer"],
+        engine_args["revision"],
+        engine_args["trust_remote_code"],
+        tokenizer_cache_dir,
     )
     return VLLMEngine(engine_args, tokenizer, time_limit_s)

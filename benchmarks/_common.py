@@ -8,6 +8,17 @@ import platform
 import statistics
 from collections.abc import Sequence
 
+# Quiet, offline, no progress bars: the same for the handler and for the raw library. The SDK logs
+# every job's input and output at its default level (DEBUG); a benchmark prints tables.
+QUIET_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "DIFFUSERS_VERBOSITY": "error",
+    "RUNPOD_LOG_LEVEL": os.environ.get("RUNPOD_LOG_LEVEL", "WARN"),
+}
+
 
 def median(values: Sequence[float]) -> float:
     return statistics.median(values)

@@ -30,17 +30,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks._common import machine_line, median, paired_ratio, percentile, ratio_note, table  # noqa: E402
+from benchmarks._common import QUIET_ENV, machine_line, median, paired_ratio, percentile, ratio_note, table  # noqa: E402
 
 EXAMPLE = "03_embeddings"
-QUIET_ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-    "TRANSFORMERS_VERBOSITY": "error",
-    # The SDK logs every job's input and output at its default level (DEBUG); a benchmark prints tables.
-    "RUNPOD_LOG_LEVEL": os.environ.get("RUNPOD_LOG_LEVEL", "WARN"),
-}
 # Each throughput sample embeds at least this many texts (several calls when N is small), so
 # one sample lasts long enough for the clock to mean something.
 MIN_TEXTS_PER_SAMPLE = 32

@@ -39,19 +39,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks._common import machine_line, median, paired_ratio, ratio_note, table  # noqa: E402
+from benchmarks._common import QUIET_ENV, machine_line, median, paired_ratio, ratio_note, table  # noqa: E402
 
 EXAMPLE = "02_image_generation"
-# Quiet, offline, no progress bars: the same for the handler and for the raw library.
-QUIET_ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-    "TRANSFORMERS_VERBOSITY": "error",
-    "DIFFUSERS_VERBOSITY": "error",
-    # The SDK logs every streamed chunk at its default level (DEBUG); a benchmark prints tables.
-    "RUNPOD_LOG_LEVEL": os.environ.get("RUNPOD_LOG_LEVEL", "WARN"),
-}
 PROMPT = "a lighthouse on a rocky coast at dawn, oil painting"
 FORMATS = ("png", "jpeg", "webp")
 

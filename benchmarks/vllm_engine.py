@@ -48,19 +48,15 @@ sys.path.insert(0, str(REPO))
 
 # Light imports only at module level: vLLM's engine core process is spawned and imports this
 # script again (as __mp_main__); everything else happens inside main().
+from benchmarks._common import QUIET_ENV as COMMON_QUIET_ENV  # noqa: E402
 from benchmarks._common import machine_line, median, paired_ratio, ratio_note, table  # noqa: E402
 
 EXAMPLE = "01_text_generation"
 QUIET_ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-    "TRANSFORMERS_VERBOSITY": "error",
+    **COMMON_QUIET_ENV,
     "TOKENIZERS_PARALLELISM": "false",
     # vLLM logs its start-up at INFO; a benchmark prints tables. Set VLLM_LOGGING_LEVEL=INFO to see it.
     "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
-    # The SDK logs every streamed chunk at its default level (DEBUG).
-    "RUNPOD_LOG_LEVEL": os.environ.get("RUNPOD_LOG_LEVEL", "WARN"),
 }
 
 Call = Callable[[], Awaitable[tuple[int, str]]]  # one request: (completion tokens, text)
