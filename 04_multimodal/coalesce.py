@@ -1,0 +1,124 @@
+"""Stream at the network's pace: send everything that is ready, merged, each time the SDK asks.
+
+In production the runpod SDK POSTs every chunk a handler yields to Runpod and waits for that
+POST to finish before it asks the handler for the next chunk. A handler that yields one chunk
+per token (or per denoising step) therefore pays one network round trip per chunk, and the job
+holds its slot long after the model is done: measured through the SDK's real worker loop, a
+128-token stream took 16× longer with 50 ms per POST than with instant POSTs.
+
+`coalesced(chunks, merge)` runs the handler's stream in a task of its own, so the model keeps
+producing while a POST is in flight. Each time the SDK asks for the next chunk it gets every
+chunk that became ready meanwhile, combined by `merge`: consecutive text deltas are joined
+(`merge_text`), superseded progress updates are dropped (`keep_latest`). With a fast network
+nothing changes: a chunk that is alone when asked for goes out alone, at once.
+
+This file is copied, identical, into every example that streams (each folder is its own Docker
+context); `tests/test_coalesce.py` checks that the copies match and exercises each one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+# Combines the chunks that are ready at once into the ones to send, in order.
+Merge = Callable[[list[Any]], list[Any]]
+
+
+class _Failed:
+    """The stream raised: the error travels through the queue behind the chunks before it."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+_END = object()
+
+
+async def coalesced(chunks: AsyncIterator[T], merge: Merge) -> AsyncIterator[T]:
+    """`chunks`, produced ahead of the consumer and merged by `merge` whenever several wait.
+
+    An error the stream raises is re-raised here after the chunks that came before it. When the
+    consumer stops early (the job is cancelled, or the SDK closes the generator), the producing
+    task is cancelled and `chunks` is closed, so the model stops too.
+    """
+    ready: asyncio.Queue[Any] = asyncio.Queue()  # holds at most what one POST's round trip lets pile up
+
+    async def produce() -> None:
+        try:
+            async for chunk in chunks:
+                ready.put_nowait(chunk)
+        except Exception as error:  # noqa: BLE001 - re-raised in the consumer, in order
+            ready.put_nowait(_Failed(error))
+        finally:
+            ready.put_nowait(_END)
+
+    producer = asyncio.create_task(produce())
+    try:
+        while True:
+            batch = [await ready.get()]
+            while not ready.empty():
+                batch.append(ready.get_nowait())
+            end = batch[-1] is _END
+            failure = next((item for item in batch if isinstance(item, _Failed)), None)
+            items = [item for item in batch if item is not _END and not isinstance(item, _Failed)]
+            for chunk in merge(items) if items else ():
+                yield chunk
+            if failure is not None:
+                raise failure.error
+            if end:
+                return
+    finally:
+        if not producer.done():
+            producer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await producer
+        aclose = getattr(chunks, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+def _mergeable(a: Any, b: Any) -> bool:
+    """Two text chunks that can become one: SSE strings, or dicts alike but for their text."""
+    if isinstance(a, str) and isinstance(b, str):
+        return True
+    if not (isinstance(a, dict) and isinstance(b, dict)) or a.keys() != b.keys():
+        return False
+    if not (isinstance(a.get("text"), str) and isinstance(b.get("text"), str)):
+        return False
+    return all(a[key] == b[key] for key in a if key != "text")
+
+
+def merge_text(items: list[Any]) -> list[Any]:
+    """Join consecutive text chunks; anything else (finish reasons, usage, errors) stays as it is.
+
+    SSE strings are concatenated (several whole events in one chunk is valid SSE); native
+    `{"text": ...}` chunks join their text when every other field is equal (the same choice
+    index, for instance). The order of everything is kept, so a client reads the same text.
+    """
+    merged: list[Any] = []
+    for item in items:
+        if merged and _mergeable(merged[-1], item):
+            last = merged[-1]
+            merged[-1] = last + item if isinstance(last, str) else {**last, "text": last["text"] + item["text"]}
+        else:
+            merged.append(item)
+    return merged
+
+
+def keep_latest(is_update: Callable[[Any], bool]) -> Merge:
+    """A merge that drops every update overtaken before it could be sent.
+
+    Updates (progress, for instance) only matter while they are the newest news: an update is
+    sent only when nothing came after it. Every chunk that is not an update (the result) is kept,
+    in order, so progress never delays a result.
+    """
+
+    def merge(items: list[Any]) -> list[Any]:
+        return [item for i, item in enumerate(items) if not is_update(item) or i == len(items) - 1]
+
+    return merge
