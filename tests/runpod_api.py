@@ -243,7 +243,14 @@ class JobAPI:
 class Worker:
     """`python handler.py` in an example's folder, serving `api` as a Runpod worker does."""
 
-    def __init__(self, example: str, api: JobAPI, env: Mapping[str, str], startup_timeout: float = 300) -> None:
+    def __init__(
+        self,
+        example: str,
+        api: JobAPI,
+        env: Mapping[str, str],
+        startup_timeout: float = 300,
+        python: str = sys.executable,  # another environment's interpreter (the vLLM one, say)
+    ) -> None:
         self.api = api
         self.log = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe nobody reads
         worker_env = {
@@ -255,7 +262,7 @@ class Worker:
             **env,
         }
         self.process = subprocess.Popen(
-            [sys.executable, "handler.py"],
+            [python, "handler.py"],
             cwd=REPO / example,
             env=base_env(**worker_env),
             stdout=self.log,
