@@ -7,12 +7,14 @@ cancels through the stop channel and posts the result, exactly as on a Runpod en
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from tests.runpod_api import Job, JobAPI, Worker
@@ -20,10 +22,11 @@ from tests.runpod_api import Job, JobAPI, Worker
 NETWORK_S = 0.05  # a 50 ms round trip per POST, as between a worker and Runpod
 
 
-@pytest.fixture(scope="module")
-def api() -> Iterator[JobAPI]:
-    with JobAPI() as server:
-        yield server
+@contextlib.contextmanager
+def serving(example: str, env: dict[str, str]) -> Iterator[Worker]:
+    """A worker of its own job API: two workers on one queue would take each other's jobs."""
+    with JobAPI() as api, Worker(example, api, env) as worker:
+        yield worker
 
 
 def run_with_delay(api: JobAPI, job_input: Any, delay_s: float) -> Job:
@@ -46,9 +49,9 @@ def sse_events(chunks: list[str]) -> list[Any]:
 # 01 text generation
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def text_worker(api: JobAPI, tiny_model: Callable[[str], Path]) -> Iterator[Worker]:
+def text_worker(tiny_model: Callable[[str], Path]) -> Iterator[Worker]:
     env = {"MODEL_NAME": str(tiny_model("llama")), "MAX_CONCURRENCY": "4"}
-    with Worker("01_text_generation", api, env) as worker:
+    with serving("01_text_generation", env) as worker:
         yield worker
 
 
@@ -59,7 +62,8 @@ LONG_STREAM = {
 }
 
 
-def test_text_stream_is_the_same_over_a_slow_network_in_fewer_posts(api: JobAPI, text_worker: Worker) -> None:
+def test_text_stream_is_the_same_over_a_slow_network_in_fewer_posts(text_worker: Worker) -> None:
+    api = text_worker.api
     fast = run_with_delay(api, LONG_STREAM, 0.0)
     slow = run_with_delay(api, LONG_STREAM, NETWORK_S)
     assert fast.status == slow.status == "COMPLETED", (fast.error, slow.error)
@@ -77,7 +81,8 @@ def test_text_stream_is_the_same_over_a_slow_network_in_fewer_posts(api: JobAPI,
     assert slow.seconds < fast.seconds + completion_tokens * NETWORK_S / 2
 
 
-def test_openai_stream_stays_valid_sse_over_a_slow_network(api: JobAPI, text_worker: Worker) -> None:
+def test_openai_stream_stays_valid_sse_over_a_slow_network(text_worker: Worker) -> None:
+    api = text_worker.api
     body = {
         "model": "any",
         "messages": [{"role": "user", "content": "Tell me a story."}],
@@ -100,7 +105,8 @@ def test_openai_stream_stays_valid_sse_over_a_slow_network(api: JobAPI, text_wor
     assert events[-2]["usage"] == whole.output[0]["usage"]
 
 
-def test_bad_text_request_fails_clearly_and_the_worker_keeps_serving(api: JobAPI, text_worker: Worker) -> None:
+def test_bad_text_request_fails_clearly_and_the_worker_keeps_serving(text_worker: Worker) -> None:
+    api = text_worker.api
     bad = api.run({"prompt": "hi", "sampling_params": {"temperature": 9}})
     assert bad.status == "FAILED"
     assert "sampling_params.temperature" in bad.error and "2" in bad.error
@@ -110,7 +116,8 @@ def test_bad_text_request_fails_clearly_and_the_worker_keeps_serving(api: JobAPI
     assert good.output[0]["usage"]["completion_tokens"] >= 1
 
 
-def test_concurrent_text_jobs_each_get_their_own_answer(api: JobAPI, text_worker: Worker) -> None:
+def test_concurrent_text_jobs_each_get_their_own_answer(text_worker: Worker) -> None:
+    api = text_worker.api
     def job(seed: int) -> dict:
         return {"prompt": "The weather", "sampling_params": {"max_tokens": 24, "seed": seed}}
 
@@ -121,7 +128,8 @@ def test_concurrent_text_jobs_each_get_their_own_answer(api: JobAPI, text_worker
     assert api.max_batch_asked > 1  # the SDK took several jobs at once (job-take-batch)
 
 
-def test_a_cancelled_stream_stops_and_the_next_job_is_served(api: JobAPI, text_worker: Worker) -> None:
+def test_a_cancelled_stream_stops_and_the_next_job_is_served(text_worker: Worker) -> None:
+    api = text_worker.api
     api.post_delay_s = 0.3  # slow enough that the job is still streaming when it is cancelled
     try:
         job_id = api.submit(LONG_STREAM)
@@ -143,35 +151,37 @@ def test_a_cancelled_stream_stops_and_the_next_job_is_served(api: JobAPI, text_w
 # 03 embeddings
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def embeddings_worker(api: JobAPI, tiny_model: Callable[[str], Path]) -> Iterator[Worker]:
-    with Worker("03_embeddings", api, {"MODEL_NAME": str(tiny_model("sentence-transformer"))}) as worker:
+def embeddings_worker(tiny_model: Callable[[str], Path]) -> Iterator[Worker]:
+    with serving("03_embeddings", {"MODEL_NAME": str(tiny_model("sentence-transformer"))}) as worker:
         yield worker
 
 
-def test_embeddings_through_the_job_loop(api: JobAPI, embeddings_worker: Worker) -> None:
+def test_embeddings_through_the_job_loop(embeddings_worker: Worker) -> None:
+    api = embeddings_worker.api
     texts = [f"sentence number {i}" for i in range(5)]
     solo = [api.run({"texts": [text]}).output["embeddings"][0] for text in texts]
     ids = [api.submit({"texts": [text]}) for text in texts]
     together = [api.wait(job_id).output["embeddings"][0] for job_id in ids]
-    assert together == pytest.approx(solo, abs=1e-5)
+    np.testing.assert_allclose(together, solo, atol=1e-5)  # batched with each other or not
 
     bad = api.run({"texts": []})
     assert bad.status == "FAILED" and "texts" in bad.error
     openai = api.run({"openai_route": "/v1/embeddings", "openai_input": {"input": texts[0], "model": "any"}})
     assert openai.status == "COMPLETED"
-    assert openai.output["data"][0]["embedding"] == pytest.approx(solo[0], abs=1e-5)
+    np.testing.assert_allclose(openai.output["data"][0]["embedding"], solo[0], atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
 # 04 multimodal
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def llava_worker(api: JobAPI, tiny_model: Callable[[str], Path]) -> Iterator[Worker]:
-    with Worker("04_multimodal", api, {"MODEL_NAME": str(tiny_model("llava"))}) as worker:
+def llava_worker(tiny_model: Callable[[str], Path]) -> Iterator[Worker]:
+    with serving("04_multimodal", {"MODEL_NAME": str(tiny_model("llava"))}) as worker:
         yield worker
 
 
-def test_multimodal_answer_streams_the_same_over_a_slow_network(api: JobAPI, llava_worker: Worker) -> None:
+def test_multimodal_answer_streams_the_same_over_a_slow_network(llava_worker: Worker) -> None:
+    api = llava_worker.api
     image = json.loads((Path(__file__).parents[1] / "04_multimodal" / "test_input.json").read_text())["input"]["image"]
     request = {
         "task": "answer",
