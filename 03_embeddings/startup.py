@@ -1,0 +1,396 @@
+"""What a worker settles before it loads a model: the device, where the Hugging Face cache lives,
+and a log of where its cold start's seconds go. One identical copy per example (each folder is
+its own Docker build context).
+
+Importing this module does the settling, so `handler.py` imports it before any Hugging Face
+library (pyproject.toml gives it an isort section of its own, first): huggingface_hub reads
+HF_HOME and HF_HUB_OFFLINE once, when it is imported.
+
+* The CUDA contract. torch's PyPI wheel is built for one CUDA version (torch 2.13.0: CUDA 13.0,
+  which needs an NVIDIA driver >= 580 and has no kernels for sm_70 GPUs such as the V100). On a
+  host whose driver is older, torch silently sees no GPU and the worker would serve on the CPU,
+  100x slower, while callers time out. So on Runpod (the platform sets RUNPOD_POD_ID and
+  RUNPOD_ENDPOINT_ID) a worker without a usable GPU stops here, before it takes a job, with one
+  log line naming what it found, what the image needs and the endpoint setting that fixes it.
+  DEVICE=cpu runs on the CPU on purpose; off Runpod (a laptop, the tests) the CPU is allowed with
+  a warning.
+* The cache. A model baked into the image (`python startup.py bake` in the Dockerfile) is loaded
+  offline, at the commit the build recorded. Otherwise, with a network volume attached, HF_HOME
+  moves onto it so that only the first worker ever downloads. Runpod's cached-models folder
+  (/runpod-volume/huggingface-cache) is the platform's and read-only: a model found there is
+  loaded offline, so nothing is ever written into it.
+* The cold start. `COLD_START.done(phase)` closes a phase (imports, download, load, warm-up) and
+  `COLD_START.report()` logs them on one line.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fnmatch
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+RUNPOD_VOLUME = "/runpod-volume"  # where Runpod mounts an endpoint's network volume
+RUNPOD_MODEL_CACHE = "huggingface-cache"  # Runpod's cached models on the volume: the platform's, read-only
+VOLUME_HF_HOME = "huggingface"  # our own Hugging Face cache on the volume, shared by every worker
+BAKED_RECORD = "baked-models.json"  # written under HF_HOME by `python startup.py bake`
+IMAGE_HF_HOME = "/models/huggingface"  # every Dockerfile's HF_HOME: where the bake step puts models
+# The variables that name a Hub repo in any of the workers (each worker reads only its own).
+MODEL_VARIABLES = ("MODEL_NAME", "TOKENIZER_NAME", "CONTROLNET_MODEL", "RERANK_MODEL_NAME")
+RUNPOD_VARIABLES = ("RUNPOD_POD_ID", "RUNPOD_ENDPOINT_ID")  # set by Runpod on every worker
+DEVICES = ("auto", "cuda", "cpu")
+# Oldest NVIDIA driver for each CUDA major version (CUDA's minor-version compatibility: a driver
+# for 13.0 runs anything built with 13.x).
+MIN_DRIVER = {13: 580, 12: 525, 11: 450}
+ALLOWED_CUDA_SETTING = '"Allowed CUDA versions" (endpoint settings, Advanced)'
+# Files a model loads besides its weights: configs, tokenizers, chat templates, sentencepiece and
+# tiktoken vocabularies. Weights are chosen per folder by `files_to_fetch`.
+SMALL_FILES = ("*.json", "*.txt", "*.jinja", "*.model", "*.tiktoken", "tokenizer*", "*.spm", "*.vocab")
+# Exports for other runtimes that repos often carry beside the PyTorch weights (ONNX, OpenVINO,
+# Core ML, TensorFlow, Flax): never loaded here, sometimes larger than the model itself.
+OTHER_RUNTIME_FOLDERS = ("onnx", "openvino", "coreml", "tf", "flax", "mlx")
+
+
+# ---------------------------------------------------------------------------------------------
+# The CUDA contract
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CudaFound:
+    """What this container offers: the driver, and the GPU as torch sees it."""
+
+    driver_cuda: tuple[int, int] | None  # newest CUDA the host's driver runs; None: no NVIDIA driver
+    torch_cuda: str | None  # the CUDA version torch was built for ("13.0"); None: a CPU build
+    torch_version: str
+    gpus: int = 0  # devices torch can use
+    gpu_name: str = ""
+    capability: tuple[int, int] | None = None  # device 0's compute capability, (7, 0) for a V100
+    arch_list: tuple[str, ...] = ()  # what torch has kernels for: ("sm_75", "sm_80", ..., "compute_120")
+
+
+@dataclass(frozen=True)
+class DeviceChoice:
+    device: str  # "cuda" or "cpu"
+    message: str
+    fatal: bool = False  # stop the worker before it takes a job
+    warning: bool = False
+
+
+def on_runpod(environ: Mapping[str, str]) -> bool:
+    return any(environ.get(name) for name in RUNPOD_VARIABLES)
+
+
+def runs_on(capability: tuple[int, int], arch_list: Iterable[str]) -> bool:
+    """Whether torch has kernels for this GPU: a cubin for the same major version and a lower or
+    equal minor one, or PTX for an older architecture that the driver compiles at load."""
+    major, minor = capability
+    for arch in arch_list:
+        kind, _, number = arch.partition("_")
+        if not number.isdigit():
+            continue
+        arch_major, arch_minor = divmod(int(number), 10)
+        if kind == "sm" and arch_major == major and arch_minor <= minor:
+            return True
+        if kind == "compute" and (arch_major, arch_minor) <= (major, minor):
+            return True
+    return False
+
+
+def _problem(found: CudaFound) -> tuple[str, str]:
+    """(what is wrong, the endpoint setting that fixes it) when torch cannot use a GPU."""
+    needed = found.torch_cuda or "?"
+    major = int(needed.split(".")[0]) if found.torch_cuda else 0
+    driver = f" (NVIDIA driver >= {MIN_DRIVER[major]})" if major in MIN_DRIVER else ""
+    pick_cuda = f"set {ALLOWED_CUDA_SETTING} to {needed} and newer only"
+    if found.torch_cuda is None:
+        return f"torch {found.torch_version} is a CPU build", "build the image from its Dockerfile"
+    if found.driver_cuda is None:
+        return f"no NVIDIA driver or GPU in this container; torch {found.torch_version} needs CUDA {needed}{driver}", (
+            "give the endpoint GPU workers"
+        )
+    if found.driver_cuda[0] < major:
+        have = ".".join(map(str, found.driver_cuda))
+        needs = f"torch {found.torch_version} needs CUDA {needed}{driver}"
+        return f"the host's NVIDIA driver runs CUDA {have} at most; {needs}", pick_cuda
+    if found.gpus == 0:
+        return f"the NVIDIA driver (CUDA {'.'.join(map(str, found.driver_cuda))}) shows torch no usable GPU", pick_cuda
+    assert found.capability is not None
+    sm = f"sm_{found.capability[0]}{found.capability[1]}"
+    kernels = ", ".join(arch for arch in found.arch_list if arch.startswith("sm_"))
+    return (
+        f"GPU {found.gpu_name} ({sm}) has no kernels in torch {found.torch_version} (built for {kernels})",
+        "choose GPU types of a newer architecture on the endpoint",
+    )
+
+
+def choose_device(environ: Mapping[str, str], found: CudaFound) -> DeviceChoice:
+    """DEVICE=auto|cuda|cpu against what the container offers; pure, so every case is tested."""
+    requested = (environ.get("DEVICE") or "auto").lower()
+    if requested not in DEVICES:
+        return DeviceChoice("cpu", f"DEVICE must be one of {', '.join(DEVICES)}, got {requested!r}", fatal=True)
+    if requested == "cpu":
+        return DeviceChoice("cpu", "DEVICE=cpu: running on the CPU on purpose")
+    usable = found.gpus > 0 and found.capability is not None and runs_on(found.capability, found.arch_list)
+    if usable:
+        driver = ".".join(map(str, found.driver_cuda)) if found.driver_cuda else "?"
+        return DeviceChoice(
+            "cuda",
+            f"GPU: {found.gpus} x {found.gpu_name} (sm_{found.capability[0]}{found.capability[1]}), "
+            f"driver CUDA {driver}, torch {found.torch_version} built for CUDA {found.torch_cuda}",
+        )
+    what, fix = _problem(found)
+    if on_runpod(environ) or requested == "cuda":
+        why = "DEVICE=cuda" if requested == "cuda" else "on Runpod"
+        return DeviceChoice(
+            "cpu",
+            f"No usable CUDA device ({why}): {what}. Fix: {fix}; or set DEVICE=cpu to run on the CPU.",
+            fatal=True,
+        )
+    return DeviceChoice(
+        "cpu", f"No usable CUDA device: {what}. Running on the CPU (slow); on Runpod this stops.", warning=True
+    )
+
+
+def driver_cuda_version() -> tuple[int, int] | None:
+    """The newest CUDA the host's driver runs, asked of libcuda itself: torch cannot tell an old
+    driver from no GPU at all."""
+    try:
+        libcuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    version = ctypes.c_int(0)
+    if libcuda.cuDriverGetVersion(ctypes.byref(version)) != 0:
+        return None
+    return divmod(version.value, 1000)[0], (version.value % 1000) // 10
+
+
+def probe_cuda() -> CudaFound:
+    import torch  # here, not at the top: torch reads CUDA_VISIBLE_DEVICES, which DEVICE=cpu sets first
+
+    found = CudaFound(driver_cuda=driver_cuda_version(), torch_cuda=torch.version.cuda, torch_version=torch.__version__)
+    if not torch.cuda.is_available():
+        return found
+    return CudaFound(
+        driver_cuda=found.driver_cuda,
+        torch_cuda=found.torch_cuda,
+        torch_version=found.torch_version,
+        gpus=torch.cuda.device_count(),
+        gpu_name=torch.cuda.get_device_name(0),
+        capability=torch.cuda.get_device_capability(0),
+        arch_list=tuple(torch.cuda.get_arch_list()),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The Hugging Face cache: baked, on the network volume, or Runpod's cached models
+# ---------------------------------------------------------------------------------------------
+def hub_folder(hub_cache: str | Path, repo: str) -> Path:
+    return Path(hub_cache) / ("models--" + repo.replace("/", "--"))
+
+
+def default_hf_home(environ: Mapping[str, str]) -> str:
+    return environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
+
+
+def read_baked(hf_home: str) -> dict[str, dict[str, str]]:
+    """{variable: {"repo": ..., "revision": commit}} for the models the image holds; {} for none."""
+    record = Path(hf_home) / BAKED_RECORD
+    return json.loads(record.read_text()) if record.is_file() else {}
+
+
+def cache_environment(environ: Mapping[str, str], volume: str = RUNPOD_VOLUME) -> dict[str, str]:
+    """The environment changes that put the Hugging Face cache in the right place; pure (it only
+    reads the file system), so each case is tested with and without a volume folder."""
+    models = {name: environ[name] for name in MODEL_VARIABLES if environ.get(name)}
+    baked = read_baked(default_hf_home(environ))
+    explicit_offline = environ.get("HF_HUB_OFFLINE") not in (None, "")
+    changes: dict[str, str] = {}
+    if baked and all(models.get(name) == baked.get(name, {}).get("repo") for name in {*models, *baked}):
+        # Every model this worker loads is in the image: no network at all, and the baked commit.
+        if not explicit_offline:
+            changes["HF_HUB_OFFLINE"] = "1"
+        if "MODEL_NAME" in baked and not environ.get("MODEL_REVISION"):
+            changes["MODEL_REVISION"] = baked["MODEL_NAME"]["revision"]
+        return changes
+    runpod_hub = Path(volume) / RUNPOD_MODEL_CACHE / "hub"
+    if models and all(hub_folder(runpod_hub, repo).is_dir() or Path(repo).is_dir() for repo in models.values()):
+        # Runpod's cached models hold them all: offline, so nothing is ever written into that cache.
+        if not explicit_offline:
+            changes["HF_HUB_OFFLINE"] = "1"
+        return changes
+    # The image's (or the library's) default cache, not one the user chose with HF_HOME / HF_HUB_CACHE.
+    own_cache = environ.get("HF_HOME") in (None, "", IMAGE_HF_HOME) and not environ.get("HF_HUB_CACHE")
+    if Path(volume).is_dir() and own_cache:
+        changes["HF_HOME"] = str(Path(volume) / VOLUME_HF_HOME)
+    return changes
+
+
+# ---------------------------------------------------------------------------------------------
+# What to download: the files a model loads, for the bake step and for a cold start alike
+# ---------------------------------------------------------------------------------------------
+def files_to_fetch(repo_files: Iterable[str], *, remote_code: bool, variant: str | None = None) -> list[str]:
+    """The files from_pretrained reads, per folder: configs and tokenizer files; safetensors
+    weights (the `variant`, e.g. fp16, when the folder has it), else PyTorch .bin weights for
+    checkpoints published without safetensors; the repo's *.py only for remote code. Exports
+    for other runtimes and duplicate weight formats are skipped."""
+    paths = [PurePosixPath(name) for name in repo_files]
+    paths = [path for path in paths if not set(path.parts[:-1]) & set(OTHER_RUNTIME_FOLDERS)]
+    chosen = [path for path in paths if any(fnmatch.fnmatch(path.name, pattern) for pattern in SMALL_FILES)]
+    if remote_code:
+        chosen += [path for path in paths if path.suffix == ".py"]
+    for folder in sorted({path.parent for path in paths}):
+        here = [path for path in paths if path.parent == folder]
+        for suffix in (".safetensors", ".bin"):
+            weights = [path for path in here if path.suffix == suffix and not fnmatch.fnmatch(path.name, "training_*")]
+            if not weights:
+                continue
+            variants = [path for path in weights if variant and path.stem.endswith(f".{variant}")]
+            plain = [path for path in weights if "." not in path.stem]
+            chosen += variants or plain or weights
+            break  # safetensors found: this folder's .bin files are duplicates
+    return sorted({str(path) for path in chosen})
+
+
+def code_repos(config: Mapping[str, Any]) -> set[str]:
+    """Other repos whose code a remote-code model runs: auto_map entries "org/repo--module.Class"
+    (nomic-embed's code lives in nomic-ai/nomic-bert-2048)."""
+    entries: list[Any] = list((config.get("auto_map") or {}).values())
+    names = [name for entry in entries for name in (entry if isinstance(entry, list) else [entry]) if name]
+    return {name.split("--", 1)[0] for name in names if "--" in name}
+
+
+def download(
+    repo: str,
+    revision: str | None = None,
+    *,
+    remote_code: bool = False,
+    variant: str | None = None,
+    token: str | None = None,
+) -> str:
+    """Fetch what `repo` needs into the Hugging Face cache (remote code in other repos too) and
+    return the commit it resolved to. Writes refs/<revision> so a later offline load finds it."""
+    from huggingface_hub import HfApi, snapshot_download
+
+    info = HfApi().model_info(repo, revision=revision, token=token)
+    patterns = files_to_fetch(
+        [file.rfilename for file in info.siblings or []], remote_code=remote_code, variant=variant
+    )
+    folder = snapshot_download(repo, revision=revision, allow_patterns=patterns, token=token)
+    if remote_code:
+        for name in ("config.json", "tokenizer_config.json"):
+            path = Path(folder) / name
+            for other in code_repos(json.loads(path.read_text())) if path.is_file() else ():
+                snapshot_download(other, allow_patterns=["*.py", "*.json"], token=token)
+    return str(info.sha)
+
+
+def prefetch(*models: str | None, revision: str | None = None, variant: str | None = None) -> None:
+    """At a cold start, download the models (the first with `revision`) before loading them, so
+    the log tells the download from the load. Nothing to do offline or for a local folder."""
+    from huggingface_hub import constants
+
+    if not constants.HF_HUB_OFFLINE:
+        remote_code = flag(os.environ.get("TRUST_REMOTE_CODE"))
+        for index, repo in enumerate(models):
+            if repo and not Path(repo).is_dir() and not hub_folder(RUNPOD_HUB, repo).is_dir():
+                download(repo, revision if index == 0 else None, remote_code=remote_code, variant=variant)
+    COLD_START.done("download")
+
+
+def flag(value: str | None) -> bool:
+    return (value or "").lower() in ("1", "true", "yes")
+
+
+def bake(environ: Mapping[str, str], fetch: Callable[..., str] = download) -> dict[str, dict[str, str]]:
+    """The Dockerfile's bake step: download every model the build args name (MODEL_NAME at
+    MODEL_REVISION, and TOKENIZER_NAME, CONTROLNET_MODEL, RERANK_MODEL_NAME where the example
+    has them) and record the commits under HF_HOME, for `cache_environment` to load offline."""
+    token = environ.get("HF_TOKEN") or None
+    record = {}
+    for name in MODEL_VARIABLES:
+        if repo := environ.get(name):
+            revision = (environ.get("MODEL_REVISION") or None) if name == "MODEL_NAME" else None
+            variant = environ.get("BAKE_VARIANT") or None
+            commit = fetch(
+                repo, revision, remote_code=flag(environ.get("TRUST_REMOTE_CODE")), variant=variant, token=token
+            )
+            record[name] = {"repo": repo, "revision": commit}
+    if record:
+        hf_home = Path(default_hf_home(environ))
+        hf_home.mkdir(parents=True, exist_ok=True)
+        (hf_home / BAKED_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+# ---------------------------------------------------------------------------------------------
+# The cold start, in parts
+# ---------------------------------------------------------------------------------------------
+def process_started() -> float:
+    """When this process started (time.time() scale): the imports before this module count too."""
+    try:
+        import psutil  # a dependency of runpod, so in every image
+
+        return psutil.Process().create_time()
+    except (ImportError, OSError):
+        return time.time()
+
+
+@dataclass
+class ColdStart:
+    """Seconds per phase of a cold start, from the process's start to the first job."""
+
+    started: float
+    clock: Callable[[], float] = time.time
+    phases: dict[str, float] = field(default_factory=dict)
+    _last: float | None = None
+
+    def done(self, phase: str) -> None:
+        """Close `phase`: the seconds since the previous phase ended (or since the process started)."""
+        now = self.clock()
+        self.phases[phase] = self.phases.get(phase, 0.0) + now - (self._last or self.started)
+        self._last = now
+
+    def summary(self) -> str:
+        total = (self._last or self.started) - self.started
+        parts = ", ".join(f"{phase} {seconds:.1f}s" for phase, seconds in self.phases.items())
+        return f"Cold start {total:.1f}s: {parts}"
+
+    def report(self, last_phase: str) -> None:
+        self.done(last_phase)
+        _log(self.summary())
+
+
+def _log(message: str, level: str = "info") -> None:
+    import runpod  # the SDK's logger, so these lines look like (and filter like) the worker's others
+
+    getattr(runpod.RunPodLogger(), level)(message)
+
+
+def settle(environ: MutableMapping[str, str]) -> str:
+    """Apply the cache changes and the device choice to this process; stop on a fatal one."""
+    environ.update(cache_environment(environ))
+    if (environ.get("DEVICE") or "").lower() == "cpu":
+        environ["CUDA_VISIBLE_DEVICES"] = ""  # nothing (the engine, accelerate) can pick a GPU now
+    choice = choose_device(environ, probe_cuda())
+    if choice.fatal:
+        _log(choice.message, "error")
+        raise SystemExit(1)
+    _log(choice.message, "warn" if choice.warning else "info")
+    return choice.device
+
+
+RUNPOD_HUB = Path(RUNPOD_VOLUME) / RUNPOD_MODEL_CACHE / "hub"
+COLD_START = ColdStart(started=process_started())
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["bake"]:
+        raise SystemExit("usage: python startup.py bake  (reads MODEL_NAME, MODEL_REVISION, ... from the environment)")
+    for variable, baked_model in bake(os.environ).items():
+        _log(f"Baked {variable}={baked_model['repo']} at {baked_model['revision']}")
+else:
+    DEVICE = settle(os.environ)
