@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import json
 import math
 import os
 import secrets
@@ -27,11 +28,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
+import startup  # before every library: settles the device and the Hugging Face cache (startup.py)
+
 import diffusers
 import numpy as np
 import runpod
 import torch
+from coalesce import coalesced, keep_latest
 from diffusers import (
+    AutoencoderKL,
     AutoPipelineForImage2Image,
     AutoPipelineForText2Image,
     ControlNetModel,
@@ -81,6 +86,9 @@ DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 MODEL_NAME = env_str("MODEL_NAME", DEFAULT_MODEL)  # a Hub id or a local folder (diffusers layout)
 MODEL_REVISION = env_str("MODEL_REVISION", None)  # a commit hash makes deployments reproducible
 CONTROLNET_MODEL = env_str("CONTROLNET_MODEL", None)  # e.g. diffusers/controlnet-canny-sdxl-1.0
+# A replacement VAE (Hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix: decodes SDXL in fp16
+# without the fp32 upcast (faster, less memory at the decode).
+VAE_NAME = env_str("VAE_NAME", None)
 # fp16 halves memory and doubles speed on GPUs; the published "fp16" weight variant is used when
 # the repo has one (SDXL's VAE overflows in fp16: use madebyollin/sdxl-vae-fp16-fix or bf16).
 DTYPE = env_str("DTYPE", "auto")  # auto (fp16 on GPU, fp32 on CPU) | float16 | bfloat16 | float32
@@ -110,6 +118,17 @@ INPUT_LIMITS = ImageLimits(
     max_pixels=env_int("MAX_INPUT_IMAGE_PIXELS", 4096 * 4096),  # bigger is resized anyway; refused before decoding
     timeout_s=env_float("DOWNLOAD_TIMEOUT_S", 15.0),  # a whole download, not each read
 )
+
+# Largest result a job may return: Runpod's /runsync limit (its /run limit is 10 MB: set 10000000
+# for clients that use /run). It counts the whole aggregated result, progress chunks included.
+MAX_RESULT_BYTES = env_int("MAX_RESULT_BYTES", 20_000_000)
+# Room for what surrounds the images in the result: parameters, timings, the job's id and status.
+RESULT_ENVELOPE_BYTES = 4096
+# A generated image's PNG takes at least about 1 byte per pixel (photographic SDXL output at 1024²
+# is ~1.5-2 MB), and base64 adds a third: the floor used to refuse a request that cannot fit.
+PNG_MIN_BYTES_PER_PIXEL = 1.0
+BASE64_GROWTH = 4 / 3
+WAYS_OUT = "configure S3 upload (BUCKET_ENDPOINT_URL and keys), ask for fewer images, or use output_format jpeg or webp"
 
 # S3-compatible storage for outputs: all three set → images are uploaded and URLs returned.
 BUCKET_ENDPOINT_URL = env_str("BUCKET_ENDPOINT_URL", None)
@@ -160,7 +179,7 @@ def detect_family(pipeline: Any, model_name: str) -> Family:
     return Family("sd1", 512, 512, 30, 7.5)
 
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DEVICE = startup.DEVICE  # "cuda"; "cpu" only when asked (DEVICE=cpu) or off Runpod: see startup.py
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 if DTYPE not in ("auto", *DTYPES):
     raise ValueError(f"DTYPE must be auto, {', '.join(DTYPES)}, got {DTYPE!r}")
@@ -177,11 +196,37 @@ def from_pretrained_fp16_first(loader: Any, name: str, **kwargs: Any) -> Any:
     return loader.from_pretrained(name, dtype=TORCH_DTYPE, **kwargs)
 
 
+def cast_vae_inputs_to_fp32(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(arg.float() if torch.is_tensor(arg) else arg for arg in args)
+
+
+def keep_vae_in_fp32(vae: Any) -> None:
+    """SDXL's VAE overflows in fp16, so diffusers casts the *shared* VAE to fp32 around each decode
+    (and each image-to-image encode) and back to fp16 afterwards. Two jobs at once then race: one
+    job's cast lands in the middle of the other's decode ("Input type (c10::Half) and bias type
+    (float) should be the same"). Instead the VAE is made fp32 once, here, and casts its inputs:
+    the same fp32 arithmetic as diffusers' upcast, and nothing changes dtype while jobs run."""
+    vae.to(torch.float32)
+    vae.register_to_config(force_upcast=False)  # the pipelines' per-call upcast is now never taken
+    for module in (vae.encoder, vae.quant_conv, vae.post_quant_conv, vae.decoder):
+        if module is not None:
+            module.register_forward_pre_hook(cast_vae_inputs_to_fp32)
+
+
 def load_pipelines() -> tuple[Any, Any, Any | None]:
     """Text-to-image, image-to-image and (optionally) ControlNet pipelines over one set of weights."""
+    components: dict[str, Any] = {}
+    if VAE_NAME:
+        components["vae"] = from_pretrained_fp16_first(AutoencoderKL, VAE_NAME, cache_dir=cached_hub_folder(VAE_NAME))
     text2image = from_pretrained_fp16_first(
-        AutoPipelineForText2Image, MODEL_NAME, revision=MODEL_REVISION, cache_dir=cached_hub_folder(MODEL_NAME)
+        AutoPipelineForText2Image,
+        MODEL_NAME,
+        revision=MODEL_REVISION,
+        cache_dir=cached_hub_folder(MODEL_NAME),
+        **components,
     )
+    if text2image.vae.dtype == torch.float16 and text2image.vae.config.get("force_upcast"):
+        keep_vae_in_fp32(text2image.vae)
     if ENABLE_CPU_OFFLOAD and DEVICE == "cuda":
         text2image.enable_model_cpu_offload()
     else:
@@ -200,9 +245,15 @@ def load_pipelines() -> tuple[Any, Any, Any | None]:
             ControlNetModel, CONTROLNET_MODEL, cache_dir=cached_hub_folder(CONTROLNET_MODEL)
         ).to(DEVICE)
         controlnet = AutoPipelineForText2Image.from_pipe(text2image, controlnet=model)
+    for pipeline in (image2image, controlnet):
+        if pipeline is not None:
+            pipeline.set_progress_bar_config(disable=True)
     return text2image, image2image, controlnet
 
 
+startup.COLD_START.done("imports")  # the download is timed apart from the load
+FP16_VARIANT = "fp16" if TORCH_DTYPE == torch.float16 else None  # the half-size files, when loading fp16
+startup.prefetch(MODEL_NAME, CONTROLNET_MODEL, revision=MODEL_REVISION, variant=FP16_VARIANT)
 _load_started = time.perf_counter()
 TEXT2IMAGE, IMAGE2IMAGE, CONTROLNET = load_pipelines()
 FAMILY = detect_family(TEXT2IMAGE, MODEL_NAME)
@@ -211,6 +262,7 @@ log.info(
     f"{time.perf_counter() - _load_started:.1f}s; ControlNet: {CONTROLNET_MODEL or 'none'}; "
     f"outputs: {'S3 bucket ' + BUCKET_NAME if UPLOAD else 'data URIs'}"
 )
+startup.COLD_START.report(f"load to {DEVICE}")
 
 # Denoising runs on these threads; the event loop stays free to stream progress and take jobs.
 PIPELINE_THREADS = ThreadPoolExecutor(max_workers=MAX_CONCURRENCY, thread_name_prefix="denoise")
@@ -398,6 +450,14 @@ class Job:
         return self.request.strength if self.request.strength is not None else DEFAULT_STRENGTH
 
 
+def smallest_result_bytes(output_format: str, num_images: int, width: int, height: int) -> int:
+    """A floor on the images' size as data URIs, to refuse before the work a result that cannot
+    fit. PNG only: a JPEG or WebP can be small enough for any size."""
+    if output_format != "png":
+        return 0
+    return int(num_images * width * height * PNG_MIN_BYTES_PER_PIXEL * BASE64_GROWTH)
+
+
 def prepare(request: ImageRequest) -> Job:
     """Fetch and fit the input images and settle every setting. Blocking: runs off the event loop."""
     source = load_image("image", request.image, INPUT_LIMITS) if request.image else None
@@ -407,6 +467,12 @@ def prepare(request: ImageRequest) -> Job:
         raise RequestError(
             f"width × height is {width}x{height} = {width * height} pixels, over the budget of {MAX_PIXELS}"
             f" (MAX_PIXELS) or a side over {MAX_SIDE}"
+        )
+    floor = smallest_result_bytes(request.output_format, request.num_images, width, height)
+    if not UPLOAD and floor > MAX_RESULT_BYTES - RESULT_ENVELOPE_BYTES:
+        raise RequestError(
+            f"{request.num_images} PNG image(s) of {width}x{height} come to at least {floor} bytes as data URIs,"
+            f" over the result limit of {MAX_RESULT_BYTES} bytes (MAX_RESULT_BYTES): {WAYS_OUT}"
         )
     steps = default_steps(request, source is not None)
     strength = request.strength or DEFAULT_STRENGTH
@@ -455,9 +521,12 @@ def pipeline_for(job: Job) -> Any:
     else:
         scheduler_class, settings = SCHEDULERS[job.request.scheduler]
         scheduler = scheduler_class.from_config(base.scheduler.config, **settings)
-    # dtype: from_pipe otherwise casts the shared weights to fp32 in place (diffusers' default).
-    pipeline = type(base).from_pipe(base, scheduler=scheduler, dtype=base.dtype, **thread_tokenizers())
-    pipeline.set_progress_bar_config(disable=True)
+    # A shallow copy: the same modules, but attributes (scheduler, tokenizers, the per-call state
+    # diffusers keeps on the pipeline object) of its own. Not from_pipe, which ends with
+    # `.to(dtype)` on every shared module: a cast under the feet of a concurrent job.
+    pipeline = copy.copy(base)
+    for name, component in {"scheduler": scheduler, **thread_tokenizers()}.items():
+        setattr(pipeline, name, component)
     return pipeline
 
 
@@ -532,23 +601,69 @@ def upload(job_id: str, index: int, seed: int, data: bytes, output_format: str) 
         )
 
 
-def deliver(job_id: str, job: Job, images: list[Generated]) -> tuple[list[dict[str, Any]], dict[str, float]]:
-    """Encode (and upload) every image; returns the images with their seeds, and the time each part took."""
+class DeliveryError(Exception):
+    """Finished images that cannot reach the caller; the message says why and what to change."""
+
+
+def upload_failure(error: Exception) -> str:
+    """An upload's failure as the caller can act on it: the bucket, and S3's error code and HTTP
+    status when the bucket answered (boto3 wraps S3's answer; the keys are never in it)."""
+    from botocore.exceptions import ClientError
+
+    cause: BaseException | None = error
+    while cause is not None and not isinstance(cause, ClientError):
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, ClientError):
+        code = cause.response.get("Error", {}).get("Code", "unknown error")
+        status = cause.response.get("ResponseMetadata", {}).get("HTTPStatusCode", "?")
+        return f"the upload to bucket {BUCKET_NAME!r} failed: {code} (HTTP {status})"
+    return f"the upload to bucket {BUCKET_NAME!r} failed: {type(error).__name__} (no answer from BUCKET_ENDPOINT_URL)"
+
+
+def inline_size(located: list[str]) -> int:
+    return sum(len(where) for where in located)
+
+
+def deliver(
+    job_id: str, job: Job, images: list[Generated], budget: int
+) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """Encode (and upload) every image within `budget` bytes of result; returns the images with
+    their seeds, and the time each part took. An upload that fails falls back to data URIs when
+    they fit, with the upload's error in each image; otherwise DeliveryError says why."""
     started = time.perf_counter()
     fmt = job.request.output_format
     encoded = [encode_image(generated.image, fmt, job.request.output_quality) for generated in images]
     timings = {"encode_ms": (time.perf_counter() - started) * 1000}
+    located: list[str] | None = None
+    upload_error = None
     if UPLOAD:
         started = time.perf_counter()
-        located = [
-            upload(job_id, i, seed, data, fmt) for i, (seed, data) in enumerate(zip(job.seeds, encoded, strict=True))
-        ]
+        try:
+            located = [
+                upload(job_id, i, seed, data, fmt)
+                for i, (seed, data) in enumerate(zip(job.seeds, encoded, strict=True))
+            ]
+        except Exception as error:  # noqa: BLE001 - boto3 and botocore raise many types; all are reported
+            upload_error = upload_failure(error)
+            log.error(f"{upload_error}: {type(error).__name__}: {error}", job_id)
         timings["upload_ms"] = (time.perf_counter() - started) * 1000
-    else:
+    if located is None:
         located = [data_uri(data, fmt) for data in encoded]
+        if inline_size(located) > budget:
+            size = f"the {len(located)} image(s) come to {inline_size(located)} bytes as data URIs"
+            if upload_error:
+                raise DeliveryError(
+                    f"{upload_error}, and {size}, over the result limit of {MAX_RESULT_BYTES} bytes (MAX_RESULT_BYTES)"
+                    " to return them inline: fix the bucket, or ask for fewer images or output_format jpeg or webp"
+                )
+            raise DeliveryError(
+                f"{size}, over the result limit of {MAX_RESULT_BYTES} bytes (MAX_RESULT_BYTES): {WAYS_OUT}"
+            )
     results = []
     for where, seed, generated in zip(located, job.seeds, images, strict=True):
         result: dict[str, Any] = {"image": where, "seed": seed}
+        if upload_error:
+            result["upload_error"] = upload_error
         if generated.nsfw is not None:
             result["nsfw_content_detected"] = generated.nsfw
         results.append(result)
@@ -566,7 +681,8 @@ def progress_chunk(step: int, total: int) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 # 6. The handler: validate and fetch before the first yield, then stream progress and images.
 # ---------------------------------------------------------------------------------------------
-async def handler(job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+async def image_stream(job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    """One job's chunks: a clear error, or progress then the images."""
     job_id = str(job.get("id"))
     loop = asyncio.get_running_loop()
     try:
@@ -577,29 +693,45 @@ async def handler(job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         yield {"error": str(error)}
         return
 
-    progress: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
+    # Only the newest step waits to be streamed: a step overtaken by a newer one is dropped, never
+    # queued, and once the images are ready no progress is sent before them.
+    newest: list[tuple[int, int]] = []
+    stepped = asyncio.Event()
     cancelled = threading.Event()
 
+    def note_step(step: int, total: int) -> None:
+        newest[:] = [(step, total)]
+        stepped.set()
+
     def on_step(step: int, total: int) -> None:
-        loop.call_soon_threadsafe(progress.put_nowait, (step, total))
+        loop.call_soon_threadsafe(note_step, step, total)
 
     started = time.perf_counter()
     deadline = loop.time() + MAX_GENERATION_SECONDS if MAX_GENERATION_SECONDS else None
     running = loop.run_in_executor(PIPELINE_THREADS, denoise, prepared, on_step, cancelled)
+    streamed_bytes = 0  # the progress chunks are part of the aggregated result too
     try:
-        while not running.done() or not progress.empty():
-            getter = asyncio.ensure_future(progress.get())
+        while not running.done():
+            waiter = asyncio.ensure_future(stepped.wait())
             remaining = None if deadline is None else max(deadline - loop.time(), 0)
-            await asyncio.wait({getter, running}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
-            if getter.done():
-                yield progress_chunk(*getter.result())
-                continue
-            getter.cancel()
-            if not running.done():  # the time limit passed first
+            await asyncio.wait({waiter, running}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            if running.done():
+                break  # the images are ready: progress not yet sent is stale
+            if not stepped.is_set():  # the time limit passed first
                 raise TimeLimitExceeded
+            stepped.clear()
+            chunk = progress_chunk(*newest[0])
+            streamed_bytes += len(json.dumps(chunk)) + 2  # the chunk and its separator in the result list
+            yield chunk
         images = running.result()
         inference_ms = (time.perf_counter() - started) * 1000
-        results, timings = await loop.run_in_executor(None, deliver, job_id, prepared, images)
+        budget = MAX_RESULT_BYTES - RESULT_ENVELOPE_BYTES - streamed_bytes
+        results, timings = await loop.run_in_executor(None, deliver, job_id, prepared, images, budget)
+    except DeliveryError as error:
+        log.warn(f"Result not delivered: {error}", job_id)
+        yield {"error": str(error)}
+        return
     except TimeLimitExceeded:
         log.warn(f"Stopped at the {MAX_GENERATION_SECONDS:g}-second limit (MAX_GENERATION_SECONDS)", job_id)
         yield {
@@ -633,6 +765,17 @@ async def handler(job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         job_id,
     )
     yield {"images": results, "parameters": prepared.parameters(), "timings": {"inference_ms": inference_ms, **timings}}
+
+
+def is_progress(chunk: Any) -> bool:
+    return isinstance(chunk, dict) and chunk.get("status") == "progress"
+
+
+async def handler(job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    # The SDK POSTs each chunk and waits for that POST before asking for the next: coalesced keeps
+    # the job running meanwhile, and of the progress that piled up during a POST sends the newest.
+    async for chunk in coalesced(image_stream(job), keep_latest(is_progress)):
+        yield chunk
 
 
 WORKER_CONFIG: dict[str, Any] = {

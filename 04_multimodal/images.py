@@ -6,7 +6,8 @@ re-checked, the connection pinned to the checked address). Private and loopback 
 refused unless `RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS=true` (for local testing). Bytes are capped
 before decoding and pixels before the image is decompressed, so a 50 KB PNG that would expand
 to gigabytes (a decompression bomb) is refused from its header alone. EXIF orientation is
-applied and the result is RGB, so a phone photo is upright whatever its metadata says.
+applied and the result is RGB, so a phone photo is upright whatever its metadata says; a file
+no decoder can read, corrupt metadata included, is an ImageInputError naming the field.
 
 Out: PNG, JPEG or WebP bytes, as a data URI (or uploaded elsewhere by the caller).
 
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import requests
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 from runpod.serverless.utils import rp_ssrf
 
 # Read size while downloading: small enough that the byte cap and the deadline are checked often.
@@ -129,18 +130,20 @@ def read_image_bytes(field: str, source: str, limits: ImageLimits) -> bytes:
 
 def decode_image(field: str, data: bytes, max_pixels: int) -> Image.Image:
     """An upright RGB image, refusing anything over `max_pixels` before decompressing it."""
+    # PIL's parsers raise whatever the broken bytes lead to (OSError, SyntaxError, struct.error,
+    # TypeError and IndexError from a corrupt EXIF block, ...): any failure is the caller's image.
     try:
         image = Image.open(io.BytesIO(data))  # reads the header only
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
+        width, height = image.size
+    except Exception:  # noqa: BLE001 - see above
         raise ImageInputError(f"{field}: not an image PIL can read (PNG, JPEG, WebP, GIF, BMP, TIFF)") from None
-    width, height = image.size
     if width * height > max_pixels:
         raise ImageInputError(f"{field}: {width}x{height} is {width * height} pixels, over the limit of {max_pixels}")
     try:
         image = ImageOps.exif_transpose(image)
         return image.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError):
-        raise ImageInputError(f"{field}: the image data is truncated or corrupt") from None
+    except Exception:  # noqa: BLE001 - see above
+        raise ImageInputError(f"{field}: not a decodable image (truncated or corrupt data)") from None
 
 
 def load_image(field: str, source: str, limits: ImageLimits) -> Image.Image:

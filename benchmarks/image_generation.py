@@ -10,13 +10,17 @@ the same run (targets are labels, never assertions):
   twice: driven directly on one event loop, and through the runpod SDK's `run_job_generator` with
   the JSON check on every chunk (the loop of tests.harness.run_job_async);
 * output encoding: png, jpeg and webp (at the handler's default quality) of the generated image,
-  as milliseconds per image and as a share of the raw generation time.
+  as milliseconds per image and as a share of the raw generation time;
+* progress over a slow network: `python handler.py` serving the emulated Runpod job API
+  (tests/runpod_api.py), a 30-step 256² job with 0 ms and with 50 ms per POST, the time from the
+  worker taking the job to its result arriving, and the stream POSTs it made (target: 50 ms
+  within 1.2× of 0 ms: superseded progress is dropped, never queued).
 
 The model is the tiny SD 1.5 pipeline of tests/tiny_models.py (real layout, scheduler and VAE
 depth, tiny widths), float32 on CPU: the absolute numbers say nothing about a real model's speed,
 only the ratios do.
 
-    python benchmarks/image_generation.py [--size 512] [--steps 8] [--repeats 7]
+    python benchmarks/image_generation.py [--size 512] [--steps 8] [--repeats 7] [--network-repeats 3]
 """
 
 from __future__ import annotations
@@ -134,6 +138,44 @@ def encoding_rows(module: ModuleType, image: Any, quality: int, generation_ms: f
     return rows
 
 
+def network_section(model_dir: Path, repeats: int) -> None:
+    """A 30-step 256² job through the SDK's real job loop, POSTs instant and 50 ms each."""
+    from tests.runpod_api import JobAPI, Worker
+
+    request = {"prompt": PROMPT, "seed": 42, "width": 256, "height": 256, "num_inference_steps": 30}
+    runs: dict[float, list[Any]] = {0.0: [], 0.05: []}
+    with JobAPI() as api, Worker(EXAMPLE, api, {"MODEL_NAME": str(model_dir), **QUIET_ENV}):
+        api.run(request)  # warm-up
+        for repeat in range(repeats):
+            for delay in (0.0, 0.05) if repeat % 2 == 0 else (0.05, 0.0):
+                api.post_delay_s = delay
+                job = api.run(request)
+                if job.status != "COMPLETED":
+                    raise RuntimeError(f"the job failed: {job.error}")
+                runs[delay].append(job)
+    base = median([job.seconds for job in runs[0.0]])
+    rows: list[list[object]] = []
+    for delay, jobs in runs.items():
+        seconds = median([job.seconds for job in jobs])
+        ratio = seconds / base
+        rows.append(
+            [
+                f"{delay * 1e3:.0f} ms per POST",
+                f"{seconds * 1e3:.0f}",
+                f"{median([len(job.stream) for job in jobs]):.0f}",
+                f"{median([job.chunks[-1]['timings']['inference_ms'] for job in jobs]):.0f}",
+                f"{ratio:.2f}×",
+                ratio_note(ratio, 1.2, False) if delay else "",
+            ]
+        )
+    print(
+        f"Progress over a slow network: python handler.py and the emulated job API, 256x256, 30 steps "
+        f"(31 with PNDM's warm-up), median of {repeats}"
+    )
+    print(table(["network", "job ms", "stream POSTs", "inference ms", "vs 0 ms", "note"], rows))
+    print("  job ms: from the worker taking the job to its result arriving at the API.\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=512, help="width and height in pixels (default 512)")
@@ -142,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=42, help="the fixed seed of every image (default 42)")
     parser.add_argument("--repeats", type=int, default=7, help="timed runs per path, median (default 7)")
     parser.add_argument("--model-dir", type=Path, help="a diffusers folder to load (default: tiny SD 1.5, built now)")
+    parser.add_argument("--network-repeats", type=int, default=3, help="jobs per network delay (0: skip; default 3)")
     args = parser.parse_args(argv)
 
     os.environ.update(QUIET_ENV)  # before runpod is imported: its logger reads the level once
@@ -267,8 +310,10 @@ def main(argv: list[str] | None = None) -> int:
         print(
             "  encode: the handler's encode_image; data URI: base64 into the JSON string (not done when uploading\n"
             "  to a bucket). 'of generation' is the total over the raw generation time of this run; a GPU\n"
-            "  generates far faster than this CPU, so there the share is larger."
+            "  generates far faster than this CPU, so there the share is larger.\n"
         )
+        if args.network_repeats:
+            network_section(model_dir, args.network_repeats)
     return 0
 
 

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import io
 import json
+import time
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -17,7 +18,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.harness import DevServer, json_lines, load_handler, run_job, run_job_async, run_local
+from tests.harness import DevServer, free_port, json_lines, load_handler, run_job, run_job_async, run_local
+from tests.runpod_api import Job, JobAPI, Worker
 from tests.servers import http_server, s3_server
 
 EXAMPLE = "02_image_generation"
@@ -55,6 +57,16 @@ def generate(module: ModuleType, **request: Any) -> tuple[list[dict[str, Any]], 
     return progress, final
 
 
+def assert_progress(progress: list[dict[str, Any]], total: int | None = None) -> None:
+    """Progress chunks count up (a step overtaken by a newer one before it was sent is dropped, so
+    steps may be skipped, never repeated or reordered) to one fixed total."""
+    steps = [chunk["step"] for chunk in progress]
+    assert progress and all(chunk["status"] == "progress" for chunk in progress), progress
+    assert steps == sorted(set(steps)) and steps[0] >= 1, steps
+    totals = {chunk["total"] for chunk in progress}
+    assert len(totals) == 1 and steps[-1] <= totals.pop() == (total or progress[0]["total"]), progress
+
+
 def decode(image: str) -> Image.Image:
     _, data = image.split(",", 1)
     return Image.open(io.BytesIO(base64.b64decode(data)))
@@ -87,8 +99,7 @@ def test_each_family_generates_with_progress(handlers, family: str, name: str, p
     module = handlers[family]
     assert module.FAMILY.name == name and type(module.TEXT2IMAGE).__name__ == pipeline
     progress, final = generate(module, prompt="a red bicycle", seed=3, **SMALL)
-    assert [(p["status"], p["step"]) for p in progress] == [("progress", i + 1) for i in range(len(progress))]
-    assert progress and {p["total"] for p in progress} == {len(progress)}
+    assert_progress(progress, total=2 if family != "sd15" else 3)  # PNDM adds a warm-up step
     [image] = final["images"]
     assert image["seed"] == 3 and decode(image["image"]).size == (64, 64)
     assert final["parameters"]["family"] == name and final["parameters"]["num_inference_steps"] == 2
@@ -179,6 +190,49 @@ def test_concurrent_jobs_with_different_settings_match_their_solo_runs(tiny_mode
             np.testing.assert_array_equal(pixels(got["image"]), pixels(want["image"]))
 
 
+def slow_vae_decodes(module: ModuleType, seconds: float = 0.05) -> Any:
+    """Make every VAE decode last `seconds` longer, so concurrent jobs' decodes surely overlap."""
+    return module.TEXT2IMAGE.vae.decoder.register_forward_pre_hook(lambda *args: time.sleep(seconds))
+
+
+def test_concurrent_sdxl_jobs_in_fp16_never_fail_or_cross_talk(tiny_model) -> None:
+    """SDXL's VAE needs fp32 (its config says force_upcast). diffusers used to upcast the shared VAE
+    around each decode and cast it back after, and a per-request from_pipe(dtype=...) cast every
+    shared module: with three jobs at once, one job's cast landed in another's decode (a dtype
+    error, or an image computed in the wrong precision). Six fp16 jobs on three threads, text-to-
+    image and image-to-image, each give exactly their solo image, and no weight changes dtype."""
+    env = {"MODEL_NAME": str(tiny_model("sdxl")), "DTYPE": "float16", "MAX_CONCURRENCY": "3"}
+    module = load_handler(EXAMPLE, env)
+    requests = [
+        {"prompt": "a tree", "seed": 1, **SMALL},
+        {"prompt": "a house", "seed": 2, "scheduler": "euler-a", **SMALL},
+        {"prompt": "a river", "seed": 3, "image": png_data_uri(64, 64), "strength": 0.5, **SMALL},
+        {"prompt": "a boat", "seed": 4, "num_images": 2, **SMALL},
+        {"prompt": "a cloud", "seed": 5, "image": png_data_uri(64, 64, seed=2), "strength": 1.0, **SMALL},
+        {"prompt": "a road", "seed": 6, **SMALL},
+    ]
+    hook = slow_vae_decodes(module)
+    try:
+        alone = [generate(module, **request)[1]["images"] for request in requests]
+
+        async def together() -> list[dict[str, Any]]:
+            return await asyncio.gather(*(run_job_async(module.handler, {"input": r}) for r in requests))
+
+        results = asyncio.run(together())
+    finally:
+        hook.remove()
+    for result, expected in zip(results, alone, strict=True):
+        assert "error" not in result, result
+        images = result["output"][-1]["images"]
+        for got, want in zip(images, expected, strict=True):
+            np.testing.assert_array_equal(pixels(got["image"]), pixels(want["image"]))
+    pipeline = module.TEXT2IMAGE
+    assert {
+        p.dtype for model in (pipeline.unet, pipeline.text_encoder, pipeline.text_encoder_2) for p in model.parameters()
+    } == {torch.float16}
+    assert {p.dtype for p in pipeline.vae.parameters()} == {torch.float32}  # made fp32 once, at load
+
+
 # ---- image to image ---------------------------------------------------------------------------
 
 
@@ -202,7 +256,7 @@ def test_image_to_image_from_data_uri_base64_and_url(sd15, monkeypatch) -> None:
 def test_image_to_image_progress_counts_only_the_steps_it_runs(sd15) -> None:
     request = {"prompt": "x", "image": png_data_uri(64, 64), "strength": 0.5, "num_inference_steps": 8}
     progress, final = generate(sd15, width=64, height=64, **request)
-    assert [p["step"] for p in progress] == list(range(1, progress[-1]["total"] + 1))
+    assert_progress(progress)
     assert progress[-1]["total"] < 8
     assert decode(final["images"][0]["image"]).size == (64, 64)
 
@@ -306,6 +360,102 @@ def test_images_upload_to_s3_compatible_storage(tiny_model, sd15) -> None:
             assert httpx.get(image["image"]).content == body  # the presigned URL serves the same object
             np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(body))), pixels(expected["image"]))
         assert result["output"][-1]["timings"]["upload_ms"] > 0
+
+
+def uploading_env(tiny_model, endpoint: str, bucket: str, **extra: str) -> dict[str, str]:
+    return {
+        "MODEL_NAME": str(tiny_model("sd15")),
+        "BUCKET_ENDPOINT_URL": endpoint,
+        "BUCKET_ACCESS_KEY_ID": "test-key",
+        "BUCKET_SECRET_ACCESS_KEY": "test-secret",
+        "BUCKET_NAME": bucket,
+        **extra,
+    }
+
+
+def test_a_failed_upload_returns_the_images_inline_with_the_upload_error(tiny_model, sd15) -> None:
+    """The bucket does not exist: the finished images still arrive, as data URIs, each naming the
+    upload's error (bucket, S3 error code, HTTP status), not "image generation failed"."""
+    with s3_server() as endpoint:
+        module = load_handler(EXAMPLE, uploading_env(tiny_model, endpoint, "no-such-bucket"))
+        result = run_job(module.handler, {"prompt": "a lighthouse", "seed": 7, "num_images": 2, **SMALL})
+    assert "error" not in result, result
+    images = result["output"][-1]["images"]
+    _, inline = generate(sd15, prompt="a lighthouse", seed=7, num_images=2, **SMALL)
+    for image, expected in zip(images, inline["images"], strict=True):
+        assert image["upload_error"] == "the upload to bucket 'no-such-bucket' failed: NoSuchBucket (HTTP 404)"
+        np.testing.assert_array_equal(pixels(image["image"]), pixels(expected["image"]))
+    assert "test-secret" not in json.dumps(result)
+
+
+def test_a_failed_upload_too_big_to_return_inline_says_why(tiny_model) -> None:
+    """Missing bucket, and two 64² PNGs (~22 KB as data URIs) over a 20 KB result limit: one clear
+    error naming the upload's failure and the size, not the generic one."""
+    with s3_server() as endpoint:
+        module = load_handler(EXAMPLE, uploading_env(tiny_model, endpoint, "gone", MAX_RESULT_BYTES="20000"))
+        result = run_job(module.handler, {"prompt": "a lighthouse", "seed": 7, "num_images": 2, **SMALL})
+    error = result["error"]
+    assert error.startswith("the upload to bucket 'gone' failed: NoSuchBucket (HTTP 404), and the 2 image(s) come to ")
+    assert "over the result limit of 20000 bytes (MAX_RESULT_BYTES)" in error
+    assert [chunk["status"] for chunk in result["stream"]] == ["progress"] * len(result["stream"])
+
+
+def test_an_unreachable_bucket_endpoint_is_named(tiny_model) -> None:
+    env = uploading_env(tiny_model, f"http://127.0.0.1:{free_port()}", "outputs")
+    module = load_handler(EXAMPLE, env)
+    result = run_job(module.handler, {"prompt": "a lighthouse", "seed": 7, **SMALL})
+    [image] = result["output"][-1]["images"]
+    assert image["upload_error"] == (
+        "the upload to bucket 'outputs' failed: EndpointConnectionError (no answer from BUCKET_ENDPOINT_URL)"
+    )
+    assert image["image"].startswith("data:image/png;base64,")
+
+
+def test_a_result_that_cannot_fit_is_refused_before_the_work(tiny_model) -> None:
+    """Two 64² PNGs take at least 2 × 4096 px × 1 byte × 4/3 = 10922 bytes as data URIs: over a 12 KB
+    limit (less the 4 KB envelope), refused before any denoising, naming the limit and the ways out;
+    the same request in JPEG is served."""
+    module = load_handler(EXAMPLE, {"MODEL_NAME": str(tiny_model("sd15")), "MAX_RESULT_BYTES": "12000"})
+    calls, hook = unet_calls(module)
+    try:
+        result = run_job(module.handler, {"prompt": "x", "num_images": 2, **SMALL})
+    finally:
+        hook.remove()
+    assert result["error"] == (
+        "2 PNG image(s) of 64x64 come to at least 10922 bytes as data URIs, over the result limit of 12000 bytes"
+        " (MAX_RESULT_BYTES): configure S3 upload (BUCKET_ENDPOINT_URL and keys), ask for fewer images, or use"
+        " output_format jpeg or webp"
+    )
+    assert calls == [] and result["stream"] == []
+    _, final = generate(module, prompt="x", num_images=2, output_format="jpeg", output_quality=50, **SMALL)
+    assert len(final["images"]) == 2
+
+
+def test_a_result_that_comes_out_too_big_is_a_clear_error(tiny_model) -> None:
+    """One 64² PNG passes the floor (5461 bytes) but the tiny model paints noise, ~16 KB as a data
+    URI, over a 16 KB limit less its envelope: a clear error, never a lost result."""
+    module = load_handler(EXAMPLE, {"MODEL_NAME": str(tiny_model("sd15")), "MAX_RESULT_BYTES": "16000"})
+    result = run_job(module.handler, {"prompt": "x", "seed": 1, **SMALL})
+    assert result["error"].startswith("the 1 image(s) come to ")
+    assert result["error"].endswith(
+        "over the result limit of 16000 bytes (MAX_RESULT_BYTES): configure S3 upload (BUCKET_ENDPOINT_URL and"
+        " keys), ask for fewer images, or use output_format jpeg or webp"
+    )
+
+
+def test_with_s3_a_big_result_is_uploaded_not_refused(tiny_model) -> None:
+    with s3_server() as endpoint:
+        boto3.client(
+            "s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="k", aws_secret_access_key="s"
+        ).create_bucket(Bucket="big")
+        module = load_handler(EXAMPLE, uploading_env(tiny_model, endpoint, "big", MAX_RESULT_BYTES="12000"))
+        result = run_job(module.handler, {"prompt": "x", "seed": 1, "num_images": 2, **SMALL})
+    images = result["output"][-1]["images"]
+    assert [image["image"].split("?")[0] for image in images] == [
+        f"{endpoint}/big/test-job/0-1.png",
+        f"{endpoint}/big/test-job/1-2.png",
+    ]
+    assert len(json.dumps(result["output"])) < 12000
 
 
 # ---- bad input ------------------------------------------------------------------------------
@@ -423,7 +573,8 @@ def test_a_failure_mid_denoising_is_an_error_and_the_next_job_is_served(sd15) ->
     finally:
         hook.remove()
     assert result["error"] == "image generation failed inside the worker; see the worker logs"
-    assert [chunk["step"] for chunk in result["stream"]] == [1, 2]
+    assert_progress(result["stream"])
+    assert result["stream"][-1]["step"] <= 2
     assert generate(sd15, prompt="again", seed=1, **SMALL)[1]["images"]
 
 
@@ -470,6 +621,45 @@ def test_detect_family_by_name_and_config(sd15) -> None:
     assert sd15.detect_family(sd15.TEXT2IMAGE, "runwayml/stable-diffusion-v1-5").name == "sd1"
 
 
+# ---- through Runpod's real job loop -----------------------------------------------------------
+
+NETWORK_S = 0.05  # a 50 ms round trip per POST, as between a worker and Runpod
+
+
+def run_with_delay(api: JobAPI, job_input: Any, delay_s: float) -> Job:
+    api.post_delay_s = delay_s
+    try:
+        return api.run(job_input)
+    finally:
+        api.post_delay_s = 0.0
+
+
+def test_progress_over_a_slow_network_is_dropped_not_queued(tiny_model) -> None:
+    """`python handler.py` serving the emulated job API: with a stream POST as long as three steps
+    (50 ms or more), a 30-step job sends fewer POSTs than it has steps (the steps made during a
+    POST collapse into the newest), its steps still count up, the image comes last and is the same
+    as over a fast network, and the worker serves a bad job then a good one after it."""
+    request = {"prompt": "a lighthouse", "seed": 3, "width": 64, "height": 64, "num_inference_steps": 30}
+    with JobAPI() as api, Worker(EXAMPLE, api, {"MODEL_NAME": str(tiny_model("sd15"))}):
+        fast = run_with_delay(api, request, 0.0)
+        # A POST that spans about three steps, however fast this machine denoises today.
+        step_s = fast.chunks[-1]["timings"]["inference_ms"] / 1000 / 31
+        slow = run_with_delay(api, request, max(NETWORK_S, 3 * step_s))
+        bad = api.run({"prompt": "x", "width": 100})
+        after = api.run({"prompt": "after", "seed": 1, **SMALL})
+    for job in (fast, slow):
+        assert job.status == "COMPLETED", job.error
+        *progress, final = job.chunks
+        assert_progress(progress, total=31)  # PNDM's warm-up step
+        assert final["images"][0]["seed"] == 3 and job.output == job.chunks  # /runsync: the same chunks
+    assert len(slow.stream) < 31, f"{len(slow.stream)} stream POSTs for 31 steps"
+    np.testing.assert_array_equal(
+        pixels(fast.chunks[-1]["images"][0]["image"]), pixels(slow.chunks[-1]["images"][0]["image"])
+    )
+    assert bad.status == "FAILED" and "width: Input should be a multiple of 8" in bad.error
+    assert after.status == "COMPLETED" and after.chunks[-1]["images"]
+
+
 # ---- as a user runs it ----------------------------------------------------------------------
 
 
@@ -478,7 +668,7 @@ def test_python_handler_py_prints_progress_then_images(tiny_model) -> None:
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     *progress, final = json_lines(run.stdout)
     test_input = json.loads((Path(__file__).parents[1] / EXAMPLE / "test_input.json").read_text())["input"]
-    assert [p["step"] for p in progress] == list(range(1, len(progress) + 1))
+    assert_progress(progress)
     assert final["images"][0]["seed"] == test_input["seed"]
     assert final["images"][0]["image"].startswith(f"data:image/{test_input['output_format']};base64,")
     assert test_input["prompt"] not in run.stdout + run.stderr, "prompts never reach the logs"

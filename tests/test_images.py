@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import random
 import time
 from http.server import BaseHTTPRequestHandler
 from types import ModuleType
@@ -78,7 +79,7 @@ def test_exif_orientation_is_applied(images: ModuleType, limits) -> None:
         ("file:///etc/passwd", "image: only http(s) URLs are fetched"),
         ("ftp://example.com/cat.png", "image: only http(s) URLs are fetched"),
         ("", "image: expected an image URL, data URI or base64 string"),
-        (base64.b64encode(jpeg()[:3000]).decode(), "image: the image data is truncated or corrupt"),
+        (base64.b64encode(jpeg()[:3000]).decode(), "image: not a decodable image (truncated or corrupt data)"),
     ],
 )
 def test_bad_sources_name_the_field(images: ModuleType, limits, source: str, message: str) -> None:
@@ -146,3 +147,44 @@ def test_encode_and_data_uri_round_trip(images: ModuleType, limits, fmt: str) ->
     assert decoded.size == (24, 16)
     if fmt == "png":
         assert list(decoded.getdata()) == list(original.getdata())
+
+
+def with_exif(fmt: str) -> bytes:
+    """A small photo-like image in `fmt` carrying an EXIF block: orientation, camera, date."""
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation
+    exif[0x010F] = "Camera"  # make
+    exif[0x0132] = "2024:01:01 00:00:00"  # date and time
+    buffer = io.BytesIO()
+    Image.effect_noise((32, 24), 40).convert("RGB").save(buffer, format=fmt, exif=exif)
+    return buffer.getvalue()
+
+
+EXIF_MARKERS = {"JPEG": b"Exif", "PNG": b"eXIf", "WEBP": b"EXIF"}
+MUTATIONS = 2000  # per format: corrupt EXIF broke the decoder in about 1 of 300 JPEG mutations
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+def test_mutated_images_decode_or_fail_with_a_clear_error(images: ModuleType, fmt: str) -> None:
+    """Random byte changes, most inside the EXIF block (where PIL's parser raised struct.error or
+    TypeError out of exif_transpose), the rest anywhere: every one gives an RGB image or an
+    ImageInputError naming the field, never another exception."""
+    original = with_exif(fmt)
+    exif_at = original.find(EXIF_MARKERS[fmt])
+    assert exif_at > 0, f"no EXIF block in the {fmt} sample"
+    rng = random.Random(fmt)
+    outcomes = {"decoded": 0, "refused": 0}
+    for index in range(MUTATIONS):
+        data = bytearray(original)
+        start, end = (exif_at, min(len(data), exif_at + 120)) if index % 4 else (0, len(data))
+        for _ in range(rng.randint(1, 4)):
+            data[rng.randrange(start, end)] = rng.randrange(256)
+        try:
+            image = images.decode_image("image", bytes(data), max_pixels=10**6)
+        except images.ImageInputError as error:
+            assert str(error).startswith("image: "), error
+            outcomes["refused"] += 1
+        else:
+            assert image.mode == "RGB"
+            outcomes["decoded"] += 1
+    assert outcomes["decoded"] and (fmt == "WEBP" or outcomes["refused"]), outcomes
