@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +26,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 from sentence_transformers import CrossEncoder, SentenceTransformer, quantize_embeddings
+from sentence_transformers.base.modules import Normalize, Router, Transformer
+from sentence_transformers.util import batch_to_device
 
+from batcher import TokenBudgetBatcher
 from local_run import for_local_run
 
 log = runpod.RunPodLogger()
@@ -36,10 +40,6 @@ log = runpod.RunPodLogger()
 # ---------------------------------------------------------------------------------------------
 def env_int(name: str, default: int) -> int:
     return int(os.environ.get(name) or default)
-
-
-def env_float(name: str, default: float) -> float:
-    return float(os.environ.get(name) or default)
 
 
 def env_flag(name: str, default: bool) -> bool:
@@ -55,21 +55,29 @@ SERVED_MODEL_NAME = os.environ.get("SERVED_MODEL_NAME") or MODEL_NAME  # the id 
 # Some models (Nomic, Jina, GTE-multilingual) ship their own modelling code; run it only when asked.
 TRUST_REMOTE_CODE = env_flag("TRUST_REMOTE_CODE", False)
 
-# Jobs one worker takes at once. They queue for the single model thread, so more concurrency
-# costs no GPU memory; it keeps validation, tokenisation and network I/O off the critical path.
-MAX_CONCURRENCY = env_int("MAX_CONCURRENCY", 16)
+# Jobs one worker takes at once. They wait for the single model thread as texts in one queue, so
+# more concurrency costs no GPU memory; it is what lets batches fill: the SDK never holds more than
+# MAX_CONCURRENCY jobs, so a batch of one-text queries can never hold more texts than this.
+# worker-infinity-embedding's default, 300, keeps a GPU busy with one-line queries.
+MAX_CONCURRENCY = env_int("MAX_CONCURRENCY", 300)
 MAX_INPUTS = env_int("MAX_INPUTS", 2048)  # texts per request: OpenAI's own cap
 # Characters per text: about 12k tokens, far beyond any model's window (longer inputs are
 # truncated anyway); the cap only bounds the memory a single request can make us tokenise.
 MAX_INPUT_CHARS = env_int("MAX_INPUT_CHARS", 50_000)
 MIN_DIMENSIONS = env_int("MIN_DIMENSIONS", 1)  # OpenAI accepts any positive size; the maximum is the model's own
-BATCH_SIZE = env_int("BATCH_SIZE", 64)  # texts per forward pass: short texts fill a 16 GB GPU far beyond this
-# Dynamic batching: the texts of jobs that arrive together share forward passes, as Infinity and
-# TEI do. The first job of a batch waits BATCH_WAIT_MS for company (far below a network round
-# trip); a batch closes early at BATCH_MAX_TEXTS texts, so one huge job cannot hold others back.
+BATCH_SIZE = env_int("BATCH_SIZE", 64)  # pairs per cross-encoder pass (rerank) and texts per calibration pass
+# Dynamic batching (batcher.py): the texts of all waiting jobs share forward passes, as TEI and
+# Infinity do. A batch holds texts of similar length, at most MAX_BATCH_TOKENS once padded
+# (texts × the longest): TEI's default, 16,384, fits a 16 GB GPU with a 600M-parameter model at
+# 8,192-token inputs, and memory grows with it, so lower it for long inputs on small GPUs.
+# MAX_BATCH_TEXTS caps the count when texts are short (one-line queries): past a few hundred,
+# a bigger batch no longer speeds a GPU up, it only delays the jobs in it.
 DYNAMIC_BATCHING = env_flag("DYNAMIC_BATCHING", True)
-BATCH_WAIT_MS = env_float("BATCH_WAIT_MS", 5.0)
-BATCH_MAX_TEXTS = env_int("BATCH_MAX_TEXTS", 256)
+MAX_BATCH_TOKENS = env_int("MAX_BATCH_TOKENS", 16_384)
+MAX_BATCH_TEXTS = env_int("MAX_BATCH_TEXTS", 256)
+# Runpod refuses results over 20 MB on /runsync (and /run's /status): a request whose answer would
+# certainly be larger is refused before any work, with the ways out named.
+MAX_RESULT_BYTES = env_int("MAX_RESULT_BYTES", 20_000_000)
 # Optional second model: a cross-encoder that reranks documents for a query (e.g. BAAI/bge-reranker-base).
 RERANK_MODEL_NAME = os.environ.get("RERANK_MODEL_NAME") or None
 MAX_RERANK_DOCUMENTS = env_int("MAX_RERANK_DOCUMENTS", 1000)  # a cross-encoder reads every pair: cost grows with each
@@ -106,6 +114,23 @@ MODEL.eval()
 EMBEDDING_DIM: int = MODEL.get_embedding_dimension()
 MAX_SEQ_LENGTH: int = MODEL.get_max_seq_length() or MODEL.tokenizer.model_max_length
 PROMPTS: dict[str, str] = dict(MODEL.prompts)  # e.g. {"query": "query: "} for E5-style models
+DEFAULT_PROMPT = PROMPTS.get(MODEL.default_prompt_name or "", "")  # what the model applies when asked for none
+
+# The modules a batch runs through: all but a final Normalize, which shape_embeddings applies per
+# request instead, so `normalize: false` gets the model's raw vectors (same numbers otherwise).
+MODULES = list(MODEL.children())
+ENDS_NORMALIZED = isinstance(MODULES[-1], Normalize)
+RAW_MODULES = MODULES[:-1] if ENDS_NORMALIZED else MODULES
+RAW_VECTORS = not any(isinstance(module, Normalize) for module in RAW_MODULES)  # false: a Normalize sits inside
+# Plain text transformers (nearly every embedding model) take the token ids made once per request,
+# off the model thread. Others (routers, prompt-excluding pooling, query expansion) are preprocessed
+# by sentence-transformers itself on the model thread, per batch of one prompt.
+TOKEN_IDS_PATH = (
+    isinstance(MODULES[0], Transformer)
+    and set(MODULES[0].modality_config) == {"text"}
+    and getattr(MODULES[0], "query_expansion", None) is None
+    and all(getattr(module, "include_prompt", True) for module in MODULES)
+)
 RERANKER = (
     CrossEncoder(
         RERANK_MODEL_NAME,
@@ -117,22 +142,20 @@ RERANKER = (
     if RERANK_MODEL_NAME
     else None
 )
-# int8/uint8 embeddings need one fixed value range per dimension, or vectors from different
-# requests could not be compared: it comes from the model's own embeddings of calibration.txt.
-CALIBRATION_TEXTS = [line for line in (Path(__file__).parent / "calibration.txt").read_text().splitlines() if line]
-with torch.inference_mode():
-    CALIBRATION = np.asarray(MODEL.encode(CALIBRATION_TEXTS, batch_size=BATCH_SIZE, show_progress_bar=False))
 LOADED_AT = int(time.time())
 log.info(
     f"Loaded {MODEL_NAME} on {DEVICE} ({DTYPE}) in {time.perf_counter() - _load_started:.1f}s: "
     f"{EMBEDDING_DIM} dimensions, at most {MAX_SEQ_LENGTH} tokens per input, "
     f"prompts: {sorted(name for name, text in PROMPTS.items() if text) or 'none'}, "
-    f"reranker: {RERANK_MODEL_NAME or 'none'}, dynamic batching: {'on' if DYNAMIC_BATCHING else 'off'}"
+    f"reranker: {RERANK_MODEL_NAME or 'none'}, dynamic batching: {'on' if DYNAMIC_BATCHING else 'off'} "
+    f"({MAX_BATCH_TOKENS} padded tokens, {MAX_BATCH_TEXTS} texts per batch)"
 )
 
 # One thread owns the models: batches queue for it in order, and the event loop stays free to take
-# and validate the next jobs while a batch is encoded.
+# and validate the next jobs while a batch is encoded. Tokenising has a thread of its own, so a
+# request's texts are tokenised while the model encodes someone else's.
 MODEL_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode")
+TOKENIZE_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,6 +166,9 @@ class RequestError(ValueError):
 
 
 Text = Annotated[str, Field(min_length=1, max_length=MAX_INPUT_CHARS)]
+# An instruction is a sentence or two; the cap keeps it from eating the model's window.
+MAX_PROMPT_CHARS = 2000
+Prompt = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
 Texts = Annotated[list[Text], Field(min_length=1, max_length=MAX_INPUTS)]
 Dimensions = Annotated[int, Field(ge=MIN_DIMENSIONS, le=EMBEDDING_DIM)]
 EncodingFormat = Literal["float", "base64"]
@@ -164,7 +190,41 @@ class EmbeddingOptions(BaseModel):
     dimensions: Dimensions | None = None  # Matryoshka truncation, then re-normalised
     encoding_format: EncodingFormat = "float"  # base64: little-endian float32 bytes, as OpenAI sends
     input_type: InputType | None = None  # selects the model's "query"/"document" prompt, if it has one
+    prompt_name: str | None = None  # any prompt the model defines, by name (TEI's and sentence-transformers' field)
+    prompt: Prompt | None = None  # a free instruction put before every text (Qwen3-Embedding, e5-instruct)
     normalize: bool = True  # unit length, so cosine similarity is a dot product
+
+    @field_validator("prompt_name")
+    @classmethod
+    def _known_prompt(cls, name: str | None) -> str | None:
+        if name is not None and name not in PROMPTS:
+            known = ", ".join(sorted(PROMPTS)) or "none"
+            raise ValueError(f"{name!r} is not one of this model's prompts ({known}); send a free `prompt` instead")
+        return name
+
+    @field_validator("normalize")
+    @classmethod
+    def _raw_available(cls, normalize: bool) -> bool:
+        if not normalize and not RAW_VECTORS:
+            raise ValueError("false is not available: this model normalises inside its own layers")
+        return normalize
+
+    @model_validator(mode="after")
+    def _one_prompt(self) -> EmbeddingOptions:
+        given = [name for name in ("input_type", "prompt_name", "prompt") if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise PydanticCustomError("prompts", f"send one of input_type, prompt_name and prompt, not {given}")
+        return self
+
+    def resolved_prompt(self) -> str:
+        """The text put before every input, resolved as sentence-transformers' encode_query/encode does."""
+        if self.prompt is not None:
+            return self.prompt
+        if self.prompt_name is not None:
+            return PROMPTS[self.prompt_name]
+        if self.input_type is not None and self.input_type in PROMPTS:
+            return PROMPTS[self.input_type]
+        return DEFAULT_PROMPT
 
 
 class EmbedRequest(EmbeddingOptions):
@@ -267,101 +327,113 @@ def parse_request(job_input: Any) -> tuple[str, BaseModel | None]:
 # ---------------------------------------------------------------------------------------------
 # 4. Inference: on the model thread, with the texts of concurrent jobs merged into batches.
 # ---------------------------------------------------------------------------------------------
-def token_counts(texts: list[str], prompt: str) -> list[int]:
-    """Tokens per text as the model's tokenizer counts them, prompt and special tokens included."""
-    encoded = MODEL.tokenizer([prompt + text for text in texts], add_special_tokens=True, verbose=False)
-    return [len(ids) for ids in encoded["input_ids"]]
+@dataclass
+class Tokenized:
+    """One request's texts, tokenised once: what the model reads, and what it was asked to read."""
+
+    encodings: list[dict[str, list[int]]]  # per text: input_ids etc., cut to the model's window
+    counts: list[int]  # tokens per text before the cut, prompt and special tokens included
 
 
-def embed(texts: list[str], input_type: str | None) -> tuple[np.ndarray, list[int]]:
-    """Full-size embeddings (float32, as the model gives them) and the untruncated token counts."""
-    counts = token_counts(texts, PROMPTS.get(input_type or "", ""))
-    encode = {"query": MODEL.encode_query, "document": MODEL.encode_document}.get(input_type or "", MODEL.encode)
+def tokenize(texts: list[str], prompt: str) -> Tokenized:
+    """The model's own tokenizer over `prompt + text`, as sentence-transformers does it; texts past
+    MAX_SEQ_LENGTH are cut there (longest_first, keeping the closing special token)."""
+    prompted = [prompt + text for text in texts]
+    full = MODEL.tokenizer(prompted, add_special_tokens=True, verbose=False)
+    counts = [len(ids) for ids in full["input_ids"]]
+    encodings = [{key: values[i] for key, values in full.items()} for i in range(len(texts))]
+    if long := [i for i, count in enumerate(counts) if count > MAX_SEQ_LENGTH]:
+        cut = MODEL.tokenizer([prompted[i] for i in long], truncation=True, max_length=MAX_SEQ_LENGTH, verbose=False)
+        for row, i in enumerate(long):
+            encodings[i] = {key: values[row] for key, values in cut.items()}
+    return Tokenized(encodings, counts)
+
+
+@dataclass(frozen=True)
+class ToEncode:
+    """One text as the batcher carries it: its token ids, or for the preprocess path its text."""
+
+    encoding: dict[str, list[int]]
+    text: str
+    prompt: str
+    task: str | None
+
+
+def batch_features(batch: list[ToEncode]) -> dict[str, Any]:
+    """The model's input for a batch: token ids padded to the longest, or sentence-transformers'
+    own preprocessing (every item of such a batch shares its prompt and task: see `batch_group`)."""
+    if TOKEN_IDS_PATH:
+        features = dict(MODEL.tokenizer.pad([item.encoding for item in batch], padding=True, return_tensors="pt"))
+        return {**batch_to_device(features, MODEL.device), "modality": "text"}
+    first = batch[0]
+    features = MODEL.preprocess([item.text for item in batch], prompt=first.prompt or None, task=first.task)
+    return batch_to_device(features, MODEL.device)
+
+
+def batch_group(prompt: str, task: str | None) -> tuple[str, str | None] | None:
+    """What texts must share to share a batch: nothing on the token-ids path, else prompt and task."""
+    return None if TOKEN_IDS_PATH else (prompt, task)
+
+
+def encode_batch(batch: list[ToEncode]) -> list[np.ndarray]:
+    """One forward pass on the model thread: raw float32 vectors, one per text (no final Normalize)."""
+    features = batch_features(batch)
+    task = batch[0].task
     with torch.inference_mode():
-        vectors = encode(texts, batch_size=BATCH_SIZE, convert_to_numpy=True, show_progress_bar=False)
-    return np.asarray(vectors, dtype=np.float32), counts
+        for module in RAW_MODULES:
+            features = module(features, task=task) if isinstance(module, Router) else module(features)
+    return list(features["sentence_embedding"].float().cpu().numpy())
 
 
+def release_memory(error: BaseException) -> None:
+    """Before a failed batch is split and retried: give the GPU memory back, log the cause (no texts)."""
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        torch.cuda.empty_cache()
+    log.warn(f"A batch failed ({type(error).__name__}); retrying its texts in smaller batches")
+
+
+def new_batcher() -> TokenBudgetBatcher:
+    # A lost GPU context fails every text at once: splitting the batch cannot bring it back.
+    return TokenBudgetBatcher(
+        encode_batch,
+        MODEL_THREAD,
+        MAX_BATCH_TOKENS,
+        MAX_BATCH_TEXTS,
+        fatal=(torch.AcceleratorError,),
+        on_error=release_memory,
+    )
+
+
+BATCHER = new_batcher()
 Embedded = tuple[np.ndarray, list[int]]
 
 
-def embed_many(jobs: list[tuple[list[str], str | None]]) -> list[Embedded]:
-    """Several jobs' texts in as few model calls as there are input types, split back per job."""
-    results: list[Embedded | None] = [None] * len(jobs)
-    for input_type in {kind for _, kind in jobs}:
-        members = [index for index, (_, kind) in enumerate(jobs) if kind == input_type]
-        vectors, counts = embed([text for index in members for text in jobs[index][0]], input_type)
-        start = 0
-        for index in members:
-            end = start + len(jobs[index][0])
-            results[index] = (vectors[start:end], counts[start:end])
-            start = end
-    return results
+async def embed_texts(texts: list[str], prompt: str, task: str | None) -> Embedded:
+    """Tokenise once (on the tokenize thread), then encode through the batcher: full-size float32
+    vectors as the model gives them (before any final Normalize) and the untruncated token counts."""
+    tokens = await asyncio.get_running_loop().run_in_executor(TOKENIZE_THREAD, tokenize, texts, prompt)
+    items = [ToEncode(encoding, text, prompt, task) for encoding, text in zip(tokens.encodings, texts, strict=True)]
+    lengths = [min(count, MAX_SEQ_LENGTH) for count in tokens.counts]
+    # Without dynamic batching each job gets a batcher of its own: the same token-budget batches
+    # and failure isolation, on the same model thread, but never shared with another job.
+    batcher = BATCHER if DYNAMIC_BATCHING else new_batcher()
+    vectors = await batcher.submit(items, lengths, batch_group(prompt, task))
+    return np.stack(vectors), tokens.counts
 
 
-@dataclass
-class Waiting:
-    texts: list[str]
-    input_type: str | None
-    result: asyncio.Future[Embedded]
+def embed_now(texts: list[str], prompt: str = "", task: str | None = None) -> np.ndarray:
+    """The same path, synchronously, for use at load time (before any event loop runs)."""
+    tokens = tokenize(texts, prompt)
+    items = [ToEncode(encoding, text, prompt, task) for encoding, text in zip(tokens.encodings, texts, strict=True)]
+    batches = [items[start : start + BATCH_SIZE] for start in range(0, len(items), BATCH_SIZE)]
+    return np.stack([vector for batch in batches for vector in encode_batch(batch)])
 
 
-class DynamicBatcher:
-    """Collects the texts of concurrent jobs and encodes them together.
-
-    A batch starts with the first waiting job and closes after `wait_s` or at `max_texts` texts;
-    jobs that arrive while a batch is encoding form the next one. Results are split back per job,
-    and a batch that fails fails each of its jobs.
-    """
-
-    def __init__(self, max_texts: int, wait_s: float) -> None:
-        self.max_texts, self.wait_s = max_texts, wait_s
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self.queue: asyncio.Queue[Waiting] | None = None
-        self.collector: asyncio.Task[None] | None = None
-        self.batches = 0  # model calls made, for the logs and the tests
-
-    async def embed(self, texts: list[str], input_type: str | None) -> Embedded:
-        loop = asyncio.get_running_loop()
-        if self.loop is not loop:  # one collector per event loop (Runpod runs one for the worker's life)
-            self.loop, self.queue = loop, asyncio.Queue()
-            self.collector = loop.create_task(self._collect(self.queue))  # held: a loop keeps only weak refs
-        waiting = Waiting(texts, input_type, loop.create_future())
-        self.queue.put_nowait(waiting)
-        return await waiting.result
-
-    async def _collect(self, queue: asyncio.Queue[Waiting]) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            batch = [await queue.get()]
-            size, deadline = len(batch[0].texts), loop.time() + self.wait_s
-            while size < self.max_texts:
-                try:
-                    batch.append(await asyncio.wait_for(queue.get(), max(deadline - loop.time(), 0)))
-                except TimeoutError:
-                    break
-                size += len(batch[-1].texts)
-            jobs = [(waiting.texts, waiting.input_type) for waiting in batch]
-            self.batches += 1
-            try:
-                results = await loop.run_in_executor(MODEL_THREAD, embed_many, jobs)
-            except Exception as error:  # noqa: BLE001 - every job of the batch gets the failure
-                for waiting in batch:
-                    if not waiting.result.done():
-                        waiting.result.set_exception(error)
-                continue
-            for waiting, result in zip(batch, results, strict=True):
-                if not waiting.result.done():  # a cancelled job no longer waits
-                    waiting.result.set_result(result)
-
-
-BATCHER = DynamicBatcher(BATCH_MAX_TEXTS, BATCH_WAIT_MS / 1000)
-
-
-async def embed_texts(texts: list[str], input_type: str | None) -> Embedded:
-    if DYNAMIC_BATCHING:
-        return await BATCHER.embed(texts, input_type)
-    return await asyncio.get_running_loop().run_in_executor(MODEL_THREAD, embed, texts, input_type)
+# int8/uint8 embeddings need one fixed value range per dimension, or vectors from different
+# requests could not be compared: it comes from the model's own embeddings of calibration.txt
+# (raw, like every request's, so each request shapes them exactly as its own vectors).
+CALIBRATION_TEXTS = [line for line in (Path(__file__).parent / "calibration.txt").read_text().splitlines() if line]
+CALIBRATION = embed_now(CALIBRATION_TEXTS)
 
 
 def rerank(request: RerankRequest) -> list[dict[str, Any]]:
@@ -455,6 +527,58 @@ def openai_response(vectors: np.ndarray, counts: list[int], request: OpenAIEmbed
     return response
 
 
+# Bytes one value takes in the JSON result, separator included. Written out as a JSON number, a
+# float32 is short only when it is a round binary fraction (0.5, 0.0): real embeddings average
+# about 20 characters ("-0.08346541225910187, "), never under 8. An int8 value is at least "0, ".
+MIN_JSON_BYTES_PER_FLOAT = 8
+MAX_JSON_BYTES_PER_FLOAT = 25
+MIN_JSON_BYTES_PER_INT = 3
+# Room for everything beside the vectors (model name, usage, truncated indices).
+RESULT_OVERHEAD_BYTES = 1_000
+
+
+def result_bytes(count: int, dimensions: int, precision: str, encoding_format: str, json_bytes: int) -> int:
+    """The size of a result of `count` vectors: exact for base64, with `json_bytes` per value for
+    JSON numbers (MIN_JSON_BYTES_PER_FLOAT for a floor, MAX_... for a ceiling)."""
+    values = dimensions // 8 if precision in ("binary", "ubinary") else dimensions
+    raw_bytes = 4 if precision == "float32" else 1
+    if encoding_format == "base64":
+        per_vector = 4 * -(-values * raw_bytes // 3) + len('"", ')  # base64 of the bytes, quoted
+    else:
+        per_vector = values * (json_bytes if precision == "float32" else MIN_JSON_BYTES_PER_INT) + len("[], ")
+    return count * per_vector + RESULT_OVERHEAD_BYTES
+
+
+def result_too_large(size: int, certain: bool) -> str:
+    """The error for a result over MAX_RESULT_BYTES, with the ways out."""
+    amount = f"at least {size:,}" if certain else f"{size:,}"
+    return (
+        f"the result would be {amount} bytes, over MAX_RESULT_BYTES ({MAX_RESULT_BYTES:,}: Runpod's limit "
+        'for a job result); send encoding_format "base64" (about a quarter of the size), fewer texts '
+        "per request, or fewer dimensions"
+    )
+
+
+def check_result_budget(count: int, request: EmbeddingOptions) -> None:
+    """Refuse, before any work, a request whose result would certainly exceed MAX_RESULT_BYTES."""
+    precision = getattr(request, "precision", "float32")
+    dimensions = request.dimensions or EMBEDDING_DIM
+    floor = result_bytes(count, dimensions, precision, request.encoding_format, MIN_JSON_BYTES_PER_FLOAT)
+    if floor > MAX_RESULT_BYTES:
+        raise RequestError(result_too_large(floor, certain=True))
+
+
+def measured_result(output: dict[str, Any], count: int, request: EmbeddingOptions) -> dict[str, Any]:
+    """`output`, after measuring it when it might be over MAX_RESULT_BYTES (json.dumps costs time,
+    so only then): a result Runpod would refuse becomes this job's clear error instead."""
+    precision = getattr(request, "precision", "float32")
+    dimensions = request.dimensions or EMBEDDING_DIM
+    ceiling = result_bytes(count, dimensions, precision, request.encoding_format, MAX_JSON_BYTES_PER_FLOAT)
+    if ceiling > MAX_RESULT_BYTES and (size := len(json.dumps(output).encode())) > MAX_RESULT_BYTES:
+        return {"error": result_too_large(size, certain=False)}
+    return output
+
+
 def rerank_response(results: list[dict[str, Any]]) -> dict[str, Any]:
     return {"model": RERANK_MODEL_NAME, "results": results}
 
@@ -485,14 +609,18 @@ async def handler(job: dict[str, Any]) -> dict[str, Any]:
             )
             return rerank_response(results)
         texts = request.texts if isinstance(request, EmbedRequest) else request.input
-        vectors, counts = await embed_texts(texts, request.input_type)
+        check_result_budget(len(texts), request)
+        vectors, counts = await embed_texts(texts, request.resolved_prompt(), request.input_type)
     except RequestError as error:
         log.warn(f"Rejected request: {error}", job_id)
         return {"error": str(error)}
     except torch.cuda.OutOfMemoryError:
-        torch.cuda.empty_cache()  # give the memory back so the next job can run
-        log.error(f"Out of GPU memory on {len(texts)} inputs", job_id)
-        return {"error": "out of GPU memory for this batch; send fewer or shorter texts, or lower BATCH_MAX_TEXTS"}
+        # The batcher already retried the texts in smaller batches, down to one at a time.
+        log.error(f"Out of GPU memory on a text of a request of {len(texts)} inputs", job_id)
+        return {
+            "error": "out of GPU memory on a text of this request even in a batch of its own; "
+            "send shorter texts, or lower MAX_BATCH_TOKENS"
+        }
     except torch.AcceleratorError:
         # The CUDA context is gone (device-side assert, ECC error): only a fresh worker recovers.
         log.error("Unrecoverable GPU error; asking Runpod for a fresh worker", job_id)
@@ -508,8 +636,8 @@ async def handler(job: dict[str, Any]) -> dict[str, Any]:
         job_id,
     )
     if isinstance(request, EmbedRequest):
-        return native_response(vectors, counts, request)
-    return openai_response(vectors, counts, request)
+        return measured_result(native_response(vectors, counts, request), len(texts), request)
+    return measured_result(openai_response(vectors, counts, request), len(texts), request)
 
 
 WORKER_CONFIG: dict[str, Any] = {

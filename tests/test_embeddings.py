@@ -115,11 +115,31 @@ def test_dimensions_truncate_then_renormalise(embedder: ModuleType) -> None:
     np.testing.assert_allclose(short, expected, atol=1e-5)
 
 
+def raw_model(module: ModuleType) -> Any:
+    """The handler's model without its final Normalize module: what `normalize: false` must return."""
+    from sentence_transformers import SentenceTransformer
+
+    modules = list(module.MODEL.children())
+    assert type(modules[-1]).__name__ == "Normalize"
+    return SentenceTransformer(modules=modules[:-1], device="cpu")
+
+
 def test_normalize_false_returns_the_raw_model_output(embedder: ModuleType) -> None:
-    out = output_of(run_job(embedder.handler, {"texts": SENTENCES, "normalize": False, "dimensions": 8}))
-    raw = embedder.MODEL.encode(SENTENCES)[:, :8]
+    """The tiny model ends in a Normalize module, as all-MiniLM-L6-v2 does: without it, the raw vectors."""
+    raw = raw_model(embedder).encode(SENTENCES)
+    assert not np.allclose(np.linalg.norm(raw, axis=1), 1.0, atol=0.05)
+    out = output_of(run_job(embedder.handler, {"texts": SENTENCES, "normalize": False}))
     np.testing.assert_allclose(np.array(out["embeddings"]), raw, atol=1e-5)
-    assert not np.allclose(np.linalg.norm(raw, axis=1), 1.0)
+    short = output_of(run_job(embedder.handler, {"texts": SENTENCES, "normalize": False, "dimensions": 8}))
+    np.testing.assert_allclose(np.array(short["embeddings"]), raw[:, :8], atol=1e-5)
+    normalized = output_of(run_job(embedder.handler, {"texts": SENTENCES}))
+    np.testing.assert_allclose(normalized["embeddings"], embedder.MODEL.encode(SENTENCES), atol=1e-6)
+
+
+def test_real_minilm_normalize_false_is_raw(minilm: ModuleType) -> None:
+    out = output_of(run_job(minilm.handler, {"texts": SENTENCES, "normalize": False}))
+    np.testing.assert_allclose(np.array(out["embeddings"]), raw_model(minilm).encode(SENTENCES), atol=1e-4)
+    assert not np.allclose(np.linalg.norm(out["embeddings"], axis=1), 1.0, atol=0.05)
 
 
 def test_base64_round_trips_to_the_float_output(embedder: ModuleType) -> None:
@@ -147,6 +167,27 @@ def test_input_type_selects_the_models_prompt(embedder: ModuleType) -> None:
     assert query["usage"]["prompt_tokens"] == plain["usage"]["prompt_tokens"] + prompt_tokens
 
 
+def test_prompt_name_selects_any_prompt_the_model_defines(embedder: ModuleType) -> None:
+    text = "Paris is the capital of France."
+    by_name = output_of(run_job(embedder.handler, {"texts": text, "prompt_name": "document"}))
+    expected = embedder.MODEL.encode([text], prompt_name="document")
+    np.testing.assert_allclose(by_name["embeddings"], expected, atol=1e-5)
+    by_type = output_of(run_job(embedder.handler, {"texts": text, "input_type": "document"}))
+    np.testing.assert_allclose(by_name["embeddings"], by_type["embeddings"], atol=1e-6)
+
+
+def test_a_free_prompt_is_put_before_every_text(embedder: ModuleType) -> None:
+    instruction = "Instruct: find passages about capitals\nQuery: "
+    out = output_of(run_job(embedder.handler, {"texts": SENTENCES, "prompt": instruction}))
+    np.testing.assert_allclose(out["embeddings"], embedder.MODEL.encode(SENTENCES, prompt=instruction), atol=1e-5)
+    plain = output_of(run_job(embedder.handler, {"texts": SENTENCES}))
+    assert out["usage"]["prompt_tokens"] > plain["usage"]["prompt_tokens"]
+    via_openai = output_of(run_job(embedder.handler, openai_job({"input": SENTENCES, "prompt": instruction})))
+    np.testing.assert_allclose([d["embedding"] for d in via_openai["data"]], out["embeddings"], atol=1e-6)
+    named = output_of(run_job(embedder.handler, openai_job({"input": "hi", "prompt_name": "query"})))
+    np.testing.assert_allclose(named["data"][0]["embedding"], embedder.MODEL.encode_query(["hi"])[0], atol=1e-5)
+
+
 def test_long_inputs_are_truncated_and_reported(embedder: ModuleType) -> None:
     long_text = " ".join(["capital"] * 200)
     out = output_of(run_job(embedder.handler, {"texts": ["short one", long_text, long_text[:30]]}))
@@ -154,19 +195,33 @@ def test_long_inputs_are_truncated_and_reported(embedder: ModuleType) -> None:
     assert len(out["embeddings"]) == 3
     short_tokens = sum(len(ids) for ids in embedder.MODEL.tokenizer(["short one", long_text[:30]])["input_ids"])
     assert out["usage"]["prompt_tokens"] == short_tokens + embedder.MAX_SEQ_LENGTH
+    texts = ["short one", long_text, long_text[:30]]
+    np.testing.assert_allclose(out["embeddings"], embedder.MODEL.encode(texts), atol=1e-5)
 
 
-def test_encoding_runs_on_the_model_thread_not_the_event_loop(embedder: ModuleType, monkeypatch) -> None:
-    threads: list[str] = []
-    real_embed = embedder.embed
+def test_texts_are_tokenized_once_off_the_model_thread_and_encoded_on_it(embedder: ModuleType, monkeypatch) -> None:
+    tokenized: list[tuple[str, int]] = []
+    encoded: list[str] = []
+    real_tokenize, real_run = embedder.tokenize, embedder.BATCHER.run
 
-    def recording_embed(*args: Any) -> Any:
-        threads.append(threading.current_thread().name)
-        return real_embed(*args)
+    def recording_tokenize(texts: list[str], prompt: str) -> Any:
+        tokenized.append((threading.current_thread().name, len(texts)))
+        return real_tokenize(texts, prompt)
 
-    monkeypatch.setattr(embedder, "embed", recording_embed)
-    output_of(run_job(embedder.handler, {"texts": SENTENCES}))
-    assert threads and threads[0].startswith("encode") and threads[0] != threading.main_thread().name
+    def recording_run(batch: list[Any]) -> Any:
+        encoded.append(threading.current_thread().name)
+        assert all(item.encoding["input_ids"] for item in batch), "the model is fed the token ids"
+        return real_run(batch)
+
+    expected = embedder.MODEL.encode(SENTENCES)
+    monkeypatch.setattr(embedder, "tokenize", recording_tokenize)
+    monkeypatch.setattr(embedder.BATCHER, "run", recording_run)
+    monkeypatch.setattr(embedder.MODEL, "preprocess", None)  # sentence-transformers never tokenizes again
+    out = output_of(run_job(embedder.handler, {"texts": SENTENCES}))
+    assert [name.split("_")[0] for name, _ in tokenized] == ["tokenize"] and tokenized[0][1] == 3
+    assert encoded and all(name.startswith("encode") for name in encoded)
+    assert threading.main_thread().name not in {name for name, _ in tokenized} | set(encoded)
+    np.testing.assert_allclose(out["embeddings"], expected, atol=1e-6)
 
 
 def test_concurrent_jobs_get_the_same_results_as_alone(embedder: ModuleType) -> None:
@@ -286,6 +341,11 @@ BAD_INPUTS = [
     (openai_job({"model": "m"}), "openai_input.input: Field required"),
     (openai_job({"input": [1, 2, 3]}), "openai_input.input: Value error, token id arrays are not supported"),
     (openai_job({"input": "hi", "encoding_format": "int8"}), "openai_input.encoding_format: Input should be"),
+    ({"texts": "hi", "prompt_name": "classification"}, "prompt_name: Value error, 'classification' is not one of"),
+    ({"texts": "hi", "prompt": ""}, "prompt: String should have at least 1 character"),
+    ({"texts": "hi", "prompt": "x" * 2001}, "prompt: String should have at most 2000 characters"),
+    ({"texts": "hi", "prompt": "q: ", "input_type": "query"}, "send one of input_type, prompt_name and prompt"),
+    (openai_job({"input": "hi", "prompt_name": "nope"}), "openai_input.prompt_name: Value error, 'nope' is not"),
     (
         openai_job({"input": "hi", "dimensions": 100}),
         "openai_input.dimensions: Input should be less than or equal to 32",
@@ -308,7 +368,7 @@ def test_a_model_failure_is_an_error_without_internals(embedder: ModuleType, mon
     def broken(*args: Any) -> Any:
         raise RuntimeError("secret internal detail /opt/path")
 
-    monkeypatch.setattr(embedder, "embed", broken)
+    monkeypatch.setattr(embedder.BATCHER, "run", broken)
     result = run_job(embedder.handler, {"texts": "hi"})
     assert result["error"] == "embedding failed inside the worker; see the worker logs"
     monkeypatch.undo()
@@ -316,13 +376,17 @@ def test_a_model_failure_is_an_error_without_internals(embedder: ModuleType, mon
 
 
 def test_gpu_out_of_memory_answers_the_job_and_keeps_serving(embedder: ModuleType, monkeypatch) -> None:
-    def out_of_memory(*args: Any) -> Any:
+    calls: list[int] = []
+
+    def out_of_memory(batch: list[Any]) -> Any:
+        calls.append(len(batch))
         raise __import__("torch").cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(embedder, "embed", out_of_memory)
+    monkeypatch.setattr(embedder.BATCHER, "run", out_of_memory)
     result = run_job(embedder.handler, {"texts": ["a", "b"]})
-    assert result["error"].startswith("out of GPU memory for this batch; send fewer or shorter texts")
-    assert "stopPod" not in result
+    assert result["error"].startswith("out of GPU memory on a text of this request even in a batch of its own")
+    assert "MAX_BATCH_TOKENS" in result["error"] and "stopPod" not in result
+    assert calls == [2, 1], "the batch was split and each text retried alone before giving up"
     monkeypatch.undo()
     assert output_of(run_job(embedder.handler, {"texts": "hi"}))["embeddings"]
 
@@ -362,13 +426,118 @@ def assert_same_output(got: dict[str, Any], want: dict[str, Any]) -> None:
             assert got[key] == want[key], key
 
 
+HOLD = "the model is busy with this text"
+
+
+def run_while_the_model_is_busy(module: ModuleType, inputs: list[Any], texts: int) -> tuple[list[dict[str, Any]], int]:
+    """Start `inputs` together while the model encodes another job's batch, and let that batch end
+    once all their `texts` wait in the queue. Returns their results and the batches they took."""
+    gate = threading.Event()
+    run = module.BATCHER.run
+
+    def held(batch: list[Any]) -> Any:
+        if batch[0].text == HOLD:
+            gate.wait(timeout=10)
+        return run(batch)
+
+    async def together() -> tuple[list[dict[str, Any]], int]:
+        module.BATCHER.run = held
+        try:
+            before = module.BATCHER.batches
+            hold = asyncio.create_task(run_job_async(module.handler, {"id": "hold", "input": {"texts": HOLD}}))
+            while module.BATCHER.batches == before:
+                await asyncio.sleep(0.001)
+            jobs = [
+                asyncio.create_task(run_job_async(module.handler, {"id": f"job-{i}", "input": job}))
+                for i, job in enumerate(inputs)
+            ]
+            for _ in range(2000):
+                if len(module.BATCHER.waiting) == texts:
+                    break
+                await asyncio.sleep(0.005)
+            gate.set()
+            await hold
+            return await asyncio.gather(*jobs), module.BATCHER.batches - before - 1
+        finally:
+            module.BATCHER.run = run
+
+    return asyncio.run(together())
+
+
 def test_concurrent_jobs_share_one_batch_with_their_own_options(embedder: ModuleType) -> None:
     alone = [output_of(run_job(embedder.handler, job)) for job in MIXED_JOBS]
-    before = embedder.BATCHER.batches
-    together = run_together(embedder, MIXED_JOBS)
-    assert embedder.BATCHER.batches - before == 1, "all eight jobs went through one merged model call"
+    together, batches = run_while_the_model_is_busy(embedder, MIXED_JOBS, texts=10)
+    assert batches == 1, "all eight jobs went through one merged model call"
     for result, expected in zip(together, alone, strict=True):
         assert_same_output(output_of(result), expected)
+
+
+def test_an_idle_worker_encodes_each_job_at_once(embedder: ModuleType) -> None:
+    """With nothing else waiting, every job is its own batch, started without a wait for company."""
+    before = embedder.BATCHER.batches
+    for text in SENTENCES:
+        output_of(run_job(embedder.handler, {"texts": text}))
+    assert embedder.BATCHER.batches - before == len(SENTENCES)
+
+
+@pytest.fixture(scope="module")
+def big_jobs(tiny_path: Path) -> ModuleType:
+    env = {"MODEL_NAME": str(tiny_path), "MAX_BATCH_TEXTS": "32", "MAX_INPUTS": "512"}
+    return load_handler(EXAMPLE, env)
+
+
+def test_a_one_text_job_beside_a_512_text_job_is_answered_first(big_jobs: ModuleType, monkeypatch) -> None:
+    """Through the handler: the small job's text joins one of the first two batches and its answer
+    comes when that batch ends, not when the big job's sixteen batches do."""
+    finished: dict[str, int] = {}
+    real_run = big_jobs.BATCHER.run
+    completed: list[int] = []
+
+    def counting_run(batch: list[Any]) -> Any:
+        vectors = real_run(batch)
+        completed.append(len(batch))
+        return vectors
+
+    monkeypatch.setattr(big_jobs.BATCHER, "run", counting_run)
+    texts = [f"Paris is the capital of France, sentence {i}." for i in range(512)]
+
+    async def job(name: str, job_input: dict[str, Any]) -> dict[str, Any]:
+        result = await run_job_async(big_jobs.handler, {"id": name, "input": job_input})
+        finished[name] = len(completed)
+        return result
+
+    async def both() -> list[dict[str, Any]]:
+        big = asyncio.create_task(job("big", {"texts": texts}))
+        while not big_jobs.BATCHER.waiting and not completed:
+            await asyncio.sleep(0.001)
+        small = asyncio.create_task(job("small", {"texts": "How do I reset my password?"}))
+        return [await big, await small]
+
+    big, small = asyncio.run(both())
+    assert len(output_of(big)["embeddings"]) == 512 and len(output_of(small)["embeddings"]) == 1
+    assert finished["small"] <= 2 < finished["big"], finished
+    alone = output_of(run_job(big_jobs.handler, {"texts": "How do I reset my password?"}))
+    np.testing.assert_allclose(output_of(small)["embeddings"], alone["embeddings"], atol=1e-6)
+
+
+def test_out_of_memory_on_big_batches_fails_no_job(embedder: ModuleType, monkeypatch) -> None:
+    """Batches over two texts run out of memory: the batcher splits them and every job still gets
+    exactly its solo answer; a text that cannot fit even alone fails only its own job."""
+    torch = __import__("torch")
+    real_run = embedder.BATCHER.run
+
+    def small_batches_only(batch: list[Any]) -> Any:
+        if len(batch) > 2 or any("enormous" in item.text for item in batch):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+        return real_run(batch)
+
+    jobs = MIXED_JOBS[:6]
+    alone = [output_of(run_job(embedder.handler, job)) for job in jobs]
+    monkeypatch.setattr(embedder.BATCHER, "run", small_batches_only)
+    results, _ = run_while_the_model_is_busy(embedder, [*jobs, {"texts": ["fine", "an enormous text"]}], texts=11)
+    for result, expected in zip(results, alone, strict=False):
+        assert_same_output(output_of(result), expected)
+    assert results[-1]["error"].startswith("out of GPU memory on a text of this request")
 
 
 def test_a_bad_job_never_breaks_the_others_in_its_batch(embedder: ModuleType) -> None:
@@ -382,7 +551,7 @@ def test_a_failed_batch_fails_each_of_its_jobs(embedder: ModuleType, monkeypatch
     def broken(*args: Any) -> Any:
         raise RuntimeError("device fell over")
 
-    monkeypatch.setattr(embedder, "embed", broken)
+    monkeypatch.setattr(embedder.BATCHER, "run", broken)
     results = run_together(embedder, [{"texts": ["a"]}, {"texts": ["b"]}, {"texts": ["c"]}])
     assert [result["error"] for result in results] == ["embedding failed inside the worker; see the worker logs"] * 3
     monkeypatch.undo()
@@ -396,13 +565,13 @@ def test_batching_can_be_turned_off(tiny_path: Path) -> None:
     assert all("embeddings" in output_of(result) for result in results)
 
 
-def test_embed_many_splits_results_back_per_job(embedder: ModuleType) -> None:
-    jobs = [(["a", "b"], None), (["c"], "query"), (["d", "e", "f"], None)]
-    results = embedder.embed_many(jobs)
-    for (texts, kind), (vectors, counts) in zip(jobs, results, strict=True):
-        expected, expected_counts = embedder.embed(texts, kind)
-        np.testing.assert_allclose(vectors, expected, atol=1e-5)
-        assert counts == expected_counts
+def test_tokenize_counts_and_cuts_at_the_models_window(embedder: ModuleType) -> None:
+    long_text = " ".join(["capital"] * 200)
+    tokens = embedder.tokenize(["short one", long_text], "query: ")
+    full = [len(ids) for ids in embedder.MODEL.tokenizer(["query: short one", "query: " + long_text])["input_ids"]]
+    assert tokens.counts == full and full[1] > embedder.MAX_SEQ_LENGTH
+    assert len(tokens.encodings[1]["input_ids"]) == embedder.MAX_SEQ_LENGTH
+    assert tokens.encodings[1]["input_ids"][-1] == embedder.MODEL.tokenizer.sep_token_id
 
 
 # ---- precision ------------------------------------------------------------------------------
@@ -528,6 +697,57 @@ def test_rerank_without_a_reranker_is_a_clear_error(embedder: ModuleType) -> Non
 )
 def test_rerank_bad_input(reranking: ModuleType, job_input: Any, message: str) -> None:
     assert message in run_job(reranking.handler, job_input)["error"]
+
+
+# ---- result budget --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def budgeted(tiny_path: Path) -> ModuleType:
+    return load_handler(EXAMPLE, {"MODEL_NAME": str(tiny_path), "MAX_RESULT_BYTES": "3000", "MAX_INPUTS": "64"})
+
+
+def test_a_result_that_would_certainly_be_too_large_is_refused_before_the_work(
+    budgeted: ModuleType, monkeypatch
+) -> None:
+    def never(batch: list[Any]) -> Any:
+        raise AssertionError("the model ran for a request refused by its size")
+
+    monkeypatch.setattr(budgeted.BATCHER, "run", never)
+    result = run_job(budgeted.handler, {"texts": ["word"] * 10})
+    assert result["error"].startswith("the result would be at least 3,600 bytes, over MAX_RESULT_BYTES (3,000")
+    for way_out in ('encoding_format "base64"', "fewer texts", "fewer dimensions"):
+        assert way_out in result["error"]
+    openai = run_job(budgeted.handler, openai_job({"input": ["word"] * 10}))
+    assert "over MAX_RESULT_BYTES" in openai["error"]
+    monkeypatch.undo()
+    # The same texts fit as base64 (exactly sized), or with fewer dimensions.
+    packed = output_of(run_job(budgeted.handler, {"texts": ["word"] * 10, "encoding_format": "base64"}))
+    assert len(json.dumps(packed)) <= 3000
+    assert len(output_of(run_job(budgeted.handler, {"texts": ["word"] * 10, "dimensions": 8}))["embeddings"]) == 10
+
+
+def test_a_result_measured_over_the_budget_is_a_clear_error(budgeted: ModuleType) -> None:
+    # Six float vectors of 32 dimensions: at least 2,560 bytes, in fact about 4,300.
+    assert budgeted.result_bytes(6, 32, "float32", "float", budgeted.MIN_JSON_BYTES_PER_FLOAT) < 3000
+    result = run_job(budgeted.handler, {"texts": ["word"] * 6})
+    assert result["error"].startswith("the result would be ") and "bytes, over MAX_RESULT_BYTES" in result["error"]
+    assert "at least" not in result["error"]
+    assert "embeddings" in output_of(run_job(budgeted.handler, {"texts": ["word"] * 2}))
+
+
+@pytest.mark.parametrize(
+    ("precision", "encoding_format", "dimensions"),
+    [("float32", "float", 32), ("float32", "base64", 16), ("int8", "float", 32), ("ubinary", "base64", 32)],
+)
+def test_result_bytes_bound_the_real_json_size(
+    embedder: ModuleType, precision: str, encoding_format: str, dimensions: int
+) -> None:
+    job = {"texts": SENTENCES, "precision": precision, "encoding_format": encoding_format, "dimensions": dimensions}
+    size = len(json.dumps(output_of(run_job(embedder.handler, job))))
+    low = embedder.result_bytes(3, dimensions, precision, encoding_format, embedder.MIN_JSON_BYTES_PER_FLOAT)
+    high = embedder.result_bytes(3, dimensions, precision, encoding_format, embedder.MAX_JSON_BYTES_PER_FLOAT)
+    assert low - embedder.RESULT_OVERHEAD_BYTES <= size <= high
 
 
 # ---- pure functions -------------------------------------------------------------------------

@@ -185,7 +185,7 @@ def test_200_concurrent_mixed_jobs_match_their_solo_runs(worker: ModuleType, mon
         alone = [answer(run_job(worker.handler, spec)) for spec in specs]
         assert all("output" in a for a in alone[: len(VALID)]) and all("error" in a for a in alone[len(VALID) :])
         counter = ConcurrencyCounter()
-        monkeypatch.setattr(worker, "embed_many", counter.wrap(worker.embed_many))
+        monkeypatch.setattr(worker.BATCHER, "run", counter.wrap(worker.BATCHER.run))
         monkeypatch.setattr(worker, "rerank", counter.wrap(worker.rerank))
         batches = worker.BATCHER.batches
         inputs = load_mix(specs, 200)
