@@ -2,9 +2,13 @@
 
 `StreamingGenerator` runs `model.generate` on a thread and streams `Delta`s: text that is safe to
 show (never half a UTF-8 character, never the start of a stop string that may still complete),
-then a last delta with the finish reason and token usage. Sampling uses each request's own
-`torch.Generator`, so a seed reproduces its output even with concurrent jobs. The second half
-turns deltas into the native chunks and OpenAI's chat and text completion objects (SSE too).
+then a last delta per choice with its finish reason (the very last one carries the token usage).
+Sampling uses each request's own `torch.Generator`, so a seed reproduces its output even with
+concurrent jobs. Every logits processor is built here, per request, from `SamplingParams`: the
+model's generation_config.json never adds one of its own. Structured output (a JSON schema, any
+JSON object, a regex, a Lark grammar) is enforced by llguidance (`grammar_constraint`). The
+second half turns deltas into the native chunks and OpenAI's chat and text completion objects
+(SSE too), with tool calls, reasoning and logprobs where a delta carries them.
 
 This file is copied, identical, into every example that generates text (each folder is its own
 Docker context); `tests/test_textstream.py` checks that the copies match and exercises each one.
@@ -18,9 +22,9 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -32,13 +36,27 @@ DECODE_CONTEXT_TOKENS = 5
 
 @dataclass(frozen=True)
 class SamplingParams:
+    """What one request asks of generation, every field resolved (vLLM's names and meanings)."""
+
     max_tokens: int
     temperature: float = 1.0  # 0 means greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 means no top-k filter
-    repetition_penalty: float = 1.0
+    min_p: float = 0.0  # drop tokens below min_p × the top token's probability
+    repetition_penalty: float = 1.0  # divides the logits of tokens in the prompt and the output
+    presence_penalty: float = 0.0  # subtracted once from each token the output already has
+    frequency_penalty: float = 0.0  # subtracted per occurrence in the output
     stop: Sequence[str] = ()
+    stop_token_ids: Sequence[int] = ()  # more tokens that end generation, besides the model's own
+    include_stop_str_in_output: bool = False  # keep the matched stop string (or stop token) in the text
+    ignore_eos: bool = False  # the model's end tokens do not end generation
+    min_tokens: int = 0  # end tokens are masked until this many tokens exist
+    logit_bias: Mapping[int, float] = field(default_factory=dict)  # added to those tokens' logits
     seed: int | None = None
+    n: int = 1  # independent choices for one prompt, generated as one batch
+    logprobs: int | None = None  # None: none; k: the chosen token's log-probability and the k most likely
+    skip_special_tokens: bool = True
+    grammar: str | None = None  # an llguidance grammar the output must match (see json_schema_grammar)
 
 
 @dataclass(frozen=True)
@@ -52,12 +70,28 @@ class Usage:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability under the model (before any penalty or grammar, as
+    vLLM reports them), and the `top` most likely alternatives as (token, logprob) pairs."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class Delta:
-    """New text, or (last of a generation) the finish reason and usage."""
+    """New text of one choice, or (last of that choice) its finish reason; the very last delta of
+    a generation also carries the usage. `reasoning` and `tool_calls` are filled by a parser that
+    sits between the generator and the response (the generator itself only produces text)."""
 
     text: str = ""
-    finish_reason: str | None = None  # "stop" (end of turn or stop string) or "length"
+    finish_reason: str | None = None  # "stop" (end of turn or stop string), "length", "tool_calls"
     usage: Usage | None = None
+    index: int = 0  # the choice, when a request asks for n > 1
+    logprobs: tuple[TokenLogprob, ...] = ()
+    reasoning: str = ""
+    tool_calls: tuple[dict[str, Any], ...] = ()  # complete OpenAI tool_calls entries
 
 
 class IncrementalDecoder:
@@ -68,14 +102,15 @@ class IncrementalDecoder:
     sequence, so an emoji spread over four byte-tokens comes out whole.
     """
 
-    def __init__(self, tokenizer: Any, context_ids: Sequence[int] = ()) -> None:
+    def __init__(self, tokenizer: Any, context_ids: Sequence[int] = (), skip_special_tokens: bool = True) -> None:
         self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
         self.ids: list[int] = list(context_ids)
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
@@ -98,11 +133,13 @@ class StopStringFilter:
     """Applies `stop` strings to streamed text: cuts at the first match, holds back possible starts.
 
     Text that could be the beginning of a stop string ("Obs" while waiting for "Observation:") is
-    held until it either completes the stop string (and is dropped) or cannot any more.
+    held until it either completes the stop string (and is dropped, or kept with `include_stop`)
+    or cannot any more.
     """
 
-    def __init__(self, stops: Sequence[str]) -> None:
+    def __init__(self, stops: Sequence[str], include_stop: bool = False) -> None:
         self.stops = [stop for stop in stops if stop]
+        self.include_stop = include_stop
         self.pending = ""
         self.stopped = False
 
@@ -110,10 +147,11 @@ class StopStringFilter:
         if self.stopped:
             return ""
         self.pending += text
-        cut = min((i for i in (self.pending.find(stop) for stop in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
+        matches = [(i, stop) for stop in self.stops if (i := self.pending.find(stop)) >= 0]
+        if matches:
+            cut, stop = min(matches)
             self.stopped = True
-            released, self.pending = self.pending[:cut], ""
+            released, self.pending = self.pending[: cut + (len(stop) if self.include_stop else 0)], ""
             return released
         hold = max((self._partial_match(stop) for stop in self.stops), default=0)
         released = self.pending[: len(self.pending) - hold]
@@ -132,23 +170,34 @@ class StopStringFilter:
         return released
 
 
+# ---------------------------------------------------------------------------------------------
+# Logits processors: each request's own, in vLLM's order (penalties, bias, masks, then sampling).
+# ---------------------------------------------------------------------------------------------
 class SeededSampler:
     """Sampling with the request's own `torch.Generator` (a transformers logits processor).
 
     `generate` samples from torch's global RNG, which concurrent jobs would share (and race on),
     so a seed could never reproduce an output. Instead generation runs greedy, and this last
-    processor applies transformers' own temperature / top-k / top-p warpers, draws the token with
-    the request's generator, and leaves only that token for greedy selection to pick.
+    processor applies transformers' own temperature / top-k / top-p / min-p warpers, draws the
+    token with the request's generator (one draw per choice), and leaves only that token for
+    greedy selection to pick.
     """
 
     def __init__(self, params: SamplingParams, seed: int, device: torch.device) -> None:
-        from transformers.generation import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+        from transformers.generation import (
+            MinPLogitsWarper,
+            TemperatureLogitsWarper,
+            TopKLogitsWarper,
+            TopPLogitsWarper,
+        )
 
         self.warpers: list[Any] = [TemperatureLogitsWarper(params.temperature)]
         if params.top_k > 0:
             self.warpers.append(TopKLogitsWarper(params.top_k))
         if params.top_p < 1.0:
             self.warpers.append(TopPLogitsWarper(params.top_p))
+        if params.min_p > 0.0:
+            self.warpers.append(MinPLogitsWarper(params.min_p))
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
@@ -160,31 +209,184 @@ class SeededSampler:
         return only_chosen.scatter_(1, chosen, 0.0)
 
 
-class TokenStream:
-    """A transformers streamer that hands each new token id to the event loop, and a stop switch.
+class OutputPenalties:
+    """OpenAI's presence and frequency penalties, counted over the generated tokens only (as vLLM)."""
 
-    `generate` calls `put` from its thread; the ids land on an asyncio queue. `stop` is checked
-    after every token (it is also a StoppingCriteria), so a cancelled job ends its generation.
+    def __init__(self, presence: float, frequency: float, prompt_len: int) -> None:
+        self.presence, self.frequency, self.prompt_len = presence, frequency, prompt_len
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        output = input_ids[:, self.prompt_len :]
+        if output.shape[1] == 0:
+            return scores
+        counts = torch.zeros_like(scores).scatter_add_(1, output, torch.ones_like(output, dtype=scores.dtype))
+        return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
+
+
+class LogitBias:
+    """OpenAI's logit_bias: a fixed amount added to chosen tokens' logits at every step."""
+
+    def __init__(self, bias: Mapping[int, float], device: torch.device) -> None:
+        self.ids = torch.tensor(list(bias), dtype=torch.long, device=device)
+        self.values = torch.tensor(list(bias.values()), dtype=torch.float32, device=device)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        scores[:, self.ids] += self.values.to(scores.dtype)
+        return scores
+
+
+# llguidance compiles a tokenizer's vocabulary once (about a second for a 150k-token vocabulary);
+# it is kept per tokenizer object for the worker's life.
+_GRAMMAR_TOKENIZERS: dict[int, tuple[Any, Any]] = {}
+_GRAMMAR_TOKENIZERS_LOCK = threading.Lock()
+# No whitespace between JSON tokens: with flexible whitespace a model (a small or random one
+# especially) can emit spaces until max_tokens and never close the object.
+COMPACT_JSON = {"whitespace_flexible": False}
+
+
+def grammar_tokenizer(tokenizer: Any, vocab_size: int, eos_token_ids: Sequence[int]) -> Any:
+    """The llguidance view of a Hugging Face fast tokenizer, built once and cached."""
+    import llguidance.hf
+
+    with _GRAMMAR_TOKENIZERS_LOCK:
+        cached = _GRAMMAR_TOKENIZERS.get(id(tokenizer))
+        if cached is None or cached[0] is not tokenizer:
+            built = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size, eos_token=sorted(eos_token_ids))
+            cached = _GRAMMAR_TOKENIZERS[id(tokenizer)] = (tokenizer, built)
+        return cached[1]
+
+
+def json_schema_grammar(schema: Mapping[str, Any] | None) -> str:
+    """An llguidance grammar for JSON that matches `schema`; None: any JSON object (OpenAI's
+    json_object). Compact whitespace (COMPACT_JSON). Check it with `grammar_error` before use."""
+    import llguidance
+
+    return llguidance.LLMatcher.grammar_from_json_schema(
+        dict(schema) if schema is not None else {"type": "object"}, overrides=COMPACT_JSON
+    )
+
+
+def grammar_from(kind: str, text: str) -> str:
+    """An llguidance grammar from a regex, a JSON list of choices, or a Lark/GBNF grammar
+    (vLLM's structured_outputs.regex / choice / grammar)."""
+    import llguidance
+
+    return llguidance.grammar_from({"regex": "regex", "choice": "choice", "grammar": "grammar"}[kind], text)
+
+
+def grammar_error(grammar: str, tokenizer: Any) -> str:
+    """'' when llguidance accepts `grammar` for this tokenizer, else its one-line reason."""
+    import llguidance
+
+    try:
+        return llguidance.LLMatcher.validate_grammar(grammar, tokenizer)
+    except ValueError as error:
+        return str(error)
+
+
+class GrammarConstraint:
+    """A transformers logits processor that leaves only the tokens `grammar` allows (llguidance).
+
+    One matcher per choice: each consumes its row's last token, then masks the next step's
+    logits to the allowed tokens. Once the grammar is complete only the end tokens remain.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, tokenizer: Any, grammar: str, rows: int, prompt_len: int, eos_token_ids: Sequence[int]) -> None:
+        import llguidance
+
+        self.matchers = [llguidance.LLMatcher(tokenizer, grammar, log_level=0) for _ in range(rows)]
+        self.prompt_len = prompt_len
+        self.eos = torch.tensor(sorted(eos_token_ids), dtype=torch.long)
+        self._bits = torch.arange(8, dtype=torch.uint8)
+
+    def allowed(self, matcher: Any, vocab: int) -> torch.Tensor:
+        packed = torch.frombuffer(bytearray(matcher.compute_bitmask()), dtype=torch.uint8)
+        return ((packed.unsqueeze(-1) >> self._bits) & 1).flatten()[:vocab].bool()
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        vocab = scores.shape[-1]
+        for row, matcher in enumerate(self.matchers):
+            if input_ids.shape[1] > self.prompt_len and not matcher.is_stopped():
+                matcher.consume_token(int(input_ids[row, -1]))
+            if matcher.is_error():  # a finished row (padding follows) or a broken one: it may only end
+                allowed = torch.zeros(vocab, dtype=torch.bool)
+                allowed[self.eos] = True
+            else:
+                allowed = self.allowed(matcher, vocab)
+            scores[row, ~allowed.to(scores.device)] = float("-inf")
+        return scores
+
+
+def grammar_constraint(
+    tokenizer: Any, vocab_size: int, eos_token_ids: Sequence[int], grammar: str, rows: int = 1, prompt_len: int = 0
+) -> GrammarConstraint:
+    """The public entry point for structured output: a logits processor for `model.generate`
+    enforcing `grammar` (from `json_schema_grammar` or `grammar_from`) on `rows` sequences whose
+    prompt is `prompt_len` tokens long. `eos_token_ids` end the output once the grammar is done."""
+    return GrammarConstraint(
+        grammar_tokenizer(tokenizer, vocab_size, eos_token_ids), grammar, rows, prompt_len, eos_token_ids
+    )
+
+
+class TokenStream:
+    """A transformers streamer that hands each step's token ids to the event loop, and stop switches.
+
+    `generate` calls `put` from its thread with one token per choice; the step lands on an
+    asyncio queue as a list of (token id, TokenLogprob or None). `stop` ends every choice and
+    `stop_rows` single ones; both are checked after every token (this is also a StoppingCriteria),
+    so a cancelled job ends its generation. With logprobs, `RawLogprobs` (the first logits
+    processor) leaves each step's raw log-probabilities here for `put` to pick the chosen token's.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, tokenizer: Any = None, top_logprobs: int | None = None) -> None:
         self.loop = loop
-        self.queue: asyncio.Queue[int | None] = asyncio.Queue()
+        self.queue: asyncio.Queue[list[tuple[int, TokenLogprob | None]] | None] = asyncio.Queue()
         self.stop = threading.Event()
+        self.stop_rows: set[int] = set()
+        self.tokenizer = tokenizer
+        self.top_logprobs = top_logprobs
+        self.last_logprobs: torch.Tensor | None = None
         self._prompt_seen = False
+
+    def _token(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def _logprob(self, row: int, token_id: int) -> TokenLogprob:
+        logprobs = self.last_logprobs[row]
+        top = ()
+        if self.top_logprobs:
+            values, ids = torch.topk(logprobs, self.top_logprobs)
+            top = tuple((self._token(i), v) for i, v in zip(ids.tolist(), values.tolist(), strict=True))
+        return TokenLogprob(self._token(token_id), float(logprobs[token_id]), top)
 
     def put(self, value: torch.Tensor) -> None:
         if not self._prompt_seen:  # generate first streams the prompt itself
             self._prompt_seen = True
             return
-        for token_id in value.reshape(-1).tolist():
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, token_id)
+        ids = value.reshape(-1).tolist()
+        record = self.top_logprobs is not None and self.last_logprobs is not None
+        step = [(token_id, self._logprob(row, token_id) if record else None) for row, token_id in enumerate(ids)]
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, step)
 
     def end(self) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, None)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
-        return torch.full((input_ids.shape[0],), self.stop.is_set(), dtype=torch.bool, device=input_ids.device)
+        done = torch.full((input_ids.shape[0],), self.stop.is_set(), dtype=torch.bool, device=input_ids.device)
+        for row in list(self.stop_rows):
+            done[row] = True
+        return done
+
+
+class RawLogprobs:
+    """First logits processor: keeps the model's own log-probabilities of this step for TokenStream."""
+
+    def __init__(self, stream: TokenStream) -> None:
+        self.stream = stream
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self.stream.last_logprobs = torch.log_softmax(scores.float(), dim=-1).cpu()
+        return scores
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,6 +410,22 @@ def recommended_sampling(generation_config: Any) -> dict[str, Any]:
     return {name: written[name] for name in SAMPLING_FIELDS if name in written}
 
 
+def special_tokens_only(generation_config: Any) -> Any:
+    """A copy of a model's generation config with its special tokens and nothing else.
+
+    `generate` fills every field a request leaves unset from `model.generation_config`, so a
+    checkpoint's `num_beams: 2` or `no_repeat_ngram_size: 3` would change (or break) every
+    request. Read `recommended_sampling` first, then give the model this config.
+    """
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        bos_token_id=generation_config.bos_token_id,
+        eos_token_id=generation_config.eos_token_id,
+        pad_token_id=generation_config.pad_token_id,
+    )
+
+
 def resolve_sampling(
     sampling: Any,
     prompt_tokens: int,
@@ -215,10 +433,12 @@ def resolve_sampling(
     context_len: int,
     default_max_tokens: int,
     context_setting: str = "",
+    **extra: Any,
 ) -> SamplingParams:
-    """Request values (`sampling` has the fields of SamplingParams, None where unset), else the model's
-    recommended ones, else the usual ones; checked against the context. `context_setting` names
-    the setting that sets the context length, for the error messages (e.g. " (MAX_MODEL_LEN)")."""
+    """Request values (`sampling` has fields of SamplingParams, None where unset; the ones it lacks
+    take their usual values), else the model's recommended ones, else the usual ones; checked
+    against the context. `context_setting` names the setting that sets the context length, for
+    the error messages (e.g. " (MAX_MODEL_LEN)"). `extra` are resolved fields (grammar, logprobs)."""
     room = context_len - prompt_tokens
     if room < 1:
         raise ContextLengthError(
@@ -235,22 +455,48 @@ def resolve_sampling(
         )
 
     def pick(name: str, usual: Any) -> Any:
-        value = getattr(sampling, name)
+        value = getattr(sampling, name, None)
         return value if value is not None else defaults.get(name, usual)
+
+    def given(name: str, usual: Any) -> Any:  # fields no model recommends
+        value = getattr(sampling, name, None)
+        return value if value is not None else usual
 
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=pick("temperature", 1.0),
         top_p=pick("top_p", 1.0),
         top_k=max(pick("top_k", 0), 0),
+        min_p=given("min_p", 0.0),
         repetition_penalty=pick("repetition_penalty", 1.0),
-        stop=tuple(sampling.stop or ()),
-        seed=sampling.seed,
+        presence_penalty=given("presence_penalty", 0.0),
+        frequency_penalty=given("frequency_penalty", 0.0),
+        stop=tuple(given("stop", ())),
+        stop_token_ids=tuple(given("stop_token_ids", ())),
+        include_stop_str_in_output=given("include_stop_str_in_output", False),
+        ignore_eos=given("ignore_eos", False),
+        min_tokens=given("min_tokens", 0),
+        logit_bias={int(token): bias for token, bias in given("logit_bias", {}).items()},
+        seed=given("seed", None),
+        n=given("n", 1),
+        skip_special_tokens=given("skip_special_tokens", True),
+        **extra,
     )
 
 
 class GenerationTimeout(TimeoutError):
     """A generation ran past its time limit; it was stopped."""
+
+
+@dataclass
+class _Choice:
+    """The decoding state of one choice."""
+
+    decoder: IncrementalDecoder
+    stops: StopStringFilter
+    tokens: int = 0
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # not yet sent with a text delta
 
 
 class StreamingGenerator:
@@ -270,30 +516,63 @@ class StreamingGenerator:
         self.eos_token_ids = eos_token_ids
         self.pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="generate")
         self.device = next(model.parameters()).device
+        self.vocab_size = model.config.get_text_config().vocab_size
         self.active = 0  # generations running now
         self._active_lock = threading.Lock()
 
-    def _generate_kwargs(self, params: SamplingParams, stream: TokenStream) -> dict[str, Any]:
-        from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
+    def stop_token_ids(self, params: SamplingParams) -> set[int]:
+        """The tokens that end a choice: the model's end tokens (unless ignore_eos) and stop_token_ids."""
+        return (set() if params.ignore_eos else set(self.eos_token_ids)) | set(params.stop_token_ids)
 
-        base = self.model.generation_config
-        # A clean config per request: the model's special tokens, none of its sampling defaults
-        # (the caller already resolved those into `params`).
-        config = GenerationConfig(
-            bos_token_id=base.bos_token_id,
-            eos_token_id=sorted(self.eos_token_ids) or None,
-            pad_token_id=base.pad_token_id or self.tokenizer.pad_token_id,
-            max_new_tokens=params.max_tokens,
-            do_sample=False,
-            repetition_penalty=params.repetition_penalty,
+    def _processors(self, params: SamplingParams, stream: TokenStream, prompt_len: int) -> Any:
+        from transformers import (
+            LogitsProcessorList,
+            MinNewTokensLengthLogitsProcessor,
+            RepetitionPenaltyLogitsProcessor,
         )
+
         processors = LogitsProcessorList()
+        if params.logprobs is not None:
+            processors.append(RawLogprobs(stream))  # first: the model's own distribution, as vLLM reports it
+        if params.repetition_penalty != 1.0:
+            processors.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
+        if params.presence_penalty or params.frequency_penalty:
+            processors.append(OutputPenalties(params.presence_penalty, params.frequency_penalty, prompt_len))
+        if params.logit_bias:
+            processors.append(LogitBias(params.logit_bias, self.device))
+        stop_ids = self.stop_token_ids(params)
+        if params.min_tokens and stop_ids:
+            processors.append(
+                MinNewTokensLengthLogitsProcessor(prompt_len, params.min_tokens, sorted(stop_ids), device=self.device)
+            )
+        if params.grammar is not None:
+            eos = sorted(self.eos_token_ids | set(params.stop_token_ids))
+            processors.append(
+                grammar_constraint(self.tokenizer, self.vocab_size, eos, params.grammar, params.n, prompt_len)
+            )
         if params.temperature >= 1e-5:  # below that, greedy, as vLLM does: scores / temperature overflow
             seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
             processors.append(SeededSampler(params, seed, self.device))
+        return processors
+
+    def _generate_kwargs(self, params: SamplingParams, stream: TokenStream, prompt_len: int) -> dict[str, Any]:
+        from transformers import GenerationConfig, StoppingCriteriaList
+
+        base = self.model.generation_config
+        # A clean config per request: the model's special tokens and this request's limits. Every
+        # processor is in `logits_processor`, in vLLM's order, none from the model's defaults.
+        config = GenerationConfig(
+            bos_token_id=base.bos_token_id,
+            # [] rather than None for "no end token" (ignore_eos): generate fills a None from the model.
+            eos_token_id=sorted(self.stop_token_ids(params)),
+            pad_token_id=base.pad_token_id if base.pad_token_id is not None else self.tokenizer.pad_token_id,
+            max_new_tokens=params.max_tokens,
+            do_sample=False,
+            num_beams=1,
+        )
         return {
             "generation_config": config,
-            "logits_processor": processors,
+            "logits_processor": self._processors(params, stream, prompt_len),
             "stopping_criteria": StoppingCriteriaList([stream]),
             "streamer": stream,
         }
@@ -311,39 +590,81 @@ class StreamingGenerator:
 
     async def generate(self, model_inputs: dict[str, Any], params: SamplingParams) -> AsyncIterator[Delta]:
         """Stream one generation. `model_inputs` is what the model's forward takes for one prompt
-        (input_ids and attention_mask, plus pixel_values for vision models)."""
+        (input_ids and attention_mask, plus pixel_values for vision models); n > 1 runs it as a batch."""
         prompt_ids = model_inputs["input_ids"][0].tolist()
-        stream = TokenStream(asyncio.get_running_loop())
-        kwargs = {**model_inputs, **self._generate_kwargs(params, stream)}
-        decoder = IncrementalDecoder(self.tokenizer, prompt_ids[-DECODE_CONTEXT_TOKENS:])
-        stops = StopStringFilter(params.stop)
         loop = asyncio.get_running_loop()
+        stream = TokenStream(loop, self.tokenizer, params.logprobs)
+        if params.n > 1:
+            model_inputs = {
+                name: value.repeat(params.n, *[1] * (value.dim() - 1)) if isinstance(value, torch.Tensor) else value
+                for name, value in model_inputs.items()
+            }
+        kwargs = {**model_inputs, **self._generate_kwargs(params, stream, len(prompt_ids))}
+        stop_ids = self.stop_token_ids(params)
+        choices = [
+            _Choice(
+                IncrementalDecoder(self.tokenizer, prompt_ids[-DECODE_CONTEXT_TOKENS:], params.skip_special_tokens),
+                StopStringFilter(params.stop, params.include_stop_str_in_output),
+            )
+            for _ in range(params.n)
+        ]
         running = loop.run_in_executor(self.pool, self._run, kwargs)
         deadline = loop.time() + self.time_limit_s if self.time_limit_s else None
-        generated: list[int] = []
 
-        async def next_token() -> int | None:
+        async def next_step() -> list[tuple[int, TokenLogprob | None]] | None:
+            # What is already queued is taken at once: on Python 3.11, wait_for(get(), 0) raises
+            # TimeoutError even when an item is waiting, and a generation that finished in time
+            # must never report the time limit.
+            if not stream.queue.empty():
+                return stream.queue.get_nowait()
             if deadline is None:
                 return await stream.queue.get()
+            remaining = deadline - loop.time()
             try:
-                return await asyncio.wait_for(stream.queue.get(), max(deadline - loop.time(), 0))
+                if remaining <= 0:
+                    raise TimeoutError
+                return await asyncio.wait_for(stream.queue.get(), remaining)
             except TimeoutError:
                 raise GenerationTimeout(f"generation stopped at its {self.time_limit_s:g}-second limit") from None
 
+        def finish(index: int, reason: str) -> None:
+            choices[index].finish_reason = reason
+            stream.stop_rows.add(index)
+            if all(choice.finish_reason for choice in choices):
+                stream.stop.set()  # the thread ends at its next token; the rest is discarded
+
         try:
-            while (token_id := await next_token()) is not None:
-                generated.append(token_id)
-                if text := stops.push(decoder.push(token_id)):
-                    yield Delta(text=text)
-                if stops.stopped:
-                    stream.stop.set()  # the thread ends at its next token; the rest is discarded
+            while (step := await next_step()) is not None:
+                for index, (token_id, logprob) in enumerate(step):
+                    choice = choices[index]
+                    if choice.finish_reason:
+                        continue  # a finished choice gets padding until the batch ends
+                    choice.tokens += 1
+                    if logprob is not None:
+                        choice.logprobs.append(logprob)
+                    ends = token_id in stop_ids
+                    text = "" if ends and not params.include_stop_str_in_output else choice.decoder.push(token_id)
+                    if text := choice.stops.push(text):
+                        yield Delta(text=text, index=index, logprobs=tuple(choice.logprobs))
+                        choice.logprobs.clear()
+                    if choice.stops.stopped or ends:
+                        finish(index, "stop")
+                if stream.stop.is_set():
                     break
             await running  # re-raises what generate raised (out of memory, ...)
-            if text := stops.push(decoder.flush()) + stops.flush():
-                yield Delta(text=text)
-            hit_eos = bool(generated) and generated[-1] in self.eos_token_ids
-            finish_reason = "stop" if stops.stopped or hit_eos else "length"
-            yield Delta(finish_reason=finish_reason, usage=Usage(len(prompt_ids), len(generated)))
+            for index, choice in enumerate(choices):
+                if text := choice.stops.push(choice.decoder.flush()) + choice.stops.flush():
+                    yield Delta(text=text, index=index, logprobs=tuple(choice.logprobs))
+                    choice.logprobs.clear()
+            usage = Usage(len(prompt_ids), sum(choice.tokens for choice in choices))
+            for index, choice in enumerate(choices):
+                last = index == len(choices) - 1
+                yield Delta(
+                    finish_reason=choice.finish_reason or "length",
+                    usage=usage if last else None,
+                    index=index,
+                    logprobs=tuple(choice.logprobs),
+                )
         finally:
             # Reached on completion, on error, and when the job is cancelled or its consumer goes
             # away: the generation thread stops at its next token instead of running on unseen.
@@ -377,6 +698,39 @@ def sse(payload: dict[str, Any] | str) -> str:
 SSE_DONE = sse("[DONE]")
 
 
+def _token_bytes(token: str) -> list[int]:
+    return list(token.encode("utf-8"))
+
+
+def chat_logprobs(logprobs: Sequence[TokenLogprob]) -> dict[str, Any]:
+    """OpenAI chat's `logprobs` of a choice: {"content": [{token, logprob, bytes, top_logprobs}]}."""
+    return {
+        "content": [
+            {
+                "token": item.token,
+                "logprob": item.logprob,
+                "bytes": _token_bytes(item.token),
+                "top_logprobs": [{"token": t, "logprob": lp, "bytes": _token_bytes(t)} for t, lp in item.top],
+            }
+            for item in logprobs
+        ]
+    }
+
+
+def completion_logprobs(logprobs: Sequence[TokenLogprob], offset: int = 0) -> dict[str, Any]:
+    """OpenAI completions' `logprobs`: parallel lists, text_offset counted from `offset` characters."""
+    offsets, position = [], offset
+    for item in logprobs:
+        offsets.append(position)
+        position += len(item.token)
+    return {
+        "tokens": [item.token for item in logprobs],
+        "token_logprobs": [item.logprob for item in logprobs],
+        "top_logprobs": [dict(item.top) for item in logprobs],
+        "text_offset": offsets,
+    }
+
+
 @dataclass(frozen=True)
 class OpenAIShape:
     """Builds OpenAI's objects for one response: chat.completion(.chunk) or text_completion."""
@@ -385,62 +739,128 @@ class OpenAIShape:
     id: str
     created: int
     model: str
+    logprobs: bool = False  # the request asked for logprobs: every choice carries them
 
     @classmethod
-    def new(cls, chat: bool, model: str) -> OpenAIShape:
+    def new(cls, chat: bool, model: str, logprobs: bool = False) -> OpenAIShape:
         prefix = "chatcmpl" if chat else "cmpl"
-        return cls(chat, f"{prefix}-{uuid.uuid4().hex}", int(time.time()), model)
+        return cls(chat, f"{prefix}-{uuid.uuid4().hex}", int(time.time()), model, logprobs)
 
     def _envelope(self, obj: str, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices, **extra}
 
-    def chunk(self, text: str | None, finish_reason: str | None = None, role: bool = False, **extra: Any) -> dict:
-        """One streamed chunk. Chat: `delta` carries the role first, then content; text: `text`."""
+    def _logprobs(self, logprobs: Sequence[TokenLogprob], offset: int = 0) -> dict[str, Any] | None:
+        if not self.logprobs:
+            return None
+        return chat_logprobs(logprobs) if self.chat else completion_logprobs(logprobs, offset)
+
+    def role_chunk(self, index: int = 0, **extra: Any) -> dict[str, Any]:
+        """Chat only: the first chunk of a choice, with the role."""
+        choice = {
+            "index": index,
+            "delta": {"role": "assistant", "content": ""},
+            "logprobs": None,
+            "finish_reason": None,
+        }
+        return self._envelope("chat.completion.chunk", [choice], **extra)
+
+    def chunk(self, delta: Delta, offset: int = 0, **extra: Any) -> dict[str, Any]:
+        """One streamed chunk of one choice. Chat: `delta` with content, reasoning and tool calls
+        as they come (each tool call whole); text: `text`. `offset`: characters already sent."""
+        logprobs = self._logprobs(delta.logprobs, offset) if delta.logprobs else None
         if self.chat:
-            delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
-            if text:
-                delta["content"] = text
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            message: dict[str, Any] = {}
+            if delta.reasoning:
+                message["reasoning"] = delta.reasoning
+            if delta.text:
+                message["content"] = delta.text
+            if delta.tool_calls:
+                message["tool_calls"] = list(delta.tool_calls)
+            choice = {
+                "index": delta.index,
+                "delta": message,
+                "logprobs": logprobs,
+                "finish_reason": delta.finish_reason,
+            }
             return self._envelope("chat.completion.chunk", [choice], **extra)
-        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": delta.index, "text": delta.text, "logprobs": logprobs, "finish_reason": delta.finish_reason}
         return self._envelope("text_completion", [choice], **extra)
 
     def usage_chunk(self, usage: Usage) -> dict[str, Any]:
         obj = "chat.completion.chunk" if self.chat else "text_completion"
         return self._envelope(obj, [], usage=usage_json(usage))
 
-    def complete(self, text: str, finish_reason: str, usage: Usage) -> dict[str, Any]:
+    def complete(self, choices: Sequence[Collected], usage: Usage) -> dict[str, Any]:
+        """The whole response: one choice per index."""
         if self.chat:
-            message = {"role": "assistant", "content": text}
-            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
-            return self._envelope("chat.completion", [choice], usage=usage_json(usage))
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-        return self._envelope("text_completion", [choice], usage=usage_json(usage))
+            bodies = []
+            for c in choices:
+                message: dict[str, Any] = {
+                    "role": "assistant",
+                    "content": c.text if c.text or not c.tool_calls else None,
+                }
+                if c.reasoning:
+                    message["reasoning"] = c.reasoning
+                if c.tool_calls:
+                    message["tool_calls"] = c.tool_calls
+                bodies.append(
+                    {
+                        "index": c.index,
+                        "message": message,
+                        "logprobs": self._logprobs(c.logprobs),
+                        "finish_reason": c.finish_reason,
+                    }
+                )
+            return self._envelope("chat.completion", bodies, usage=usage_json(usage))
+        bodies = [
+            {"index": c.index, "text": c.text, "logprobs": self._logprobs(c.logprobs), "finish_reason": c.finish_reason}
+            for c in choices
+        ]
+        return self._envelope("text_completion", bodies, usage=usage_json(usage))
 
 
 async def openai_events(shape: OpenAIShape, deltas: AsyncIterator[Delta], include_usage: bool) -> AsyncIterator[str]:
-    """vLLM's stream shape: a role delta (chat), content deltas, a finish_reason chunk, optional usage, [DONE]."""
+    """vLLM's stream shape: a role delta per choice (chat), then content (and reasoning, tool call)
+    deltas, a finish_reason chunk per choice, optional usage, [DONE]."""
     extra = {"usage": None} if include_usage else {}  # OpenAI: null usage on every chunk but the last
-    if shape.chat:
-        yield sse(shape.chunk(None, role=True, **extra))
+    started: set[int] = set()
+    sent: dict[int, int] = {}  # characters sent per choice, for the completions' text_offset
     async for delta in deltas:
-        if delta.finish_reason is None:
-            yield sse(shape.chunk(delta.text, **extra))
-            continue
-        yield sse(shape.chunk(None, finish_reason=delta.finish_reason, **extra))
-        if include_usage:
+        if shape.chat and delta.index not in started:
+            started.add(delta.index)
+            yield sse(shape.role_chunk(delta.index, **extra))
+        yield sse(shape.chunk(delta, sent.get(delta.index, 0), **extra))
+        sent[delta.index] = sent.get(delta.index, 0) + len(delta.text)
+        if include_usage and delta.usage is not None:
             yield sse(shape.usage_chunk(delta.usage))
     yield SSE_DONE
 
 
-async def collect(deltas: AsyncIterator[Delta]) -> tuple[str, Delta]:
-    parts, last = [], Delta()
+@dataclass
+class Collected:
+    """One choice, gathered from its deltas."""
+
+    index: int
+    text: str = ""
+    reasoning: str = ""
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+async def collect_choices(deltas: AsyncIterator[Delta]) -> tuple[list[Collected], Usage | None]:
+    """Every choice's whole text, reasoning, tool calls and logprobs, in index order, and the usage."""
+    choices: dict[int, Collected] = {}
+    usage = None
     async for delta in deltas:
-        if delta.finish_reason is None:
-            parts.append(delta.text)
-        else:
-            last = delta
-    return "".join(parts), last
+        choice = choices.setdefault(delta.index, Collected(delta.index))
+        choice.text += delta.text
+        choice.reasoning += delta.reasoning
+        choice.tool_calls.extend(delta.tool_calls)
+        choice.logprobs.extend(delta.logprobs)
+        choice.finish_reason = delta.finish_reason or choice.finish_reason
+        usage = delta.usage or usage
+    return [choices[index] for index in sorted(choices)], usage
 
 
 async def native_responses(deltas: AsyncIterator[Delta], stream: bool) -> AsyncIterator[dict[str, Any]]:
@@ -449,8 +869,8 @@ async def native_responses(deltas: AsyncIterator[Delta], stream: bool) -> AsyncI
         async for delta in deltas:
             yield native_chunk(delta)
     else:
-        text, last = await collect(deltas)
-        yield {"text": text, **native_chunk(last)}
+        [choice], usage = await collect_choices(deltas)
+        yield {"text": choice.text, "finish_reason": choice.finish_reason, "usage": usage_json(usage)}
 
 
 async def openai_responses(
@@ -461,5 +881,5 @@ async def openai_responses(
         async for event in openai_events(shape, deltas, include_usage):
             yield event
     else:
-        text, last = await collect(deltas)
-        yield shape.complete(text, last.finish_reason, last.usage)
+        choices, usage = await collect_choices(deltas)
+        yield shape.complete(choices, usage)

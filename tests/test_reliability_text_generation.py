@@ -82,10 +82,11 @@ def canary(worker: ModuleType) -> Any:
 TEXT = st.text(min_size=1, max_size=40)
 PROMPT = weighted((4, TEXT), (1, st.sampled_from(["word " * 800, "x" * 4096, "Hello"])))  # long ones overflow
 PART = mutated({"type": st.just("text"), "text": st.text(max_size=20)}, mutations=(0, 0, 0, 1))
-ROLES = st.sampled_from(["system", "developer", "user", "assistant"])
+ROLES = st.sampled_from(["system", "developer", "user", "assistant", "tool"])
+CALL = {"id": st.just("call_1"), "type": st.just("function"), "function": st.just({"name": "f", "arguments": "{}"})}
 MESSAGE = mutated(
-    {"role": ROLES, "content": TEXT | st.lists(PART, max_size=2)},
-    {"name": TEXT},
+    {"role": ROLES, "content": TEXT | st.lists(PART, max_size=2) | st.none()},
+    {"name": TEXT, "tool_call_id": TEXT, "tool_calls": st.lists(st.fixed_dictionaries(CALL), max_size=1)},
     mutations=(0, 0, 0, 1),
 )
 MESSAGES = st.lists(MESSAGE, min_size=1, max_size=3)
@@ -97,8 +98,31 @@ SAMPLING = {
     "repetition_penalty": st.floats(0, 2, exclude_min=True),
     "stop": st.text(min_size=1, max_size=8) | st.lists(st.text(min_size=1, max_size=8), max_size=4),
     "seed": st.integers(0, 2**63 - 1),
+    # vLLM's sampling fields (worker-vllm's native sampling_params take the same names).
+    "min_p": st.floats(0, 1),
+    "presence_penalty": st.floats(-2, 2),
+    "frequency_penalty": st.floats(-2, 2),
+    "min_tokens": st.integers(0, 4),
+    "ignore_eos": st.booleans(),
+    "stop_token_ids": st.lists(st.integers(0, 999), max_size=3),
+    "logit_bias": st.dictionaries(st.integers(0, 999).map(str), st.floats(-100, 100), max_size=3),
+    "skip_special_tokens": st.booleans(),
+    "include_stop_str_in_output": st.booleans(),
+    "n": st.just(1),
+    # Refused unless left at their no-op value: each names itself in its error.
+    "use_beam_search": st.booleans(),
+    "best_of": st.sampled_from([None, 1, 2]),
 }
-NATIVE_OPTIONS = {"sampling_params": mutated({}, SAMPLING, mutations=(0, 0, 1)), "stream": st.booleans()}
+TEMPLATE_OPTIONS = {
+    "add_generation_prompt": st.booleans(),
+    "continue_final_message": st.booleans(),
+    "chat_template_kwargs": st.none() | st.fixed_dictionaries({}, optional={"enable_thinking": st.booleans()}),
+}
+NATIVE_OPTIONS = {
+    "sampling_params": mutated({}, SAMPLING, mutations=(0, 0, 1)),
+    "stream": st.booleans(),
+    **TEMPLATE_OPTIONS,
+}
 NATIVE = job_inputs(mutated({"prompt": PROMPT}, NATIVE_OPTIONS) | mutated({"messages": MESSAGES}, NATIVE_OPTIONS))
 
 OPENAI_COMMON = {
@@ -106,26 +130,40 @@ OPENAI_COMMON = {
     "model": TEXT,
     "stream": st.sampled_from([None, False, True]),
     "stream_options": st.none() | st.fixed_dictionaries({}, optional={"include_usage": st.booleans()}),
-    "n": st.sampled_from([None, 1]),
-    "presence_penalty": st.sampled_from([None, 0, 0.0]),
-    "frequency_penalty": st.sampled_from([None, 0, 0.0]),
-    "logit_bias": st.sampled_from([None, {}]),
+    "n": st.sampled_from([None, 1, 2]),
     "user": TEXT,
+    "structured_outputs": st.sampled_from(
+        [None, {"choice": ["yes", "no"]}, {"regex": "[a-z]{2}"}, {"json_object": True}, {"json": {"type": "object"}}]
+    ),
+    "guided_json": st.sampled_from([None, {"type": "object"}]),
 }
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
 CHAT_BODY = mutated(
     {"messages": MESSAGES},
     {
         **OPENAI_COMMON,
         "max_completion_tokens": st.integers(1, 4),
-        "logprobs": st.sampled_from([None, False]),
-        "tools": st.sampled_from([None, []]),
-        "tool_choice": st.sampled_from([None, "none"]),
-        "response_format": st.sampled_from([None, {"type": "text"}]),
+        "logprobs": st.sampled_from([None, False, True]),
+        "top_logprobs": st.integers(0, 3),
+        "tools": st.sampled_from([None, [], [TOOL]]),
+        "tool_choice": st.sampled_from(
+            [None, "none", "auto", "required", {"type": "function", "function": {"name": "f"}}]
+        ),
+        "parallel_tool_calls": st.booleans(),
+        "response_format": st.sampled_from([None, {"type": "text"}, {"type": "json_object"}]),
+        "include_reasoning": st.booleans(),
+        "reasoning_effort": st.sampled_from([None, "low", "high"]),
+        **TEMPLATE_OPTIONS,
     },
 )
 COMPLETION_BODY = mutated(
     {"prompt": PROMPT | st.lists(PROMPT, min_size=1, max_size=1)},
-    {**OPENAI_COMMON, "echo": st.sampled_from([None, False]), "suffix": st.sampled_from([None, ""])},
+    {
+        **OPENAI_COMMON,
+        "echo": st.sampled_from([None, False]),
+        "suffix": st.sampled_from([None, ""]),
+        "logprobs": st.none() | st.integers(0, 3),
+    },
 )
 OPENAI = job_inputs(
     weighted(
@@ -148,7 +186,8 @@ def check_output(job_input: dict[str, Any], output: list[Any]) -> None:
         assert last["finish_reason"] in ("stop", "length") and last["usage"]["total_tokens"] <= CONTEXT
         return
     if isinstance(output[0], str):  # streamed: server-sent events ending with [DONE]
-        assert all(event.startswith("data: ") for event in output) and output[-1] == "data: [DONE]\n\n"
+        # Several whole events may share a chunk (coalesced while the SDK POSTs the one before).
+        assert all(event.startswith("data: ") for event in output) and output[-1].endswith("data: [DONE]\n\n")
         return
     [whole] = output
     parsed = (ChatCompletion if route == CHAT_ROUTE else Completion).model_validate(whole)
@@ -234,7 +273,8 @@ INVALID = [
     {"prompt": "x", "sampling_params": {"temperature": 3}},
     {"prompt": "word " * 600},
     {"openai_route": "/v1/nope"},
-    {"openai_route": CHAT_ROUTE, "openai_input": {"messages": QUESTION, "n": 2}},
+    {"openai_route": CHAT_ROUTE, "openai_input": {"messages": QUESTION, "n": 9}},
+    {"openai_route": CHAT_ROUTE, "openai_input": {"messages": QUESTION, "use_beam_search": True}},
     "just a string",
 ]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import shutil
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
@@ -115,12 +116,22 @@ def test_raw_prompt_is_a_completion_of_that_text(qwen) -> None:
     assert whole["text"] == reference
 
 
-def test_assistant_last_message_continues_that_turn(qwen) -> None:
+def test_a_trailing_assistant_turn_starts_a_new_turn_unless_continue_final_message(qwen) -> None:
     turns = [*CHAT, {"role": "assistant", "content": "The capital is"}]
-    prompt = qwen.render_prompt(qwen.GenerateRequest(messages=turns))
-    assert prompt.text.rstrip().endswith("The capital is")
-    open_turn = qwen.render_prompt(qwen.GenerateRequest(messages=CHAT))
-    assert open_turn.text.endswith("<|im_start|>assistant\n")
+    new_turn = qwen.render_prompt(qwen.GenerateRequest(messages=turns))
+    assert new_turn.text.endswith("The capital is<|im_end|>\n<|im_start|>assistant\n"), "vLLM's default"
+    continued = qwen.render_prompt(
+        qwen.GenerateRequest(messages=turns, continue_final_message=True, add_generation_prompt=False)
+    )
+    assert continued.text.endswith("The capital is")
+    bare = qwen.render_prompt(qwen.GenerateRequest(messages=CHAT, add_generation_prompt=False))
+    assert bare.text.endswith("<|im_end|>\n") and not bare.text.endswith("assistant\n")
+    body = {"messages": turns, "continue_final_message": True, "add_generation_prompt": False, **GREEDY}
+    [continuation] = ok(run_job(qwen.handler, openai_chat(body)))
+    reference, _ = raw_greedy(qwen, continued.text, True, GREEDY["max_tokens"])
+    assert ChatCompletion.model_validate(continuation).choices[0].message.content == reference
+    both = run_job(qwen.handler, openai_chat({"messages": turns, "continue_final_message": True}))
+    assert "set add_generation_prompt to false to continue the last message" in both["error"]
 
 
 def test_developer_role_is_the_system_role(qwen) -> None:
@@ -200,30 +211,6 @@ def test_engine_choice(qwen) -> None:
     assert qwen.choose_engine("vllm", vllm_installed=True, gpu=False) == "vllm"  # vLLM's CPU build, as tested
 
 
-def test_environment_maps_to_vllm_engine_arguments(qwen) -> None:
-    settings = {
-        "revision": "abc123",
-        "tokenizer_name": None,
-        "dtype": "bfloat16",
-        "quantization": "awq",
-        "max_model_len": 8192,
-        "gpu_memory_utilization": 0.85,
-        "tensor_parallel_size": 2,
-        "max_num_seqs": 64,
-        "enforce_eager": True,
-        "trust_remote_code": False,
-        "download_dir": None,
-    }
-    args = qwen.vllm_engine_args("org/model", **settings)
-    assert args["model"] == "org/model" and args["quantization"] == "awq" and args["tensor_parallel_size"] == 2
-    assert (args["max_model_len"], args["gpu_memory_utilization"], args["max_num_seqs"]) == (8192, 0.85, 64)
-    assert qwen.vllm_engine_args("m", **{**settings, "quantization": "bnb-4bit"})["quantization"] == "bitsandbytes"
-    with pytest.raises(ValueError, match="QUANTIZATION=bnb-8bit is not available on the vLLM engine"):
-        qwen.vllm_engine_args("m", **{**settings, "quantization": "bnb-8bit"})
-    with pytest.raises(ValueError, match="DTYPE must be auto"):
-        qwen.vllm_engine_args("m", **{**settings, "dtype": "fp16"})
-
-
 def test_recommended_sampling_reads_only_what_the_model_sets(qwen) -> None:
     from transformers import GenerationConfig
 
@@ -251,15 +238,21 @@ def openai_text(body: dict[str, Any]) -> dict[str, Any]:
     return {"openai_route": "/v1/completions", "openai_input": body}
 
 
-def parse_sse(events: list[str]) -> list[ChatCompletionChunk]:
-    """Check the framing of every event and parse the chat chunks with openai's types."""
+def sse_events(chunks: list[str]) -> list[str]:
+    """Every event of a streamed job. A chunk holds one or more whole events (events that pile up
+    while the SDK POSTs one chunk go out together in the next), never a part of one."""
+    events = []
+    for chunk in chunks:
+        assert isinstance(chunk, str) and chunk.startswith("data: ") and chunk.endswith("\n\n")
+        events += [event + "\n\n" for event in chunk.split("\n\n")[:-1]]
+    assert all(event.startswith("data: ") for event in events)
     assert events[-1] == "data: [DONE]\n\n"
-    chunks = []
-    for event in events[:-1]:
-        assert isinstance(event, str) and event.startswith("data: ") and event.endswith("\n\n")
-        assert event.count("\n\n") == 1, "one whole event per chunk"
-        chunks.append(ChatCompletionChunk.model_validate(json.loads(event[len("data: ") :])))
-    return chunks
+    return events
+
+
+def parse_sse(chunks: list[str]) -> list[ChatCompletionChunk]:
+    """Check the framing of every event and parse the chat chunks with openai's types."""
+    return [ChatCompletionChunk.model_validate(json.loads(e[len("data: ") :])) for e in sse_events(chunks)[:-1]]
 
 
 def test_chat_stream_has_vllms_shape(qwen) -> None:
@@ -305,10 +298,12 @@ def test_openai_nulls_mean_defaults(qwen) -> None:
     assert ChatCompletion.model_validate(response).choices[0].finish_reason in ("stop", "length")
 
 
-def test_unknown_openai_fields_are_ignored(qwen) -> None:
-    body = {"messages": CHAT, **GREEDY, "user": "u1", "metadata": {"a": 1}, "parallel_tool_calls": False, "n": 1}
+def test_harmless_openai_fields_are_accepted_and_unknown_ones_refused(qwen) -> None:
+    body = {"messages": CHAT, **GREEDY, "user": "u1", "metadata": {"a": 1}, "store": False, "n": 1}
     [response] = ok(run_job(qwen.handler, openai_chat(body)))
     assert ChatCompletion.model_validate(response).choices[0].message.role == "assistant"
+    unknown = run_job(qwen.handler, openai_chat({"messages": CHAT, "frobnicate": 1}))
+    assert unknown["error"] == "openai_input.frobnicate: Extra inputs are not permitted"
 
 
 def runpod_gateway(handler: Any) -> httpx.MockTransport:
@@ -353,8 +348,8 @@ def test_the_official_openai_client_end_to_end(qwen) -> None:
         "".join(c.choices[0].text for c in text_stream)
         == native(qwen, prompt="The weather", sampling_params={"temperature": 0, "max_tokens": 8})[0]["text"]
     )
-    with pytest.raises(openai.BadRequestError, match="n=2 is not supported"):
-        client.chat.completions.create(model="m", messages=CHAT, n=2)
+    with pytest.raises(openai.BadRequestError, match="use_beam_search is not supported"):
+        client.chat.completions.create(model="m", messages=CHAT, extra_body={"use_beam_search": True})
     assert [m.id for m in client.models.list()] == [qwen.SERVED_MODEL_NAME]
 
 
@@ -366,11 +361,21 @@ BAD_INPUTS = [
     ({"prompt": "a", "messages": CHAT}, "send exactly one of prompt or messages"),
     ({"messages": []}, "messages: List should have at least 1 item"),
     (
-        {"messages": [{"role": "tool", "content": "x"}]},
-        "messages.0.role: Input should be 'system', 'developer', 'user' or",
+        {"messages": [{"role": "robot", "content": "x"}]},
+        "messages.0.role: Input should be 'system', 'developer', 'user', 'assistant' or 'tool'",
     ),
     ({"messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
-    ({"messages": [{"role": "user"}]}, "messages.0.content: Field required"),
+    ({"messages": [{"role": "user"}]}, "messages.0: content is required (null only on an assistant turn with tool"),
+    (
+        {"messages": [{"role": "user", "content": "x", "tool_calls": []}]},
+        "messages.0: only an assistant turn has tool_calls",
+    ),
+    ({"prompt": "hi", "sampling_params": {"n": 2}}, "sampling_params.n: n=2 on the native route is not supported"),
+    ({"prompt": "hi", "sampling_params": {"use_beam_search": True}}, "use_beam_search is not supported by this"),
+    ({"prompt": "hi", "sampling_params": {"logit_bias": {"x": 1}}}, "sampling_params.logit_bias: 'x' is not a token"),
+    ({"prompt": "hi", "sampling_params": {"stop_token_ids": [10**9]}}, "sampling_params.stop_token_ids.0: Input"),
+    ({"prompt": "hi", "sampling_params": {"min_p": 1.5}}, "sampling_params.min_p: Input should be less than or"),
+    ({"prompt": "hi", "sampling_params": {"presence_penalty": 3}}, "sampling_params.presence_penalty: Input should"),
     (
         {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x"}}]}]},
         "non-text content is not supported by this worker",
@@ -390,16 +395,56 @@ BAD_INPUTS = [
     ({"prompt": "hi", "stream": "yes"}, "stream: Input should be a valid boolean"),
     ({"openai_route": "/v1/embeddings", "openai_input": {}}, "openai_route must be one of /v1/chat/completions"),
     ({"openai_route": "/v1/chat/completions"}, "openai_input must be a JSON object"),
-    (openai_chat({"messages": CHAT, "n": 2}), "openai_input.n: n=2 is not supported by this worker"),
-    (openai_chat({"messages": CHAT, "logprobs": True}), "logprobs is not supported by this worker"),
-    (openai_chat({"messages": CHAT, "tools": [{"type": "function"}]}), "tool calling (tools, tool_choice) is not"),
-    (openai_chat({"messages": CHAT, "presence_penalty": 0.5}), "presence_penalty other than 0 is not supported"),
-    (openai_chat({"messages": CHAT, "response_format": {"type": "json_object"}}), "response_format other than text"),
+    (openai_chat({"messages": CHAT, "n": 9}), "openai_input.n: Input should be less than or equal to 8"),
+    (openai_chat({"messages": CHAT, "top_logprobs": 2}), "openai_input: top_logprobs needs logprobs: true"),
+    (openai_chat({"messages": CHAT, "logprobs": True, "top_logprobs": 21}), "openai_input.top_logprobs: Input"),
+    (openai_chat({"messages": CHAT, "tools": [{"type": "function"}]}), "openai_input.tools.0.function: Field"),
+    (openai_chat({"messages": CHAT, "tool_choice": "required"}), "tool_choice other than none or auto needs tools"),
+    (openai_chat({"messages": CHAT, "guided_json": {}}), "guided_json is not supported by this worker; use struc"),
+    (openai_chat({"messages": CHAT, "chat_template": "{{ 1 }}"}), "chat_template is not supported by this worker"),
+    (
+        openai_chat({"messages": CHAT, "chat_template_kwargs": {"tools": []}}),
+        "chat_template_kwargs: tools is a field of its own",
+    ),
+    (
+        openai_chat({"messages": CHAT, "response_format": {"type": "json_schema"}}),
+        "response_format.json_schema is required with type json_schema",
+    ),
+    (
+        openai_chat({"messages": CHAT, "structured_outputs": {"regex": "a", "choice": ["b"]}}),
+        "set exactly one of json, json_object, regex, choice, grammar",
+    ),
+    (
+        openai_chat(
+            {
+                "messages": CHAT,
+                "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objectx"}}},
+            }
+        ),
+        "structured output: the grammar engine refused it:",
+    ),
+    (
+        openai_chat(
+            {
+                "messages": [
+                    *CHAT,
+                    {
+                        "role": "assistant",
+                        "content": None,
+                        "tool_calls": [{"function": {"name": "f", "arguments": "{"}}],
+                    },
+                ]
+            }
+        ),
+        "messages.2.tool_calls.0.function.arguments: not valid JSON",
+    ),
     (openai_chat({"messages": CHAT, "max_tokens": 0}), "openai_input.max_tokens: Input should be greater than"),
     (openai_chat({"model": "m"}), "openai_input.messages: Field required"),
     (openai_text({"prompt": [1, 2, 3]}), "a prompt of token ids is not supported"),
     (openai_text({"prompt": ["a", "b"]}), "a batch of prompts is not supported"),
     (openai_text({"prompt": "a", "echo": True}), "echo is not supported by this worker"),
+    (openai_text({"prompt": "a", "best_of": 2}), "best_of is not supported by this worker"),
+    (openai_text({"prompt": "a", "logprobs": 21}), "openai_input.logprobs: Input should be less than or equal to 20"),
 ]
 
 
@@ -459,6 +504,505 @@ def test_messages_need_a_chat_template(tiny_model, tmp_path) -> None:
         in run_job(module.handler, {"messages": CHAT})["error"]
     )
     assert ok(run_job(module.handler, {"prompt": "Hello", "sampling_params": {"max_tokens": 2}}))
+
+
+# ---- only the request's fields reach generation ----------------------------------------------
+
+
+def test_generation_config_contributes_only_sampling_defaults(tiny_model, qwen) -> None:
+    """A checkpoint whose generation_config.json asks for beam search and bans repeated bigrams:
+    both would reach every request (and beams break streaming) if transformers filled unset fields."""
+    module = load_handler(EXAMPLE, {"MODEL_NAME": str(tiny_model("qwen3-generation-defaults"))})
+    assert module.SAMPLING_DEFAULTS == {"temperature": 0.6, "top_p": 0.9}
+    written = module.ENGINE.model.generation_config.to_diff_dict()
+    assert "num_beams" not in written and "no_repeat_ngram_size" not in written
+    body = {"messages": CHAT, "sampling_params": {"temperature": 0, "max_tokens": 40}}
+    streamed = native(module, **body, stream=True)
+    # The same weights (the factory seeds them) without those settings: the plain tiny Qwen3.
+    assert streamed_text(streamed) == native(qwen, **body)[0]["text"]
+    # And the bigram ban would have changed the text: the comparison above can fail.
+    prompt = module.render_prompt(module.GenerateRequest(messages=CHAT))
+    ids = torch.tensor([prompt.ids])
+    with torch.inference_mode():
+        banned = module.ENGINE.model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=40,
+            do_sample=False,
+            no_repeat_ngram_size=2,
+            eos_token_id=sorted(module.ENGINE.eos_token_ids),
+        )
+    assert module.ENGINE.tokenizer.decode(banned[0, ids.shape[1] :], skip_special_tokens=True) != streamed_text(
+        streamed
+    )
+
+
+# ---- chat templates ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def thinking(tiny_model) -> ModuleType:
+    """Qwen3-style: hermes tools, a generation prompt that opens <think>, REASONING_PARSER=qwen3."""
+    return load_handler(EXAMPLE, {"MODEL_NAME": str(tiny_model("qwen3-thinking")), "REASONING_PARSER": "qwen3"})
+
+
+def test_chat_template_kwargs_reach_the_template(thinking) -> None:
+    on = thinking.render_prompt(thinking.ChatCompletionRequest(messages=CHAT))
+    off = thinking.render_prompt(
+        thinking.ChatCompletionRequest(messages=CHAT, chat_template_kwargs={"enable_thinking": False})
+    )
+    assert on.text.endswith("<|im_start|>assistant\n<think>\n")
+    assert off.text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+
+
+def test_a_template_that_rewrites_the_last_turn_is_a_clear_error_without_the_prompt(thinking, capsys) -> None:
+    """Qwen3's template drops an earlier answer's thoughts, so the last turn cannot be continued
+    (transformers raises a ValueError quoting the prompt): a clear error, the prompt nowhere."""
+    secret = "Zanzibar-7781"
+    turns = [
+        {"role": "user", "content": f"Where is {secret}?"},
+        {"role": "assistant", "content": "<think>hm</think>It"},
+    ]
+    body = {"messages": turns, "continue_final_message": True, "add_generation_prompt": False}
+    result = run_job(thinking.handler, openai_chat(body))
+    assert result["error"] == (
+        "messages: the model's chat template could not render them (ValueError); to continue the last message it"
+        " must be an assistant turn"
+    )
+    logs = capsys.readouterr()
+    assert secret not in logs.out + logs.err and "Traceback" not in logs.out + logs.err
+    # The default starts a new turn, which the same template renders.
+    [answer] = ok(run_job(thinking.handler, openai_chat({"messages": turns, **GREEDY})))
+    ChatCompletion.model_validate(answer)
+
+
+def test_prompts_are_rendered_off_the_event_loop_and_tokenized_once(qwen, monkeypatch) -> None:
+    import threading
+
+    threads, tokenized = [], []
+    render, tokenize = qwen.ENGINE.render_chat, qwen.ENGINE.tokenize
+    monkeypatch.setattr(
+        qwen.ENGINE, "render_chat", lambda *a, **k: threads.append(threading.current_thread()) or render(*a, **k)
+    )
+    monkeypatch.setattr(qwen.ENGINE, "tokenize", lambda *a, **k: tokenized.append(1) or tokenize(*a, **k))
+    ok(run_job(qwen.handler, {"messages": CHAT, "sampling_params": GREEDY}))
+    assert threads and threads[0] is not threading.main_thread()
+    assert len(tokenized) == 1
+
+
+# ---- structured output ------------------------------------------------------------------------
+
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 12},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "role": {"enum": ["admin", "user"]},
+        "tags": {"type": "array", "items": {"type": "boolean"}, "maxItems": 3},
+    },
+    "required": ["name", "age", "role", "tags"],
+    "additionalProperties": False,
+}
+
+
+def json_schema_format(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "json_schema", "json_schema": {"name": "person", "schema": schema}}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_response_format_json_schema_output_matches_the_schema(qwen, stream: bool) -> None:
+    import jsonschema
+
+    for seed in range(3):
+        body = {"messages": CHAT, "response_format": json_schema_format(PERSON), "max_tokens": 200, "seed": seed}
+        output = ok(run_job(qwen.handler, openai_chat({**body, "temperature": 1.0, "stream": stream})))
+        if stream:
+            chunks = parse_sse(output)
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            assert chunks[-1].choices[0].finish_reason == "stop"
+        else:
+            parsed = ChatCompletion.model_validate(output[0])
+            text = parsed.choices[0].message.content
+            assert parsed.choices[0].finish_reason == "stop", "the grammar ends the object, then the turn"
+        jsonschema.validate(json.loads(text), PERSON)
+
+
+def test_json_object_and_vllm_structured_outputs(qwen) -> None:
+    [whole] = ok(
+        run_job(
+            qwen.handler,
+            openai_chat(
+                {"messages": CHAT, "response_format": {"type": "json_object"}, "max_tokens": 300, "temperature": 0}
+            ),
+        )
+    )
+    content = ChatCompletion.model_validate(whole).choices[0].message.content
+    finish = whole["choices"][0]["finish_reason"]
+    assert finish == "length" or isinstance(json.loads(content), dict)
+    assert content.startswith("{")
+    for constraint, check in [
+        ({"choice": ["yes", "no"]}, lambda text: text in ("yes", "no")),
+        ({"regex": "[0-9]{3}-[a-z]{2}"}, lambda text: len(text) == 6 and text[3] == "-" and text[:3].isdigit()),
+        ({"json": PERSON}, lambda text: set(json.loads(text)) == set(PERSON["properties"])),
+    ]:
+        [response] = ok(
+            run_job(
+                qwen.handler,
+                openai_chat({"messages": CHAT, "structured_outputs": constraint, "max_tokens": 200, "temperature": 0}),
+            )
+        )
+        assert check(response["choices"][0]["message"]["content"]), (constraint, response)
+    [text] = ok(
+        run_job(
+            qwen.handler,
+            openai_text({"prompt": "Answer:", "structured_outputs": {"choice": ["up", "down"]}, "max_tokens": 10}),
+        )
+    )
+    assert Completion.model_validate(text).choices[0].text in ("up", "down")
+
+
+# ---- tool calling -----------------------------------------------------------------------------
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"enum": ["Paris", "Rome"]}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+CLOCK = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "parameters": {
+            "type": "object",
+            "properties": {"zone": {"enum": ["UTC", "CET"]}, "precise": {"type": "boolean"}},
+            "required": ["zone", "precise"],
+            "additionalProperties": False,
+        },
+    },
+}
+TOOLS = {tool["function"]["name"]: tool for tool in (WEATHER, CLOCK)}
+
+
+@pytest.fixture(scope="module")
+def agent(tiny_model) -> ModuleType:
+    return load_handler(EXAMPLE, {"MODEL_NAME": str(tiny_model("qwen3-tools"))})
+
+
+def assert_valid_calls(calls: list[Any], names: set[str]) -> None:
+    import jsonschema
+
+    assert calls
+    for call in calls:
+        assert call.type == "function" and call.id.startswith("chatcmpl-tool-") and call.function.name in names
+        jsonschema.validate(json.loads(call.function.arguments), TOOLS[call.function.name]["function"]["parameters"])
+
+
+def streamed_tool_calls(chunks: list[ChatCompletionChunk]) -> list[Any]:
+    return [call for c in chunks if c.choices for call in c.choices[0].delta.tool_calls or []]
+
+
+def test_tools_are_rendered_by_the_chat_template(agent) -> None:
+    prompt = agent.render_prompt(agent.ChatCompletionRequest(messages=CHAT, tools=[WEATHER, CLOCK]))
+    assert '"name": "get_weather"' in prompt.text and "<tools>" in prompt.text
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_tool_choice_required_gives_valid_calls(agent, stream: bool) -> None:
+    for seed in range(2):
+        body = {"messages": CHAT, "tools": [WEATHER, CLOCK], "tool_choice": "required", "parallel_tool_calls": False}
+        output = ok(
+            run_job(
+                agent.handler,
+                openai_chat({**body, "temperature": 1.0, "seed": seed, "max_tokens": 120, "stream": stream}),
+            )
+        )
+        if stream:
+            chunks = parse_sse(output)
+            calls = streamed_tool_calls(chunks)
+            assert [call.index for call in calls] == [0]
+            assert chunks[-1].choices[0].finish_reason == "tool_calls"
+        else:
+            choice = ChatCompletion.model_validate(output[0]).choices[0]
+            calls = choice.message.tool_calls
+            assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        assert len(calls) == 1
+        assert_valid_calls(calls, {"get_weather", "get_time"})
+
+
+def test_a_named_tool_choice_calls_that_tool(agent) -> None:
+    named = {"type": "function", "function": {"name": "get_time"}}
+    body = {"messages": CHAT, "tools": [WEATHER, CLOCK], "tool_choice": named, "temperature": 0, "max_tokens": 120}
+    [response] = ok(run_job(agent.handler, openai_chat(body)))
+    calls = ChatCompletion.model_validate(response).choices[0].message.tool_calls
+    assert len(calls) == 1 and calls[0].function.name == "get_time"
+    assert_valid_calls(calls, {"get_time"})
+    chunks = parse_sse(ok(run_job(agent.handler, openai_chat({**body, "stream": True}))))
+    [streamed] = streamed_tool_calls(chunks)
+    assert (streamed.function.name, streamed.function.arguments) == (
+        calls[0].function.name,
+        calls[0].function.arguments,
+    )
+
+
+def test_tool_choice_auto_parses_the_models_hermes_output(agent) -> None:
+    """A random model never writes a call by itself; a regex makes it write exactly this text, and
+    the auto parser must turn it into content and tool_calls, streamed or not."""
+    call_json = '{"name": "get_weather", "arguments": {"city": "Rome", "unit": "celsius"}}'
+    said = f"Let me check.\n<tool_call>\n{call_json}\n</tool_call>"
+    forced = {"regex": re.escape(said)}
+    body = {"messages": CHAT, "tools": [WEATHER], "structured_outputs": forced, "temperature": 0, "max_tokens": 100}
+    [response] = ok(run_job(agent.handler, openai_chat(body)))
+    choice = ChatCompletion.model_validate(response).choices[0]
+    assert choice.message.content == "Let me check.\n" and choice.finish_reason == "tool_calls"
+    [call] = choice.message.tool_calls
+    assert (call.function.name, json.loads(call.function.arguments)) == (
+        "get_weather",
+        {"city": "Rome", "unit": "celsius"},
+    )
+    chunks = parse_sse(ok(run_job(agent.handler, openai_chat({**body, "stream": True}))))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Let me check.\n"
+    [streamed] = streamed_tool_calls(chunks)
+    assert streamed.function.arguments == call.function.arguments and streamed.index == 0
+    # tool_choice none: the same text stays text.
+    [plain] = ok(run_job(agent.handler, openai_chat({**body, "tool_choice": "none"})))
+    assert plain["choices"][0]["message"]["content"] == said and "tool_calls" not in plain["choices"][0]["message"]
+
+
+def test_an_agents_history_with_tool_calls_and_results_is_accepted(agent) -> None:
+    history = [
+        *CHAT,
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": "21 degrees"},
+    ]
+    prompt = agent.render_prompt(agent.ChatCompletionRequest(messages=history, tools=[WEATHER]))
+    assert '{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}' in prompt.text
+    assert "<tool_response>\n21 degrees\n</tool_response>" in prompt.text
+    [response] = ok(run_job(agent.handler, openai_chat({"messages": history, "tools": [WEATHER], **GREEDY})))
+    assert ChatCompletion.model_validate(response).choices[0].message.role == "assistant"
+
+
+def test_tool_calls_through_the_official_openai_client(agent) -> None:
+    client = openai.OpenAI(
+        api_key="test",
+        base_url="https://api.runpod.ai/v2/e/openai/v1",
+        http_client=httpx.Client(transport=runpod_gateway(agent.handler)),
+    )
+    chat = client.chat.completions.create(
+        model="m",
+        messages=CHAT,
+        tools=[WEATHER],
+        tool_choice="required",
+        parallel_tool_calls=False,
+        max_tokens=100,
+        temperature=0,
+    )
+    assert_valid_calls(chat.choices[0].message.tool_calls, {"get_weather"})
+    stream = client.chat.completions.create(
+        model="m",
+        messages=CHAT,
+        tools=[WEATHER],
+        tool_choice="required",
+        parallel_tool_calls=False,
+        max_tokens=100,
+        temperature=0,
+        stream=True,
+    )
+    calls = [call for chunk in stream if chunk.choices for call in chunk.choices[0].delta.tool_calls or []]
+    assert [c.function.arguments for c in calls] == [chat.choices[0].message.tool_calls[0].function.arguments]
+
+
+# ---- reasoning --------------------------------------------------------------------------------
+
+
+def test_thoughts_go_to_the_reasoning_field(thinking) -> None:
+    # The prompt opened <think>; a regex makes the random model think, close and answer.
+    forced = {"regex": re.escape("Paris is in France.</think>\n\nParis.")}
+    body = {"messages": CHAT, "structured_outputs": forced, "temperature": 0, "max_tokens": 60}
+    [response] = ok(run_job(thinking.handler, openai_chat(body)))
+    message = ChatCompletion.model_validate(response).choices[0].message
+    assert (message.content, response["choices"][0]["message"]["reasoning"]) == ("\n\nParis.", "Paris is in France.")
+    chunks = parse_sse(ok(run_job(thinking.handler, openai_chat({**body, "stream": True}))))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert "".join(getattr(d, "reasoning", None) or "" for d in deltas) == "Paris is in France."
+    assert "".join(d.content or "" for d in deltas) == "\n\nParis."
+    hidden = ok(run_job(thinking.handler, openai_chat({**body, "include_reasoning": False})))[0]
+    assert "reasoning" not in hidden["choices"][0]["message"]
+    # With thinking off, the template closes the thoughts in the prompt: everything is content.
+    off = {"messages": CHAT, "chat_template_kwargs": {"enable_thinking": False}, **GREEDY}
+    [plain] = ok(run_job(thinking.handler, openai_chat(off)))
+    assert "reasoning" not in plain["choices"][0]["message"] and plain["choices"][0]["message"]["content"]
+
+
+def test_a_reasoning_model_gets_the_rest_of_the_context_by_default(thinking) -> None:
+    assert thinking.DEFAULT_MAX_TOKENS is None
+    planned = thinking.plan(thinking.CHAT_ROUTE, thinking.ChatCompletionRequest(messages=CHAT))
+    assert planned.params.max_tokens == thinking.CONTEXT_LEN - planned.prompt.tokens
+
+
+def test_reasoning_and_tool_parsers_on_streamed_text(agent) -> None:
+    parsers = agent.parse_choices.__globals__
+    reasoning = parsers["ReasoningParser"](thinking=False)
+    pieces = [reasoning.push(p) for p in [" <th", "ink>step one", " </thi", "nk>answer"]] + [reasoning.flush()]
+    assert "".join(r for r, _ in pieces) == "step one " and "".join(c for _, c in pieces) == "answer"
+    content_only = parsers["ReasoningParser"](thinking=False)
+    assert content_only.push("no thoughts") == ("", "no thoughts")
+    calls = parsers["ToolCallParser"]()
+    out = [
+        calls.push(p)
+        for p in [
+            "Sure <tool",
+            '_call>\n{"name": "f", "argu',
+            'ments": {}}\n</tool_call>\n',
+            "<tool_call>not json</tool_call>",
+        ]
+    ]
+    out.append(calls.flush())
+    assert "".join(c for c, _ in out) == "Sure <tool_call>not json</tool_call>"
+    assert [call["function"]["name"] for _, found in out for call in found] == ["f"]
+
+
+# ---- sampling fields --------------------------------------------------------------------------
+
+
+def token_of(module: ModuleType, text: str) -> int:
+    [token] = module.ENGINE.tokenizer(text, add_special_tokens=False)["input_ids"]
+    return token
+
+
+def test_logit_bias_and_presence_and_frequency_penalties(qwen) -> None:
+    the = token_of(qwen, " the")
+    favoured = {"prompt": "Once", "temperature": 0, "max_tokens": 6, "logit_bias": {str(the): 5}}
+    [always] = ok(run_job(qwen.handler, openai_text(favoured)))
+    assert always["choices"][0]["text"] == " the" * 6
+    [penalized] = ok(run_job(qwen.handler, openai_text({**favoured, "frequency_penalty": 2})))
+    assert 1 <= penalized["choices"][0]["text"].count(" the") <= 3, "each use costs 2: the bias of 5 runs out"
+    [once] = ok(run_job(qwen.handler, openai_text({**favoured, "logit_bias": {str(the): 1.5}, "presence_penalty": 2})))
+    assert once["choices"][0]["text"].count(" the") == 1
+
+
+def test_end_tokens_min_tokens_ignore_eos_and_stop_token_ids(qwen) -> None:
+    eos = qwen.ENGINE.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    ends_now = {"messages": CHAT, "temperature": 0, "max_tokens": 10, "logit_bias": {str(eos): 100}}
+    [now] = ok(run_job(qwen.handler, openai_chat(ends_now)))
+    assert now["usage"]["completion_tokens"] == 1 and now["choices"][0]["finish_reason"] == "stop"
+    [later] = ok(run_job(qwen.handler, openai_chat({**ends_now, "min_tokens": 5})))
+    assert later["usage"]["completion_tokens"] == 6 and later["choices"][0]["finish_reason"] == "stop"
+    [never] = ok(run_job(qwen.handler, openai_chat({**ends_now, "ignore_eos": True})))
+    assert never["usage"]["completion_tokens"] == 10 and never["choices"][0]["finish_reason"] == "length"
+    the = token_of(qwen, " the")
+    stop_on_the = {
+        "prompt": "Once",
+        "temperature": 0,
+        "max_tokens": 10,
+        "logit_bias": {str(the): 5},
+        "stop_token_ids": [the],
+    }
+    [stopped] = ok(run_job(qwen.handler, openai_text(stop_on_the)))
+    assert stopped["choices"][0] | {"logprobs": None} == {
+        "index": 0,
+        "text": "",
+        "logprobs": None,
+        "finish_reason": "stop",
+    }
+    [kept] = ok(run_job(qwen.handler, openai_text({**stop_on_the, "include_stop_str_in_output": True})))
+    assert kept["choices"][0]["text"] == " the" and kept["usage"]["completion_tokens"] == 1
+    start = qwen.ENGINE.tokenizer.convert_tokens_to_ids("<|im_start|>")
+    special = {"prompt": "Once", "temperature": 0, "max_tokens": 2, "logit_bias": {str(start): 100}}
+    assert ok(run_job(qwen.handler, openai_text(special)))[0]["choices"][0]["text"] == ""
+    shown = ok(run_job(qwen.handler, openai_text({**special, "skip_special_tokens": False})))[0]
+    assert shown["choices"][0]["text"] == "<|im_start|><|im_start|>"
+
+
+def test_stop_strings_kept_with_include_stop_str_in_output(qwen) -> None:
+    greedy = native(qwen, messages=CHAT, sampling_params={"temperature": 0, "max_tokens": 40})[0]["text"]
+    stop = greedy[10:14]
+    params = {"temperature": 0, "max_tokens": 40, "stop": stop, "include_stop_str_in_output": True}
+    assert native(qwen, messages=CHAT, sampling_params=params)[0]["text"] == greedy[: greedy.index(stop) + len(stop)]
+
+
+def test_min_p_1_is_greedy_and_native_takes_worker_vllm_sampling_params(qwen) -> None:
+    greedy = native(qwen, messages=CHAT, sampling_params=GREEDY)[0]["text"]
+    worker_vllm = {
+        "temperature": 1.0,
+        "min_p": 1.0,
+        "seed": 4,
+        "max_tokens": 24,
+        "presence_penalty": 0.0,
+        "frequency_penalty": 0.0,
+        "ignore_eos": False,
+        "stop_token_ids": [],
+        "n": 1,
+        "skip_special_tokens": True,
+    }
+    assert native(qwen, messages=CHAT, sampling_params=worker_vllm)[0]["text"] == greedy
+
+
+def test_chat_logprobs_are_the_models_and_parse(qwen) -> None:
+    body = {"messages": CHAT, **GREEDY, "logprobs": True, "top_logprobs": 3}
+    [response] = ok(run_job(qwen.handler, openai_chat(body)))
+    choice = ChatCompletion.model_validate(response).choices[0]
+    entries = choice.logprobs.content
+    assert len(entries) == response["usage"]["completion_tokens"]
+    for entry in entries:
+        assert len(entry.top_logprobs) == 3 and entry.logprob <= 0
+        assert entry.logprob == pytest.approx(entry.top_logprobs[0].logprob), "greedy picks the most likely token"
+    assert "".join(e.token for e in entries).startswith(choice.message.content)
+    # The reference: the model's own log-softmax for the first generated token.
+    prompt = qwen.render_prompt(qwen.ChatCompletionRequest(messages=CHAT))
+    with torch.inference_mode():
+        logits = qwen.ENGINE.model(torch.tensor([prompt.ids])).logits[0, -1]
+    assert entries[0].logprob == pytest.approx(float(torch.log_softmax(logits, -1).max()), abs=1e-4)
+    events = parse_sse(ok(run_job(qwen.handler, openai_chat({**body, "stream": True}))))
+    streamed = [e for c in events if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [e.token for e in streamed] == [e.token for e in entries]
+
+
+def test_completion_logprobs(qwen) -> None:
+    [response] = ok(
+        run_job(qwen.handler, openai_text({"prompt": "The weather", "temperature": 0, "max_tokens": 5, "logprobs": 2}))
+    )
+    logprobs = Completion.model_validate(response).choices[0].logprobs
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == 5
+    assert all(len(top) <= 2 for top in logprobs.top_logprobs) and logprobs.text_offset[0] == 0
+
+
+def test_n_choices_streamed_with_their_indexes(qwen) -> None:
+    body = {"messages": CHAT, "temperature": 1.0, "seed": 3, "max_tokens": 12, "n": 3}
+    [whole] = ok(run_job(qwen.handler, openai_chat(body)))
+    parsed = ChatCompletion.model_validate(whole)
+    assert [c.index for c in parsed.choices] == [0, 1, 2]
+    texts = [c.message.content for c in parsed.choices]
+    assert len(set(texts)) > 1, "each choice samples on its own"
+    chunks = parse_sse(
+        ok(run_job(qwen.handler, openai_chat({**body, "stream": True, "stream_options": {"include_usage": True}})))
+    )
+    streamed = {
+        i: "".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == i)
+        for i in range(3)
+    }
+    assert [streamed[i] for i in range(3)] == texts, "the same seed gives the same choices"
+    finishes = [c.choices[0].index for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert sorted(finishes) == [0, 1, 2]
+    assert chunks[-1].usage.completion_tokens == whole["usage"]["completion_tokens"]
+    assert 3 <= whole["usage"]["completion_tokens"] <= 3 * 12, "the usage counts every choice's tokens"
 
 
 # ---- concurrency, cancellation and faults ----------------------------------------------------

@@ -296,6 +296,104 @@ _FAMILIES: dict[str, _Family] = {
 }
 
 
+# ---- 01 transformers engine: tool calling and thinking (Qwen 2.5 / Qwen3 style) ----------------
+#
+# Qwen's hermes-style tool calling: the tools as JSON in the system turn, each call as
+# <tool_call>{"name": ..., "arguments": {...}}</tool_call>, results in <tool_response> user turns.
+# <tool_call> and <think> stay plain text (as in the real tokenizers, where they are not special
+# tokens), so decoding keeps them for the parsers.
+_CHATML_TOOLS_TEMPLATE = (
+    r"{%- if tools %}{{- '<|im_start|>system\n' }}"
+    r"{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] + '\n\n' }}{%- endif %}"
+    r"{{- '# Tools\n\nYou may call one or more functions.\n\n<tools>' }}"
+    r"{%- for tool in tools %}{{- '\n' + (tool | tojson) }}{%- endfor %}"
+    r"{{- '\n</tools>\n\nFor each call, return <tool_call>\n{\"name\": <function-name>, \"arguments\": <args>}\n"
+    r"</tool_call><|im_end|>\n' }}"
+    r"{%- elif messages[0]['role'] == 'system' %}"
+    r"{{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}"
+    r"{%- endif %}"
+    r"{%- for m in messages %}"
+    r"{%- if m['role'] == 'system' and loop.first %}"
+    # As Qwen3's template, an earlier answer keeps only what follows its thoughts.
+    r"{%- elif m['role'] == 'assistant' %}"
+    r"{{- '<|im_start|>assistant\n' + (m['content'] or '').split('</think>')[-1].lstrip('\n') }}"
+    r"{%- for call in m['tool_calls'] or [] %}"
+    r"{{- '\n<tool_call>\n{\"name\": \"' + call['function']['name'] + '\", \"arguments\": ' }}"
+    r"{{- call['function']['arguments'] | tojson + '}\n</tool_call>' }}{%- endfor %}{{- '<|im_end|>\n' }}"
+    r"{%- elif m['role'] == 'tool' %}"
+    r"{{- '<|im_start|>user\n<tool_response>\n' + m['content'] + '\n</tool_response><|im_end|>\n' }}"
+    r"{%- else %}{{- '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{%- endif %}"
+    r"{%- endfor %}"
+)
+# Qwen3 (2507 thinking style): the generation prompt opens <think>; enable_thinking=false closes
+# it at once, as chat_template_kwargs {"enable_thinking": false} does with the real template.
+_FAMILIES["qwen3-tools"] = replace(
+    _FAMILIES["qwen3"],
+    chat_template=_CHATML_TOOLS_TEMPLATE
+    + r"{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}",
+)
+_FAMILIES["qwen3-thinking"] = replace(
+    _FAMILIES["qwen3"],
+    chat_template=_CHATML_TOOLS_TEMPLATE
+    + r"{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}"
+    + r"{%- if enable_thinking is defined and not enable_thinking %}{{- '<think>\n\n</think>\n\n' }}"
+    + r"{%- else %}{{- '<think>\n' }}{%- endif %}{%- endif %}",
+)
+
+
+def build_qwen3_generation_defaults(out: Path) -> Path:
+    """The tiny Qwen3 whose generation_config.json, like some real checkpoints', sets more than
+    sampling: beam search and an n-gram ban, which must not reach a request's generation."""
+    build_causal_lm(out, "qwen3")
+    path = out / "generation_config.json"
+    config = json.loads(path.read_text())
+    config |= {"do_sample": True, "temperature": 0.6, "top_p": 0.9, "num_beams": 2, "no_repeat_ngram_size": 2}
+    path.write_text(json.dumps(config, indent=2) + "\n")
+    return out
+
+
+# Real Qwen3 tokenizers hold <think>, </think>, <tool_call> and </tool_call> as added tokens of one
+# id each that decoding keeps (not special): vLLM's reasoning and hermes tool parsers look those ids up.
+_QWEN3_ADDED = ["<think>", "</think>", "<tool_call>", "</tool_call>"]
+
+
+def build_qwen3_vllm(out: Path) -> Path:
+    """qwen3-thinking (hermes-style tools, a generation prompt that opens <think>) with Qwen3's
+    added tokens, so vLLM's deepseek_r1/qwen3 reasoning and hermes tool-call parsers accept it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    family = _FAMILIES["qwen3-thinking"]
+    tokenizer = _train_byte_bpe(family)
+    tokenizer.add_tokens(_QWEN3_ADDED)
+    config, generation_config = _text_config(family, tokenizer)
+    torch.manual_seed(SEED)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.generation_config = generation_config
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    _v4_tokenizer_class(out)
+    return out
+
+
+def build_lora_adapter(out: Path) -> Path:
+    """A peft LoRA adapter (rank 8 on the attention's q and v projections, random non-zero
+    weights, so it changes the output) for the tiny qwen3-vllm model, which builds the same
+    weights every time: serve it with vLLM's LORA_MODULES next to `tiny_model("qwen3-vllm")`.
+    Needs peft (in the vLLM test environment, tests/requirements-vllm-tests.txt)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    with tempfile.TemporaryDirectory() as base:
+        build_qwen3_vllm(Path(base))
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    torch.manual_seed(SEED)
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(model, config).save_pretrained(out)
+    return out
+
+
 def _train_byte_bpe(family: _Family, vocab_size: int = 1000, **kwargs: Any):
     """A byte-level BPE tokenizer (as Llama 3, Qwen and GPT use) trained on CORPUS, no download.
 
@@ -880,16 +978,97 @@ def build_blip2(out: Path) -> Path:
     return out
 
 
+# ---- SigLIP and SigLIP 2 (appended for 04_multimodal) --------------------------------------------
+#
+# Image and text towers of one width (SigLIP compares the pooled outputs directly), 32 px images in
+# 4 px patches, and a text tower reading 16 tokens (the real one reads 64), so truncation is cheap to reach.
+_SIGLIP_TOWER: dict[str, Any] = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+}
+_SIGLIP_TEXT_TOKENS = 16
+
+
+def _train_sentencepiece(folder: Path, vocab_size: int = 200) -> Path:
+    """A SentencePiece unigram model trained on CORPUS (no download), with SigLIP's special ids:
+    <pad> 0, </s> 1, <unk> 2, as google/siglip-base-patch16-224's spiece.model has them."""
+    import io
+
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS.splitlines() * 4),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type="unigram",
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        character_coverage=1.0,
+        num_threads=1,  # deterministic
+        minloglevel=2,
+    )
+    path = folder / "spiece.model"
+    path.write_bytes(model.getvalue())
+    return path
+
+
+def build_siglip(out: Path, version: int) -> Path:
+    """A SigLIP (1: SentencePiece SiglipTokenizer, 32x32 resize) or SigLIP 2 (Gemma-style byte BPE,
+    NaFlex image processor keeping the aspect ratio in at most 16 patches) model with its processor,
+    like google/siglip-base-patch16-224 and google/siglip2-base-patch16-224."""
+    import torch
+    import transformers
+
+    torch.manual_seed(SEED)
+    text = _SIGLIP_TOWER | {"max_position_embeddings": _SIGLIP_TEXT_TOKENS}
+    vision = _SIGLIP_TOWER | {"patch_size": 4}
+    if version == 1:
+        with tempfile.TemporaryDirectory() as tmp:
+            tokenizer = transformers.SiglipTokenizer(
+                vocab_file=str(_train_sentencepiece(Path(tmp))), model_max_length=_SIGLIP_TEXT_TOKENS
+            )
+        image_processor = _image_processor("SiglipImageProcessor", size={"height": 32, "width": 32})
+        vision |= {"image_size": 32}
+        config_class, model_class, processor_class = "SiglipConfig", "SiglipModel", "SiglipProcessor"
+    else:
+        family = _Family(config="", specials=["<pad>", "<eos>", "<bos>", "<unk>"], eos="<eos>", pad="<pad>")
+        tokenizer = _train_byte_bpe(family, vocab_size=400)
+        tokenizer.model_max_length, tokenizer.unk_token = _SIGLIP_TEXT_TOKENS, "<unk>"
+        image_processor = _image_processor("Siglip2ImageProcessor", patch_size=4, max_num_patches=16)
+        vision |= {"num_patches": 16}
+        config_class, model_class, processor_class = "Siglip2Config", "Siglip2Model", "Siglip2Processor"
+    text |= {
+        "vocab_size": len(tokenizer),
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "bos_token_id": tokenizer.eos_token_id,  # SigLIP tokenizers add no bos; the config's default is CLIP's id
+    }
+    config = getattr(transformers, config_class)(text_config=text, vision_config=vision)
+    getattr(transformers, model_class)(config).save_pretrained(out)
+    _save_processor(getattr(transformers, processor_class)(image_processor=image_processor, tokenizer=tokenizer), out)
+    return out
+
+
 BUILDERS: dict[str, Callable[[Path], Path]] = {
     "sentence-transformer": build_sentence_transformer,
     "cross-encoder": build_cross_encoder,
     **{kind: partial(build_causal_lm, kind=kind) for kind in _FAMILIES},
+    "qwen3-generation-defaults": build_qwen3_generation_defaults,
+    "qwen3-vllm": build_qwen3_vllm,
+    "qwen3-vllm-lora": build_lora_adapter,
     **{kind: partial(build_stable_diffusion, kind=kind) for kind in _DIFFUSION},
     "controlnet-sd15": partial(build_controlnet, base="sd15"),
     "controlnet-sdxl": partial(build_controlnet, base="sdxl"),
     "clip": build_clip,
     **{kind: partial(build_llava, kind=kind) for kind in _LLAVA},
     "blip2": build_blip2,
+    "siglip": partial(build_siglip, version=1),
+    "siglip2": partial(build_siglip, version=2),
 }
 
 
