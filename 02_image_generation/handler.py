@@ -49,6 +49,7 @@ from diffusers import (
     PNDMScheduler,
     UniPCMultistepScheduler,
 )
+from families import Family, detect_family, unsupported, with_overrides
 from images import ImageInputError, ImageLimits, data_uri, encode_image, load_image
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -98,6 +99,13 @@ MAX_CONCURRENCY = env_int("MAX_CONCURRENCY", 1)
 ENABLE_CPU_OFFLOAD = env_flag("ENABLE_CPU_OFFLOAD", False)  # SDXL in ~6 GB of VRAM, ~2x slower
 ENABLE_VAE_TILING = env_flag("ENABLE_VAE_TILING", False)  # decode big images in tiles: bounded memory
 TORCH_COMPILE = env_flag("TORCH_COMPILE", False)  # ~20-40% faster UNet, minutes of compile at start
+# The family's defaults (families.py) fit the models it recognises; these override them, for the
+# models no rule tells apart (SDXL-Lightning: DEFAULT_STEPS=4, DEFAULT_SCHEDULER=euler-trailing).
+DEFAULT_STEPS = env_int("DEFAULT_STEPS", 0) or None
+DEFAULT_GUIDANCE = float(os.environ["DEFAULT_GUIDANCE"]) if os.environ.get("DEFAULT_GUIDANCE") else None
+DEFAULT_WIDTH = env_int("DEFAULT_WIDTH", 0) or None
+DEFAULT_HEIGHT = env_int("DEFAULT_HEIGHT", 0) or None
+DEFAULT_SCHEDULER = env_str("DEFAULT_SCHEDULER", None)
 # Seconds one request may denoise: well under Runpod's default execution timeout (600 s), so a
 # runaway request ends with an answer instead of a killed job. 0 turns the limit off.
 MAX_GENERATION_SECONDS = env_float("MAX_GENERATION_SECONDS", 300.0)
@@ -153,30 +161,6 @@ def cached_hub_folder(model_name: str, cache_dir: str = RUNPOD_HF_CACHE) -> str 
     """The Runpod model cache when it holds `model_name`, else None (the default Hugging Face cache)."""
     snapshot = os.path.join(cache_dir, "models--" + model_name.replace("/", "--"))
     return cache_dir if os.path.isdir(snapshot) else None
-
-
-@dataclass(frozen=True)
-class Family:
-    """What the loaded model is, and the defaults its authors recommend."""
-
-    name: str
-    width: int
-    height: int
-    steps: int
-    guidance: float
-
-
-def detect_family(pipeline: Any, model_name: str) -> Family:
-    """SDXL vs SD 1.x/2.x from the pipeline class, v-prediction (SD 2.1-768) from the scheduler;
-    Turbo models share SD's architecture, so only their name tells them apart."""
-    xl = "XL" in type(pipeline).__name__
-    if "turbo" in model_name.lower():  # distilled for 1-4 steps without guidance, trained at 512²
-        return Family("sdxl-turbo" if xl else "sd-turbo", 512, 512, 1, 0.0)
-    if xl:
-        return Family("sdxl", 1024, 1024, 30, 5.0)
-    if pipeline.scheduler.config.get("prediction_type") == "v_prediction":
-        return Family("sd2", 768, 768, 30, 7.5)
-    return Family("sd1", 512, 512, 30, 7.5)
 
 
 DEVICE = startup.DEVICE  # "cuda"; "cpu" only when asked (DEVICE=cpu) or off Runpod: see startup.py
@@ -256,7 +240,9 @@ FP16_VARIANT = "fp16" if TORCH_DTYPE == torch.float16 else None  # the half-size
 startup.prefetch(MODEL_NAME, CONTROLNET_MODEL, revision=MODEL_REVISION, variant=FP16_VARIANT)
 _load_started = time.perf_counter()
 TEXT2IMAGE, IMAGE2IMAGE, CONTROLNET = load_pipelines()
-FAMILY = detect_family(TEXT2IMAGE, MODEL_NAME)
+FAMILY: Family = with_overrides(
+    detect_family(TEXT2IMAGE), DEFAULT_STEPS, DEFAULT_GUIDANCE, DEFAULT_WIDTH, DEFAULT_HEIGHT, DEFAULT_SCHEDULER
+)
 log.info(
     f"Loaded {MODEL_NAME} ({FAMILY.name}, {type(TEXT2IMAGE).__name__}) on {DEVICE} ({TORCH_DTYPE}) in "
     f"{time.perf_counter() - _load_started:.1f}s; ControlNet: {CONTROLNET_MODEL or 'none'}; "
@@ -282,14 +268,18 @@ SCHEDULERS: dict[str, tuple[type, dict[str, Any]]] = {
     "lms": (LMSDiscreteScheduler, {}),
     "euler": (EulerDiscreteScheduler, {}),
     "euler-a": (EulerAncestralDiscreteScheduler, {}),
+    # few-step distilled SDXL (Lightning, Hyper-SD) is trained on the last timesteps
+    "euler-trailing": (EulerDiscreteScheduler, {"timestep_spacing": "trailing"}),
     "heun": (HeunDiscreteScheduler, {}),
     "dpm++2m": (DPMSolverMultistepScheduler, {}),
     "dpm++2m-karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
     "unipc": (UniPCMultistepScheduler, {}),
 }
 SchedulerName = Literal[
-    "default", "ddim", "pndm", "lms", "euler", "euler-a", "heun", "dpm++2m", "dpm++2m-karras", "unipc"
+    "default", "ddim", "pndm", "lms", "euler", "euler-a", "euler-trailing", "heun", "dpm++2m", "dpm++2m-karras", "unipc"
 ]
+if FAMILY.scheduler not in ("default", *SCHEDULERS):
+    raise ValueError(f"DEFAULT_SCHEDULER must be one of {', '.join(SCHEDULERS)}, got {FAMILY.scheduler!r}")
 Side = Annotated[int, Field(ge=MIN_SIDE, le=MAX_SIDE, multiple_of=8)]
 PromptText = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
 
@@ -359,6 +349,8 @@ def parse_request(job_input: Any) -> ImageRequest:
         raise RequestError(describe_validation_error(error)) from None
     if request.control_image is not None and CONTROLNET is None:
         raise RequestError("control_image needs a ControlNet: set CONTROLNET_MODEL on the endpoint")
+    if problem := unsupported(FAMILY, bool(request.negative_prompt), request.guidance_scale, request.scheduler):
+        raise RequestError(problem)
     return request
 
 
@@ -421,6 +413,7 @@ class Job:
     height: int
     steps: int
     guidance: float
+    scheduler: str  # a key of SCHEDULERS, or "default": the model's own
     seeds: list[int]
     source: Image.Image | None = None  # image-to-image input, resized
     control: Image.Image | None = None  # ControlNet conditioning, resized
@@ -434,7 +427,7 @@ class Job:
             "height": self.height,
             "num_inference_steps": self.steps,
             "guidance_scale": self.guidance,
-            "scheduler": self.request.scheduler,
+            "scheduler": self.scheduler,
             "num_images": len(self.seeds),
             "output_format": self.request.output_format,
         }
@@ -488,6 +481,7 @@ def prepare(request: ImageRequest) -> Job:
         height=height,
         steps=steps,
         guidance=request.guidance_scale if request.guidance_scale is not None else FAMILY.guidance,
+        scheduler=request.scheduler if request.scheduler != "default" else FAMILY.scheduler,
         seeds=image_seeds(request.seed, request.num_images),
         source=source.resize((width, height), Image.Resampling.LANCZOS) if source else None,
         control=control.resize((width, height), Image.Resampling.LANCZOS) if control else None,
@@ -503,7 +497,7 @@ def thread_tokenizers() -> dict[str, Any]:
     if not hasattr(_THREAD_LOCAL, "tokenizers"):
         _THREAD_LOCAL.tokenizers = {
             name: copy.deepcopy(getattr(TEXT2IMAGE, name))
-            for name in ("tokenizer", "tokenizer_2")
+            for name in ("tokenizer", "tokenizer_2", "tokenizer_3")
             if getattr(TEXT2IMAGE, name, None) is not None
         }
     return _THREAD_LOCAL.tokenizers
@@ -516,10 +510,10 @@ def pipeline_for(job: Job) -> Any:
     every request gets a fresh one, of the requested kind, and nothing it sets outlives it.
     """
     base = CONTROLNET if job.control is not None else IMAGE2IMAGE if job.source is not None else TEXT2IMAGE
-    if job.request.scheduler == "default":
+    if job.scheduler == "default":
         scheduler = type(base.scheduler).from_config(base.scheduler.config)
     else:
-        scheduler_class, settings = SCHEDULERS[job.request.scheduler]
+        scheduler_class, settings = SCHEDULERS[job.scheduler]
         scheduler = scheduler_class.from_config(base.scheduler.config, **settings)
     # A shallow copy: the same modules, but attributes (scheduler, tokenizers, the per-call state
     # diffusers keeps on the pipeline object) of its own. Not from_pipe, which ends with
@@ -555,10 +549,13 @@ def denoise(job: Job, on_step: Any, cancelled: threading.Event) -> list[Generate
 
     kwargs: dict[str, Any] = {
         "prompt": job.request.prompt,
-        "negative_prompt": job.request.negative_prompt,
         "num_inference_steps": job.steps,
         "guidance_scale": job.guidance,
     }
+    if FAMILY.negative_prompt:
+        kwargs["negative_prompt"] = job.request.negative_prompt
+    if FAMILY.max_sequence_length:
+        kwargs["max_sequence_length"] = FAMILY.max_sequence_length
     if job.source is not None:
         kwargs.update(image=job.source, strength=job.strength)
     else:

@@ -90,7 +90,7 @@ def png_data_uri(width: int, height: int, seed: int = 0) -> str:
     ("family", "name", "pipeline"),
     [
         ("sd15", "sd1", "StableDiffusionPipeline"),
-        ("sd2", "sd2", "StableDiffusionPipeline"),
+        ("sd2", "sd2-v", "StableDiffusionPipeline"),
         ("sdxl", "sdxl", "StableDiffusionXLPipeline"),
         ("sdxl-turbo", "sdxl-turbo", "StableDiffusionXLPipeline"),
     ],
@@ -120,8 +120,32 @@ def test_family_defaults(handlers) -> None:
     used = final["parameters"]
     assert (used["width"], used["height"], used["num_inference_steps"], used["guidance_scale"]) == (512, 512, 1, 0.0)
     assert decode(final["images"][0]["image"]).size == (512, 512)
-    assert handlers["sdxl"].FAMILY == handlers["sdxl"].Family("sdxl", 1024, 1024, 30, 5.0)
+    sdxl = handlers["sdxl"].FAMILY
+    assert (sdxl.name, sdxl.width, sdxl.height, sdxl.steps, sdxl.guidance) == ("sdxl", 1024, 1024, 30, 5.0)
     assert handlers["sd2"].FAMILY.width == 768 and handlers["sd15"].FAMILY.width == 512
+
+
+def test_default_settings_override_the_familys(tiny_model) -> None:
+    """For models no rule tells apart (SDXL-Lightning ships SDXL base's configs): DEFAULT_STEPS,
+    DEFAULT_GUIDANCE, DEFAULT_WIDTH/HEIGHT and DEFAULT_SCHEDULER set what a request gets."""
+    env = {
+        "MODEL_NAME": str(tiny_model("sdxl")),
+        "DEFAULT_STEPS": "3",
+        "DEFAULT_GUIDANCE": "0",
+        "DEFAULT_WIDTH": "96",
+        "DEFAULT_HEIGHT": "64",
+        "DEFAULT_SCHEDULER": "euler-trailing",
+    }
+    module = load_handler(EXAMPLE, env)
+    progress, final = generate(module, prompt="x", seed=1)
+    used = final["parameters"]
+    assert (used["width"], used["height"], used["num_inference_steps"]) == (96, 64, 3)
+    assert (used["guidance_scale"], used["scheduler"], used["family"]) == (0.0, "euler-trailing", "sdxl")
+    assert decode(final["images"][0]["image"]).size == (96, 64) and progress[-1]["total"] == 3
+    _, chosen = generate(module, prompt="x", seed=1, scheduler="euler", **SMALL)
+    assert chosen["parameters"]["scheduler"] == "euler"
+    with pytest.raises(ValueError, match="DEFAULT_SCHEDULER must be one of"):
+        load_handler(EXAMPLE, {**env, "DEFAULT_SCHEDULER": "karras-magic"})
 
 
 # ---- seeds ----------------------------------------------------------------------------------
@@ -611,14 +635,56 @@ def test_image_seeds(sd15) -> None:
     assert drawn[1] == drawn[0] + 1 and drawn[1] < 2**53
 
 
-def test_detect_family_by_name_and_config(sd15) -> None:
-    class FakeXL:
-        scheduler = type("S", (), {"config": {"prediction_type": "epsilon"}})()
+def test_families_come_from_the_pipeline_not_the_name(handlers, tiny_model) -> None:
+    """A name says nothing (the tiny models' folders have none): classes and configs decide."""
+    assert [handlers[kind].FAMILY.name for kind in ("sd15", "sd2", "sdxl", "sdxl-turbo")] == [
+        "sd1",
+        "sd2-v",
+        "sdxl",
+        "sdxl-turbo",
+    ]
+    families = handlers["sd15"].detect_family.__globals__  # the families module, as the handler loaded it
 
-    FakeXL.__name__ = "StableDiffusionXLPipeline"
-    assert sd15.detect_family(FakeXL(), "stabilityai/sdxl-turbo").name == "sdxl-turbo"
-    assert sd15.detect_family(sd15.TEXT2IMAGE, "stabilityai/sd-turbo").name == "sd-turbo"
-    assert sd15.detect_family(sd15.TEXT2IMAGE, "runwayml/stable-diffusion-v1-5").name == "sd1"
+    def fake(kind: str, scheduler: str = "EulerDiscreteScheduler", **configs: dict[str, Any]) -> Any:
+        parts = {name: type("Part", (), {"config": config})() for name, config in configs.items()}
+        parts["scheduler"] = type(scheduler, (), {"config": configs.get("scheduler_config", {})})()
+        return type(kind, (), parts)()
+
+    detect = families["detect_family"]
+    assert detect(fake("FluxPipeline", transformer={"guidance_embeds": False})).name == "flux-schnell"
+    assert detect(fake("FluxPipeline", transformer={"guidance_embeds": True})).name == "flux-dev"
+    assert detect(fake("StableDiffusion3Pipeline", transformer={"dual_attention_layers": [0, 1]})).name == (
+        "sd3.5-medium"
+    )
+    assert detect(fake("StableDiffusion3Pipeline", transformer={"dual_attention_layers": []})).name == "sd3.5-large"
+    sd_turbo = fake(
+        "StableDiffusionPipeline",
+        "EulerAncestralDiscreteScheduler",
+        unet={"use_linear_projection": True},
+        scheduler_config={"timestep_spacing": "trailing"},
+    )
+    assert detect(sd_turbo).name == "sd-turbo"
+    sd2_base = fake("StableDiffusionPipeline", unet={"use_linear_projection": True}, scheduler_config={})
+    assert detect(sd2_base).name == "sd2" and detect(sd2_base).width == 512
+
+
+@pytest.mark.parametrize(
+    ("family", "request_input", "message"),
+    [
+        ("flux-schnell", {"negative_prompt": "blurry"}, "negative_prompt: FLUX.1 [schnell] takes no negative prompt"),
+        ("flux-schnell", {"guidance_scale": 3.5}, "guidance_scale: FLUX.1 [schnell] has no guidance to set"),
+        ("flux-dev", {"scheduler": "euler-a"}, "scheduler: 'euler-a' is a Stable Diffusion scheduler; FLUX.1 [dev]"),
+        ("sd3.5-large", {"scheduler": "ddim"}, "SD 3.5 Large is a flow-matching model that runs its own"),
+    ],
+)
+def test_what_a_family_cannot_honour_is_a_clear_error(sd15, family: str, request_input: dict, message: str) -> None:
+    families = sd15.detect_family.__globals__
+    request = {"negative_prompt": None, "guidance_scale": None, "scheduler": "default", **request_input}
+    problem = families["unsupported"](
+        families["FAMILIES"][family], bool(request["negative_prompt"]), request["guidance_scale"], request["scheduler"]
+    )
+    assert problem and message in problem, problem
+    assert families["unsupported"](families["FAMILIES"]["sdxl"], True, 7.0, "euler-a") is None
 
 
 # ---- through Runpod's real job loop -----------------------------------------------------------
