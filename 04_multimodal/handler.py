@@ -18,7 +18,9 @@ inputs, inference, response, the handler.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import json
 import os
 import time
 from collections.abc import AsyncIterator
@@ -26,9 +28,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
+import startup  # before every library: settles the device and the Hugging Face cache (startup.py)
+
 import runpod
 import torch
-from images import ImageInputError, ImageLimits, load_image
+from clip_batcher import EncodeBatcher
+from coalesce import coalesced, merge_text
+from contrastive import CONTRASTIVE_FAMILIES, ContrastiveModel
+from image_fetcher import ImageFetcher
+from images import ImageInputError, ImageLimits
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -97,6 +105,26 @@ INPUT_LIMITS = ImageLimits(
     max_pixels=env_int("MAX_INPUT_IMAGE_PIXELS", 4096 * 4096),  # refused from the header, before decoding
     timeout_s=env_float("DOWNLOAD_TIMEOUT_S", 15.0),  # a whole download, not each read
 )
+# A request's images download in parallel, all within MAX_REQUEST_SECONDS: far inside Runpod's
+# default execution timeout (600 s), even for 64 images from a slow host.
+MAX_REQUEST_SECONDS = env_float("MAX_REQUEST_SECONDS", 60.0)
+# Decoded pixels per request, all images together, checked from their headers before decoding:
+# four images at the per-image cap, ~200 MB of RGB; 64 photos of 1 MP fit.
+MAX_REQUEST_PIXELS = env_int("MAX_REQUEST_PIXELS", 4 * 4096 * 4096)
+# Downloads in flight for all jobs together: enough to fill a link, few enough for one worker's memory.
+MAX_PARALLEL_DOWNLOADS = env_int("MAX_PARALLEL_DOWNLOADS", 16)
+# Runpod's limit on a job's result (20 MB on /runsync): an embed result that would certainly
+# exceed it is refused before the work; one that still comes out larger is an error, never lost.
+MAX_RESULT_BYTES = env_int("MAX_RESULT_BYTES", 20_000_000)
+# CLIP / SigLIP dynamic batching: the encodes of concurrent jobs share forward passes. A batch
+# waits BATCH_WAIT_MS for company (far below a network round trip) and closes at BATCH_MAX_ITEMS
+# images or texts, so one big job cannot hold the others back.
+DYNAMIC_BATCHING = (env_str("DYNAMIC_BATCHING", "true") or "").lower() in ("1", "true", "yes")
+BATCH_WAIT_MS = env_float("BATCH_WAIT_MS", 5.0)
+BATCH_MAX_ITEMS = env_int("BATCH_MAX_ITEMS", 64)
+# A float32 of a unit vector prints as about 20 characters in JSON ("-0.012706473283469677, ");
+# 10 is a floor no real embedding goes under, so a result estimated with it is certainly too big.
+MIN_JSON_FLOAT_BYTES = 10
 
 # Runpod's "cached models" put Hub snapshots here, on the host, before the worker starts.
 RUNPOD_HF_CACHE = "/runpod-volume/huggingface-cache/hub"
@@ -111,14 +139,20 @@ def cached_hub_folder(model_name: str, cache_dir: str = RUNPOD_HF_CACHE) -> str 
     return cache_dir if os.path.isdir(snapshot) else None
 
 
-FAMILIES = {"clip": "clip", "llava": "llava", "llava_next": "llava", "blip-2": "blip2"}
-TASKS = {"clip": ("classify", "embed"), "llava": ("caption", "answer", "chat"), "blip2": ("caption", "answer")}
+FAMILIES = {**CONTRASTIVE_FAMILIES, "llava": "llava", "llava_next": "llava", "blip-2": "blip2"}
+EMBEDDING_FAMILIES = ("clip", "siglip")
+TASKS = {
+    "clip": ("classify", "embed"),
+    "siglip": ("classify", "embed"),
+    "llava": ("caption", "answer", "chat"),
+    "blip2": ("caption", "answer"),
+}
 
 
 def family_of(model_type: str) -> str:
     if model_type not in FAMILIES:
         raise ValueError(
-            f"MODEL_NAME is a {model_type!r} model; this worker serves CLIP, LLaVA (1.5 and NeXT) and BLIP-2"
+            f"MODEL_NAME is a {model_type!r} model; this worker serves CLIP, SigLIP, LLaVA (1.5 and NeXT) and BLIP-2"
         )
     return FAMILIES[model_type]
 
@@ -133,8 +167,10 @@ KEEP_UNQUANTIZED = {
 def quantization_config(name: str | None, family: str, compute_dtype: torch.dtype) -> BitsAndBytesConfig | None:
     if not name:
         return None
-    if family == "clip":
-        raise ValueError("QUANTIZATION applies to LLaVA and BLIP-2; CLIP is small enough to serve unquantized")
+    if family in EMBEDDING_FAMILIES:
+        raise ValueError(
+            "QUANTIZATION applies to LLaVA and BLIP-2; CLIP and SigLIP are small enough to serve unquantized"
+        )
     # Only the language model is quantized: it holds ~95% of the weights, while the vision encoder
     # and the projector are small and lose the most accuracy at low precision.
     keep = KEEP_UNQUANTIZED[family]
@@ -150,12 +186,14 @@ def quantization_config(name: str | None, family: str, compute_dtype: torch.dtyp
     raise ValueError(f"QUANTIZATION must be bnb-8bit or bnb-4bit, got {name!r}")
 
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DEVICE = startup.DEVICE  # "cuda"; "cpu" only when asked (DEVICE=cpu) or off Runpod: see startup.py
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 if DTYPE not in ("auto", *DTYPES):
     raise ValueError(f"DTYPE must be auto, {', '.join(DTYPES)}, got {DTYPE!r}")
 TORCH_DTYPE = DTYPES[DTYPE] if DTYPE != "auto" else torch.float16 if DEVICE == "cuda" else torch.float32
 
+startup.COLD_START.done("imports")  # the download is timed apart from the load
+startup.prefetch(MODEL_NAME, revision=MODEL_REVISION)
 _load_started = time.perf_counter()
 _common = {"revision": MODEL_REVISION, "cache_dir": cached_hub_folder(MODEL_NAME)}
 CONFIG = AutoConfig.from_pretrained(MODEL_NAME, **_common)
@@ -165,7 +203,7 @@ if CONFIG.get_text_config().is_encoder_decoder:
     raise ValueError("MODEL_NAME pairs its vision encoder with an encoder-decoder (T5) language model; use an OPT one")
 QUANTIZATION_CONFIG = quantization_config(QUANTIZATION, FAMILY, TORCH_DTYPE)  # refused before any weights load
 PROCESSOR = AutoProcessor.from_pretrained(MODEL_NAME, **_common)
-if FAMILY == "clip":
+if FAMILY in EMBEDDING_FAMILIES:
     MODEL = AutoModel.from_pretrained(MODEL_NAME, dtype=TORCH_DTYPE, **_common).to(DEVICE)
 else:
     MODEL = AutoModelForImageTextToText.from_pretrained(
@@ -183,6 +221,7 @@ log.info(
     f"Loaded {MODEL_NAME} ({FAMILY}, {type(MODEL).__name__}) on {DEVICE} ({QUANTIZATION or TORCH_DTYPE}) in "
     f"{time.perf_counter() - _load_started:.1f}s; tasks: {', '.join(TASKS[FAMILY])}"
 )
+startup.COLD_START.report(f"load to {DEVICE}")
 
 
 def eos_token_ids(model: Any, tokenizer: Any) -> set[int]:
@@ -192,15 +231,19 @@ def eos_token_ids(model: Any, tokenizer: Any) -> set[int]:
     return ids | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
 
 
-# LLaVA and BLIP-2 stream from generation threads; CLIP's forward passes queue for one thread.
-if FAMILY == "clip":
+# LLaVA and BLIP-2 stream from generation threads. CLIP and SigLIP encodes, batched across jobs,
+# run on one thread that owns the model.
+if FAMILY in EMBEDDING_FAMILIES:
     GENERATOR, SAMPLING_DEFAULTS = None, {}
+    EMBEDDER = ContrastiveModel(MODEL, PROCESSOR, FAMILY)
+    MODEL_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode")
+    BATCHER = EncodeBatcher(EMBEDDER, MODEL_THREAD, BATCH_MAX_ITEMS, BATCH_WAIT_MS / 1000, DYNAMIC_BATCHING)
 else:
     GENERATOR = StreamingGenerator(
         MODEL, TOKENIZER, eos_token_ids(MODEL, TOKENIZER), MAX_CONCURRENCY, MAX_GENERATION_SECONDS or None
     )
     SAMPLING_DEFAULTS = recommended_sampling(MODEL.generation_config)
-CLIP_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clip")
+FETCHER = ImageFetcher(INPUT_LIMITS, MAX_PARALLEL_DOWNLOADS, MAX_REQUEST_SECONDS, MAX_REQUEST_PIXELS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -369,6 +412,37 @@ class OpenAIChatRequest(Sampling):
         return self
 
 
+class OpenAIEmbeddingRequest(BaseModel):
+    """OpenAI's embeddings request, for CLIP and SigLIP, with images too (Infinity's convention):
+    `modality: "image"` makes every input an image (URL, data URI or base64); without it a
+    `data:image/...` URI is an image and anything else a text. Unknown fields are ignored."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+    input: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=MAX_EMBED_ITEMS)]
+    model: str | None = None  # this endpoint serves one model whatever the name says
+    modality: Literal["text", "image"] | None = None
+    dimensions: Annotated[int, Field(ge=1)] | None = None  # the first N dimensions, re-normalised
+    encoding_format: Literal["float", "base64"] = "float"  # base64: little-endian float32 bytes
+    user: str | None = None
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _texts_as_list(cls, value: Any) -> Any:
+        if isinstance(value, list) and value and all(isinstance(v, (int, list)) for v in value):
+            raise ValueError("token id arrays are not supported (they belong to OpenAI's tokenizer); send text")
+        return [value] if isinstance(value, str) else value
+
+    def is_image(self, item: str) -> bool:
+        return self.modality == "image" or (self.modality is None and item.startswith("data:image/"))
+
+    @model_validator(mode="after")
+    def _text_lengths(self) -> OpenAIEmbeddingRequest:
+        for index, item in enumerate(self.input):
+            if not self.is_image(item) and len(item) > MAX_TEXT_CHARS:
+                raise PydanticCustomError("too_long", f"input.{index}: a text has at most {MAX_TEXT_CHARS} characters")
+        return self
+
+
 NATIVE_REQUESTS = {
     "classify": ClassifyRequest,
     "embed": EmbedRequest,
@@ -377,8 +451,9 @@ NATIVE_REQUESTS = {
     "chat": ChatRequest,
 }
 CHAT_ROUTE = "/v1/chat/completions"
+EMBEDDINGS_ROUTE = "/v1/embeddings"
 MODELS_ROUTE = "/v1/models"
-OPENAI_ROUTES = (CHAT_ROUTE, MODELS_ROUTE)
+OPENAI_ROUTES = (CHAT_ROUTE, EMBEDDINGS_ROUTE, MODELS_ROUTE)
 
 
 def describe_validation_error(error: ValidationError, prefix: str = "") -> str:
@@ -402,13 +477,16 @@ def parse_request(job_input: Any, family: str) -> tuple[str, BaseModel | None]:
             raise RequestError(f"openai_route must be one of {', '.join(OPENAI_ROUTES)}, got {route!r}")
         if route == MODELS_ROUTE:
             return route, None
-        if "chat" not in tasks:
+        if route == CHAT_ROUTE and "chat" not in tasks:
             raise RequestError(f"this is a {family} model, which cannot chat; it can do: {', '.join(tasks)}")
+        if route == EMBEDDINGS_ROUTE and "embed" not in tasks:
+            raise RequestError(f"this is a {family} model, which cannot embed; it can do: {', '.join(tasks)}")
         body = job_input.get("openai_input")
         if not isinstance(body, dict):
             raise RequestError(f"openai_input must be a JSON object with the {route} request body")
+        schema = OpenAIChatRequest if route == CHAT_ROUTE else OpenAIEmbeddingRequest
         try:
-            return route, OpenAIChatRequest.model_validate(body)
+            return route, schema.model_validate(body)
         except ValidationError as error:
             raise RequestError(describe_validation_error(error, prefix="openai_input")) from None
 
@@ -463,14 +541,20 @@ def llava_inputs(turns: list[dict[str, Any]], images: list[Image.Image]) -> dict
     return PROCESSOR(images=images, text=prompt, return_tensors="pt")
 
 
-def prepare_generation(task: str, request: BaseModel) -> Prepared:
-    """Fetch the images and build the model inputs. Blocking: runs off the event loop."""
+def image_sources(request: BaseModel) -> list[tuple[str, str]]:
+    """(field, source) of every image a generation request carries, in prompt order."""
+    if isinstance(request, (ChatRequest, OpenAIChatRequest)):
+        return [(f"image {index}", source) for index, source in enumerate(chat_turns(request.messages)[1])]
+    return [("image", request.image)]
+
+
+def prepare_generation(task: str, request: BaseModel, images: list[Image.Image]) -> Prepared:
+    """Build the model inputs from the request and its fetched images. Blocking: runs off the event loop."""
     if task == "chat" or isinstance(request, OpenAIChatRequest):
-        turns, sources = chat_turns(request.messages)
-        images = [load_image(f"image {index}", source, INPUT_LIMITS) for index, source in enumerate(sources)]
+        turns, _ = chat_turns(request.messages)
         inputs = llava_inputs(turns, images)
     else:
-        image = load_image("image", request.image, INPUT_LIMITS)
+        [image] = images
         if FAMILY == "llava":
             question = request.question if task == "answer" else LLAVA_CAPTION
             inputs = llava_inputs(
@@ -492,45 +576,131 @@ def sampling_of(request: BaseModel) -> Sampling:
         if request.max_completion_tokens is not None:
             return request.model_copy(update={"max_tokens": request.max_completion_tokens})
         return request
-    return request.sampling_params
+    sampling = request.sampling_params
+    if isinstance(request, (CaptionRequest, AnswerRequest)) and sampling.temperature is None:
+        # A caption or an answer is expected to be repeatable: greedy, whatever the model's
+        # generation_config recommends for chat, unless the request asks for a temperature.
+        return sampling.model_copy(update={"temperature": 0.0})
+    return sampling
 
 
 # ---------------------------------------------------------------------------------------------
 # 5. Inference and response for CLIP (one chunk); generation streams through textstream.py.
 # ---------------------------------------------------------------------------------------------
-def fetch_images(request: ClassifyRequest | EmbedRequest) -> list[Image.Image]:
-    """A CLIP request's images, fetched before it queues for the model (a slow URL holds no one up)."""
-    if isinstance(request, ClassifyRequest):
-        return [load_image("image", request.image, INPUT_LIMITS)]
-    return [load_image(f"images.{index}", source, INPUT_LIMITS) for index, source in enumerate(request.images)]
+def truncated_indices(counts: list[int]) -> list[int]:
+    """Inputs longer than the text tower reads (77 tokens for CLIP, 64 for SigLIP): cut, as 03 reports."""
+    return [index for index, count in enumerate(counts) if count > EMBEDDER.max_text_tokens]
 
 
-def classify(request: ClassifyRequest, images: list[Image.Image]) -> dict[str, Any]:
-    """Zero-shot classification: softmax over the image's similarity to each label's caption."""
-    [image] = images
+async def encode_images(images: list[Image.Image]) -> torch.Tensor:
+    """Unit image embeddings, preprocessed on this job's own thread, encoded in a shared batch."""
+    if not images:
+        return torch.empty(0, EMBEDDER.dimensions)
+    pixels = await asyncio.get_running_loop().run_in_executor(None, EMBEDDER.preprocess_images, images)
+    return await BATCHER.images(pixels)
+
+
+async def encode_texts(texts: list[str]) -> torch.Tensor:
+    return await BATCHER.texts(texts) if texts else torch.empty(0, EMBEDDER.dimensions)
+
+
+async def classify(request: ClassifyRequest) -> dict[str, Any]:
+    """Zero-shot classification: the image against each label's caption, as one batch entry each.
+    CLIP: a softmax over the labels (they sum to 1); SigLIP: each label's own sigmoid."""
+    images = await FETCHER.fetch([("image", request.image)])
     captions = [request.hypothesis_template.format(label) for label in request.labels]
-    inputs = PROCESSOR(text=captions, images=image, return_tensors="pt", padding=True, truncation=True).to(DEVICE)
-    with torch.inference_mode():
-        probabilities = MODEL(**inputs).logits_per_image.softmax(dim=-1)[0].float().tolist()
+    image_rows, caption_rows = await asyncio.gather(encode_images(images), encode_texts(captions))
+    probabilities = EMBEDDER.probabilities(image_rows[0], caption_rows)
     ranked = sorted(zip(request.labels, probabilities, strict=True), key=lambda pair: pair[1], reverse=True)
-    return {"model": SERVED_MODEL_NAME, "labels": [{"label": label, "score": score} for label, score in ranked]}
+    return {
+        "model": SERVED_MODEL_NAME,
+        "labels": [{"label": label, "score": score} for label, score in ranked],
+        "truncated": truncated_indices(EMBEDDER.token_counts(captions)),  # indices into labels as sent
+    }
 
 
-def unit_rows(features: torch.Tensor) -> list[list[float]]:
-    return torch.nn.functional.normalize(features.float(), dim=-1).tolist()
+def result_bytes_at_least(vectors: int, dimensions: int, encoding_format: str) -> int:
+    """A floor on the JSON size of `vectors` embeddings: base64 exactly, floats at MIN_JSON_FLOAT_BYTES each."""
+    if encoding_format == "base64":
+        return vectors * (4 * -(-4 * dimensions // 3) + 2)
+    return vectors * dimensions * MIN_JSON_FLOAT_BYTES
 
 
-def embed(request: EmbedRequest, images: list[Image.Image]) -> dict[str, Any]:
-    """Image and text embeddings in CLIP's shared space, unit length: cosine similarity is a dot product."""
-    response: dict[str, Any] = {"model": SERVED_MODEL_NAME, "dimensions": CONFIG.projection_dim}
-    with torch.inference_mode():
-        if images:
-            pixels = PROCESSOR(images=images, return_tensors="pt")["pixel_values"].to(DEVICE, dtype=MODEL.dtype)
-            response["image_embeddings"] = unit_rows(MODEL.get_image_features(pixel_values=pixels).pooler_output)
-        if request.texts:
-            tokens = PROCESSOR(text=request.texts, return_tensors="pt", padding=True, truncation=True).to(DEVICE)
-            response["text_embeddings"] = unit_rows(MODEL.get_text_features(**tokens).pooler_output)
-    return response
+def check_result_budget(vectors: int, dimensions: int, encoding_format: str) -> None:
+    """Refuse, before any work, an embed result that would certainly exceed MAX_RESULT_BYTES."""
+    floor = result_bytes_at_least(vectors, dimensions, encoding_format)
+    if floor > MAX_RESULT_BYTES:
+        raise RequestError(
+            f"the result would be at least {floor} bytes ({vectors} embeddings of {dimensions} dimensions), over "
+            f"MAX_RESULT_BYTES ({MAX_RESULT_BYTES}), Runpod's limit for a job's result: send fewer inputs per job"
+            + (", fewer dimensions or encoding_format base64" if encoding_format == "float" else " or fewer dimensions")
+        )
+
+
+def fits_result_budget(result: dict[str, Any]) -> dict[str, Any]:
+    """The result itself, measured as Runpod will send it: too large is a clear error, never a lost result."""
+    size = len(json.dumps(result, ensure_ascii=False))
+    if size > MAX_RESULT_BYTES:
+        raise RequestError(
+            f"the result is {size} bytes, over MAX_RESULT_BYTES ({MAX_RESULT_BYTES}), Runpod's limit for a job's "
+            "result: send fewer inputs per job"
+        )
+    return result
+
+
+async def embed(request: EmbedRequest) -> dict[str, Any]:
+    """Image and text embeddings in the model's shared space, unit length: cosine similarity is a dot product."""
+    check_result_budget(len(request.images) + len(request.texts), EMBEDDER.dimensions, "float")
+    images = await FETCHER.fetch([(f"images.{index}", source) for index, source in enumerate(request.images)])
+    image_rows, text_rows = await asyncio.gather(encode_images(images), encode_texts(request.texts))
+    response: dict[str, Any] = {"model": SERVED_MODEL_NAME, "dimensions": EMBEDDER.dimensions}
+    if request.images:
+        response["image_embeddings"] = image_rows.tolist()
+    if request.texts:
+        response["text_embeddings"] = text_rows.tolist()
+        response["truncated"] = truncated_indices(EMBEDDER.token_counts(request.texts))  # indices into texts
+    return fits_result_budget(response)
+
+
+def encode_vector(vector: torch.Tensor, encoding_format: str) -> list[float] | str:
+    """A JSON value for one embedding: numbers, or base64 of its little-endian float32 bytes (OpenAI's)."""
+    if encoding_format == "base64":
+        return base64.b64encode(vector.numpy().astype("<f4").tobytes()).decode("ascii")
+    return vector.tolist()
+
+
+async def openai_embeddings(request: OpenAIEmbeddingRequest) -> dict[str, Any]:
+    """OpenAI's embeddings object for a mix of texts and images, in input order."""
+    dimensions = request.dimensions or EMBEDDER.dimensions
+    if dimensions > EMBEDDER.dimensions:
+        raise RequestError(f"openai_input.dimensions: this model's embeddings have {EMBEDDER.dimensions} dimensions")
+    check_result_budget(len(request.input), dimensions, request.encoding_format)
+    image_at = [index for index, item in enumerate(request.input) if request.is_image(item)]
+    text_at = [index for index, item in enumerate(request.input) if not request.is_image(item)]
+    texts = [request.input[index] for index in text_at]
+    images = await FETCHER.fetch([(f"openai_input.input.{index}", request.input[index]) for index in image_at])
+    image_rows, text_rows = await asyncio.gather(encode_images(images), encode_texts(texts))
+    rows = torch.empty(len(request.input), EMBEDDER.dimensions)
+    rows[torch.tensor(image_at, dtype=torch.long)] = image_rows
+    rows[torch.tensor(text_at, dtype=torch.long)] = text_rows
+    # Matryoshka-style truncation as 03 offers it (CLIP was not trained for it: the first dimensions
+    # keep less than a trained model's would), re-normalised to unit length.
+    rows = torch.nn.functional.normalize(rows[:, :dimensions], dim=-1)
+    counts = EMBEDDER.token_counts(texts)
+    tokens = sum(min(count, EMBEDDER.max_text_tokens) for count in counts)
+    response: dict[str, Any] = {
+        "object": "list",
+        "data": [
+            {"object": "embedding", "index": index, "embedding": encode_vector(row, request.encoding_format)}
+            for index, row in enumerate(rows)
+        ],
+        "model": SERVED_MODEL_NAME,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},  # the text tokens read
+    }
+    # OpenAI's shape has no field for this; as 03, one is added only when it has something to say.
+    if truncated := [text_at[position] for position in truncated_indices(counts)]:
+        response["truncated"] = truncated
+    return fits_result_budget(response)
 
 
 def models_response() -> dict[str, Any]:
@@ -551,16 +721,16 @@ async def handler(job: dict[str, Any]) -> AsyncIterator[Any]:
         if task == MODELS_ROUTE:
             yield models_response()
             return
-        if task in ("classify", "embed"):
-            images = await loop.run_in_executor(None, fetch_images, request)
-            run = classify if task == "classify" else embed
-            result = await loop.run_in_executor(CLIP_THREAD, run, request, images)
+        if task in ("classify", "embed", EMBEDDINGS_ROUTE):
+            run = {"classify": classify, "embed": embed, EMBEDDINGS_ROUTE: openai_embeddings}[task]
+            result = await run(request)
             log.info(f"{task} in {(time.perf_counter() - started) * 1000:.0f} ms", job_id)
             yield result
             return
 
         # Everything that can refuse the request happens before the first chunk.
-        prepared = await loop.run_in_executor(None, prepare_generation, task, request)
+        images = await FETCHER.fetch(image_sources(request))
+        prepared = await loop.run_in_executor(None, prepare_generation, task, request, images)
         params = resolve_sampling(
             sampling_of(request), prepared.prompt_tokens, SAMPLING_DEFAULTS, CONTEXT_LEN, DEFAULT_MAX_TOKENS
         )
@@ -579,7 +749,8 @@ async def handler(job: dict[str, Any]) -> AsyncIterator[Any]:
                 chunks = openai_responses(shape, observed(), bool(request.stream), include_usage)
             else:
                 chunks = native_responses(observed(), request.stream)
-            async for chunk in chunks:
+            # coalesced: the tokens made while the SDK POSTs one chunk go out together in the next.
+            async for chunk in coalesced(chunks, merge_text):
                 yield chunk
     except (RequestError, ImageInputError, ContextLengthError) as error:
         log.warn(f"Rejected request: {error}", job_id)

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import io
 import json
+import time
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -64,6 +65,18 @@ def one(module: ModuleType, **request: Any) -> Any:
     return chunk
 
 
+def fetched(module: ModuleType, *sources: str) -> list[Image.Image]:
+    """The images the handler decodes from these sources."""
+    return asyncio.run(module.FETCHER.fetch([(f"image {index}", source) for index, source in enumerate(sources)]))
+
+
+def prepare(module: ModuleType, job_input: dict[str, Any]) -> Any:
+    """The model inputs the handler builds for a generation request (images fetched as it does)."""
+    task, request = module.parse_request(job_input, module.FAMILY)
+    images = asyncio.run(module.FETCHER.fetch(module.image_sources(request)))
+    return module.prepare_generation(task, request, images)
+
+
 # ---- family detection -----------------------------------------------------------------------
 
 
@@ -71,6 +84,8 @@ def one(module: ModuleType, **request: Any) -> Any:
     ("kind", "family", "model_class"),
     [
         ("clip", "clip", "CLIPModel"),
+        ("siglip", "siglip", "SiglipModel"),
+        ("siglip2", "siglip", "Siglip2Model"),
         ("llava", "llava", "LlavaForConditionalGeneration"),
         ("llava-next", "llava", "LlavaNextForConditionalGeneration"),
         ("blip2", "blip2", "Blip2ForConditionalGeneration"),
@@ -87,7 +102,7 @@ def test_braces_in_a_hypothesis_template_can_be_escaped(clip) -> None:
 
 
 def test_an_unsupported_model_stops_the_worker_at_startup(tiny_model) -> None:
-    with pytest.raises(ValueError, match="MODEL_NAME is a 'llama' model; this worker serves CLIP, LLaVA"):
+    with pytest.raises(ValueError, match="MODEL_NAME is a 'llama' model; this worker serves CLIP, SigLIP, LLaVA"):
         load_handler(EXAMPLE, {"MODEL_NAME": str(tiny_model("llama"))})
     with pytest.raises(ValueError, match="DTYPE must be auto, float16, bfloat16, float32, got 'fp16'"):
         load_handler(EXAMPLE, {"MODEL_NAME": str(tiny_model("clip")), "DTYPE": "fp16"})
@@ -123,7 +138,7 @@ def test_zero_shot_probabilities_sum_to_one_and_follow_the_labels(clip) -> None:
     assert scores == sorted(scores, reverse=True) and abs(sum(scores) - 1) < 1e-5
     # The same scores as the raw model on the same captions, label for label.
     processor, model = clip.PROCESSOR, clip.MODEL
-    image = clip.load_image("image", image_uri(), clip.INPUT_LIMITS)
+    [image] = fetched(clip, image_uri())
     inputs = processor(
         text=[f"a photo of a {label}." for label in labels], images=image, return_tensors="pt", padding=True
     )
@@ -160,6 +175,242 @@ def test_classify_from_a_url(clip, monkeypatch) -> None:
     assert from_url == one(clip, task="classify", image=image_uri(), labels=["a", "b"])
 
 
+@pytest.fixture(scope="module")
+def siglip(handlers) -> ModuleType:
+    return handlers["siglip"]
+
+
+def raw_scores(module: ModuleType, labels: list[str], image: Image.Image, template: str = "a photo of a {}.") -> list:
+    """The raw model's zero-shot probabilities: its own forward on the processor's inputs, with the
+    padding each family was trained with, then softmax (CLIP) or sigmoid (SigLIP)."""
+    siglip = module.FAMILY == "siglip"
+    # The tokenizer and image processor called apart: Siglip2Processor's call defaults would override
+    # the tiny model's patch settings (the real checkpoints use those defaults).
+    inputs = module.PROCESSOR.tokenizer(
+        [template.format(label) for label in labels],
+        return_tensors="pt",
+        padding="max_length" if siglip else True,
+        max_length=module.CONFIG.text_config.max_position_embeddings,
+        truncation=True,
+    )
+    inputs.update(module.PROCESSOR.image_processor(images=image, return_tensors="pt"))
+    with torch.inference_mode():
+        logits = module.MODEL(**inputs).logits_per_image[0]
+    return (torch.sigmoid(logits) if siglip else logits.softmax(-1)).tolist()
+
+
+@pytest.mark.parametrize("kind", ["siglip", "siglip2"])
+def test_siglip_scores_each_label_on_its_own_with_a_sigmoid(handlers, kind: str) -> None:
+    module = handlers[kind]
+    labels = ["a dog", "a cat", "a car"]
+    result = one(module, task="classify", image=image_uri(), labels=labels)
+    by_label = {entry["label"]: entry["score"] for entry in result["labels"]}
+    np.testing.assert_allclose(
+        [by_label[label] for label in labels], raw_scores(module, labels, *fetched(module, image_uri())), atol=1e-6
+    )
+    assert abs(sum(by_label.values()) - 1) > 1e-3, "independent sigmoids, not a softmax"
+    more = one(module, task="classify", image=image_uri(), labels=[*labels, "a tree", "a boat"])
+    for entry in more["labels"]:
+        if entry["label"] in by_label:  # a label's score does not depend on the other labels
+            assert abs(entry["score"] - by_label[entry["label"]]) < 1e-6
+
+
+def test_long_texts_and_labels_report_their_truncation(clip, siglip) -> None:
+    long = "a dog running on the beach " * 20  # far over CLIP's 77 tokens and the tiny SigLIP's 16
+    for module in (clip, siglip):
+        embedded = one(module, task="embed", texts=["a dog", long, "a cat"])
+        assert embedded["truncated"] == [1]
+        labels = one(module, task="classify", image=image_uri(), labels=["a cat", " ".join("x" * 90)])  # 179 chars
+        assert labels["truncated"] == [1], "indices into labels as sent"
+    assert one(clip, task="embed", texts=["short"])["truncated"] == []
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip2"])
+def test_batched_jobs_equal_their_solo_runs(handlers, kind: str) -> None:
+    """Concurrent classify and embed jobs share forward passes (fewer passes than encodes) and each
+    gets the result it gets alone."""
+    module = handlers[kind]
+    requests = [
+        {"task": "classify", "image": image_uri(seed=seed), "labels": ["a dog", "a cat", f"thing {seed}"]}
+        for seed in range(6)
+    ] + [
+        {"task": "embed", "images": [image_uri(seed=7), image_uri(40, 40, seed=8)], "texts": ["a dog", "a long cat"]},
+        {"task": "embed", "texts": ["only a text"]},
+        {"task": "embed", "images": [image_uri(seed=9)]},
+    ]
+    alone = [one(module, **request) for request in requests]
+
+    async def together() -> list[dict[str, Any]]:
+        return await asyncio.gather(*(run_job_async(module.handler, {"input": r}) for r in requests))
+
+    before = module.BATCHER.batches
+    results = [ok(result)[0] for result in asyncio.run(together())]
+    encodes = 2 * 6 + 2 + 1 + 1
+    assert module.BATCHER.batches - before < encodes / 2, "the jobs' encodes were batched together"
+    for got, want in zip(results, alone, strict=True):
+        assert got.keys() == want.keys()
+        if "labels" in want:
+            assert [entry["label"] for entry in got["labels"]] == [entry["label"] for entry in want["labels"]]
+            np.testing.assert_allclose(
+                [e["score"] for e in got["labels"]], [e["score"] for e in want["labels"]], atol=1e-5
+            )
+        for key in ("image_embeddings", "text_embeddings"):
+            if key in want:
+                np.testing.assert_allclose(got[key], want[key], atol=1e-5)
+
+
+def test_without_dynamic_batching_each_encode_runs_alone(tiny_model) -> None:
+    module = load_handler(EXAMPLE, {"MODEL_NAME": str(tiny_model("clip")), "DYNAMIC_BATCHING": "false"})
+    requests = [{"task": "classify", "image": image_uri(seed=seed), "labels": ["a", "b"]} for seed in range(3)]
+
+    async def together() -> list[dict[str, Any]]:
+        return await asyncio.gather(*(run_job_async(module.handler, {"input": r}) for r in requests))
+
+    results = asyncio.run(together())
+    assert module.BATCHER.batches == 6 and all("error" not in result for result in results)
+
+
+def embeddings_job(body: dict[str, Any]) -> dict[str, Any]:
+    return {"openai_route": "/v1/embeddings", "openai_input": body}
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_openai_embeddings_with_texts_and_images(handlers, kind: str, monkeypatch) -> None:
+    module = handlers[kind]
+    native = one(module, task="embed", images=[image_uri()], texts=["a dog", "a cat"])
+    # Texts as OpenAI sends them; a data:image URI is an image.
+    [response] = ok(run_job(module.handler, embeddings_job({"model": "m", "input": ["a dog", image_uri(), "a cat"]})))
+    vectors = [item["embedding"] for item in response["data"]]
+    assert [item["index"] for item in response["data"]] == [0, 1, 2] and response["object"] == "list"
+    np.testing.assert_allclose(
+        vectors, [native["text_embeddings"][0], native["image_embeddings"][0], native["text_embeddings"][1]], atol=1e-5
+    )
+    assert response["usage"]["prompt_tokens"] > 0 and "truncated" not in response
+    [single] = ok(run_job(module.handler, embeddings_job({"input": "a dog"})))
+    np.testing.assert_allclose(single["data"][0]["embedding"], native["text_embeddings"][0], atol=1e-5)
+    # modality "image": URLs (and bare base64) are images too.
+    png = base64.b64decode(image_uri().split(",", 1)[1])
+    monkeypatch.setenv("RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS", "true")
+    with http_server({"/a.png": (200, "image/png", png)}) as base:
+        body = {"input": [f"{base}/a.png", image_uri().split(",", 1)[1]], "modality": "image"}
+        [from_urls] = ok(run_job(module.handler, embeddings_job(body)))
+    for item in from_urls["data"]:
+        np.testing.assert_allclose(item["embedding"], native["image_embeddings"][0], atol=1e-5)
+    # dimensions: the first N, re-normalised; base64: little-endian float32, as OpenAI's clients decode it.
+    body = {"input": ["a dog"], "dimensions": 8, "encoding_format": "base64"}
+    [short] = ok(run_job(module.handler, embeddings_job(body)))
+    decoded = np.frombuffer(base64.b64decode(short["data"][0]["embedding"]), dtype="<f4")
+    prefix = np.array(native["text_embeddings"][0][:8])
+    np.testing.assert_allclose(decoded, prefix / np.linalg.norm(prefix), atol=1e-5)
+    [cut] = ok(run_job(module.handler, embeddings_job({"input": ["a dog", "a cat " * 50]})))
+    assert cut["truncated"] == [1]
+
+
+def test_the_openai_client_reads_image_embeddings(clip) -> None:
+    def respond(request: httpx.Request) -> httpx.Response:
+        result = run_job(clip.handler, embeddings_job(json.loads(request.content)))
+        if "error" in result:
+            return httpx.Response(400, json={"error": {"message": result["error"]}})
+        return httpx.Response(200, json=result["output"][0])
+
+    client = openai.OpenAI(
+        api_key="test",
+        base_url="https://api.runpod.ai/v2/endpoint-id/openai/v1",
+        http_client=httpx.Client(transport=httpx.MockTransport(respond)),
+    )
+    response = client.embeddings.create(model="clip", input=[image_uri(), "a dog"])  # base64 by default
+    native = one(clip, task="embed", images=[image_uri()], texts=["a dog"])
+    np.testing.assert_allclose(response.data[0].embedding, native["image_embeddings"][0], atol=1e-5)
+    np.testing.assert_allclose(response.data[1].embedding, native["text_embeddings"][0], atol=1e-5)
+    with pytest.raises(openai.BadRequestError, match="dimensions: this model's embeddings have 32 dimensions"):
+        client.embeddings.create(model="clip", input="a dog", dimensions=64)
+
+
+# ---- a request's images: parallel downloads, one deadline, one pixel budget ---------------------
+
+
+def slow_png(delay_s: float, active: list[int] | None = None, peak: list[int] | None = None) -> Any:
+    """A route that answers a small PNG after `delay_s`, counting the downloads in flight."""
+    png = base64.b64decode(image_uri().split(",", 1)[1])
+
+    def route(request: Any) -> None:
+        if active is not None:
+            active.append(1)
+            peak[0] = max(peak[0], len(active))
+        time.sleep(delay_s)
+        request.send_response(200)
+        request.send_header("Content-Type", "image/png")
+        request.send_header("Content-Length", str(len(png)))
+        request.end_headers()
+        request.wfile.write(png)
+        if active is not None:
+            active.pop()
+
+    return route
+
+
+def test_a_requests_images_download_in_parallel_within_its_deadline(tiny_model, monkeypatch) -> None:
+    monkeypatch.setenv("RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS", "true")
+    env = {"MODEL_NAME": str(tiny_model("clip")), "MAX_REQUEST_SECONDS": "1.5", "DOWNLOAD_TIMEOUT_S": "10"}
+    module = load_handler(EXAMPLE, env)
+    routes = {f"/slow{i}.png": slow_png(0.5) for i in range(4)} | {"/slower.png": slow_png(3.0)}
+    with http_server(routes) as base:
+        started = time.monotonic()
+        four = one(module, task="embed", images=[f"{base}/slow{i}.png" for i in range(4)])  # 2 s one by one
+        assert len(four["image_embeddings"]) == 4 and time.monotonic() - started < 1.4
+        started = time.monotonic()
+        result = run_job(module.handler, {"task": "embed", "images": [f"{base}/slow0.png", f"{base}/slower.png"]})
+        waited = time.monotonic() - started
+    assert result["error"].startswith(
+        "images: downloading the request's 2 images took longer than the request's 1.5-second limit "
+        "(MAX_REQUEST_SECONDS)"
+    )
+    assert 1.4 < waited < 2.5, "refused at the deadline, not after the slow download"
+
+
+def test_downloads_of_concurrent_jobs_are_bounded_together(tiny_model, monkeypatch) -> None:
+    monkeypatch.setenv("RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS", "true")
+    module = load_handler(EXAMPLE, {"MODEL_NAME": str(tiny_model("clip")), "MAX_PARALLEL_DOWNLOADS": "2"})
+    active, peak = [], [0]
+    with http_server({f"/{i}.png": slow_png(0.2, active, peak) for i in range(9)}) as base:
+        requests = [{"task": "embed", "images": [f"{base}/{job * 3 + i}.png" for i in range(3)]} for job in range(3)]
+
+        async def together() -> list[dict[str, Any]]:
+            return await asyncio.gather(*(run_job_async(module.handler, {"input": r}) for r in requests))
+
+        results = asyncio.run(together())
+    assert all(len(ok(result)[0]["image_embeddings"]) == 3 for result in results)
+    assert peak[0] == 2, f"{peak[0]} downloads at once"
+
+
+def test_the_pixel_budget_refuses_a_request_before_decoding(tiny_model) -> None:
+    module = load_handler(EXAMPLE, {"MODEL_NAME": str(tiny_model("clip")), "MAX_REQUEST_PIXELS": "10000"})
+    assert one(module, task="embed", images=[image_uri(80, 48)] * 2)  # 7680 pixels
+    before = module.BATCHER.batches
+    result = run_job(module.handler, {"task": "embed", "images": [image_uri(80, 48)] * 3})
+    assert result["error"] == (
+        "images: 3 images of 11520 pixels in all, over the request's budget of 10000 decoded pixels "
+        "(MAX_REQUEST_PIXELS); send fewer or smaller images"
+    )
+    assert module.BATCHER.batches == before
+
+
+def test_a_result_over_max_result_bytes_is_refused_never_lost(tiny_model) -> None:
+    module = load_handler(EXAMPLE, {"MODEL_NAME": str(tiny_model("clip")), "MAX_RESULT_BYTES": "2000"})
+    before = module.BATCHER.batches
+    result = run_job(module.handler, {"task": "embed", "texts": [f"text {i}" for i in range(8)]})
+    assert result["error"].startswith(
+        "the result would be at least 2560 bytes (8 embeddings of 32 dimensions), over MAX_RESULT_BYTES (2000)"
+    )
+    assert module.BATCHER.batches == before, "refused before any work"
+    # base64 is the way out: 8 × 32 float32 in base64 fit.
+    body = {"input": [f"text {i}" for i in range(8)], "encoding_format": "base64"}
+    assert len(ok(run_job(module.handler, embeddings_job(body)))[0]["data"]) == 8
+    # Under the floor but over the limit once measured: a clear error, not a result Runpod drops.
+    result = run_job(module.handler, {"task": "embed", "texts": ["a", "b", "c", "d", "e", "f"]})
+    assert result["error"].startswith("the result is ") and "over MAX_RESULT_BYTES (2000)" in result["error"]
+
+
 # ---- LLaVA and BLIP-2 -----------------------------------------------------------------------
 
 
@@ -183,7 +434,7 @@ def test_answers_stream_in_order_and_match_raw_generate(handlers, kind: str) -> 
     *deltas, last = ok(run_job(module.handler, {**request, "sampling_params": GREEDY, "stream": True}))
     assert deltas and all(set(d) == {"text"} and d["text"] for d in deltas), "text deltas, never empty"
     assert last["finish_reason"] in ("stop", "length")
-    prepared = module.prepare_generation("answer", module.parse_request(request, module.FAMILY)[1])
+    prepared = prepare(module, request)
     assert last["usage"]["prompt_tokens"] == prepared.prompt_tokens
     assert 1 <= last["usage"]["completion_tokens"] <= GREEDY["max_tokens"]
     reference = reference_answer(module, prepared.inputs, GREEDY["max_tokens"])
@@ -197,22 +448,18 @@ def test_captions(handlers, kind: str) -> None:
     module = handlers[kind]
     [whole] = ok(run_job(module.handler, {"task": "caption", "image": image_uri(), "sampling_params": GREEDY}))
     assert whole["finish_reason"] in ("stop", "length") and whole["usage"]["completion_tokens"] >= 1
-    prepared = module.prepare_generation(
-        "caption", module.parse_request({"task": "caption", "image": image_uri()}, module.FAMILY)[1]
-    )
+    prepared = prepare(module, {"task": "caption", "image": image_uri()})
     assert whole["text"] == reference_answer(module, prepared.inputs, GREEDY["max_tokens"])
 
 
 def test_prompt_formats(handlers) -> None:
     blip2 = handlers["blip2"]
-    request = blip2.parse_request({"task": "answer", "image": image_uri(), "question": "Is it red?"}, "blip2")[1]
-    text = blip2.TOKENIZER.decode(
-        blip2.prepare_generation("answer", request).inputs["input_ids"][0], skip_special_tokens=True
-    )
+    request = {"task": "answer", "image": image_uri(), "question": "Is it red?"}
+    text = blip2.TOKENIZER.decode(prepare(blip2, request).inputs["input_ids"][0], skip_special_tokens=True)
     assert text.strip() == "Question: Is it red? Answer:"
     llava = handlers["llava"]
-    request = llava.parse_request({"task": "answer", "image": image_uri(), "question": "Is it red?"}, "llava")[1]
-    ids = llava.prepare_generation("answer", request).inputs["input_ids"][0].tolist()
+    request = {"task": "answer", "image": image_uri(), "question": "Is it red?"}
+    ids = prepare(llava, request).inputs["input_ids"][0].tolist()
     assert ids.count(llava.CONFIG.image_token_index) > 1, "the processor expands <image> into the image's tokens"
     assert llava.TOKENIZER.decode(ids, skip_special_tokens=True).strip().endswith("Is it red? ASSISTANT:")
 
@@ -246,7 +493,7 @@ def test_native_chat_with_several_images(llava) -> None:
         },
     ]
     [whole] = ok(run_job(llava.handler, {"task": "chat", "messages": messages, "sampling_params": GREEDY}))
-    prepared = llava.prepare_generation("chat", llava.parse_request({"task": "chat", "messages": messages}, "llava")[1])
+    prepared = prepare(llava, {"task": "chat", "messages": messages})
     assert int(prepared.inputs["pixel_values"].shape[0]) == 2
     assert whole["text"] == reference_answer(llava, prepared.inputs, GREEDY["max_tokens"])
 
@@ -413,7 +660,8 @@ LLAVA_BAD = [
         "response_format other than text is not supported",
     ),
     (openai_chat({"messages": image_question("ftp://x/y.png")}), "image 0: only http(s) URLs are fetched"),
-    ({"openai_route": "/v1/embeddings", "openai_input": {}}, "openai_route must be one of /v1/chat/completions"),
+    ({"openai_route": "/v1/embeddings", "openai_input": {}}, "this is a llava model, which cannot embed"),
+    ({"openai_route": "/v1/rerank", "openai_input": {}}, "openai_route must be one of /v1/chat/completions"),
     (
         {"task": "answer", "image": image_uri(), "question": "q", "sampling_params": {"max_tokens": 4096}},
         "sampling_params.max_tokens: Input should be less than or equal to 2048",

@@ -1,0 +1,116 @@
+"""Dynamic batching for CLIP and SigLIP: the encodes of concurrent jobs share forward passes.
+
+Thirty-two jobs of one image each cost thirty-two small forward passes when they run one by one;
+a GPU (and even a CPU) encodes the thirty-two images in one pass for little more than the cost of
+one. As in the embeddings worker's batcher (the design Infinity and TEI use), a batch starts with the first
+waiting encode and closes after `wait_s` (a few milliseconds, far below a network round trip) or
+at `max_items` images or texts, so one huge job cannot hold the others back; encodes that arrive
+while a batch runs form the next one. Images and texts of the same batch each get one forward
+pass; results are split back per job, and a batch that fails fails each of its jobs.
+
+Every job's images are preprocessed (resized, normalised) on its own, before it queues, so the
+model thread only runs forward passes; a batched result equals the job's solo result (the tests
+check it to float precision).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from contrastive import ContrastiveModel
+
+
+@dataclass
+class Waiting:
+    kind: str  # "images" or "texts"
+    payload: Any  # preprocessed image tensors, or a list of texts
+    count: int  # rows this job adds to the batch
+    result: asyncio.Future[torch.Tensor]
+
+
+def encode_many(model: ContrastiveModel, batch: list[Waiting]) -> list[torch.Tensor]:
+    """One forward pass per kind for the whole batch, split back into each job's rows."""
+    results: list[torch.Tensor | None] = [None] * len(batch)
+    for kind in ("images", "texts"):
+        members = [index for index, waiting in enumerate(batch) if waiting.kind == kind]
+        if not members:
+            continue
+        if kind == "images":
+            names = batch[members[0]].payload.keys()
+            merged = {name: torch.cat([batch[i].payload[name] for i in members]) for name in names}
+            rows = model.encode_images(merged)
+        else:
+            rows = model.encode_texts([text for i in members for text in batch[i].payload])
+        start = 0
+        for index in members:
+            results[index] = rows[start : start + batch[index].count]
+            start += batch[index].count
+    return results
+
+
+class EncodeBatcher:
+    """Collects the image and text encodes of concurrent jobs and runs them together on `executor`
+    (one thread that owns the model). With `enabled=False` each encode runs alone, in arrival order."""
+
+    def __init__(
+        self, model: ContrastiveModel, executor: Executor, max_items: int, wait_s: float, enabled: bool = True
+    ) -> None:
+        self.model, self.executor = model, executor
+        self.max_items, self.wait_s, self.enabled = max_items, wait_s, enabled
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.queue: asyncio.Queue[Waiting] | None = None
+        self.collector: asyncio.Task[None] | None = None
+        self.batches = 0  # forward-pass rounds made, for the logs and the tests
+
+    async def images(self, pixels: dict[str, torch.Tensor]) -> torch.Tensor:
+        return await self._encode(Waiting("images", pixels, int(pixels["pixel_values"].shape[0]), None))
+
+    async def texts(self, texts: list[str]) -> torch.Tensor:
+        return await self._encode(Waiting("texts", texts, len(texts), None))
+
+    async def _encode(self, waiting: Waiting) -> torch.Tensor:
+        loop = asyncio.get_running_loop()
+        if not self.enabled:
+            self.batches += 1
+            [rows] = await loop.run_in_executor(self.executor, encode_many, self.model, [waiting])
+            return rows
+        if self.loop is not loop:  # one collector per event loop (Runpod runs one for the worker's life)
+            self.loop, self.queue = loop, asyncio.Queue()
+            self.collector = loop.create_task(self._collect(self.queue))  # held: a loop keeps only weak refs
+        waiting.result = loop.create_future()
+        self.queue.put_nowait(waiting)
+        return await waiting.result
+
+    async def _collect(self, queue: asyncio.Queue[Waiting]) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await queue.get()]
+            size, deadline = batch[0].count, loop.time() + self.wait_s
+            while size < self.max_items:
+                # get_nowait first: on Python 3.11, wait_for(..., 0) times out even when an item is queued.
+                try:
+                    batch.append(queue.get_nowait())
+                except asyncio.QueueEmpty:
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        break
+                    try:
+                        batch.append(await asyncio.wait_for(queue.get(), remaining))
+                    except TimeoutError:
+                        break
+                size += batch[-1].count
+            self.batches += 1
+            try:
+                results = await loop.run_in_executor(self.executor, encode_many, self.model, batch)
+            except Exception as error:  # noqa: BLE001 - every job of the batch gets the failure
+                for waiting in batch:
+                    if not waiting.result.done():
+                        waiting.result.set_exception(error)
+                continue
+            for waiting, rows in zip(batch, results, strict=True):
+                if not waiting.result.done():  # a cancelled job no longer waits
+                    waiting.result.set_result(rows)
