@@ -102,3 +102,53 @@ def test_openai_text_completion_objects(textstream: ModuleType) -> None:
     bodies = [json.loads(e[len("data: ") :]) for e in events[:-1]]
     assert [b["choices"][0]["text"] for b in bodies] == ["a", "b", ""]
     assert bodies[-1]["choices"][0]["finish_reason"] == "length" and "usage" not in bodies[0]
+
+
+def test_a_generation_that_finished_in_time_never_reports_the_time_limit(textstream: ModuleType, tiny_model) -> None:
+    """The reader falls behind: generation ends within milliseconds, but the rest of its tokens are
+    read after the deadline. They were made in time, so they are delivered (on Python 3.11,
+    asyncio.wait_for(queue.get(), 0) raises TimeoutError even with items queued)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = tiny_model("qwen3")
+    tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path)
+    generator = textstream.StreamingGenerator(model, tokenizer, set(), max_concurrency=1, time_limit_s=0.5)
+    params = textstream.SamplingParams(max_tokens=8, temperature=0)
+
+    async def slow_reader() -> list:
+        deltas = generator.generate(dict(tokenizer("Once upon a time", return_tensors="pt")), params)
+        first = await anext(deltas)
+        await asyncio.sleep(1.0)  # past the deadline; the generation itself finished long before
+        return [first, *[delta async for delta in deltas]]
+
+    *texts, last = asyncio.run(slow_reader())
+    assert last.finish_reason == "length" and last.usage.completion_tokens == 8
+    assert all(delta.text for delta in texts)
+
+
+def test_grammar_constraint_makes_any_model_write_the_schema(textstream: ModuleType, tiny_model) -> None:
+    """The structured-output entry point other examples reuse: a JSON schema through `generate`."""
+    import jsonschema
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = tiny_model("qwen3")
+    tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path)
+    schema = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}},
+        "required": ["ok"],
+        "additionalProperties": False,
+    }
+    grammar = textstream.json_schema_grammar(schema)
+    eos = [tokenizer.eos_token_id]
+    assert (
+        textstream.grammar_error(grammar, textstream.grammar_tokenizer(tokenizer, model.config.vocab_size, eos)) == ""
+    )
+    inputs = tokenizer("Answer:", return_tensors="pt")
+    processor = textstream.grammar_constraint(
+        tokenizer, model.config.vocab_size, eos, grammar, 1, inputs["input_ids"].shape[1]
+    )
+    out = model.generate(**inputs, max_new_tokens=20, do_sample=False, logits_processor=[processor], eos_token_id=eos)
+    text = tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    jsonschema.validate(json.loads(text), schema)
+    assert textstream.grammar_error(textstream.json_schema_grammar({"type": "nope"}), None), "a bad schema is named"
