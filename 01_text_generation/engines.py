@@ -3,7 +3,8 @@
 An engine takes a prompt (text the chat template already produced, or a raw completion prompt)
 and sampling parameters, and streams `Delta`s (see textstream.py): text that is safe to show,
 then a last delta with the finish reason and token usage. `TransformersEngine` runs Hugging Face
-transformers anywhere; `VLLMEngine` runs vLLM (imported only when chosen: the CUDA image has it).
+transformers anywhere. (ENGINE=vllm does not use this interface: vLLM's own OpenAI server answers
+those jobs, see vllm_server.py.)
 """
 
 from __future__ import annotations
@@ -16,7 +17,15 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
-from textstream import Delta, GenerationTimeout, SamplingParams, StreamingGenerator, Usage, recommended_sampling
+from textstream import (
+    Delta,
+    GenerationTimeout,
+    SamplingParams,
+    StreamingGenerator,
+    Usage,
+    recommended_sampling,
+    special_tokens_only,
+)
 
 
 class Engine(Protocol):
@@ -26,11 +35,13 @@ class Engine(Protocol):
     has_chat_template: bool
     sampling_defaults: dict[str, Any]  # the model's recommended temperature, top_p, ... if it has any
 
-    def render_chat(self, messages: list[dict[str, str]], continue_final_message: bool) -> str: ...
+    def render_chat(self, messages: list[dict[str, Any]], **options: Any) -> str: ...
+
+    def tokenize(self, prompt: str, is_chat: bool) -> list[int]: ...
 
     def count_prompt_tokens(self, prompt: str, is_chat: bool) -> int: ...
 
-    def generate(self, prompt: str, is_chat: bool, params: SamplingParams) -> AsyncIterator[Delta]: ...
+    def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]: ...
 
 
 class HuggingFacePrompts:
@@ -39,20 +50,35 @@ class HuggingFacePrompts:
 
     tokenizer: Any
 
-    def render_chat(self, messages: list[dict[str, str]], continue_final_message: bool) -> str:
+    def render_chat(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        tools: list[dict[str, Any]] | None = None,
+        documents: list[dict[str, Any]] | None = None,
+        template_kwargs: dict[str, Any] | None = None,
+    ) -> str:
+        """The chat template applied as vLLM applies it: `tools` and `documents` are the template's
+        own variables, `template_kwargs` (a request's chat_template_kwargs, e.g. enable_thinking)
+        become more of them."""
         return self.tokenizer.apply_chat_template(
             messages,
+            tools=tools,
+            documents=documents,
             tokenize=False,
-            add_generation_prompt=not continue_final_message,
+            add_generation_prompt=add_generation_prompt,
             continue_final_message=continue_final_message,
+            **(template_kwargs or {}),
         )
 
-    def _prompt_ids(self, prompt: str, is_chat: bool) -> list[int]:
+    def tokenize(self, prompt: str, is_chat: bool) -> list[int]:
         # A rendered chat template already holds the BOS token; a raw prompt needs the tokenizer's.
         return self.tokenizer(prompt, add_special_tokens=not is_chat)["input_ids"]
 
     def count_prompt_tokens(self, prompt: str, is_chat: bool) -> int:
-        return len(self._prompt_ids(prompt, is_chat))
+        return len(self.tokenize(prompt, is_chat))
 
 
 @dataclass
@@ -78,8 +104,14 @@ class TransformersEngine(HuggingFacePrompts):
         """Generations running now."""
         return self.generator.active
 
-    def generate(self, prompt: str, is_chat: bool, params: SamplingParams) -> AsyncIterator[Delta]:
-        input_ids = torch.tensor([self._prompt_ids(prompt, is_chat)], device=self.generator.device)
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the model's logits: token ids a request may name (logit_bias, stop_token_ids)."""
+        return self.generator.vocab_size
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
+        """Stream the completion of an already tokenized prompt (the handler tokenizes it once)."""
+        input_ids = torch.tensor([prompt_ids], device=self.generator.device)
         return self.generator.generate({"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}, params)
 
 
@@ -170,8 +202,11 @@ def load_transformers_engine(
     eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     if tokenizer.eos_token_id is not None:
         eos_ids.add(tokenizer.eos_token_id)
+    sampling_defaults = recommended_sampling(model.generation_config)
+    # From here on a request's own fields are all that reach generate (see special_tokens_only).
+    model.generation_config = special_tokens_only(model.generation_config)
     return TransformersEngine(
-        sampling_defaults=recommended_sampling(model.generation_config),
+        sampling_defaults=sampling_defaults,
         model=model,
         tokenizer=tokenizer,
         max_model_len=max_model_len or context,
@@ -179,172 +214,3 @@ def load_transformers_engine(
         time_limit_s=time_limit_s,
         eos_token_ids=eos_ids,
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# vLLM: continuous batching and a paged KV cache (the production engine on GPUs)
-# ---------------------------------------------------------------------------------------------
-VLLM_QUANTIZATION = {"awq": "awq", "gptq": "gptq", "fp8": "fp8", "bnb-4bit": "bitsandbytes"}
-
-
-def vllm_engine_args(
-    model_name: str,
-    *,
-    revision: str | None,
-    tokenizer_name: str | None,
-    dtype: str,
-    quantization: str | None,
-    max_model_len: int | None,
-    gpu_memory_utilization: float,
-    tensor_parallel_size: int,
-    max_num_seqs: int,
-    enforce_eager: bool,
-    trust_remote_code: bool,
-    download_dir: str | None,
-) -> dict[str, Any]:
-    """The environment's settings as vLLM `AsyncEngineArgs` keywords. Pure: no vLLM import."""
-    if quantization and quantization not in VLLM_QUANTIZATION:
-        raise ValueError(
-            f"QUANTIZATION={quantization} is not available on the vLLM engine; use one of "
-            f"{', '.join(VLLM_QUANTIZATION)} (bnb-8bit needs ENGINE=transformers)"
-        )
-    if dtype not in ("auto", *DTYPES):
-        raise ValueError(f"DTYPE must be auto, {', '.join(DTYPES)}, got {dtype!r}")
-    return {
-        "model": model_name,
-        "revision": revision,
-        "tokenizer": tokenizer_name,
-        "dtype": dtype,
-        "quantization": VLLM_QUANTIZATION.get(quantization or ""),
-        "max_model_len": max_model_len,
-        "gpu_memory_utilization": gpu_memory_utilization,
-        "tensor_parallel_size": tensor_parallel_size,
-        "max_num_seqs": max_num_seqs,
-        "enforce_eager": enforce_eager,
-        "trust_remote_code": trust_remote_code,
-        "download_dir": download_dir,
-        "disable_log_stats": True,  # per-request stats would log at INFO on every step
-    }
-
-
-class VLLMEngine(HuggingFacePrompts):
-    """vLLM's `AsyncLLM`, run on an event loop of its own, behind the same interface.
-
-    An AsyncLLM serves only the event loop it first ran on (it starts its output handler there
-    once), while Runpod's loop, tests and local runs may each bring their own. So the engine lives
-    on a daemon thread's loop, and each generation is bridged to it: the request runs there and its
-    deltas come back through a queue; leaving early aborts the request in the engine.
-    """
-
-    def __init__(self, engine_args: dict[str, Any], tokenizer: Any, time_limit_s: float | None) -> None:
-        from transformers import GenerationConfig
-        from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.v1.engine.async_llm import AsyncLLM
-
-        self.tokenizer = tokenizer
-        self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
-        self.time_limit_s = time_limit_s
-        self.active = 0  # generations running now
-        self.loop = asyncio.new_event_loop()
-        threading.Thread(target=self.loop.run_forever, name="vllm-engine", daemon=True).start()
-
-        async def build() -> Any:
-            return AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_args))
-
-        try:
-            self.engine = asyncio.run_coroutine_threadsafe(build(), self.loop).result()
-        except Exception as error:
-            raise ValueError(f"vLLM refused the engine settings: {type(error).__name__}: {error}") from error
-        self.max_model_len = self.engine.model_config.max_model_len
-        written = self.engine.model_config.try_get_generation_config()  # the model's generation_config.json
-        self.sampling_defaults = recommended_sampling(GenerationConfig.from_dict(written)) if written else {}
-
-    def shutdown(self) -> None:
-        """Stop the engine from its own loop, where its output task lives (from any other thread,
-        vLLM stops the engine core first and that task logs a dead engine on its way out)."""
-
-        async def stop() -> None:
-            self.engine.shutdown()
-
-        asyncio.run_coroutine_threadsafe(stop(), self.loop).result()
-
-    def _sampling(self, params: SamplingParams) -> Any:
-        from vllm import SamplingParams as VLLMSamplingParams
-        from vllm.sampling_params import RequestOutputKind
-
-        return VLLMSamplingParams(
-            max_tokens=params.max_tokens,
-            temperature=params.temperature,
-            top_p=params.top_p,
-            top_k=params.top_k or -1,  # vLLM's "no top-k"
-            repetition_penalty=params.repetition_penalty,
-            stop=list(params.stop) or None,
-            seed=params.seed,
-            output_kind=RequestOutputKind.DELTA,  # each output carries only the new tokens
-        )
-
-    async def generate(self, prompt: str, is_chat: bool, params: SamplingParams) -> AsyncIterator[Delta]:
-        import asyncio
-
-        from vllm.inputs import TokensPrompt
-
-        # Our own tokenization, as the transformers engine does it: a rendered chat template already
-        # holds its BOS, so vLLM must not add another.
-        prompt_ids = self._prompt_ids(prompt, is_chat)
-        request_id = uuid.uuid4().hex
-        caller = asyncio.get_running_loop()
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-        done = object()
-
-        async def pump() -> None:  # runs on the engine's loop
-            try:
-                async for output in self.engine.generate(
-                    TokensPrompt(prompt_token_ids=prompt_ids), self._sampling(params), request_id
-                ):
-                    caller.call_soon_threadsafe(queue.put_nowait, output)
-            except BaseException as error:  # noqa: BLE001 - handed to the waiting job below
-                caller.call_soon_threadsafe(queue.put_nowait, error)
-            finally:
-                caller.call_soon_threadsafe(queue.put_nowait, done)
-
-        self.active += 1
-        running = asyncio.run_coroutine_threadsafe(pump(), self.loop)
-        deadline = caller.time() + self.time_limit_s if self.time_limit_s else None
-        completion_tokens, finished = 0, False
-        try:
-            while True:
-                remaining = None if deadline is None else max(deadline - caller.time(), 0)
-                try:
-                    item = await asyncio.wait_for(queue.get(), remaining)
-                except TimeoutError:
-                    raise GenerationTimeout(f"generation stopped at its {self.time_limit_s:g}-second limit") from None
-                if item is done:
-                    break
-                if isinstance(item, BaseException):
-                    raise item
-                completion = item.outputs[0]
-                completion_tokens += len(completion.token_ids)
-                if completion.text:
-                    yield Delta(text=completion.text)
-                if item.finished:
-                    finished = True
-                    reason = "length" if completion.finish_reason == "length" else "stop"
-                    yield Delta(finish_reason=reason, usage=Usage(len(prompt_ids), completion_tokens))
-        finally:
-            self.active -= 1
-            if not finished:  # cancelled, abandoned, timed out or failed: free the engine's slot
-                running.cancel()
-                asyncio.run_coroutine_threadsafe(self.engine.abort(request_id), self.loop)
-
-
-def load_vllm_engine(
-    engine_args: dict[str, Any], *, tokenizer_cache_dir: str | None, time_limit_s: float | None
-) -> VLLMEngine:
-    tokenizer = load_tokenizer(
-        engine_args["model"],
-        engine_args["tokenizer"],
-        engine_args["revision"],
-        engine_args["trust_remote_code"],
-        tokenizer_cache_dir,
-    )
-    return VLLMEngine(engine_args, tokenizer, time_limit_s)

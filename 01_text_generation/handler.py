@@ -13,17 +13,23 @@ bottom: configuration, model load, request schema, prompt and sampling, response
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib.util
+import json
 import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
+import startup  # before every library: settles the device and the Hugging Face cache (startup.py)
+
 import runpod
 import torch
+from coalesce import coalesced, merge_text
 from jinja2 import TemplateError
+from openai_tools import REASONING_PARSERS, parse_choices, prompt_opens_thinking, tool_call_grammar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 from textstream import (
@@ -31,13 +37,19 @@ from textstream import (
     Delta,
     GenerationTimeout,
     OpenAIShape,
+    SamplingParams,
     Usage,
+    grammar_error,
+    grammar_from,
+    grammar_tokenizer,
+    json_schema_grammar,
     native_responses,
     openai_responses,
     resolve_sampling,
 )
+from vllm_server import VLLMServer, start_vllm_server
 
-from engines import Engine, load_transformers_engine, load_vllm_engine, vllm_engine_args
+from engines import Engine, load_transformers_engine
 from local_run import for_local_run
 
 log = runpod.RunPodLogger()
@@ -78,19 +90,20 @@ TRUST_REMOTE_CODE = env_str("TRUST_REMOTE_CODE", "false").lower() in ("1", "true
 MAX_MODEL_LEN = env_int("MAX_MODEL_LEN", None)
 # Jobs one worker runs at once, each on its own generation thread with its own KV cache.
 # 4 keeps short answers from queueing behind a long one without multiplying memory much.
+# (ENGINE=vllm batches them in one engine: its default follows MAX_NUM_SEQS, see vllm_server.py.)
 MAX_CONCURRENCY = env_int("MAX_CONCURRENCY", 4)
+# How the model marks its thoughts (vLLM's parser names): qwen3 or deepseek_r1 split <think>...</think>
+# into the response's `reasoning` field. Unset: the text stays as the model wrote it.
+REASONING_PARSER = env_str("REASONING_PARSER", None)
 # Completion length when a request names none: long enough for a real answer (OpenAI's
 # completions default of 16 tokens silently truncates), short enough to bound a forgotten limit.
-DEFAULT_MAX_TOKENS = env_int("DEFAULT_MAX_TOKENS", 512)
+# A reasoning model thinks for thousands of tokens before it answers, so with REASONING_PARSER
+# set the default is what the context has left after the prompt (as vLLM does), not 512.
+DEFAULT_MAX_TOKENS = env_int("DEFAULT_MAX_TOKENS", None if REASONING_PARSER else 512)
 # Seconds one generation may run: well under Runpod's default execution timeout (600 s), so a
 # runaway request ends with an answer instead of a killed job. 0 turns the limit off.
 MAX_GENERATION_SECONDS = env_float("MAX_GENERATION_SECONDS", 300.0)
-# vLLM only. It reserves GPU_MEMORY_UTILIZATION of the GPU up front, for the weights and a paged
-# KV cache shared by all running requests; 0.9 leaves room for CUDA's own allocations.
-GPU_MEMORY_UTILIZATION = env_float("GPU_MEMORY_UTILIZATION", 0.9)
-TENSOR_PARALLEL_SIZE = env_int("TENSOR_PARALLEL_SIZE", 1)  # GPUs one model is split across
-MAX_NUM_SEQS = env_int("MAX_NUM_SEQS", 256)  # sequences batched per step: vLLM's own default
-ENFORCE_EAGER = env_str("ENFORCE_EAGER", "false").lower() in ("1", "true", "yes")  # no CUDA graphs: faster start
+# ENGINE=vllm also takes every setting of vLLM's server from the environment (vllm_server.py).
 
 # Limits of the request schema (OpenAI's own where it has one).
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit
@@ -99,6 +112,15 @@ MAX_MESSAGES = 1024  # far beyond any real conversation; bounds the work of rend
 MAX_TEMPERATURE = 2.0  # OpenAI's range is [0, 2]
 MAX_REPETITION_PENALTY = 2.0  # above 2 output degrades into noise
 MAX_SEED = 2**63 - 1  # torch.Generator takes a signed 64-bit seed
+MAX_PENALTY = 2.0  # OpenAI's range for presence_penalty and frequency_penalty is [-2, 2]
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range for each bias is [-100, 100]
+MAX_LOGIT_BIAS_TOKENS = 300  # OpenAI's limit on logit_bias entries
+MAX_STOP_TOKEN_IDS = 64  # each is checked after every token; a real list has a handful
+# Choices per request (n): each is one more row of the batch, with its own KV cache.
+MAX_CHOICES = 8
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit (and vLLM's default max_logprobs)
+MAX_TOOLS = 128  # OpenAI's limit
+MAX_TEMPLATE_KWARGS = 32  # chat_template_kwargs entries: a template reads a few flags
 # No tokenizer packs more than ~32 characters into one token, so a longer prompt cannot fit the
 # context: it is refused before the tokenizer spends time on it.
 CHARS_PER_TOKEN_BOUND = 32
@@ -127,26 +149,6 @@ def choose_engine(requested: str, vllm_installed: bool, gpu: bool) -> str:
 
 
 def load_engine(kind: str) -> Engine:
-    if kind == "vllm":
-        args = vllm_engine_args(
-            MODEL_NAME,
-            revision=MODEL_REVISION,
-            tokenizer_name=TOKENIZER_NAME,
-            dtype=DTYPE,
-            quantization=QUANTIZATION,
-            max_model_len=MAX_MODEL_LEN,
-            gpu_memory_utilization=GPU_MEMORY_UTILIZATION,
-            tensor_parallel_size=TENSOR_PARALLEL_SIZE,
-            max_num_seqs=MAX_NUM_SEQS,
-            enforce_eager=ENFORCE_EAGER,
-            trust_remote_code=TRUST_REMOTE_CODE,
-            download_dir=cached_hub_folder(MODEL_NAME),
-        )
-        return load_vllm_engine(
-            args,
-            tokenizer_cache_dir=cached_hub_folder(TOKENIZER_NAME or MODEL_NAME),
-            time_limit_s=MAX_GENERATION_SECONDS or None,
-        )
     return load_transformers_engine(
         MODEL_NAME,
         revision=MODEL_REVISION,
@@ -162,12 +164,19 @@ def load_engine(kind: str) -> Engine:
     )
 
 
-# vLLM's engine core runs in a process started with multiprocessing's "spawn", which imports this
-# file again as __mp_main__: that process must not load a second engine.
-IN_ENGINE_PROCESS = __name__ == "__mp_main__"
+startup.COLD_START.done("imports")  # the download is timed apart from the load
+startup.prefetch(MODEL_NAME, TOKENIZER_NAME, revision=MODEL_REVISION, remote_code=TRUST_REMOTE_CODE)
 _load_started = time.perf_counter()
-ENGINE_KIND = choose_engine(ENGINE_NAME, importlib.util.find_spec("vllm") is not None, torch.cuda.is_available())
-ENGINE: Engine | None = None if IN_ENGINE_PROCESS else load_engine(ENGINE_KIND)
+ENGINE_KIND = choose_engine(ENGINE_NAME, importlib.util.find_spec("vllm") is not None, startup.DEVICE == "cuda")
+if ENGINE_KIND == "transformers" and REASONING_PARSER not in (None, *REASONING_PARSERS):
+    raise ValueError(
+        f"REASONING_PARSER must be one of {', '.join(REASONING_PARSERS)} on the transformers engine,"
+        f" got {REASONING_PARSER!r}"
+    )
+# ENGINE=vllm: vLLM's own OpenAI server answers every job (vllm_server.py), so nothing below the
+# handler's first lines runs; the schema and the steps that follow are the transformers engine's.
+VLLM: VLLMServer | None = start_vllm_server(MAX_GENERATION_SECONDS or None) if ENGINE_KIND == "vllm" else None
+ENGINE: Engine | None = None if VLLM else load_engine(ENGINE_KIND)
 CONTEXT_LEN = ENGINE.max_model_len if ENGINE else 1
 SAMPLING_DEFAULTS = ENGINE.sampling_defaults if ENGINE else {}  # what the model's generation_config.json recommends
 LOADED_AT = int(time.time())
@@ -177,6 +186,7 @@ if ENGINE:
         f"{time.perf_counter() - _load_started:.1f}s: context {CONTEXT_LEN} tokens, chat template: "
         f"{'yes' if ENGINE.has_chat_template else 'no'}, sampling defaults: {SAMPLING_DEFAULTS or 'none'}"
     )
+    startup.COLD_START.report(f"load to {startup.DEVICE}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,20 +200,71 @@ def unsupported(feature: str, hint: str = "") -> PydanticCustomError:
     return PydanticCustomError("unsupported", f"{feature} is not supported by this worker{hint}")
 
 
+# Token ids a request may name (logit_bias, stop_token_ids): the tokenizer's vocabulary.
+VOCAB_SIZE = len(ENGINE.tokenizer) if ENGINE else 1
+
 MaxTokens = Annotated[int, Field(ge=1, le=CONTEXT_LEN)]
 Temperature = Annotated[float, Field(ge=0, le=MAX_TEMPERATURE)]
 TopP = Annotated[float, Field(gt=0, le=1)]
 TopK = Annotated[int, Field(ge=-1)]  # -1 and 0 both mean "no top-k", as in vLLM
+MinP = Annotated[float, Field(ge=0, le=1)]
 RepetitionPenalty = Annotated[float, Field(ge=0.01, le=MAX_REPETITION_PENALTY)]
+Penalty = Annotated[float, Field(ge=-MAX_PENALTY, le=MAX_PENALTY)]
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+TokenId = Annotated[int, Field(ge=0, lt=VOCAB_SIZE)]
 StopList = Annotated[
     list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]], Field(max_length=MAX_STOP_SEQUENCES)
 ]
 PromptText = Annotated[str, Field(min_length=1, max_length=CONTEXT_LEN * CHARS_PER_TOKEN_BOUND)]
+Choices = Annotated[int, Field(ge=1, le=MAX_CHOICES)]
+TopLogprobs = Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)]
 
 
 def _one_as_list(value: Any) -> Any:
     return [value] if isinstance(value, str) else value
+
+
+# vLLM fields this worker cannot honour. Each is refused when set to anything but its no-op value,
+# so a request never silently gets something other than it asked for.
+REFUSED_FIELDS: dict[str, tuple[Any, ...]] = {
+    "best_of": (None, 1),
+    "use_beam_search": (None, False),
+    "length_penalty": (None, 1, 1.0),
+    "prompt_logprobs": (None,),
+    "allowed_token_ids": (None,),
+    "bad_words": (None, []),
+    "truncate_prompt_tokens": (None,),
+    "spaces_between_special_tokens": (None, True),
+    "guided_json": (None,),
+    "guided_regex": (None,),
+    "guided_choice": (None,),
+    "guided_grammar": (None,),
+    "guided_decoding_backend": (None,),
+    "guided_whitespace_pattern": (None,),
+    "logits_processors": (None,),
+    "return_tokens_as_token_ids": (None, False),
+    "return_token_ids": (None, False),
+    "add_special_tokens": (None, False),
+    "chat_template": (None,),
+    "mm_processor_kwargs": (None,),
+    "kv_transfer_params": (None,),
+    "vllm_xargs": (None,),
+    "priority": (None, 0),
+    "detokenize": (None, True),
+}
+# OpenAI fields that do not change the output: accepted, and that is all.
+HARMLESS_FIELDS = ("user", "metadata", "store", "service_tier", "request_id", "prompt_cache_key", "safety_identifier")
+
+
+def refuse_unsupported_fields(data: Any) -> Any:
+    """A `before` validator: a refused field that is set is an error naming it; harmless ones go."""
+    if not isinstance(data, dict):
+        return data
+    for name, no_ops in REFUSED_FIELDS.items():
+        if name in data and not any(data[name] == value and type(data[name]) is type(value) for value in no_ops):
+            hint = "; use structured_outputs or response_format" if name.startswith("guided_") else ""
+            raise unsupported(name, hint)
+    return {name: value for name, value in data.items() if name not in REFUSED_FIELDS and name not in HARMLESS_FIELDS}
 
 
 class TextPart(BaseModel):
@@ -212,10 +273,26 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    name: str
+    arguments: str  # JSON, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Message(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")  # "name" and other OpenAI extras are harmless
-    role: Literal["system", "developer", "user", "assistant"]  # developer: OpenAI's new name for system
-    content: str | list[TextPart]
+    # extra="ignore": OpenAI's "name" and a previous answer's "reasoning" are harmless on a turn
+    model_config = ConfigDict(strict=True, extra="ignore")
+    role: Literal["system", "developer", "user", "assistant", "tool"]  # developer: OpenAI's new name for system
+    content: str | list[TextPart] | None = None
+    tool_calls: Annotated[list[ToolCall], Field(max_length=MAX_TOOLS)] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool result names the call it answers
 
     @field_validator("content", mode="before")
     @classmethod
@@ -224,7 +301,17 @@ class Message(BaseModel):
             raise unsupported("non-text content", "; this worker serves a text-only model")
         return value
 
+    @model_validator(mode="after")
+    def _content_or_tool_calls(self) -> Message:
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise PydanticCustomError("content", "content is required (null only on an assistant turn with tool_calls)")
+        if self.tool_calls is not None and self.role != "assistant":
+            raise PydanticCustomError("tool_calls", "only an assistant turn has tool_calls")
+        return self
+
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
 
 
@@ -232,27 +319,83 @@ Messages = Annotated[list[Message], Field(min_length=1, max_length=MAX_MESSAGES)
 
 
 class Sampling(BaseModel):
-    """Sampling fields shared by every route; None means the model's default (or the usual one)."""
+    """Sampling fields shared by every route (vLLM's names); None means the model's default (or the usual one)."""
 
     model_config = ConfigDict(strict=True, extra="forbid")
     max_tokens: MaxTokens | None = None
     temperature: Temperature | None = None
     top_p: TopP | None = None
     top_k: TopK | None = None
+    min_p: MinP | None = None
     repetition_penalty: RepetitionPenalty | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    logit_bias: (
+        Annotated[
+            dict[str, Annotated[float, Field(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS)]],
+            Field(max_length=MAX_LOGIT_BIAS_TOKENS),
+        ]
+        | None
+    ) = None
     stop: StopList | None = None
+    stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
+    include_stop_str_in_output: bool | None = None
+    ignore_eos: bool | None = None
+    min_tokens: Annotated[int, Field(ge=0, le=CONTEXT_LEN)] | None = None
+    skip_special_tokens: bool | None = None
     seed: Seed | None = None
+    n: Choices | None = None
 
     _stop_as_list = field_validator("stop", mode="before")(_one_as_list)
+    _refused = model_validator(mode="before")(refuse_unsupported_fields)
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for token in value or {}:
+            if not token.isdigit() or int(token) >= VOCAB_SIZE:
+                raise PydanticCustomError("token_id", f"{token!r} is not a token id (0 to {VOCAB_SIZE - 1})")
+        return value
 
 
-class GenerateRequest(BaseModel):
-    """The native request."""
+class TemplateOptions(BaseModel):
+    """How messages become the prompt, with vLLM's names and defaults."""
+
+    add_generation_prompt: bool = True  # open a new assistant turn after the messages
+    continue_final_message: bool = False  # instead continue the last (assistant) message
+    chat_template_kwargs: Annotated[dict[str, Any], Field(max_length=MAX_TEMPLATE_KWARGS)] | None = None
+
+    @model_validator(mode="after")
+    def _one_ending(self) -> TemplateOptions:
+        if self.add_generation_prompt and self.continue_final_message:
+            raise PydanticCustomError(
+                "template", "continue_final_message: set add_generation_prompt to false to continue the last message"
+            )
+        reserved = {"messages", "conversation", "tools", "documents", "tokenize", "add_generation_prompt"}
+        reserved |= {"continue_final_message", "chat_template", "return_dict"}
+        if clash := reserved & set(self.chat_template_kwargs or {}):
+            raise PydanticCustomError(
+                "template", f"chat_template_kwargs: {', '.join(sorted(clash))} is a field of its own"
+            )
+        return self
+
+
+class NativeSampling(Sampling):
+    @field_validator("n")
+    @classmethod
+    def _one_text(cls, value: int | None) -> int | None:
+        if value not in (None, 1):
+            raise unsupported(f"n={value} on the native route", "; the OpenAI routes return several choices")
+        return value
+
+
+class GenerateRequest(TemplateOptions):
+    """The native request (the shape of Runpod's vLLM worker)."""
 
     model_config = ConfigDict(strict=True, extra="forbid")  # a misspelt field is an error, not ignored
     prompt: PromptText | None = None
     messages: Messages | None = None
-    sampling_params: Sampling = Sampling()
+    sampling_params: NativeSampling = NativeSampling()
     stream: bool = False
 
     @model_validator(mode="after")
@@ -267,60 +410,121 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class OpenAIRequest(Sampling):
-    """Fields common to OpenAI's chat and text completions. Unknown fields are ignored, as
-    OpenAI-compatible servers do; features this worker lacks are refused, never silently dropped."""
+class StructuredOutputs(BaseModel):
+    """vLLM's structured_outputs: exactly one constraint on the output."""
 
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="forbid")
+    json_: dict[str, Any] | str | None = Field(None, alias="json")  # a JSON schema
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: Annotated[list[str], Field(min_length=1)] | None = None
+    grammar: str | None = None  # Lark or GBNF
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> StructuredOutputs:
+        if (
+            sum(
+                value not in (None, False)
+                for value in (self.json_, self.json_object, self.regex, self.choice, self.grammar)
+            )
+            != 1
+        ):
+            raise PydanticCustomError("structured", "set exactly one of json, json_object, regex, choice, grammar")
+        return self
+
+    def grammar_text(self) -> str:
+        if self.json_ is not None:
+            return json_schema_grammar(json.loads(self.json_) if isinstance(self.json_, str) else self.json_)
+        if self.json_object:
+            return json_schema_grammar(None)
+        if self.choice is not None:
+            return grammar_from("choice", json.dumps(self.choice))
+        return grammar_from("regex", self.regex) if self.regex is not None else grammar_from("grammar", self.grammar)
+
+
+class OpenAIRequest(Sampling):
+    """Fields common to OpenAI's chat and text completions, with vLLM's extensions. An unknown field
+    is an error naming it: a feature this worker lacks is refused, never silently dropped."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", populate_by_name=True)
     model: str | None = None  # one endpoint serves one model, whatever the name says
     # OpenAI accepts null for every optional field, so these do too (null = the default).
     stream: bool | None = None
     stream_options: StreamOptions | None = None
-    n: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
-    user: str | None = None
-
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, value: int | None) -> int | None:
-        if value not in (None, 1):
-            raise unsupported(f"n={value}", "; send one request per choice (n must be 1)")
-        return value
-
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _no_openai_penalties(cls, value: float | None, info: Any) -> float | None:
-        if value:
-            raise unsupported(f"{info.field_name} other than 0", "; use repetition_penalty")
-        return value
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _no_logit_bias(cls, value: dict | None) -> dict | None:
-        if value:
-            raise unsupported("logit_bias")
-        return value
+    structured_outputs: StructuredOutputs | None = None
 
 
-class ChatCompletionRequest(OpenAIRequest):
+class JSONSchemaFormat(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")  # "description" and "strict" change nothing here
+    name: str
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", populate_by_name=True)
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_when_json_schema(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise PydanticCustomError("json_schema", "response_format.json_schema is required with type json_schema")
+        return self
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")  # "strict": the tool-call grammar always holds to the schema
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class ChatCompletionRequest(OpenAIRequest, TemplateOptions):
     messages: Messages
     max_completion_tokens: MaxTokens | None = None  # OpenAI's newer name for max_tokens
     logprobs: bool | None = None
-    top_logprobs: int | None = None
-    tools: list[Any] | None = None
-    tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
+    top_logprobs: TopLogprobs | None = None
+    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
+    documents: list[dict[str, Any]] | None = None  # for templates that take retrieved documents (RAG)
+    reasoning_effort: Literal["low", "medium", "high"] | None = None  # given to the template, as vLLM does
+    include_reasoning: bool = True  # vLLM's switch to leave the reasoning out of the response
 
     @model_validator(mode="after")
-    def _refuse_unsupported(self) -> ChatCompletionRequest:
-        if self.logprobs or self.top_logprobs:
-            raise unsupported("logprobs")
-        if self.tools or self.tool_choice not in (None, "none"):
-            raise unsupported("tool calling (tools, tool_choice)")
-        if self.response_format and self.response_format.get("type") != "text":
-            raise unsupported("response_format other than text")
+    def _consistent(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise PydanticCustomError("logprobs", "top_logprobs needs logprobs: true")
+        names = [tool.function.name for tool in self.tools or []]
+        if self.tool_choice not in (None, "none", "auto") and not names:
+            raise PydanticCustomError("tool_choice", "tool_choice other than none or auto needs tools")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
+            raise PydanticCustomError(
+                "tool_choice", f"tool_choice names {self.tool_choice.function.name!r}, which is not in tools"
+            )
+        constrained = (self.response_format and self.response_format.type != "text") or self.structured_outputs
+        if constrained and self.tool_choice not in (None, "none", "auto"):
+            raise PydanticCustomError("tool_choice", "a forced tool_choice cannot be combined with a response format")
+        if self.response_format and self.response_format.type != "text" and self.structured_outputs:
+            raise PydanticCustomError("response_format", "send response_format or structured_outputs, not both")
         return self
 
 
@@ -328,8 +532,7 @@ class CompletionRequest(OpenAIRequest):
     prompt: Annotated[list[PromptText], Field(min_length=1, max_length=1)]
     echo: bool | None = None
     suffix: str | None = None
-    best_of: int | None = None
-    logprobs: int | None = None
+    logprobs: TopLogprobs | None = None  # the chosen token's and this many alternatives
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -346,10 +549,6 @@ class CompletionRequest(OpenAIRequest):
             raise unsupported("echo")
         if self.suffix:
             raise unsupported("suffix")
-        if self.best_of not in (None, 1):
-            raise unsupported(f"best_of={self.best_of}")
-        if self.logprobs is not None:
-            raise unsupported("logprobs")
         return self
 
 
@@ -396,13 +595,40 @@ def parse_request(job_input: Any) -> tuple[str, BaseModel | None]:
 
 
 # ---------------------------------------------------------------------------------------------
-# 4. Prompt and sampling: the chat template, the context check, the model's defaults.
+# 4. Prompt and sampling: the chat template, the context check, the grammar, the model's defaults.
 # ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Prompt:
     text: str
     is_chat: bool
-    tokens: int
+    ids: list[int]  # tokenized once, here; generation reads these
+
+    @property
+    def tokens(self) -> int:
+        return len(self.ids)
+
+
+def chat_turn(index: int, message: Message) -> dict[str, Any]:
+    """One message as chat templates read it: developer is system, earlier tool calls carry their
+    arguments as objects (templates write them out with tojson), as vLLM passes them."""
+    turn: dict[str, Any] = {
+        "role": "system" if message.role == "developer" else message.role,
+        "content": message.text(),
+    }
+    if message.tool_call_id is not None:
+        turn["tool_call_id"] = message.tool_call_id
+    if message.tool_calls:
+        calls = []
+        for number, call in enumerate(message.tool_calls):
+            try:
+                arguments = json.loads(call.function.arguments)
+            except ValueError:
+                raise RequestError(f"messages.{index}.tool_calls.{number}.function.arguments: not valid JSON") from None
+            calls.append(
+                {"id": call.id, "type": "function", "function": {"name": call.function.name, "arguments": arguments}}
+            )
+        turn["tool_calls"] = calls
+    return turn
 
 
 def render_prompt(request: BaseModel) -> Prompt:
@@ -410,21 +636,115 @@ def render_prompt(request: BaseModel) -> Prompt:
     messages = getattr(request, "messages", None)
     if messages is None:
         prompt = request.prompt if isinstance(request, GenerateRequest) else request.prompt[0]
-        return Prompt(prompt, False, ENGINE.count_prompt_tokens(prompt, is_chat=False))
+        return Prompt(prompt, False, ENGINE.tokenize(prompt, is_chat=False))
     if not ENGINE.has_chat_template:
         raise RequestError(f"{MODEL_NAME} has no chat template: send a raw prompt instead of messages")
-    turns = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+    turns = [chat_turn(index, message) for index, message in enumerate(messages)]
     characters = sum(len(turn["content"]) for turn in turns)
     if characters > CONTEXT_LEN * CHARS_PER_TOKEN_BOUND:
         raise RequestError(
             f"messages: {characters} characters cannot fit the {CONTEXT_LEN}-token context (MAX_MODEL_LEN)"
         )
+    template_kwargs = dict(request.chat_template_kwargs or {})
+    if getattr(request, "reasoning_effort", None):
+        template_kwargs.setdefault("reasoning_effort", request.reasoning_effort)
+    tools = getattr(request, "tools", None)
     try:
-        # A conversation ending with an assistant turn asks the model to continue that turn.
-        text = ENGINE.render_chat(turns, continue_final_message=turns[-1]["role"] == "assistant")
+        text = ENGINE.render_chat(
+            turns,
+            add_generation_prompt=request.add_generation_prompt,
+            continue_final_message=request.continue_final_message,
+            tools=[tool.model_dump(exclude_none=True) for tool in tools] if tools else None,
+            documents=getattr(request, "documents", None),
+            template_kwargs=template_kwargs,
+        )
     except TemplateError as error:  # the template's own rules, e.g. "roles must alternate user/assistant"
         raise RequestError(f"messages: the model's chat template refused them: {error}") from None
-    return Prompt(text, True, ENGINE.count_prompt_tokens(text, is_chat=True))
+    except Exception as error:  # noqa: BLE001 - the message may quote the prompt: only its type goes out
+        hint = "; to continue the last message it must be an assistant turn" if request.continue_final_message else ""
+        raise RequestError(
+            f"messages: the model's chat template could not render them ({type(error).__name__}){hint}"
+        ) from None
+    return Prompt(text, True, ENGINE.tokenize(text, is_chat=True))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything generation and the response need, decided before the first chunk."""
+
+    prompt: Prompt
+    params: SamplingParams
+    parse_tools: bool  # hermes tool calls become tool_calls
+    reasoning: str | None  # the reasoning parser, chat only
+    thinking: bool  # the prompt left a <think> open
+    include_reasoning: bool
+
+
+def requested_grammar(request: BaseModel) -> str | None:
+    """The llguidance grammar a request's response_format, structured_outputs or forced tool_choice asks for."""
+    response_format = getattr(request, "response_format", None)
+    if response_format is not None and response_format.type == "json_object":
+        return json_schema_grammar(None)
+    if response_format is not None and response_format.type == "json_schema":
+        return json_schema_grammar(response_format.json_schema.schema_)
+    if request.structured_outputs is not None:
+        return request.structured_outputs.grammar_text()
+    choice = getattr(request, "tool_choice", None)
+    if choice == "required":
+        tools = [tool.model_dump(exclude_none=True) for tool in request.tools]
+        return tool_call_grammar(tools, parallel=request.parallel_tool_calls is not False)
+    if isinstance(choice, NamedToolChoice):
+        tools = [
+            tool.model_dump(exclude_none=True) for tool in request.tools if tool.function.name == choice.function.name
+        ]
+        return tool_call_grammar(tools, parallel=False)
+    return None
+
+
+def checked_grammar(request: BaseModel) -> str | None:
+    try:
+        grammar = requested_grammar(request)
+    except ValueError as error:  # a schema that is not JSON, for instance
+        raise RequestError(f"structured output: {error}") from None
+    if grammar is None:
+        return None
+    engine_tokenizer = grammar_tokenizer(ENGINE.tokenizer, ENGINE.vocab_size, sorted(ENGINE.eos_token_ids))
+    if problem := grammar_error(grammar, engine_tokenizer):
+        raise RequestError(f"structured output: the grammar engine refused it: {problem}")
+    return grammar
+
+
+def plan(route: str, request: BaseModel) -> Plan:
+    """Render, tokenize, compile the grammar and resolve sampling. Blocking (templates, tokenizers,
+    grammars take milliseconds to seconds): the handler runs it on a thread, off the event loop."""
+    prompt = render_prompt(request)
+    sampling = request.sampling_params if isinstance(request, GenerateRequest) else request
+    if isinstance(request, ChatCompletionRequest) and request.max_completion_tokens is not None:
+        sampling = sampling.model_copy(update={"max_tokens": request.max_completion_tokens})
+    if isinstance(request, ChatCompletionRequest):
+        logprobs = (request.top_logprobs or 0) if request.logprobs else None
+    else:
+        logprobs = getattr(request, "logprobs", None)
+    grammar = None if isinstance(request, GenerateRequest) else checked_grammar(request)
+    params = resolve_sampling(
+        sampling,
+        prompt.tokens,
+        SAMPLING_DEFAULTS,
+        CONTEXT_LEN,
+        DEFAULT_MAX_TOKENS or CONTEXT_LEN,
+        " (MAX_MODEL_LEN)",
+        logprobs=logprobs,
+        grammar=grammar,
+    )
+    chat = isinstance(request, ChatCompletionRequest)
+    return Plan(
+        prompt=prompt,
+        params=params,
+        parse_tools=chat and bool(request.tools) and request.tool_choice != "none",
+        reasoning=REASONING_PARSER if chat else None,
+        thinking=prompt_opens_thinking(prompt.text),
+        include_reasoning=not chat or request.include_reasoning,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -438,39 +758,50 @@ def models_response() -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 # 6. The handler: validate everything before the first yield, then stream.
 # ---------------------------------------------------------------------------------------------
-def respond(route: str, request: BaseModel, deltas: AsyncIterator[Delta]) -> AsyncIterator[Any]:
+def respond(route: str, request: BaseModel, job: Plan, deltas: AsyncIterator[Delta]) -> AsyncIterator[Any]:
     """The chunks this route sends: native ones, or OpenAI's objects (SSE events when streamed)."""
     if route == NATIVE:
         return native_responses(deltas, request.stream)
+    if job.parse_tools or job.reasoning:
+        deltas = parse_choices(
+            deltas,
+            tools=job.parse_tools,
+            reasoning=job.reasoning,
+            thinking=job.thinking,
+            include_reasoning=job.include_reasoning,
+        )
     include_usage = bool(request.stream_options and request.stream_options.include_usage)
-    shape = OpenAIShape.new(chat=route == CHAT_ROUTE, model=SERVED_MODEL_NAME)
+    shape = OpenAIShape.new(chat=route == CHAT_ROUTE, model=SERVED_MODEL_NAME, logprobs=job.params.logprobs is not None)
     return openai_responses(shape, deltas, bool(request.stream), include_usage)
 
 
 async def handler(job: dict[str, Any]) -> AsyncIterator[Any]:
+    if VLLM:  # relayed to vLLM's server, which validates and answers the request itself
+        async for chunk in VLLM.handle(job, WORKER_CONFIG):
+            yield chunk
+        return
     job_id = job.get("id")
     try:
         route, request = parse_request(job.get("input"))
         if route == MODELS_ROUTE:
             yield models_response()
             return
-        prompt = render_prompt(request)
-        sampling = request.sampling_params if isinstance(request, GenerateRequest) else request
-        if isinstance(request, ChatCompletionRequest) and request.max_completion_tokens is not None:
-            sampling = sampling.model_copy(update={"max_tokens": request.max_completion_tokens})
-        params = resolve_sampling(
-            sampling, prompt.tokens, SAMPLING_DEFAULTS, CONTEXT_LEN, DEFAULT_MAX_TOKENS, " (MAX_MODEL_LEN)"
-        )
+        planned = await asyncio.to_thread(plan, route, request)
     except (RequestError, ContextLengthError) as error:
         log.warn(f"Rejected request: {error}", job_id)
         yield {"error": str(error)}
         return
+    except Exception as error:  # noqa: BLE001 - its message may quote the prompt: the type only, anywhere
+        log.error(f"Preparing the request failed: {type(error).__name__}", job_id)
+        yield {"error": "the worker could not prepare this request; see the worker logs"}
+        return
 
+    prompt, params = planned.prompt, planned.params
     started = time.perf_counter()
     usage: Usage | None = None
     try:
         # aclosing: if the job is cancelled or its consumer leaves, generation stops at once.
-        async with contextlib.aclosing(ENGINE.generate(prompt.text, prompt.is_chat, params)) as deltas:
+        async with contextlib.aclosing(ENGINE.generate(prompt.ids, params)) as deltas:
 
             async def observed() -> AsyncIterator[Delta]:
                 nonlocal usage
@@ -478,7 +809,8 @@ async def handler(job: dict[str, Any]) -> AsyncIterator[Any]:
                     usage = delta.usage or usage
                     yield delta
 
-            async for chunk in respond(route, request, observed()):
+            # coalesced: the tokens made while the SDK POSTs one chunk go out together in the next.
+            async for chunk in coalesced(respond(route, request, planned, observed()), merge_text):
                 yield chunk
     except GenerationTimeout as error:
         log.warn(f"{error} (MAX_GENERATION_SECONDS)", job_id)
@@ -515,7 +847,7 @@ WORKER_CONFIG: dict[str, Any] = {
     "handler": handler,
     "return_aggregate_stream": True,  # /runsync and /status get every chunk, not []
     # Only async handlers run concurrently in the SDK; this sets how many jobs at once.
-    "concurrency_modifier": lambda current: MAX_CONCURRENCY,
+    "concurrency_modifier": lambda current: VLLM.max_concurrency if VLLM else MAX_CONCURRENCY,
 }
 
 if __name__ == "__main__":
