@@ -9,9 +9,6 @@ those jobs, see vllm_server.py.)
 
 from __future__ import annotations
 
-import asyncio
-import threading
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -19,10 +16,8 @@ from typing import Any, Protocol
 import torch
 from textstream import (
     Delta,
-    GenerationTimeout,
     SamplingParams,
     StreamingGenerator,
-    Usage,
     recommended_sampling,
     special_tokens_only,
 )
