@@ -44,6 +44,9 @@ IMAGE_HF_HOME = "/models/huggingface"  # every Dockerfile's HF_HOME: where the b
 # The variables that name a Hub repo in any of the workers (each worker reads only its own).
 MODEL_VARIABLES = ("MODEL_NAME", "TOKENIZER_NAME", "CONTROLNET_MODEL", "RERANK_MODEL_NAME")
 RUNPOD_VARIABLES = ("RUNPOD_POD_ID", "RUNPOD_ENDPOINT_ID")  # set by Runpod on every worker
+# What a deployment may set for this module; every README's Configuration table lists them
+# (tests/test_repository.py reads this tuple, tests/test_startup.py checks nothing else is read).
+CONFIGURATION = ("DEVICE", "HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE")
 DEVICES = ("auto", "cuda", "cpu")
 # Oldest NVIDIA driver for each CUDA major version (CUDA's minor-version compatibility: a driver
 # for 13.0 runs anything built with 13.x).
@@ -289,13 +292,14 @@ def download(
     return str(info.sha)
 
 
-def prefetch(*models: str | None, revision: str | None = None, variant: str | None = None) -> None:
+def prefetch(
+    *models: str | None, revision: str | None = None, variant: str | None = None, remote_code: bool = False
+) -> None:
     """At a cold start, download the models (the first with `revision`) before loading them, so
     the log tells the download from the load. Nothing to do offline or for a local folder."""
     from huggingface_hub import constants
 
     if not constants.HF_HUB_OFFLINE:
-        remote_code = flag(os.environ.get("TRUST_REMOTE_CODE"))
         for index, repo in enumerate(models):
             if repo and not Path(repo).is_dir() and not hub_folder(RUNPOD_HUB, repo).is_dir():
                 download(repo, revision if index == 0 else None, remote_code=remote_code, variant=variant)
@@ -373,7 +377,10 @@ def _log(message: str, level: str = "info") -> None:
 
 def settle(environ: MutableMapping[str, str]) -> str:
     """Apply the cache changes and the device choice to this process; stop on a fatal one."""
-    environ.update(cache_environment(environ))
+    changes = cache_environment(environ)
+    environ.update(changes)
+    if changes:
+        _log("Hugging Face cache: " + ", ".join(f"{name}={value}" for name, value in sorted(changes.items())))
     if (environ.get("DEVICE") or "").lower() == "cpu":
         environ["CUDA_VISIBLE_DEVICES"] = ""  # nothing (the engine, accelerate) can pick a GPU now
     choice = choose_device(environ, probe_cuda())

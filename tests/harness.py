@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = ("01_text_generation", "02_image_generation", "03_embeddings", "04_multimodal")
 
 # Variables the SDK reads to decide it is on Runpod; a test environment must never inherit them.
-_RUNPOD_SERVING_VARS = ("RUNPOD_WEBHOOK_GET_JOB", "RUNPOD_REALTIME_PORT", "RUNPOD_ENDPOINT_ID")
+_RUNPOD_SERVING_VARS = ("RUNPOD_WEBHOOK_GET_JOB", "RUNPOD_REALTIME_PORT", "RUNPOD_ENDPOINT_ID", "RUNPOD_POD_ID")
 
 
 @contextlib.contextmanager

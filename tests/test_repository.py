@@ -3,6 +3,7 @@ pins that agree, lint-clean Dockerfiles and workflows, and a CI script that is t
 
 from __future__ import annotations
 
+import ast
 import re
 import shutil
 import subprocess
@@ -27,7 +28,11 @@ def pins(requirements: Path) -> dict[str, str]:
 
 def env_vars_read(handler: Path) -> set[str]:
     source = handler.read_text()
-    return set(re.findall(r"""(?:os\.environ\.get|os\.getenv|env_[a-z]+)\(\s*["']([A-Z][A-Z0-9_]+)["']""", source))
+    found = set(re.findall(r"""(?:os\.environ\.get|os\.getenv|env_[a-z]+)\(\s*["']([A-Z][A-Z0-9_]+)["']""", source))
+    startup = handler.parent / "startup.py"
+    if startup.exists():  # the start-up module's settings: its CONFIGURATION tuple (tests/test_startup.py checks it)
+        found |= set(ast.literal_eval(re.search(r"^CONFIGURATION = (\(.*?\))", startup.read_text(), re.M | re.S)[1]))
+    return found
 
 
 def env_vars_documented(readme: Path) -> set[str]:
