@@ -810,8 +810,11 @@ async def handler(job: dict[str, Any]) -> AsyncIterator[Any]:
                     yield delta
 
             # coalesced: the tokens made while the SDK POSTs one chunk go out together in the next.
-            async for chunk in coalesced(respond(route, request, planned, observed()), merge_text):
-                yield chunk
+            # Closed first (aclosing) when the job ends early: its task stops reading `deltas`,
+            # which can then be closed too (a generator still being read cannot).
+            async with contextlib.aclosing(coalesced(respond(route, request, planned, observed()), merge_text)) as out:
+                async for chunk in out:
+                    yield chunk
     except GenerationTimeout as error:
         log.warn(f"{error} (MAX_GENERATION_SECONDS)", job_id)
         yield {"error": f"{error} (MAX_GENERATION_SECONDS): lower max_tokens, or raise the limit on the endpoint"}
