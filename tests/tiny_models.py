@@ -1054,6 +1054,48 @@ def build_siglip(out: Path, version: int) -> Path:
     return out
 
 
+_REMOTE_CODE = """\"\"\"A BERT whose hidden states come out with their halves interleaved (einops).\"\"\"
+
+import einops
+from transformers import BertConfig, BertModel
+
+
+class TinyRemoteConfig(BertConfig):
+    model_type = "tiny-remote-bert"
+
+
+class TinyRemoteModel(BertModel):
+    config_class = TinyRemoteConfig
+
+    def forward(self, *args, **kwargs):
+        output = super().forward(*args, **kwargs)
+        output.last_hidden_state = einops.rearrange(
+            output.last_hidden_state, "b s (two half) -> b s (half two)", two=2
+        )
+        return output
+"""
+
+
+def build_remote_code_sentence_transformer(out: Path) -> Path:
+    """The tiny BERT sentence-transformer with its model class in the folder's own code
+    (`modeling_tiny_remote.py`, importing einops), loaded only with trust_remote_code=True, as
+    nomic-embed and jina-embeddings are. Its embeddings are the plain tiny model's with the
+    dimensions' halves interleaved, so a test can tell the remote code ran."""
+    build_sentence_transformer(out)
+    (out / "modeling_tiny_remote.py").write_text(_REMOTE_CODE)
+    config = json.loads((out / "config.json").read_text())
+    config.update(
+        model_type="tiny-remote-bert",
+        architectures=["TinyRemoteModel"],
+        auto_map={
+            "AutoConfig": "modeling_tiny_remote.TinyRemoteConfig",
+            "AutoModel": "modeling_tiny_remote.TinyRemoteModel",
+        },
+    )
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out
+
+
 BUILDERS: dict[str, Callable[[Path], Path]] = {
     "sentence-transformer": build_sentence_transformer,
     "cross-encoder": build_cross_encoder,
@@ -1069,6 +1111,7 @@ BUILDERS: dict[str, Callable[[Path], Path]] = {
     "blip2": build_blip2,
     "siglip": partial(build_siglip, version=1),
     "siglip2": partial(build_siglip, version=2),
+    "remote-code-sentence-transformer": build_remote_code_sentence_transformer,
 }
 
 
