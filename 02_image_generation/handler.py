@@ -51,6 +51,16 @@ from diffusers import (
 )
 from families import Family, detect_family, unsupported, with_overrides
 from images import ImageInputError, ImageLimits, data_uri, encode_image, load_image
+from loras import (
+    Adapter,
+    AdapterGate,
+    AdapterSet,
+    LoraError,
+    adapter_set,
+    default_cache_dir,
+    parse_endpoint_loras,
+    resolve,
+)
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
@@ -126,6 +136,19 @@ INPUT_LIMITS = ImageLimits(
     max_pixels=env_int("MAX_INPUT_IMAGE_PIXELS", 4096 * 4096),  # bigger is resized anyway; refused before decoding
     timeout_s=env_float("DOWNLOAD_TIMEOUT_S", 15.0),  # a whole download, not each read
 )
+
+# LoRA adapters (loras.py). LORAS: the endpoint's own, loaded at start, as a JSON list of
+# {"name", "source", "weight"}; a request names them (or any other source) in `loras`.
+LORAS = env_str("LORAS", None)
+MAX_LORAS_LOADED = env_int("MAX_LORAS_LOADED", 8)  # a LoRA is 10-200 MB of GPU memory; the LRU one goes
+MAX_LORAS_PER_REQUEST = 4  # each one adds its layers' work to every UNet call
+MAX_LORA_WEIGHT = 4.0  # weights past this only burn the image
+LORA_LIMITS = ImageLimits(
+    max_bytes=env_int("MAX_LORA_BYTES", 1024**3),  # the largest SDXL LoRAs (rank 128-256) are ~0.5-1 GB
+    max_pixels=0,  # not an image
+    timeout_s=env_float("LORA_DOWNLOAD_TIMEOUT_S", 300.0),  # 1 GB at ~30 Mbit/s; the whole download
+)
+LORA_CACHE = default_cache_dir()  # downloads, by URL: on the network volume when there is one
 
 # Largest result a job may return: Runpod's /runsync limit (its /run limit is 10 MB: set 10000000
 # for clients that use /run). It counts the whole aggregated result, progress chunks included.
@@ -250,6 +273,17 @@ log.info(
 )
 startup.COLD_START.report(f"load to {DEVICE}")
 
+# LoRA adapters load into the shared modules; the gate lets only jobs wanting the same ones run together.
+GATE = AdapterGate(TEXT2IMAGE, MAX_LORAS_LOADED, pinned=set())
+ENDPOINT_LORAS: dict[str, Adapter] = {}
+ENDPOINT_LORA_WEIGHTS: dict[str, float] = {}
+for _index, _entry in enumerate(parse_endpoint_loras(LORAS)):
+    _adapter = resolve(f"LORAS[{_index}]", _entry["source"], {}, LORA_CACHE, LORA_LIMITS)
+    ENDPOINT_LORAS[_entry["name"]] = _adapter
+    ENDPOINT_LORA_WEIGHTS[_entry["name"]] = _entry["weight"]
+    GATE.pinned.add(_adapter.name)
+GATE.preload([(adapter, f"LORAS ({name})") for name, adapter in ENDPOINT_LORAS.items()])
+
 # Denoising runs on these threads; the event loop stays free to stream progress and take jobs.
 PIPELINE_THREADS = ThreadPoolExecutor(max_workers=MAX_CONCURRENCY, thread_name_prefix="denoise")
 
@@ -284,6 +318,14 @@ Side = Annotated[int, Field(ge=MIN_SIDE, le=MAX_SIDE, multiple_of=8)]
 PromptText = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
 
 
+class LoraSpec(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    # an endpoint LoRA's name, an absolute path, an http(s) URL, owner/repo or owner/repo/file.safetensors
+    source: Annotated[str, Field(min_length=1, max_length=2048)]
+    weight: Annotated[float, Field(ge=-MAX_LORA_WEIGHT, le=MAX_LORA_WEIGHT)] | None = None  # default: 1, or LORAS'
+
+
 class ImageRequest(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")  # a misspelt field is an error, not ignored
 
@@ -305,6 +347,7 @@ class ImageRequest(BaseModel):
     canny_high_threshold: Annotated[int, Field(ge=0, le=255)] = 200
     output_format: Literal["png", "jpeg", "webp"] = "png"
     output_quality: Annotated[int, Field(ge=1, le=100)] = 90  # jpeg and webp only
+    loras: Annotated[list[LoraSpec], Field(max_length=MAX_LORAS_PER_REQUEST)] | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> ImageRequest:
@@ -417,6 +460,8 @@ class Job:
     seeds: list[int]
     source: Image.Image | None = None  # image-to-image input, resized
     control: Image.Image | None = None  # ControlNet conditioning, resized
+    adapters: AdapterSet = ()  # LoRA adapters and their weights
+    adapter_fields: tuple[str, ...] = ()  # the request field of each, for errors
 
     def parameters(self) -> dict[str, Any]:
         """What was actually used, so a caller can reproduce the output."""
@@ -436,6 +481,8 @@ class Job:
         if self.control is not None:
             used["controlnet_conditioning_scale"] = self.request.controlnet_conditioning_scale
             used["canny"] = self.request.canny
+        if self.request.loras:
+            used["loras"] = [{"source": lora.source, "weight": weight_of(lora)} for lora in self.request.loras]
         return used
 
     @property
@@ -449,6 +496,26 @@ def smallest_result_bytes(output_format: str, num_images: int, width: int, heigh
     if output_format != "png":
         return 0
     return int(num_images * width * height * PNG_MIN_BYTES_PER_PIXEL * BASE64_GROWTH)
+
+
+def weight_of(lora: LoraSpec) -> float:
+    if lora.weight is not None:
+        return lora.weight
+    return ENDPOINT_LORA_WEIGHTS.get(lora.source, 1.0)
+
+
+def resolve_loras(request: ImageRequest) -> tuple[AdapterSet, tuple[str, ...]]:
+    """Each requested adapter as a local file (downloaded or fetched from the Hub if need be)."""
+    chosen: dict[str, tuple[Adapter, float, str]] = {}
+    for index, lora in enumerate(request.loras or []):
+        field = f"loras.{index}.source"
+        adapter = resolve(field, lora.source, ENDPOINT_LORAS, LORA_CACHE, LORA_LIMITS)
+        if adapter.name in chosen:
+            raise RequestError(f"{field}: the same adapter twice; give it one weight")
+        chosen[adapter.name] = (adapter, weight_of(lora), field)
+    adapters = adapter_set([(adapter, weight) for adapter, weight, _ in chosen.values()])
+    fields = {adapter.name: field for adapter, _, field in chosen.values()}
+    return adapters, tuple(fields[adapter.name] for adapter, _ in adapters)
 
 
 def prepare(request: ImageRequest) -> Job:
@@ -469,6 +536,7 @@ def prepare(request: ImageRequest) -> Job:
         )
     steps = default_steps(request, source is not None)
     strength = request.strength or DEFAULT_STRENGTH
+    adapters, fields = resolve_loras(request)
     if source is not None and int(steps * strength) < 1:
         raise RequestError(
             f"strength × num_inference_steps must reach at least one step, got {strength} × {steps}: raise either one"
@@ -485,6 +553,8 @@ def prepare(request: ImageRequest) -> Job:
         seeds=image_seeds(request.seed, request.num_images),
         source=source.resize((width, height), Image.Resampling.LANCZOS) if source else None,
         control=control.resize((width, height), Image.Resampling.LANCZOS) if control else None,
+        adapters=adapters,
+        adapter_fields=fields,
     )
 
 
@@ -563,17 +633,22 @@ def denoise(job: Job, on_step: Any, cancelled: threading.Event) -> list[Generate
     if job.control is not None:
         kwargs.update(image=job.control, controlnet_conditioning_scale=job.request.controlnet_conditioning_scale)
 
-    images = []
-    for index, seed in enumerate(job.seeds):
+    def give_up_when_cancelled() -> None:
         if cancelled.is_set():
-            break
-        # Noise drawn on the CPU: a seed gives the same starting latents on every machine.
-        generator = torch.Generator(device="cpu").manual_seed(seed)
-        with torch.inference_mode():
-            result = pipeline(generator=generator, callback_on_step_end=step_end_for(index), **kwargs)
-        # SD 1.x/2.x repos that ship a safety checker black out what it flags; say so, not silently.
-        flags = getattr(result, "nsfw_content_detected", None)
-        images.append(Generated(result.images[0], bool(flags[0]) if flags else None))
+            raise TimeLimitExceeded  # or the job was cancelled: nobody waits for it any more
+
+    images = []
+    with GATE.using(job.adapters, list(job.adapter_fields), on_wait=give_up_when_cancelled):
+        for index, seed in enumerate(job.seeds):
+            if cancelled.is_set():
+                break
+            # Noise drawn on the CPU: a seed gives the same starting latents on every machine.
+            generator = torch.Generator(device="cpu").manual_seed(seed)
+            with torch.inference_mode():
+                result = pipeline(generator=generator, callback_on_step_end=step_end_for(index), **kwargs)
+            # SD 1.x/2.x repos that ship a safety checker black out what it flags; say so, not silently.
+            flags = getattr(result, "nsfw_content_detected", None)
+            images.append(Generated(result.images[0], bool(flags[0]) if flags else None))
     return images
 
 
@@ -685,7 +760,7 @@ async def image_stream(job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
     try:
         request = parse_request(job.get("input"))
         prepared = await loop.run_in_executor(None, prepare, request)
-    except (RequestError, ImageInputError) as error:
+    except (RequestError, ImageInputError, LoraError) as error:
         log.warn(f"Rejected request: {error}", job_id)
         yield {"error": str(error)}
         return
@@ -725,6 +800,10 @@ async def image_stream(job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         inference_ms = (time.perf_counter() - started) * 1000
         budget = MAX_RESULT_BYTES - RESULT_ENVELOPE_BYTES - streamed_bytes
         results, timings = await loop.run_in_executor(None, deliver, job_id, prepared, images, budget)
+    except LoraError as error:  # an adapter that does not fit this model: the worker stays healthy
+        log.warn(f"Adapter refused: {error}", job_id)
+        yield {"error": str(error)}
+        return
     except DeliveryError as error:
         log.warn(f"Result not delivered: {error}", job_id)
         yield {"error": str(error)}

@@ -55,7 +55,7 @@ def _decode_base64(field: str, text: str) -> bytes:
         ) from None
 
 
-def _fetch(field: str, url: str, limits: ImageLimits, abandoned: threading.Event) -> bytes:
+def _fetch(field: str, url: str, limits: ImageLimits, abandoned: threading.Event, what: str) -> bytes:
     try:
         with rp_ssrf.safe_get(url, timeout=limits.timeout_s, max_bytes=limits.max_bytes) as response:
             if response.status_code != 200:
@@ -68,7 +68,7 @@ def _fetch(field: str, url: str, limits: ImageLimits, abandoned: threading.Event
             return bytes(body)
     except rp_ssrf.SSRFError as error:
         if "size cap" in str(error):
-            raise ImageInputError(f"{field}: the image is larger than {limits.max_bytes} bytes") from None
+            raise ImageInputError(f"{field}: the {what} is larger than {limits.max_bytes} bytes") from None
         raise ImageInputError(
             f"{field}: the URL is refused: only public http(s) addresses are fetched ({error})"
         ) from None
@@ -78,8 +78,9 @@ def _fetch(field: str, url: str, limits: ImageLimits, abandoned: threading.Event
         raise ImageInputError(f"{field}: the URL could not be downloaded ({type(error).__name__})") from None
 
 
-def _download(field: str, url: str, limits: ImageLimits) -> bytes:
-    """`_fetch` under a deadline for the whole download.
+def download(field: str, url: str, limits: ImageLimits, what: str = "image") -> bytes:
+    """The body behind an http(s) URL: `_fetch` under a deadline for the whole download. Also
+    used for other files a request names (a LoRA adapter), with the same caps and SSRF guard.
 
     requests only times out single reads, so a server trickling bytes just fast enough could hold
     a job forever. The fetch runs on a thread the job stops waiting for at the deadline; that
@@ -90,7 +91,7 @@ def _download(field: str, url: str, limits: ImageLimits) -> bytes:
 
     def fetch() -> None:
         try:
-            outcome["data"] = _fetch(field, url, limits, abandoned)
+            outcome["data"] = _fetch(field, url, limits, abandoned, what)
         except Exception as error:  # noqa: BLE001 - handed to the waiting caller below
             outcome["error"] = error
 
@@ -109,7 +110,7 @@ def read_image_bytes(field: str, source: str, limits: ImageLimits) -> bytes:
     """The encoded bytes behind a URL, a data URI or bare base64, within `limits.max_bytes`."""
     source = source.strip()
     if source.startswith(("https://", "http://")):
-        data = _download(field, source, limits)
+        data = download(field, source, limits)
     elif source.startswith("data:"):
         match = _DATA_URI.match(source)
         if not match:

@@ -355,6 +355,132 @@ def test_sdxl_controlnet(tiny_model) -> None:
     assert decode(final["images"][0]["image"]).size == (64, 64)
 
 
+# ---- LoRA ------------------------------------------------------------------------------------
+
+
+def lora(tiny_model, kind: str, weight: float | None = None) -> dict[str, Any]:
+    spec: dict[str, Any] = {"source": str(tiny_model(kind))}
+    if weight is not None:
+        spec["weight"] = weight
+    return spec
+
+
+@pytest.fixture(scope="module")
+def lora_worker(tiny_model) -> ModuleType:
+    return load_handler(EXAMPLE, {"MODEL_NAME": str(tiny_model("sd15")), "MAX_CONCURRENCY": "3"})
+
+
+def test_a_lora_job_matches_the_raw_pipeline_with_that_adapter(lora_worker, tiny_model) -> None:
+    """The handler with LoRA A gives exactly what diffusers gives with A loaded, and not the base image."""
+    from diffusers import AutoPipelineForText2Image
+
+    _, with_a = generate(lora_worker, prompt="a tree", seed=5, loras=[lora(tiny_model, "lora-sd15-a")], **SMALL)
+    _, plain = generate(lora_worker, prompt="a tree", seed=5, **SMALL)
+    raw = AutoPipelineForText2Image.from_pretrained(str(tiny_model("sd15")))
+    raw.set_progress_bar_config(disable=True)
+    raw.load_lora_weights(str(tiny_model("lora-sd15-a")), adapter_name="a")
+    expected = raw(
+        "a tree", generator=torch.Generator("cpu").manual_seed(5), width=64, height=64, num_inference_steps=2
+    )
+    np.testing.assert_array_equal(pixels(with_a["images"][0]["image"]), np.asarray(expected.images[0]))
+    assert not np.array_equal(pixels(with_a["images"][0]["image"]), pixels(plain["images"][0]["image"]))
+    assert with_a["parameters"]["loras"] == [{"source": str(tiny_model("lora-sd15-a")), "weight": 1.0}]
+
+
+def test_concurrent_jobs_with_different_loras_each_get_exactly_their_own(lora_worker, tiny_model) -> None:
+    """LoRA A, LoRA B, none, A at half weight, A and B together: run at once on three threads, each
+    is bit-equal to its solo run (jobs whose adapter sets differ wait for each other)."""
+    sets = [
+        [lora(tiny_model, "lora-sd15-a")],
+        [lora(tiny_model, "lora-sd15-b")],
+        None,
+        [lora(tiny_model, "lora-sd15-a", 0.5)],
+        [lora(tiny_model, "lora-sd15-a"), lora(tiny_model, "lora-sd15-b", 0.7)],
+        None,
+        [lora(tiny_model, "lora-sd15-b")],
+    ]
+    requests = [
+        {"prompt": f"a tree {i}", "seed": i, **SMALL, **({"loras": chosen} if chosen else {})}
+        for i, chosen in enumerate(sets)
+    ]
+    alone = [pixels(generate(lora_worker, **request)[1]["images"][0]["image"]) for request in requests]
+
+    async def together() -> list[dict[str, Any]]:
+        return await asyncio.gather(*(run_job_async(lora_worker.handler, {"input": r}) for r in requests))
+
+    for index, (result, expected) in enumerate(zip(asyncio.run(together()), alone, strict=True)):
+        assert "error" not in result, result
+        np.testing.assert_array_equal(pixels(result["output"][-1]["images"][0]["image"]), expected, err_msg=str(index))
+    assert len({image.tobytes() for image in alone[:2] + alone[3:5]}) == 4, "each adapter set makes its own image"
+
+
+def test_loaded_loras_are_bounded_least_recently_used_first(tiny_model) -> None:
+    module = load_handler(EXAMPLE, {"MODEL_NAME": str(tiny_model("sd15")), "MAX_LORAS_LOADED": "1"})
+    a, b = [lora(tiny_model, "lora-sd15-a")], [lora(tiny_model, "lora-sd15-b")]
+    first = pixels(generate(module, prompt="x", seed=1, loras=a, **SMALL)[1]["images"][0]["image"])
+    generate(module, prompt="x", seed=1, loras=b, **SMALL)
+    assert sum(len(names) for names in module.TEXT2IMAGE.get_list_adapters().values()) == 1
+    again = pixels(generate(module, prompt="x", seed=1, loras=a, **SMALL)[1]["images"][0]["image"])
+    np.testing.assert_array_equal(first, again)
+    assert next(iter(module.GATE.loaded.values())).path.startswith(str(tiny_model("lora-sd15-a")))
+
+
+def test_endpoint_loras_load_at_start_and_are_named_by_requests(tiny_model) -> None:
+    source = str(tiny_model("lora-sd15-a"))
+    env = {
+        "MODEL_NAME": str(tiny_model("sd15")),
+        "LORAS": json.dumps([{"name": "style", "source": source, "weight": 0.5}]),
+    }
+    module = load_handler(EXAMPLE, env)
+    assert list(module.ENDPOINT_LORAS) == ["style"] and module.GATE.loaded  # loaded before the first job
+    _, plain = generate(module, prompt="x", seed=2, **SMALL)
+    _, by_name = generate(module, prompt="x", seed=2, loras=[{"source": "style"}], **SMALL)
+    _, by_path = generate(module, prompt="x", seed=2, loras=[{"source": source, "weight": 0.5}], **SMALL)
+    np.testing.assert_array_equal(pixels(by_name["images"][0]["image"]), pixels(by_path["images"][0]["image"]))
+    assert not np.array_equal(pixels(by_name["images"][0]["image"]), pixels(plain["images"][0]["image"]))
+    assert by_name["parameters"]["loras"] == [{"source": "style", "weight": 0.5}]
+
+
+def test_a_lora_from_a_url_goes_through_the_safe_downloader(tiny_model, monkeypatch, tmp_path) -> None:
+    data = (tiny_model("lora-sd15-a") / "pytorch_lora_weights.safetensors").read_bytes()
+    module = load_handler(EXAMPLE, {"MODEL_NAME": str(tiny_model("sd15")), "MAX_LORA_BYTES": str(len(data))})
+    monkeypatch.setattr(module, "LORA_CACHE", tmp_path / "loras")
+    routes = {"/a.safetensors": (200, "application/octet-stream", data), "/big": (200, "x", data + b"\0")}
+    with http_server(routes) as base:
+        refused = run_job(module.handler, {"prompt": "x", "loras": [{"source": f"{base}/a.safetensors"}], **SMALL})
+        monkeypatch.setenv("RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS", "true")  # the test server is on localhost
+        _, fetched = generate(module, prompt="x", seed=3, loras=[{"source": f"{base}/a.safetensors"}], **SMALL)
+        too_big = run_job(module.handler, {"prompt": "x", "loras": [{"source": f"{base}/big"}], **SMALL})
+    assert refused["error"].startswith("loras.0.source: the URL is refused: only public http(s) addresses")
+    assert too_big["error"] == f"loras.0.source: the file is larger than {len(data)} bytes"
+    _, local = generate(module, prompt="x", seed=3, loras=[lora(tiny_model, "lora-sd15-a")], **SMALL)
+    np.testing.assert_array_equal(pixels(fetched["images"][0]["image"]), pixels(local["images"][0]["image"]))
+    assert len(list((tmp_path / "loras").glob("*.safetensors"))) == 1  # cached by URL, whole files only
+
+
+def test_bad_adapters_are_clear_errors_and_leave_the_worker_healthy(lora_worker, tiny_model, tmp_path) -> None:
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all")
+    not_lora = tiny_model("sd15") / "unet" / "diffusion_pytorch_model.safetensors"
+    cases = [
+        ([{"source": str(tmp_path / "missing.safetensors")}], "loras.0.source: no LoRA file at"),
+        ([{"source": str(corrupt)}], "loras.0.source: not a readable .safetensors LoRA file"),
+        ([{"source": str(not_lora)}], "loras.0.source: the file holds no LoRA weights"),
+        ([lora(tiny_model, "lora-sdxl")], "loras.0.source: the adapter does not fit this model"),
+        ([{"source": "relative/"}], "loras.0.source: expected an endpoint LoRA's name, an absolute path"),
+        ([lora(tiny_model, "lora-sd15-a"), lora(tiny_model, "lora-sd15-a", 0.3)], "loras.1.source: the same adapter"),
+        ([{"source": "x", "weight": 9.0}], "loras.0.weight: Input should be less than or equal to 4"),
+        ([{"source": "x"}] * 5, "loras: List should have at most 4 items"),
+    ]
+    _, before = generate(lora_worker, prompt="x", seed=4, **SMALL)
+    for loras, message in cases:
+        result = run_job(lora_worker.handler, {"prompt": "x", "loras": loras, **SMALL})
+        assert message in result.get("error", ""), (message, result)
+    _, after = generate(lora_worker, prompt="x", seed=4, **SMALL)
+    np.testing.assert_array_equal(pixels(before["images"][0]["image"]), pixels(after["images"][0]["image"]))
+    assert generate(lora_worker, prompt="x", seed=4, loras=[lora(tiny_model, "lora-sd15-b")], **SMALL)[1]["images"]
+
+
 # ---- S3 upload ------------------------------------------------------------------------------
 
 

@@ -1054,6 +1054,135 @@ def build_siglip(out: Path, version: int) -> Path:
     return out
 
 
+# ---- LoRA adapters for the diffusion models -----------------------------------------------------
+#
+# Made with peft as training scripts make them (diffusers' train_text_to_image_lora.py): rank-4 LoRA
+# layers on the UNet's attention projections, saved with the pipeline's save_lora_weights as
+# pytorch_lora_weights.safetensors in diffusers' key layout. Random B matrices (a trained LoRA's are
+# not zero either), scaled up so the adapter visibly changes a 64x64 image.
+
+
+def build_lora(out: Path, base: str, seed: int) -> Path:
+    """A LoRA adapter for the tiny `base` pipeline's UNet; `seed` makes different adapters."""
+    import diffusers
+    import torch
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    unet = _diffusion_unet(_DIFFUSION[base])
+    torch.manual_seed(seed)
+    config = LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False)
+    unet.add_adapter(config)
+    with torch.no_grad():
+        for name, parameter in unet.named_parameters():
+            if "lora_B" in name:
+                parameter.mul_(20)
+    layers = get_peft_model_state_dict(unet)
+    getattr(diffusers, _DIFFUSION[base].pipeline).save_lora_weights(out, unet_lora_layers=layers)
+    return out
+
+
+# ---- modern VLMs: Qwen2-VL, Qwen2.5-VL, Idefics3 / SmolVLM (appended for 04_multimodal) ---------------
+#
+# Real architectures at toy sizes: the language models share _LM_DIMS and the byte-level BPE; the
+# vision towers are two layers of 32 wide. The processors are the real classes with their real
+# settings shrunk, saved without a video processor (transformers' video processors need torchvision).
+
+_QWEN_VL_TEMPLATE = (
+    r"{%- for m in messages %}"
+    r"{%- if loop.first and m['role'] != 'system' %}"
+    r"{{- '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}"
+    r"{%- endif %}{{- '<|im_start|>' + m['role'] + '\n' }}"
+    r"{%- if m['content'] is string %}{{- m['content'] }}{%- else %}{%- for part in m['content'] %}"
+    r"{%- if part['type'] in ('image', 'image_url') %}{{- '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    r"{%- elif part['type'] == 'text' %}{{- part['text'] }}{%- endif %}{%- endfor %}{%- endif %}"
+    r"{{- '<|im_end|>\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
+)
+_QWEN_VL_FAMILY = _Family(
+    config="",
+    specials=[
+        "<|endoftext|>",
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|vision_start|>",
+        "<|vision_end|>",
+        "<|image_pad|>",
+        "<|video_pad|>",
+    ],
+    eos="<|im_end|>",
+    pad="<|endoftext|>",
+    stop=("<|endoftext|>",),
+    chat_template=_QWEN_VL_TEMPLATE,
+)
+
+
+def _images_only(processor_class: Any) -> Any:
+    """`processor_class` without its video processor (every one in transformers 5.24 needs torchvision):
+    ProcessorMixin takes its parts from the __init__ signature. 04_multimodal/families.py does the same."""
+
+    class ImagesOnly(processor_class):
+        def __init__(self, image_processor: Any, tokenizer: Any, chat_template: str | None = None, **kwargs: Any):
+            super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+    ImagesOnly.__name__ = ImagesOnly.__qualname__ = processor_class.__name__
+    return ImagesOnly
+
+
+def build_qwen_vl(out: Path, version: str) -> Path:
+    """Qwen2-VL ("2") or Qwen2.5-VL ("2.5"), like Qwen/Qwen2.5-VL-7B-Instruct: a ViT of 14 px patches
+    merged 2x2 into one token, at the image's own resolution (dynamic, bounded by the image
+    processor's min/max pixels), multimodal rotary positions, ChatML. The image processor here
+    allows at most 64 vision tokens an image (the real one 16,384), so tests stay fast."""
+    import torch
+    import transformers
+
+    tokenizer = _train_byte_bpe(_QWEN_VL_FAMILY)
+    ids = {name: tokenizer.convert_tokens_to_ids(name) for name in _QWEN_VL_FAMILY.specials}
+    prefix = "Qwen2_5_VL" if version == "2.5" else "Qwen2VL"
+    text = _LM_DIMS | {
+        "vocab_size": len(tokenizer),
+        "eos_token_id": ids["<|im_end|>"],
+        "pad_token_id": ids["<|endoftext|>"],
+        "bos_token_id": None,
+        # M-RoPE: the head's rotary halves split between time, height and width (the real [16, 24, 24] of 64).
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [4, 6, 6]},
+    }
+    vision = {"depth": 2, "num_heads": 2, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2}
+    if version == "2.5":
+        vision |= {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "out_hidden_size": _LM_DIMS["hidden_size"],
+            "window_size": 56,
+            "fullatt_block_indexes": [1],
+        }
+    else:
+        vision |= {"embed_dim": 32, "hidden_size": _LM_DIMS["hidden_size"], "mlp_ratio": 2}
+    config = getattr(transformers, f"{prefix}Config")(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    torch.manual_seed(SEED)
+    model = getattr(transformers, f"{prefix}ForConditionalGeneration")(config)
+    model.generation_config = transformers.GenerationConfig(
+        eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]], pad_token_id=ids["<|endoftext|>"]
+    )
+    model.save_pretrained(out)
+    merge = vision["patch_size"] * vision["spatial_merge_size"]  # 28 px per vision token
+    image_processor = _image_processor(
+        "Qwen2VLImageProcessor", size={"shortest_edge": 4 * merge * merge, "longest_edge": 64 * merge * merge}
+    )
+    processor = _images_only(getattr(transformers, f"{prefix}Processor"))(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=_QWEN_VL_TEMPLATE
+    )
+    _save_processor(processor, out)
+    return out
+
+
 _REMOTE_CODE = """\"\"\"A BERT whose hidden states come out with their halves interleaved (einops).\"\"\"
 
 import einops
@@ -1106,11 +1235,16 @@ BUILDERS: dict[str, Callable[[Path], Path]] = {
     **{kind: partial(build_stable_diffusion, kind=kind) for kind in _DIFFUSION},
     "controlnet-sd15": partial(build_controlnet, base="sd15"),
     "controlnet-sdxl": partial(build_controlnet, base="sdxl"),
+    "lora-sd15-a": partial(build_lora, base="sd15", seed=1),
+    "lora-sd15-b": partial(build_lora, base="sd15", seed=2),
+    "lora-sdxl": partial(build_lora, base="sdxl", seed=3),
     "clip": build_clip,
     **{kind: partial(build_llava, kind=kind) for kind in _LLAVA},
     "blip2": build_blip2,
     "siglip": partial(build_siglip, version=1),
     "siglip2": partial(build_siglip, version=2),
+    "qwen2-vl": partial(build_qwen_vl, version="2"),
+    "qwen2.5-vl": partial(build_qwen_vl, version="2.5"),
     "remote-code-sentence-transformer": build_remote_code_sentence_transformer,
 }
 
