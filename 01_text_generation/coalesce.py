@@ -12,6 +12,11 @@ chunk that became ready meanwhile, combined by `merge`: consecutive text deltas 
 (`merge_text`), superseded progress updates are dropped (`keep_latest`). With a fast network
 nothing changes: a chunk that is alone when asked for goes out alone, at once.
 
+`within_result_budget(chunks, max_bytes)` guards the other end: with `return_aggregate_stream`
+the job's result is the list of every chunk, and Runpod drops a result over its payload limit
+(20 MB for `/runsync`, 10 MB for `/run`), so a stream that would outgrow it stops with a clear
+error instead of losing everything.
+
 This file is copied, identical, into every example that streams (each folder is its own Docker
 context); `tests/test_coalesce.py` checks that the copies match and exercises each one.
 """
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
@@ -122,3 +128,26 @@ def keep_latest(is_update: Callable[[Any], bool]) -> Merge:
         return [item for i, item in enumerate(items) if not is_update(item) or i == len(items) - 1]
 
     return merge
+
+
+class ResultTooLarge(Exception):
+    """The aggregated result would pass its byte budget; the stream was stopped before it did."""
+
+    def __init__(self, size: int, max_bytes: int) -> None:
+        super().__init__(f"the result reached {size:,} bytes, over the {max_bytes:,}-byte limit")
+        self.size = size
+        self.max_bytes = max_bytes
+
+
+async def within_result_budget(chunks: AsyncIterator[T], max_bytes: int) -> AsyncIterator[T]:
+    """`chunks`, while the JSON list of all of them (the aggregated result) fits `max_bytes`.
+
+    Each chunk is measured as the SDK will send it (`json.dumps`, UTF-8); the first one that would
+    take the list past the budget raises ResultTooLarge instead of being yielded.
+    """
+    size = 0  # the list's brackets, less the separator the first chunk does not have
+    async for chunk in chunks:
+        size += len(json.dumps(chunk, ensure_ascii=False).encode()) + 2  # the chunk and its ", "
+        if size > max_bytes:
+            raise ResultTooLarge(size, max_bytes)
+        yield chunk

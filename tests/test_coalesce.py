@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import ModuleType
@@ -152,3 +153,24 @@ def test_cancelling_the_consumer_cancels_the_producer(coalesce: ModuleType) -> N
         assert closed.is_set()
 
     asyncio.run(run())
+
+
+def test_a_stream_stops_before_its_aggregated_result_outgrows_the_budget(coalesce: ModuleType) -> None:
+    chunks = [{"text": "x" * 100} for _ in range(50)]  # 50 chunks of 114 JSON bytes each
+
+    async def run(max_bytes: int) -> tuple[list[Any], Exception | None]:
+        received: list[Any] = []
+        try:
+            async for chunk in coalesce.within_result_budget(ticking(chunks), max_bytes):
+                received.append(chunk)
+        except coalesce.ResultTooLarge as error:
+            return received, error
+        return received, None
+
+    everything = json.dumps(chunks, ensure_ascii=False)
+    received, error = asyncio.run(run(len(everything)))
+    assert received == chunks and error is None  # exactly at the limit: all of it
+    received, error = asyncio.run(run(len(everything) - 1))
+    assert received == chunks[:-1]  # the chunk that would pass the limit is never sent
+    assert error is not None and error.max_bytes == len(everything) - 1
+    assert len(json.dumps(received)) <= error.max_bytes
