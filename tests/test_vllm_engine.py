@@ -1,4 +1,13 @@
-"""01_text_generation on vLLM's real engine (the `vllm-cpu` build), with a tiny random-weight Llama.
+"""01_text_generation with ENGINE=vllm against vLLM's own OpenAI server, on vLLM's real CPU engine.
+
+The worker runs vLLM's OpenAI server as a child process and relays each job to it
+(01_text_generation/vllm_server.py). These tests start, once per module, the worker (its handler
+imported as a worker does, its server configured from the environment) and, beside it, a
+reference `vllm` OpenAI server started by hand with the equivalent command-line flags, both on the
+same tiny random-weight Qwen3 with a hermes-style tool template that opens `<think>` (from
+tests/tiny_models.py) and a tiny LoRA adapter built offline with peft. The same requests go to
+both: greedy (or seeded) results must be identical, content, tool calls, reasoning, logprobs, `n`
+choices, usage and the sequence of server-sent events, ids and timestamps aside.
 
 vLLM cannot share the main test environment (its CPU build brings packages that break imports
 there), so these tests run in their own virtual environment: `bash tests/vllm_cpu.sh`, which
@@ -8,8 +17,12 @@ there), so these tests run in their own virtual environment: `bash tests/vllm_cp
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -19,166 +32,528 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM runs in its own environment: bash tests/vllm_cpu.sh")
 
+import httpx
+import jsonschema
+import psutil
 from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from tests.harness import json_lines, load_handler, run_job, run_job_async, run_local
+from tests.harness import REPO, base_env, load_handler, run_job, run_job_async
+from tests.runpod_api import JobAPI, Worker
 
 EXAMPLE = "01_text_generation"
+SERVED = "tiny-qwen3"
+LORA = "tiny-lora"
 CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "What is the capital of France?"}]
 GREEDY = {"temperature": 0, "max_tokens": 16}
+START_TIMEOUT_S = 600  # two vLLM servers starting at once on a 2-core machine
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "strict": True,  # vLLM then constrains the arguments to the parameters' schema
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "enum": ["Paris", "Berlin", "Tokyo"]},
+                "days": {"type": "integer", "minimum": 1, "maximum": 7},
+            },
+            "required": ["city", "days"],
+            "additionalProperties": False,
+        },
+    },
+}
+PERSON_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "enum": ["Ada", "Alan", "Grace"]},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "admin": {"type": "boolean"},
+    },
+    "required": ["name", "age", "admin"],
+    "additionalProperties": False,
+}
 
 
-def vllm_cpu_env(model: Path, tmp: Path) -> dict[str, str]:
-    """What vLLM's CPU build needs to start small and quiet on a shared machine."""
+def vllm_cpu_env(tmp: Path) -> dict[str, str]:
+    """What vLLM's CPU build needs to start small and quiet on a shared machine (both servers)."""
     return {
+        "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB: otherwise the KV cache takes most of the machine
+        "VLLM_HOST_IP": "127.0.0.1",  # keep its internal address on loopback
+        "VLLM_RPC_BASE_PATH": str(tmp),  # its socket files, out of /tmp
+        "VLLM_LOGGING_LEVEL": "WARNING",
+    }
+
+
+def worker_env(model: Path, lora: Path, tmp: Path, reasoning: bool = False) -> dict[str, str]:
+    """The worker's settings, as an endpoint's environment variables."""
+    return {
+        **({"REASONING_PARSER": "deepseek_r1"} if reasoning else {}),
+        **vllm_cpu_env(tmp),
         "MODEL_NAME": str(model),
+        "SERVED_MODEL_NAME": SERVED,
         "ENGINE": "vllm",
         "DTYPE": "float32",
         "MAX_MODEL_LEN": "512",
         "MAX_NUM_SEQS": "8",
         "ENFORCE_EAGER": "true",  # no torch.compile of the model: seconds to start instead of minutes
-        "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB: otherwise the KV cache takes most of the machine
-        "VLLM_HOST_IP": "127.0.0.1",  # keep its internal address on loopback
-        "VLLM_RPC_BASE_PATH": str(tmp),  # its socket files, out of /tmp
-        "VLLM_LOGGING_STREAM": "ext://sys.stderr",  # stdout carries the printed chunks
+        "ENABLE_AUTO_TOOL_CHOICE": "true",
+        "TOOL_CALL_PARSER": "hermes",
+        "LORA_MODULES": f"{LORA}={lora}",
+        # Random weights emit whitespace forever inside a JSON grammar that allows it.
+        "STRUCTURED_OUTPUTS_CONFIG": '{"backend": "xgrammar", "disable_any_whitespace": true}',
     }
 
 
-@pytest.fixture(scope="module")
-def env(tiny_model, tmp_path_factory) -> dict[str, str]:
-    return vllm_cpu_env(tiny_model("llama"), tmp_path_factory.mktemp("vllm-rpc"))
+def reference_flags(model: Path, lora: Path, reasoning: bool = False) -> list[str]:
+    """The same settings as `vllm serve` flags, as a user of vLLM would write them."""
+    return (["--reasoning-parser", "deepseek_r1"] if reasoning else []) + [
+        "--model", str(model), "--served-model-name", SERVED, "--dtype", "float32", "--max-model-len", "512",
+        "--max-num-seqs", "8", "--enforce-eager", "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
+        "--enable-lora", "--lora-modules", f"{LORA}={lora}",
+        "--structured-outputs-config", '{"backend": "xgrammar", "disable_any_whitespace": true}',
+    ]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
-def vllm(env: dict[str, str]) -> Iterator[ModuleType]:
-    module = load_handler(EXAMPLE, env)
-    assert type(module.ENGINE).__name__ == "VLLMEngine"
-    yield module
-    module.ENGINE.shutdown()  # its engine process, before pytest closes the streams it logs to
-    sys.modules.pop(module.__name__, None)  # or AsyncLLM.__del__ runs again at interpreter exit
+def model(tiny_model) -> Path:
+    return tiny_model("qwen3-vllm")
 
 
+@pytest.fixture(scope="module")
+def lora(tiny_model) -> Path:
+    return tiny_model("qwen3-vllm-lora")
+
+
+@pytest.fixture(scope="module")
+def rpc(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("vllm-rpc")
+
+
+def wait_healthy(url: str, process: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"the reference server exited with {process.returncode}"
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                return
+        time.sleep(0.5)
+    raise TimeoutError(f"no /health from {url} in {timeout}s")
+
+
+def start_pair(model: Path, lora: Path, rpc: Path, reasoning: bool) -> Iterator[tuple[ModuleType, str]]:
+    """(the worker's handler module, the reference server's URL), started side by side."""
+    port = 18000 + os.getpid() % 1000 + reasoning
+    reference = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.launchers.api_server.entry",
+            *reference_flags(model, lora, reasoning),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        env=base_env(**vllm_cpu_env(rpc)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    module = None
+    try:
+        module = load_handler(EXAMPLE, worker_env(model, lora, rpc, reasoning))
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url, reference, START_TIMEOUT_S)
+        yield module, url
+    finally:
+        if module is not None and module.VLLM:
+            module.VLLM.shutdown()
+        reference.terminate()
+        try:
+            reference.wait(60)
+        except subprocess.TimeoutExpired:
+            reference.kill()
+
+
+@pytest.fixture(scope="module")
+def servers(model: Path, lora: Path, rpc: Path) -> Iterator[tuple[ModuleType, str]]:
+    yield from start_pair(model, lora, rpc, reasoning=False)
+
+
+@pytest.fixture(scope="module")
+def worker(servers) -> ModuleType:
+    return servers[0]
+
+
+@pytest.fixture(scope="module")
+def reference(servers) -> str:
+    return servers[1]
+
+
+# ---- helpers --------------------------------------------------------------------------------
 def ok(result: dict[str, Any]) -> list[Any]:
     assert "error" not in result, result
     return result["output"]
 
 
+def events_of(chunks: list[str]) -> list[str]:
+    """The server-sent events in a stream's chunks; every chunk must hold whole events."""
+    events = []
+    for chunk in chunks:
+        assert isinstance(chunk, str) and chunk.endswith("\n\n"), f"a chunk that splits an event: {chunk!r}"
+        events += [event + "\n\n" for event in chunk.split("\n\n")[:-1]]
+    return events
+
+
+def direct(url: str, route: str, body: dict[str, Any] | None) -> Any:
+    """The reference server's answer: a JSON object, or the list of its events when streamed."""
+    if body is None:
+        return httpx.get(url + route, timeout=120).json()
+    with httpx.stream("POST", url + route, json=body, timeout=120) as response:
+        raw = response.read()
+    if response.headers["content-type"].startswith("text/event-stream"):
+        return events_of([raw.decode()])
+    return json.loads(raw)
+
+
+def via_worker(module: ModuleType, route: str, body: dict[str, Any] | None) -> Any:
+    """The worker's answer to the same request, as a Runpod OpenAI job."""
+    job = {"openai_route": route, **({"openai_input": body} if body is not None else {})}
+    output = ok(run_job(module.handler, job))
+    if body is not None and body.get("stream"):
+        return events_of(output)
+    [answer] = output
+    return answer
+
+
+VARYING = {"id", "created", "system_fingerprint"}  # differ from one request to the next on any server
+
+
+def choice_index(event: Any) -> int:
+    choices = event.get("choices") if isinstance(event, dict) else None
+    return choices[0]["index"] if choices else -1
+
+
+def stable(value: Any) -> Any:
+    """A response without its ids and timestamps (tool-call ids included), events parsed. With
+    n > 1 the engine interleaves the choices' events in no fixed order; each choice's own events
+    keep theirs, so events are compared choice by choice (a stable sort by choice index)."""
+    if isinstance(value, list):
+        items = [stable(item) for item in value]
+        if any(isinstance(item, str) and item.startswith("data: {") for item in value):
+            return sorted(items, key=choice_index)
+        return items
+    if isinstance(value, str) and value.startswith("data: {"):
+        return stable(json.loads(value[len("data: ") :]))
+    if isinstance(value, dict):
+        return {key: stable(item) for key, item in value.items() if key not in VARYING}
+    return value
+
+
+def parity(worker: ModuleType, reference: str, route: str, body: dict[str, Any]) -> Any:
+    """Send `body` to both, streamed and not; assert identical answers; return the worker's."""
+    streamed = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    whole, events = via_worker(worker, route, body), via_worker(worker, route, streamed)
+    assert stable(whole) == stable(direct(reference, route, body))
+    assert stable(events) == stable(direct(reference, route, streamed))
+    assert events[-1] == "data: [DONE]\n\n"
+    return whole, events
+
+
+# ---- parity with vLLM's own server ----------------------------------------------------------
+PARITY = {
+    "chat, greedy, logprobs": (
+        "/v1/chat/completions",
+        {"messages": CHAT, **GREEDY, "logprobs": True, "top_logprobs": 3},
+    ),
+    "chat, seeded, n=2, penalties, min_p": (
+        "/v1/chat/completions",
+        {
+            "messages": CHAT,
+            "temperature": 1.0,
+            "seed": 7,
+            "n": 2,
+            "max_tokens": 12,
+            "presence_penalty": 1.5,
+            "frequency_penalty": 0.5,
+            "min_p": 0.05,
+            "top_k": 20,
+        },
+    ),
+    "chat, thinking off, stop, ignore_eos": (
+        "/v1/chat/completions",
+        {
+            "messages": CHAT,
+            **GREEDY,
+            "chat_template_kwargs": {"enable_thinking": False},
+            "ignore_eos": True,
+            "stop": ["e"],
+            "include_stop_str_in_output": True,
+        },
+    ),
+    "chat, continued assistant turn": (
+        "/v1/chat/completions",
+        {
+            "messages": [*CHAT, {"role": "assistant", "content": "The capital"}],
+            **GREEDY,
+            "continue_final_message": True,
+            "add_generation_prompt": False,
+        },
+    ),
+    "completions, logprobs, echo": (
+        "/v1/completions",
+        {"prompt": "The weather today", **GREEDY, "logprobs": 2, "echo": True},
+    ),
+    "completions, two prompts, min_tokens": (
+        "/v1/completions",
+        {"prompt": ["Paris is", "Numbers:"], "temperature": 0, "max_tokens": 8, "min_tokens": 8},
+    ),
+    "tools, required": (
+        "/v1/chat/completions",
+        {
+            # vLLM's hermes tool grammar allows any whitespace, which random weights emit forever:
+            # a strong bias against whitespace tokens lets the call close.
+            "logit_bias": "WHITESPACE",
+            "parallel_tool_calls": False,  # one call, then the turn ends
+            "messages": [{"role": "user", "content": "Weather in Paris?"}],
+            "tools": [WEATHER_TOOL],
+            "tool_choice": "required",
+            "temperature": 0,
+            "max_tokens": 64,
+        },
+    ),
+    "structured output, json_schema": (
+        "/v1/chat/completions",
+        {
+            "messages": CHAT,
+            "temperature": 0,
+            "max_tokens": 64,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON_SCHEMA}},
+        },
+    ),
+    "LoRA adapter by model": (
+        "/v1/chat/completions",
+        {"model": LORA, "messages": CHAT, **GREEDY},
+    ),
+}
+
+
+def whitespace_bias(model: Path) -> dict[str, int]:
+    """logit_bias against every token of the tiny vocabulary that is only whitespace."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    blank = [i for i in range(len(tokenizer)) if not tokenizer.decode([i]).strip() and tokenizer.decode([i])]
+    return dict.fromkeys(map(str, blank), -100)
+
+
+def request(case: str, model: Path) -> tuple[str, dict[str, Any]]:
+    route, body = PARITY[case]
+    if body.get("logit_bias") == "WHITESPACE":
+        body = {**body, "logit_bias": whitespace_bias(model)}
+    return route, body
+
+
+@pytest.mark.parametrize("case", PARITY)
+def test_same_results_as_vllms_own_server(worker: ModuleType, reference: str, model: Path, case: str) -> None:
+    route, body = request(case, model)
+    whole, events = parity(worker, reference, route, body)
+    if route == "/v1/chat/completions":  # the official client parses both
+        ChatCompletion.model_validate(whole)
+        for event in events[:-1]:
+            ChatCompletionChunk.model_validate(json.loads(event[len("data: ") :]))
+    elif not body.get("echo"):  # the client's types reject the echoed prompt's null logprob (vLLM's, not ours)
+        Completion.model_validate(whole)
+    assert whole["usage"]["completion_tokens"] > 0
+    assert len(whole["choices"]) == body.get("n", len(body["prompt"]) if isinstance(body.get("prompt"), list) else 1)
+
+
+def test_models_route_lists_the_model_and_its_adapters(worker: ModuleType, reference: str) -> None:
+    listed = via_worker(worker, "/v1/models", None)
+    assert stable(listed) == stable(direct(reference, "/v1/models", None))
+    assert {model["id"] for model in listed["data"]} == {SERVED, LORA}
+
+
+def test_a_lora_adapter_changes_the_answer(worker: ModuleType) -> None:
+    def content(model: str) -> str:
+        body = {"model": model, "messages": CHAT, **GREEDY}
+        return via_worker(worker, "/v1/chat/completions", body)["choices"][0]["message"]["content"]
+
+    assert content(LORA) != content(SERVED)
+
+
+def test_structured_output_matches_its_schema(worker: ModuleType) -> None:
+    body = PARITY["structured output, json_schema"][1]
+    answer = via_worker(worker, "/v1/chat/completions", body)
+    jsonschema.validate(json.loads(answer["choices"][0]["message"]["content"]), PERSON_SCHEMA)
+
+
+def test_tool_call_arguments_match_the_tools_parameters(worker: ModuleType, model: Path) -> None:
+    _, body = request("tools, required", model)
+    message = via_worker(worker, "/v1/chat/completions", body)["choices"][0]["message"]
+    assert message["tool_calls"], message
+    for call in message["tool_calls"]:
+        assert call["function"]["name"] == "get_weather"
+        jsonschema.validate(json.loads(call["function"]["arguments"]), WEATHER_TOOL["function"]["parameters"])
+
+
+# ---- the native request shape ---------------------------------------------------------------
 def native(module: ModuleType, **request: Any) -> list[Any]:
     return ok(run_job(module.handler, request))
 
 
-def text_of(chunks: list[dict[str, Any]]) -> str:
-    return "".join(chunk.get("text", "") for chunk in chunks)
-
-
-def test_streaming_order_finish_reason_and_usage(vllm: ModuleType) -> None:
-    *deltas, last = native(vllm, messages=CHAT, sampling_params=GREEDY, stream=True)
-    assert deltas and all(set(d) == {"text"} and d["text"] for d in deltas), "text deltas, never empty"
-    assert last["finish_reason"] in ("stop", "length")
-    prompt = vllm.render_prompt(vllm.GenerateRequest(messages=CHAT))
-    assert last["usage"]["prompt_tokens"] == prompt.tokens
-    assert 1 <= last["usage"]["completion_tokens"] <= GREEDY["max_tokens"]
-    [whole] = native(vllm, messages=CHAT, sampling_params=GREEDY)
-    assert whole["text"] == text_of(deltas) and whole["usage"] == last["usage"]
-
-
-def test_length_finish(vllm: ModuleType) -> None:
-    [whole] = native(vllm, prompt="Once upon a time", sampling_params={"temperature": 0, "max_tokens": 5})
-    assert whole["finish_reason"] == "length" or whole["usage"]["completion_tokens"] < 5
-    if whole["finish_reason"] == "length":
-        assert whole["usage"]["completion_tokens"] == 5
-
-
-def test_stop_sequences(vllm: ModuleType) -> None:
-    greedy = native(vllm, prompt="The weather today", sampling_params={"temperature": 0, "max_tokens": 40})[0]["text"]
-    stop = greedy[10:14]
-    assert stop.strip()
-    chunks = native(
-        vllm, prompt="The weather today", sampling_params={"temperature": 0, "max_tokens": 40, "stop": stop}
+def test_native_requests_take_vllms_sampling_params(worker: ModuleType, reference: str) -> None:
+    sampling = {"temperature": 0, "max_tokens": 16, "min_p": 0.1, "presence_penalty": 1.0, "ignore_eos": True}
+    expected = direct(reference, "/v1/chat/completions", {"messages": CHAT, **sampling})["choices"][0]
+    [whole] = native(worker, messages=CHAT, sampling_params=sampling)
+    assert whole["text"] == (expected["message"]["content"] or "")
+    assert whole["finish_reason"] == expected["finish_reason"] == "length"
+    assert whole["usage"]["completion_tokens"] == 16
+    *deltas, last = native(worker, messages=CHAT, sampling_params=sampling, stream=True)
+    assert all(set(delta) <= {"text", "reasoning"} for delta in deltas)
+    assert "".join(d.get("reasoning", "") + d.get("text", "") for d in deltas) == (
+        (expected["message"].get("reasoning") or "") + (expected["message"]["content"] or "")
     )
-    assert chunks[0]["text"] == greedy[: greedy.index(stop)] and chunks[0]["finish_reason"] == "stop"
+    assert last["finish_reason"] == "length"
+    tokens = ("prompt_tokens", "completion_tokens", "total_tokens")
+    assert {key: last["usage"][key] for key in tokens} == {key: whole["usage"][key] for key in tokens}
+    prompt = direct(reference, "/v1/completions", {"prompt": "Once upon", **sampling})["choices"][0]["text"]
+    assert native(worker, prompt="Once upon", sampling_params=sampling)[0]["text"] == prompt
 
 
-def test_seeded_sampling_reproduces(vllm: ModuleType) -> None:
-    def sample(seed: int) -> str:
-        return native(vllm, prompt="Once", sampling_params={"temperature": 1.0, "max_tokens": 24, "seed": seed})[0][
-            "text"
-        ]
+def test_native_sampling_fields_are_vllms() -> None:
+    from vllm import SamplingParams
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 
-    assert sample(3) == sample(3)
-    assert len({sample(3), sample(4), sample(5)}) > 1
-
-
-def test_openai_chat_completions_and_sse(vllm: ModuleType) -> None:
-    body = {"messages": CHAT, **GREEDY}
-    [response] = ok(run_job(vllm.handler, {"openai_route": "/v1/chat/completions", "openai_input": body}))
-    reference = ChatCompletion.model_validate(response).choices[0].message.content
-    streamed = {"stream": True, "stream_options": {"include_usage": True}}
-    events = ok(run_job(vllm.handler, {"openai_route": "/v1/chat/completions", "openai_input": {**body, **streamed}}))
-    assert events[-1] == "data: [DONE]\n\n"
-    chunks = [ChatCompletionChunk.model_validate(json.loads(e[len("data: ") :])) for e in events[:-1]]
-    assert chunks[0].choices[0].delta.role == "assistant"
-    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == response["usage"]["completion_tokens"]
-    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == reference
-    text = {"prompt": "The weather", "temperature": 0, "max_tokens": 8}
-    [completion] = ok(run_job(vllm.handler, {"openai_route": "/v1/completions", "openai_input": text}))
-    assert Completion.model_validate(completion).choices[0].finish_reason in ("stop", "length")
-    [models] = ok(run_job(vllm.handler, {"openai_route": "/v1/models"}))
-    assert models["data"][0]["id"] == vllm.SERVED_MODEL_NAME
+    sys.path.insert(0, str(REPO / EXAMPLE))
+    try:
+        import vllm_server
+    finally:
+        sys.path.remove(str(REPO / EXAMPLE))
+    for field in vllm_server.NATIVE_SAMPLING_FIELDS:
+        assert field in SamplingParams.__struct_fields__, field
+        assert field in ChatCompletionRequest.model_fields and field in CompletionRequest.model_fields, field
 
 
 @pytest.mark.parametrize(
     ("job_input", "message"),
     [
         ({"prompt": "a", "messages": CHAT}, "send exactly one of prompt or messages"),
-        ({"prompt": "hi", "sampling_params": {"max_tokens": 600}}, "sampling_params.max_tokens: Input should be less"),
-        ({"prompt": "x " * 600}, "leaves no room in the 512-token context (MAX_MODEL_LEN)"),
-        ({"openai_route": "/v1/chat/completions", "openai_input": {"messages": CHAT, "n": 2}}, "n=2 is not supported"),
+        ({"prompt": "a", "sampling_params": {"max_new_tokens": 5}}, "sampling_params: unknown field(s) max_new_tokens"),
+        ({"prompt": "a", "sampling_params": {"max_tokens": 600}}, "vLLM refused the request (HTTP 400)"),
+        ({"openai_route": "/v1/embeddings", "openai_input": {}}, "openai_route must be one of"),
+        ({"openai_route": "/v1/chat/completions", "openai_input": {"model": "gpt-4", "messages": CHAT}}, "gpt-4"),
+        ({"openai_route": "/v1/chat/completions", "openai_input": {"messages": CHAT, "n": 0}}, "n"),
     ],
 )
-def test_bad_input_and_the_worker_serves_on(vllm: ModuleType, job_input: Any, message: str) -> None:
-    assert message in run_job(vllm.handler, job_input)["error"]
-    assert native(vllm, prompt="still serving", sampling_params={"max_tokens": 2})[-1]["usage"]
+def test_bad_requests_get_vllms_message_and_the_worker_serves_on(
+    worker: ModuleType, job_input: Any, message: str
+) -> None:
+    error = run_job(worker.handler, job_input)["error"]
+    assert message in error
+    assert "Traceback" not in error
+    assert native(worker, prompt="still serving", sampling_params={"max_tokens": 2})[-1]["usage"]
 
 
-def test_four_concurrent_streams_match_their_solo_runs(vllm: ModuleType) -> None:
+# ---- configuration --------------------------------------------------------------------------
+def test_environment_settings_equal_the_flags_a_user_would_pass(model: Path, lora: Path, rpc: Path) -> None:
+    """The env mapping, parsed by vLLM's own parser, gives exactly the reference server's settings."""
+    sys.path.insert(0, str(REPO / EXAMPLE))
+    try:
+        import vllm_server
+    finally:
+        sys.path.remove(str(REPO / EXAMPLE))
+    parser = vllm_server.vllm_parser()
+    argv = vllm_server.checked_argv(worker_env(model, lora, rpc, reasoning=True))
+    assert vars(parser.parse_args(argv)) == vars(parser.parse_args(reference_flags(model, lora, reasoning=True)))
+    with pytest.raises(vllm_server.SettingsError, match="MAX_NUM_SEQS"):
+        vllm_server.checked_argv({"MODEL_NAME": str(model), "MAX_NUM_SEQS": "many"})
+    with pytest.raises(vllm_server.SettingsError, match="--enable-auto-tool-choice requires --tool-call-parser"):
+        vllm_server.checked_argv({"MODEL_NAME": str(model), "ENABLE_AUTO_TOOL_CHOICE": "true"})
+    with pytest.raises(vllm_server.SettingsError, match="invalid tool call parser: no-such-parser"):
+        vllm_server.checked_argv(
+            {"MODEL_NAME": str(model), "ENABLE_AUTO_TOOL_CHOICE": "1", "TOOL_CALL_PARSER": "no-such-parser"}
+        )
+    with pytest.raises(vllm_server.SettingsError, match="invalid reasoning parser: no-such-parser"):
+        vllm_server.checked_argv({"MODEL_NAME": str(model), "REASONING_PARSER": "no-such-parser"})
+
+
+def test_concurrency_follows_max_num_seqs(worker: ModuleType) -> None:
+    assert worker.WORKER_CONFIG["concurrency_modifier"](1) == 8  # MAX_NUM_SEQS=8 in worker_env
+
+
+def test_a_bad_setting_stops_the_worker_before_any_job(model: Path, rpc: Path) -> None:
+    with JobAPI() as api:
+        env = {**vllm_cpu_env(rpc), "MODEL_NAME": str(model), "ENGINE": "vllm", "MAX_NUM_SEQS": "many"}
+        with pytest.raises(RuntimeError) as failed:
+            Worker(EXAMPLE, api, env, startup_timeout=300, python=sys.executable)
+    assert "MAX_NUM_SEQS" in str(failed.value) and "invalid" in str(failed.value)
+    assert api.takes == 0
+
+
+# ---- streaming and concurrency --------------------------------------------------------------
+def test_concurrent_streams_match_their_solo_runs(worker: ModuleType) -> None:
     requests = [
         {"prompt": prompt, "sampling_params": {"temperature": 0, "max_tokens": 24}, "stream": True}
         for prompt in ("Paris is", "The train", "Cats and dogs", "Numbers:")
     ]
-    alone = [text_of(native(vllm, **request)) for request in requests]
+
+    def text(chunks: list[dict[str, Any]]) -> str:
+        return "".join(chunk.get("text", "") for chunk in chunks)
+
+    alone = [text(native(worker, **request)) for request in requests]
 
     async def together() -> list[dict[str, Any]]:
-        return await asyncio.gather(*(run_job_async(vllm.handler, {"input": r}) for r in requests))
+        return await asyncio.gather(*(run_job_async(worker.handler, {"input": r}) for r in requests))
 
-    assert [text_of(ok(result)) for result in asyncio.run(together())] == alone
+    assert [text(ok(result)) for result in asyncio.run(together())] == alone
 
 
-def test_an_abandoned_stream_is_aborted_in_the_engine(vllm: ModuleType) -> None:
-    request = {"prompt": "Once", "sampling_params": {"temperature": 1.0, "max_tokens": 400}, "stream": True}
+def running_requests(url: str) -> float:
+    metrics = httpx.get(f"{url}/metrics", timeout=10).text
+    return sum(
+        float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines() if line.startswith("vllm:num_requests_running")
+    )
 
-    async def read_two_then_leave() -> int:
-        stream = vllm.handler({"id": "gone", "input": request})
+
+def test_an_abandoned_stream_is_aborted_in_vllm(worker: ModuleType) -> None:
+    request = {"prompt": "Once", "sampling_params": {"max_tokens": 400, "ignore_eos": True}, "stream": True}
+
+    async def read_two_then_leave() -> None:
+        stream = worker.handler({"id": "gone", "input": request})
         await anext(stream)
         await anext(stream)
         await stream.aclose()
-        for _ in range(200):  # the abort reaches the engine's own loop asynchronously
-            unfinished = vllm.ENGINE.engine.output_processor.get_num_unfinished_requests()
-            if unfinished == 0:
-                return 0
-            await asyncio.sleep(0.05)
-        return unfinished
 
-    assert asyncio.run(read_two_then_leave()) == 0
-    assert vllm.ENGINE.active == 0
+    asyncio.run(read_two_then_leave())
+    for _ in range(100):  # vLLM aborts a request whose client went away at its next step
+        if running_requests(worker.VLLM.url) == 0:
+            break
+        time.sleep(0.1)
+    assert running_requests(worker.VLLM.url) == 0
+    assert worker.VLLM.active == 0
 
 
-def test_python_handler_py_with_the_vllm_engine(env: dict[str, str]) -> None:
-    """The engine core starts in a spawned process that imports handler.py again: the guard keeps
-    that import from building a second engine, and the local run prints real chunks."""
-    run = run_local(EXAMPLE, {**env, "RUNPOD_LOG_LEVEL": "INFO"}, timeout=600)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    *deltas, last = json_lines(run.stdout)
-    assert deltas and all(d["text"] for d in deltas) and last["finish_reason"] in ("stop", "length")
-    assert run.stdout.count("Loaded ") == 1, "one engine, loaded once"
+# ---- the engine dying -----------------------------------------------------------------------
+def engine_cores(worker: Worker) -> list[psutil.Process]:
+    descendants = psutil.Process(worker.process.pid).children(recursive=True)
+    return [p for p in descendants if "EngineCore" in p.name() or "EngineCore" in " ".join(p.cmdline())]
+
+
+def test_a_dead_engine_fails_its_job_and_retires_the_worker(model: Path, lora: Path, rpc: Path) -> None:
+    """Through Runpod's real worker loop: kill vLLM's engine-core process mid-stream."""
+    with JobAPI() as api, Worker(EXAMPLE, api, worker_env(model, lora, rpc), startup_timeout=START_TIMEOUT_S) as w:
+        job = {"prompt": "Once", "sampling_params": {"max_tokens": 400, "ignore_eos": True}, "stream": True}
+        job_id = api.submit(job)
+        for _ in range(600):
+            if api.jobs[job_id].stream:
+                break
+            time.sleep(0.05)
+        assert api.jobs[job_id].stream, "no chunk streamed"
+        [core] = engine_cores(w)
+        core.kill()
+        result = api.wait(job_id, timeout=120)
+        assert result.status == "FAILED" and "vLLM's engine stopped" in result.error, result.error
+        assert w.exited(timeout=60) is not None, "the worker kept running after its engine died"

@@ -1,0 +1,700 @@
+"""ENGINE=vllm: vLLM's own OpenAI server, started beside the handler, with every job relayed to it.
+
+Why a server and not vLLM's engine in-process: Runpod users come from worker-vllm, which runs
+vLLM's OpenAI server, and expect everything it accepts on `/v1/chat/completions`,
+`/v1/completions`, `/v1/models` and `/v1/responses` (tools and their parsers, reasoning parsers,
+structured output, logprobs, `n`, LoRA adapters chosen by `model`, every vLLM extension field),
+with the same results. That serving layer is most of vLLM's entrypoint code and changes with
+every release; re-implementing it on `AsyncLLM` would always lag behind. So the worker starts
+the real server on a loopback port, waits for `/health`, and forwards each job's body to it:
+
+  * `openai_route` + `openai_input`: POSTed as they are (GET for `/v1/models`); a JSON answer is
+    yielded as one chunk, a streamed one as whole server-sent events (several per chunk when the
+    network is slower than the model: see `coalesce.py`), byte for byte what vLLM sent.
+  * the native shape (`prompt` or `messages`, `sampling_params`, `stream`): mapped onto
+    `/v1/completions` or `/v1/chat/completions`, `sampling_params` taking vLLM's own
+    `SamplingParams` names (those of worker-vllm's native API), and answered with this worker's
+    native chunks (`{"text": ...}`, then `{"finish_reason", "usage"}`).
+
+Configuration: every flag of vLLM's server is an environment variable, its upper-case name
+(`--max-num-seqs` is `MAX_NUM_SEQS`, `--enable-auto-tool-choice` is `ENABLE_AUTO_TOOL_CHOICE`),
+plus this worker's older names (`MODEL_NAME`, `CUSTOM_CHAT_TEMPLATE`, ...). The list of flags
+comes from vLLM's own argument parser, and the settings are parsed and checked by it before the
+model loads, so a mistake stops the worker with one clear line before it takes any job.
+
+Failure: when vLLM's engine dies (its engine-core process killed, `EngineDeadError`), vLLM's
+server shuts itself down. The jobs in flight fail with a clear error and the worker asks Runpod
+for a fresh one (`refresh_worker`); a server that dies while the worker is idle ends the
+worker process, so Runpod replaces it rather than sending it jobs it can only fail.
+
+This module imports no vLLM at load: the handler process only relays. vLLM is imported by the
+server process, which is this file run as a script (`python vllm_server.py`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import ctypes
+import ctypes.util
+import difflib
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import aiohttp
+import psutil
+import runpod
+from coalesce import coalesced, merge_text
+
+log = runpod.RunPodLogger()
+
+# ---------------------------------------------------------------------------------------------
+# Limits and fixed settings
+# ---------------------------------------------------------------------------------------------
+HOST = "127.0.0.1"  # loopback only: callers reach the worker through Runpod, never this port
+# A first start downloads the model (a 70B model in bf16 is ~140 GB) and may compile CUDA graphs.
+START_TIMEOUT_S = 3600.0
+HEALTH_POLL_S = 0.5  # how often start-up asks /health
+HEALTH_TIMEOUT_S = 5.0  # a live server answers /health in milliseconds, even under load
+SHUTDOWN_TIMEOUT_S = 30.0  # vLLM's own graceful stop, before what is left is killed
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+LOG_TAIL_LINES = 30  # the server's last log lines, quoted when it fails to start
+# Jobs one worker holds at once, by default: as many as vLLM batches (MAX_NUM_SEQS), at most 64.
+# A job held here is a job no other worker can take, so past what one engine batches usefully the
+# queue is better left to Runpod's autoscaler; 64 covers the 50-100 streams users run per GPU.
+MAX_CONCURRENCY_CAP = 64
+SSE_END = b"\n\n"  # the blank line that closes every server-sent event
+SETTINGS_ERROR = "vLLM settings error: "  # how the server process reports refused settings
+
+CHAT_ROUTE = "/v1/chat/completions"
+COMPLETIONS_ROUTE = "/v1/completions"
+MODELS_ROUTE = "/v1/models"
+RESPONSES_ROUTE = "/v1/responses"
+ROUTES = (CHAT_ROUTE, COMPLETIONS_ROUTE, MODELS_ROUTE, RESPONSES_ROUTE)
+GET_ROUTES = (MODELS_ROUTE,)
+
+TRUE_VALUES = ("1", "true", "yes", "on")
+FALSE_VALUES = ("0", "false", "no", "off")
+
+# ---------------------------------------------------------------------------------------------
+# Configuration: environment variables -> vLLM server flags (pure; the flag table comes from vLLM)
+# ---------------------------------------------------------------------------------------------
+# This worker's (and worker-vllm's) names that are not the upper-case name of their flag.
+ENV_ALIASES = {
+    "MODEL_NAME": "MODEL",
+    "MODEL_REVISION": "REVISION",
+    "TOKENIZER_NAME": "TOKENIZER",
+    "CUSTOM_CHAT_TEMPLATE": "CHAT_TEMPLATE",
+}
+# Flags never taken from the environment: the worker sets the address itself (HOST, PORT, UDS),
+# MODEL is spelt MODEL_NAME, a config file or --help would bypass the checks, and HF_TOKEN must
+# not appear on a command line (vLLM reads it from the environment anyway). API_KEY: Runpod
+# authenticates callers; the loopback server needs none.
+NOT_FROM_ENV = frozenset({"HOST", "PORT", "UDS", "MODEL", "CONFIG", "HELP", "HF_TOKEN", "API_KEY", "HEADLESS", "GRPC"})
+# QUANTIZATION keeps this worker's names for bitsandbytes (shared with the transformers engine).
+QUANTIZATION_NAMES = {"bnb-4bit": "bitsandbytes"}
+TRANSFORMERS_ONLY_QUANTIZATION = ("bnb-8bit",)
+# Names this worker reads for itself, never mistaken for misspelt vLLM flags.
+WORKER_ENV = frozenset(
+    {"ENGINE", "MAX_CONCURRENCY", "DEFAULT_MAX_TOKENS", "MAX_GENERATION_SECONDS", "SERVED_MODEL_NAME"}
+)
+NEAR_MISS_CUTOFF = 0.9  # difflib similarity above which an unknown name is reported as a likely typo
+
+FlagKind = Literal["value", "list", "append", "switch", "paired"]
+
+
+@dataclass(frozen=True)
+class Flag:
+    option: str  # "--max-num-seqs"
+    kind: FlagKind  # value: one value; list: nargs="+"; append: repeated; switch: store_true; paired: --x/--no-x
+
+
+class SettingsError(ValueError):
+    """A setting vLLM cannot take; the message names the environment variable."""
+
+
+def env_name(option: str) -> str:
+    """`--max-num-seqs` -> `MAX_NUM_SEQS`."""
+    return option.removeprefix("--").replace("-", "_").upper()
+
+
+def parse_bool(name: str, value: str) -> bool:
+    if value.lower() in TRUE_VALUES:
+        return True
+    if value.lower() in FALSE_VALUES:
+        return False
+    raise SettingsError(f"{name}={value!r}: expected true or false")
+
+
+def list_values(name: str, value: str) -> list[str]:
+    """A list flag's values: a JSON list (objects become JSON strings, as vLLM's --lora-modules
+    takes them) or, otherwise, shell words (`a=/path b=/path`)."""
+    if value.lstrip().startswith("["):
+        try:
+            items = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise SettingsError(f"{name}: not a valid JSON list ({error})") from None
+        return [item if isinstance(item, str) else json.dumps(item) for item in items]
+    try:
+        return shlex.split(value)
+    except ValueError as error:
+        raise SettingsError(f"{name}: {error}") from None
+
+
+def server_argv(environ: Mapping[str, str], flags: Mapping[str, Flag]) -> tuple[list[str], list[str]]:
+    """(vLLM server arguments, warnings) for the settings in `environ`. Pure.
+
+    `flags` maps each flag's environment name to the flag (see `flag_table`). Unset or empty
+    variables are left to vLLM's defaults. A value this function can already tell is wrong (a
+    boolean that is not one, a quantization only the other engine has) raises `SettingsError`;
+    vLLM's parser checks the rest.
+    """
+    settings: dict[str, tuple[str, str]] = {}  # flag env name -> (the variable it came from, value)
+    for name, value in environ.items():
+        if not value:
+            continue
+        target = ENV_ALIASES.get(name, name)
+        if target in NOT_FROM_ENV and name not in ENV_ALIASES:
+            continue
+        if target not in flags:
+            continue
+        if target in settings:
+            both = " and ".join(sorted((name, settings[target][0])))
+            raise SettingsError(f"{both} both set {flags[target].option}: set one of them")
+        settings[target] = (name, value)
+
+    if "LORA_MODULES" in settings and "ENABLE_LORA" not in settings and "ENABLE_LORA" in flags:
+        settings["ENABLE_LORA"] = ("LORA_MODULES", "true")  # adapters need LoRA support switched on
+    if "QUANTIZATION" in settings:
+        name, value = settings["QUANTIZATION"]
+        if value in TRANSFORMERS_ONLY_QUANTIZATION:
+            raise SettingsError(
+                f"QUANTIZATION={value} needs ENGINE=transformers; vLLM takes bnb-4bit, awq, gptq, fp8, ..."
+            )
+        settings["QUANTIZATION"] = (name, QUANTIZATION_NAMES.get(value, value))
+
+    argv: list[str] = []
+    for target in sorted(settings):
+        name, value = settings[target]
+        flag = flags[target]
+        if flag.kind == "switch":
+            if parse_bool(name, value):
+                argv.append(flag.option)
+        elif flag.kind == "paired":
+            argv.append(flag.option if parse_bool(name, value) else "--no-" + flag.option.removeprefix("--"))
+        elif flag.kind == "list":
+            argv += [flag.option, *list_values(name, value)]
+        elif flag.kind == "append":
+            for item in list_values(name, value):
+                argv += [flag.option, item]
+        else:
+            argv += [flag.option, value]
+
+    known = set(flags) | set(ENV_ALIASES) | WORKER_ENV
+    warnings = []
+    for name in sorted(environ):
+        if name in known or not environ[name] or not name.isupper():
+            continue
+        close = difflib.get_close_matches(name, list(flags), n=1, cutoff=NEAR_MISS_CUTOFF)
+        if close:
+            warnings.append(f"{name} is not a vLLM setting and is ignored; did you mean {close[0]}?")
+    return argv, warnings
+
+
+def flag_table(parser: argparse.ArgumentParser) -> dict[str, Flag]:
+    """Every long flag of vLLM's server parser, by environment name."""
+    table = {}
+    for action in parser._actions:
+        options = [o for o in action.option_strings if o.startswith("--") and not o.startswith("--no-")]
+        if not options:
+            continue
+        if isinstance(action, argparse.BooleanOptionalAction):
+            kind: FlagKind = "paired"
+        elif action.nargs == 0:
+            kind = "switch"
+        elif isinstance(action, argparse._AppendAction):
+            kind = "append"
+        elif action.nargs in ("+", "*") or isinstance(action.nargs, int):
+            kind = "list"
+        else:
+            kind = "value"
+        table[env_name(options[0])] = Flag(options[0], kind)
+    return table
+
+
+def vllm_parser() -> argparse.ArgumentParser:
+    """vLLM's own server parser, raising instead of exiting on a bad argument."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = make_arg_parser(FlexibleArgumentParser(prog="vllm_server.py"))
+
+    def refuse(message: str) -> None:
+        raise SettingsError(message)
+
+    parser.error = refuse  # type: ignore[method-assign]
+    return parser
+
+
+def checked_argv(environ: Mapping[str, str]) -> list[str]:
+    """The server's arguments, parsed and checked by vLLM exactly as its server does at start."""
+    from vllm.entrypoints.launchers.cli_args import validate_parsed_serve_args
+    from vllm.entrypoints.launchers.launcher import validate_api_server_args
+    from vllm.reasoning import ReasoningParserManager
+
+    parser = vllm_parser()
+    flags = flag_table(parser)
+    argv, warnings = server_argv(environ, flags)
+    for warning in warnings:
+        print(f"WARNING: {warning}", file=sys.stderr, flush=True)
+    try:
+        args = parser.parse_args(argv)
+        validate_parsed_serve_args(args)
+        validate_api_server_args(args)  # the tool-call parser's name
+        parsers = ReasoningParserManager.list_registered()
+        if args.reasoning_parser and args.reasoning_parser not in parsers:
+            raise KeyError(f"invalid reasoning parser: {args.reasoning_parser} (choose from {', '.join(parsers)})")
+    except (SettingsError, TypeError, ValueError, KeyError) as error:
+        message = str(error.args[0] if error.args else error).removeprefix("Error: ")
+        # vLLM names flags; say which variables set them.
+        named = [
+            f"--{target.lower().replace('_', '-')} is {target}" for target in flags if flags[target].option in message
+        ]
+        raise SettingsError(message + (f" ({', '.join(named)})" if named else "")) from None
+    return argv
+
+
+def serve(environ: Mapping[str, str], host: str, port: int) -> None:
+    """The server process: check the settings, then run vLLM's own server entry point."""
+    try:
+        argv = checked_argv(environ)
+    except SettingsError as error:
+        print(SETTINGS_ERROR + str(error), file=sys.stderr, flush=True)
+        sys.exit(2)
+    from vllm.entrypoints.launchers.api_server.entry import main
+
+    sys.argv = ["vllm_server.py", *argv, "--host", host, "--port", str(port)]
+    main()
+
+
+def default_concurrency(environ: Mapping[str, str]) -> int:
+    """MAX_CONCURRENCY, else as many jobs as vLLM batches (MAX_NUM_SEQS), capped: see MAX_CONCURRENCY_CAP."""
+    if environ.get("MAX_CONCURRENCY"):
+        return int(environ["MAX_CONCURRENCY"])
+    seqs = environ.get("MAX_NUM_SEQS")
+    return min(int(seqs), MAX_CONCURRENCY_CAP) if seqs and seqs.isdigit() else MAX_CONCURRENCY_CAP
+
+
+# ---------------------------------------------------------------------------------------------
+# The native request shape, on vLLM's OpenAI routes (pure)
+# ---------------------------------------------------------------------------------------------
+# vLLM's SamplingParams fields that its OpenAI requests also take, by the same names: what
+# worker-vllm's native `sampling_params` accepts. (tests/test_vllm_engine.py checks them against vLLM.)
+NATIVE_SAMPLING_FIELDS = frozenset(
+    {
+        "n",
+        "presence_penalty",
+        "frequency_penalty",
+        "repetition_penalty",
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "seed",
+        "stop",
+        "stop_token_ids",
+        "bad_words",
+        "ignore_eos",
+        "max_tokens",
+        "min_tokens",
+        "logprobs",
+        "prompt_logprobs",
+        "skip_special_tokens",
+        "spaces_between_special_tokens",
+        "include_stop_str_in_output",
+        "logit_bias",
+        "allowed_token_ids",
+        "structured_outputs",
+        "thinking_token_budget",
+    }
+)
+NATIVE_FIELDS = ("prompt", "messages", "sampling_params", "stream")
+
+
+class RequestError(ValueError):
+    """A request the caller must fix; the message goes back as the job's error."""
+
+
+def native_request(job_input: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The OpenAI (route, body) for a native request. Pure.
+
+    `messages` go to the chat route, `prompt` to the completions route. On chat, a native
+    `logprobs: k` (vLLM's SamplingParams meaning: the top k) is OpenAI's `logprobs` + `top_logprobs`.
+    A streamed request asks for the usage, which the native stream ends with.
+    """
+    unknown = sorted(set(job_input) - set(NATIVE_FIELDS))
+    if unknown:
+        raise RequestError(f"unknown field(s) {', '.join(unknown)}; a native request has {', '.join(NATIVE_FIELDS)}")
+    if ("prompt" in job_input) == ("messages" in job_input):
+        raise RequestError("send exactly one of prompt or messages")
+    sampling = job_input.get("sampling_params", {})
+    if not isinstance(sampling, dict):
+        raise RequestError("sampling_params must be a JSON object")
+    unknown = sorted(set(sampling) - NATIVE_SAMPLING_FIELDS)
+    if unknown:
+        raise RequestError(
+            f"sampling_params: unknown field(s) {', '.join(unknown)}; "
+            f"vLLM's are {', '.join(sorted(NATIVE_SAMPLING_FIELDS))}"
+        )
+    stream = job_input.get("stream", False)
+    if not isinstance(stream, bool):
+        raise RequestError("stream must be true or false")
+    body: dict[str, Any] = dict(sampling)
+    if "messages" in job_input:
+        route = CHAT_ROUTE
+        body["messages"] = job_input["messages"]
+        if isinstance(body.get("logprobs"), int) and not isinstance(body["logprobs"], bool):
+            body["top_logprobs"] = body["logprobs"]
+            body["logprobs"] = True
+    else:
+        route = COMPLETIONS_ROUTE
+        body["prompt"] = job_input["prompt"]
+    if stream:
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+    return route, body
+
+
+def native_chunks(route: str, response: dict[str, Any]) -> list[dict[str, Any]]:
+    """A whole OpenAI answer as native chunks, one per choice: text (and, from a reasoning or tool
+    parser, `reasoning` and `tool_calls`), finish reason; the usage on the last. Pure."""
+    chunks = []
+    many = len(response["choices"]) > 1
+    for choice in response["choices"]:
+        message = choice.get("message") or {}
+        chunk: dict[str, Any] = {"index": choice["index"]} if many else {}
+        chunk["text"] = (message.get("content") if route == CHAT_ROUTE else choice.get("text")) or ""
+        for key in ("reasoning", "tool_calls"):
+            if message.get(key):
+                chunk[key] = message[key]
+        if choice.get("logprobs"):
+            chunk["logprobs"] = choice["logprobs"]
+        chunk["finish_reason"] = choice.get("finish_reason")
+        chunks.append(chunk)
+    chunks[-1]["usage"] = response.get("usage")
+    return chunks
+
+
+class NativeStream:
+    """Streamed OpenAI chunks as native chunks: text deltas (and `reasoning`, `tool_calls` and
+    `logprobs` deltas when present), then `{"finish_reason", "usage"}`, as the transformers
+    engine streams. With `n` > 1 every chunk names its choice's `index`, and each choice's finish
+    reason comes when it finishes; the usage comes last. Pure: no I/O."""
+
+    def __init__(self, route: str, many: bool) -> None:
+        self.route = route
+        self.many = many
+        self.finish_reason: str | None = None
+
+    def feed(self, event: dict[str, Any]) -> list[dict[str, Any]]:
+        out = []
+        for choice in event.get("choices") or ():
+            delta = choice.get("delta") or {}
+            prefix = {"index": choice["index"]} if self.many else {}
+            text = delta.get("content") if self.route == CHAT_ROUTE else choice.get("text")
+            if text:
+                out.append({**prefix, "text": text})
+            for key in ("reasoning", "tool_calls"):
+                if delta.get(key):
+                    out.append({**prefix, key: delta[key]})
+            if choice.get("logprobs"):
+                out.append({**prefix, "logprobs": choice["logprobs"]})
+            if choice.get("finish_reason"):
+                if self.many:
+                    out.append({**prefix, "finish_reason": choice["finish_reason"]})
+                else:
+                    self.finish_reason = choice["finish_reason"]
+        if event.get("usage") and not event.get("choices"):
+            last = (
+                {"usage": event["usage"]}
+                if self.many
+                else {"finish_reason": self.finish_reason, "usage": event["usage"]}
+            )
+            out.append(last)
+        return out
+
+
+def vllm_error_message(status: int, body: bytes) -> str:
+    """vLLM's own message from an error answer ({"error": {"message": ...}}), else its text."""
+    try:
+        error = json.loads(body)["error"]
+        message = error["message"] if isinstance(error, dict) else str(error)
+    except (ValueError, KeyError, TypeError):
+        message = body.decode("utf-8", "replace").strip()[:500] or f"HTTP {status}"
+    return f"vLLM refused the request (HTTP {status}): {message}"
+
+
+def split_events(buffer: bytes) -> tuple[list[str], bytes]:
+    """(the whole server-sent events in `buffer`, the incomplete rest). Pure."""
+    *events, rest = buffer.split(SSE_END)
+    return [event.decode() + "\n\n" for event in events], rest
+
+
+# ---------------------------------------------------------------------------------------------
+# The server process and the relay
+# ---------------------------------------------------------------------------------------------
+class EngineStopped(RuntimeError):
+    """vLLM's server or engine is gone: only a fresh worker recovers."""
+
+
+def die_with_parent() -> None:
+    """In the server process, before it runs: the kernel sends it SIGTERM when the worker
+    process dies, however it dies, so no vLLM server outlives its worker and holds the GPU."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind((HOST, 0))
+        return probe.getsockname()[1]
+
+
+class VLLMServer:
+    """vLLM's OpenAI server as a child process, and the relay of jobs to it."""
+
+    def __init__(self, environ: Mapping[str, str], time_limit_s: float | None) -> None:
+        self.port = free_port()
+        self.url = f"http://{HOST}:{self.port}"
+        self.time_limit_s = time_limit_s
+        self.max_concurrency = default_concurrency(environ)
+        self.active = 0  # jobs being relayed now
+        self.dead = False
+        self.healthy_once = False  # the server answered /health at least once
+        self._stopping = False
+        self._tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
+        self.process = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), HOST, str(self.port)],
+            env=dict(environ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent,
+        )
+        threading.Thread(target=self._forward_logs, name="vllm-logs", daemon=True).start()
+
+    # -- start-up --------------------------------------------------------------------------------
+    def _forward_logs(self) -> None:
+        """vLLM's logs go to the worker's stderr (stdout carries a local run's chunks), and the
+        last lines are kept to explain a failed start."""
+        assert self.process.stdout is not None
+        for raw in self.process.stdout:
+            line = raw.decode("utf-8", "replace")
+            self._tail.append(line.rstrip())
+            sys.stderr.write(line)
+        self.process.wait()
+        if not self._stopping:
+            self._on_exit()
+
+    def _on_exit(self) -> None:
+        """The server stopped by itself. Jobs in flight report it and retire the worker; with none
+        in flight, nothing would, so the worker process ends and Runpod starts a fresh one."""
+        log.error(f"vLLM's server stopped (exit code {self.process.returncode})")
+        idle = self.active == 0 and not self.dead
+        self.dead = True
+        if idle and self.healthy_once:
+            os._exit(1)
+
+    def wait_healthy(self, timeout_s: float = START_TIMEOUT_S) -> None:
+        import urllib.request
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                time.sleep(0.2)  # let the log thread read the last lines
+                settings = [line for line in self._tail if line.startswith(SETTINGS_ERROR)]
+                if settings:
+                    raise SettingsError(settings[-1].removeprefix(SETTINGS_ERROR))
+                tail = "\n".join(self._tail)
+                raise RuntimeError(f"vLLM's server exited during start-up (code {self.process.returncode}):\n{tail}")
+            with contextlib.suppress(OSError):
+                with urllib.request.urlopen(f"{self.url}/health", timeout=HEALTH_TIMEOUT_S) as answer:
+                    if answer.status == 200:
+                        self.healthy_once = True
+                        return
+            time.sleep(HEALTH_POLL_S)
+        self.shutdown()
+        raise RuntimeError(f"vLLM's server was not ready after {timeout_s:g}s")
+
+    def shutdown(self) -> None:
+        """Stop the server and its engine process (tests, and the worker's exit). SIGTERM lets vLLM
+        stop its engine core itself; whatever is left after SHUTDOWN_TIMEOUT_S is killed."""
+        self._stopping = True
+        with contextlib.suppress(psutil.NoSuchProcess):
+            children = psutil.Process(self.process.pid).children(recursive=True)
+            self.process.terminate()
+            _, alive = psutil.wait_procs([psutil.Process(self.process.pid), *children], timeout=SHUTDOWN_TIMEOUT_S)
+            for process in alive:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    process.kill()
+        self.process.wait()
+
+    # -- health ------------------------------------------------------------------------------------
+    async def alive(self, session: aiohttp.ClientSession) -> bool:
+        if self.process.poll() is not None:
+            return False
+        try:
+            async with session.get(f"{self.url}/health", timeout=aiohttp.ClientTimeout(total=HEALTH_TIMEOUT_S)) as r:
+                return r.status == 200
+        except (aiohttp.ClientError, TimeoutError):
+            return False
+
+    def retire(self, worker_config: dict[str, Any]) -> None:
+        self.dead = True
+        worker_config["refresh_worker"] = True  # the SDK stops this worker after the job
+        log.error("vLLM's engine is gone; this worker asks Runpod for a fresh one")
+
+    # -- the relay ---------------------------------------------------------------------------------
+    async def handle(self, job: dict[str, Any], worker_config: dict[str, Any]) -> AsyncIterator[Any]:
+        """A job's chunks: vLLM's answer relayed (OpenAI routes) or reshaped (native)."""
+        job_input = job.get("input")
+        try:
+            route, method, body, native = self.parse(job_input)
+        except RequestError as error:
+            log.warn(f"Rejected request: {error}", job.get("id"))
+            yield {"error": str(error)}
+            return
+        if self.dead:
+            worker_config["refresh_worker"] = True
+            yield {"error": "vLLM's engine has stopped on this worker; retry the request"}
+            return
+        chunks = self.relay(route, method, body, native, worker_config, job.get("id"))
+        # Whatever piled up while the SDK was POSTing the last chunk goes out together.
+        async with contextlib.aclosing(coalesced(chunks, merge_text)) as merged:
+            async for chunk in merged:
+                yield chunk
+
+    @staticmethod
+    def parse(job_input: Any) -> tuple[str, str, dict[str, Any] | None, bool]:
+        """(route, method, body, native?) for a job's input."""
+        if not isinstance(job_input, dict):
+            raise RequestError(f"input must be a JSON object, got {type(job_input).__name__}")
+        if "openai_route" not in job_input:
+            route, body = native_request(job_input)
+            return route, "POST", body, True
+        route = job_input["openai_route"]
+        if route not in ROUTES:
+            raise RequestError(f"openai_route must be one of {', '.join(ROUTES)}, got {route!r}")
+        if route in GET_ROUTES:
+            return route, "GET", None, False
+        body = job_input.get("openai_input")
+        if not isinstance(body, dict):
+            raise RequestError(f"openai_input must be a JSON object with the {route} request body")
+        return route, "POST", body, False
+
+    async def relay(
+        self,
+        route: str,
+        method: str,
+        body: dict[str, Any] | None,
+        native: bool,
+        worker_config: dict[str, Any],
+        job_id: Any,
+    ) -> AsyncIterator[Any]:
+        self.active += 1
+        timeout = aiohttp.ClientTimeout(total=self.time_limit_s)
+        try:
+            async with aiohttp.ClientSession(timeout=timeout) as session:
+                try:
+                    async with session.request(method, self.url + route, json=body) as response:
+                        if response.status >= 400:
+                            text = await response.read()
+                            if response.status >= 500 and not await self.alive(session):
+                                raise EngineStopped(vllm_error_message(response.status, text))
+                            log.warn(vllm_error_message(response.status, text), job_id)
+                            yield {"error": vllm_error_message(response.status, text)}
+                            return
+                        if response.content_type != "text/event-stream":
+                            answer = await response.json()
+                            if native:
+                                for chunk in native_chunks(route, answer):
+                                    yield chunk
+                            else:
+                                yield answer
+                            return
+                        async for chunk in self._events(route, body or {}, response, native, session):
+                            yield chunk
+                except TimeoutError:
+                    limit = f"{self.time_limit_s:g}-second limit (MAX_GENERATION_SECONDS)"
+                    log.warn(f"generation stopped at its {limit}", job_id)
+                    yield {"error": f"generation stopped at its {limit}: lower max_tokens, or raise the limit"}
+                except (aiohttp.ClientError, EngineStopped) as error:
+                    if isinstance(error, EngineStopped) or not await self.alive(session):
+                        self.retire(worker_config)
+                        yield {
+                            "error": "vLLM's engine stopped during this request; the worker is being replaced, retry"
+                        }
+                    else:
+                        log.error(f"Relay to vLLM failed: {type(error).__name__}: {error}", job_id)
+                        yield {"error": "the connection to vLLM failed inside the worker; see the worker logs"}
+        finally:
+            self.active -= 1
+
+    async def _events(
+        self, route: str, body: dict[str, Any], response: aiohttp.ClientResponse, native: bool, session: Any
+    ) -> AsyncIterator[Any]:
+        """vLLM's stream as whole events (never part of one), or as native chunks."""
+        reshape = NativeStream(route, many=(body.get("n") or 1) > 1) if native else None
+        buffer = b""
+        async for data in response.content.iter_any():
+            events, buffer = split_events(buffer + data)
+            for event in events:
+                if event.startswith('data: {"error"'):  # vLLM reports a failure mid-stream this way
+                    message = json.loads(event[len("data: ") :])["error"].get("message", "")
+                    if not await self.alive(session):
+                        raise EngineStopped(message)
+                    yield {"error": f"vLLM failed during generation: {message}"}
+                    return
+                if reshape is None:
+                    yield event
+                elif event.startswith("data: {"):
+                    for chunk in reshape.feed(json.loads(event[len("data: ") :])):
+                        yield chunk
+        if buffer.strip():
+            raise aiohttp.ClientPayloadError("vLLM's stream ended inside an event")
+        if not await self.alive(session):
+            raise EngineStopped("vLLM's server went away at the end of a stream")
+
+
+def start_vllm_server(time_limit_s: float | None, environ: Mapping[str, str] | None = None) -> VLLMServer:
+    """Start vLLM's server with the environment's settings and wait until it serves."""
+    environ = os.environ if environ is None else environ
+    started = time.perf_counter()
+    server = VLLMServer(environ, time_limit_s)
+    try:
+        server.wait_healthy()
+    except BaseException:
+        server.shutdown()
+        raise
+    import atexit
+
+    atexit.register(server.shutdown)
+    log.info(
+        f"Loaded {environ.get('MODEL_NAME', '?')} with vllm (its OpenAI server on {server.url}) in "
+        f"{time.perf_counter() - started:.1f}s; up to {server.max_concurrency} jobs at once"
+    )
+    return server
+
+
+if __name__ == "__main__":
+    serve(os.environ, sys.argv[1], int(sys.argv[2]))
