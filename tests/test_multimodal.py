@@ -102,7 +102,7 @@ def test_braces_in_a_hypothesis_template_can_be_escaped(clip) -> None:
 
 
 def test_an_unsupported_model_stops_the_worker_at_startup(tiny_model) -> None:
-    with pytest.raises(ValueError, match="MODEL_NAME is a 'llama' model; this worker serves CLIP, SigLIP, LLaVA"):
+    with pytest.raises(ValueError, match="MODEL_NAME is a 'llama' model; this worker serves CLIP, SigLIP, BLIP-2, LLaVA"):
         load_handler(EXAMPLE, {"MODEL_NAME": str(tiny_model("llama"))})
     with pytest.raises(ValueError, match="DTYPE must be auto, float16, bfloat16, float32, got 'fp16'"):
         load_handler(EXAMPLE, {"MODEL_NAME": str(tiny_model("clip")), "DTYPE": "fp16"})
@@ -464,6 +464,22 @@ def test_prompt_formats(handlers) -> None:
     assert llava.TOKENIZER.decode(ids, skip_special_tokens=True).strip().endswith("Is it red? ASSISTANT:")
 
 
+def test_caption_and_answer_are_greedy_unless_a_request_asks_for_sampling(llava, monkeypatch) -> None:
+    # A model whose generation_config recommends sampling (as many chat checkpoints do).
+    monkeypatch.setattr(llava, "SAMPLING_DEFAULTS", {"temperature": 1.0, "top_p": 0.9})
+    for request in (
+        {"task": "caption", "image": image_uri()},
+        {"task": "answer", "image": image_uri(), "question": "What is it?"},
+    ):
+        runs = {one(llava, **request, sampling_params={"max_tokens": 12})["text"] for _ in range(3)}
+        assert runs == {reference_answer(llava, prepare(llava, request).inputs, 12)}
+        sampled = {
+            one(llava, **request, sampling_params={"max_tokens": 12, "temperature": 1.0, "seed": seed})["text"]
+            for seed in range(4)
+        }
+        assert len(sampled) > 1, "a temperature in the request samples"
+
+
 def test_the_image_matters(llava) -> None:
     answers = {
         one(llava, task="answer", image=image_uri(seed=seed), question="What is it?", sampling_params=GREEDY)["text"]
@@ -645,7 +661,7 @@ LLAVA_BAD = [
     ({"task": "chat", "messages": [{"role": "user", "content": "hi"}]}, "messages: send at least one image"),
     (
         {"task": "chat", "messages": image_question(image_uri()) * 5},
-        "messages: 5 images, more than the limit of 4",
+        "messages: 5 images, more than the limit of 4 (MAX_IMAGES_PER_REQUEST)",
     ),
     (
         {"task": "chat", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},

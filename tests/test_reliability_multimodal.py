@@ -341,7 +341,7 @@ def test_200_concurrent_mixed_llava_jobs_match_their_solo_runs(llava: ModuleType
 
 def test_200_concurrent_mixed_clip_jobs_match_their_solo_runs(clip: ModuleType, monkeypatch) -> None:
     """200 CLIP jobs at once, valid and invalid interleaved: every one answered as when run alone,
-    each error the same, and the model runs on its one thread, one request at a time."""
+    each error the same, and the model runs on its one thread, one batched forward pass at a time."""
     assert clip.WORKER_CONFIG["concurrency_modifier"](1) == clip.MAX_CONCURRENCY == MAX_CONCURRENCY
     specs = CLIP_VALID + CLIP_INVALID
     with quiet_logs():
@@ -349,9 +349,10 @@ def test_200_concurrent_mixed_clip_jobs_match_their_solo_runs(clip: ModuleType, 
         assert all("output" in a for a in alone[: len(CLIP_VALID)])
         assert all("error" in a for a in alone[len(CLIP_VALID) :])
         counter = ConcurrencyCounter()
-        monkeypatch.setattr(clip, "classify", counter.wrap(clip.classify))
-        monkeypatch.setattr(clip, "embed", counter.wrap(clip.embed))
+        monkeypatch.setattr(clip.EMBEDDER, "encode_images", counter.wrap(clip.EMBEDDER.encode_images))
+        monkeypatch.setattr(clip.EMBEDDER, "encode_texts", counter.wrap(clip.EMBEDDER.encode_texts))
         inputs = load_mix(specs, 200)
+        batches_before = clip.BATCHER.batches
         run = run_load(clip.handler, inputs)
     for index, result in enumerate(run.results):
         assert_clean(result)
@@ -359,6 +360,7 @@ def test_200_concurrent_mixed_clip_jobs_match_their_solo_runs(clip: ModuleType, 
     valid = sum(1 for index in range(200) if index % len(specs) < len(CLIP_VALID))
     report_load(f"{EXAMPLE} (clip)", run, valid, 1, counter.peak)
     assert counter.peak == 1, "two CLIP forward passes ran at once"
+    assert clip.BATCHER.batches - batches_before < counter.calls, "concurrent jobs shared forward passes"
 
 
 # ---- soak ---------------------------------------------------------------------------------------

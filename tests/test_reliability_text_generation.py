@@ -20,7 +20,6 @@ from openai.types.chat import ChatCompletion
 from tests.harness import DevServer, json_lines, load_handler, run_job, run_local
 from tests.reliability import (
     FUZZ,
-    answer,
     assert_clean,
     assert_no_leaks,
     burst,
@@ -37,6 +36,7 @@ from tests.reliability import (
     soak,
     weighted,
 )
+from tests.reliability import answer as stream_answer
 
 EXAMPLE = "01_text_generation"
 MAX_CONCURRENCY = 3
@@ -75,6 +75,26 @@ def canary(worker: ModuleType) -> Any:
         assert answer(run_job(worker.handler, job)) == expected, "the worker no longer serves a valid job correctly"
 
     return check
+
+
+def uncoalesced(output: list[Any]) -> list[Any]:
+    """The stream as a client reads it. Chunks that pile up while the SDK POSTs one go out merged
+    (coalesce.py), as timing allows: one chunk may hold several whole SSE events, or native text
+    deltas joined. Split the events, join consecutive text deltas, so two runs compare equal."""
+    items: list[Any] = []
+    for chunk in output:
+        if isinstance(chunk, str) and chunk.startswith("data: "):
+            items += [event + "\n\n" for event in chunk.split("\n\n")[:-1]]
+        elif isinstance(chunk, dict) and set(chunk) == {"text"} and items and set(items[-1]) == {"text"}:
+            items[-1] = {"text": items[-1]["text"] + chunk["text"]}
+        else:
+            items.append(chunk)
+    return items
+
+
+def answer(result: dict[str, Any]) -> Any:
+    """What a caller compares (tests.reliability.answer), with the stream uncoalesced."""
+    return stream_answer({**result, "output": uncoalesced(result["output"])} if "output" in result else result)
 
 
 # ---- fuzzing ----------------------------------------------------------------------------------

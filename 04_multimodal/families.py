@@ -1,0 +1,93 @@
+"""Vision-language model families: what differs between LLaVA, Qwen2-VL and the others.
+
+The handler reads `model_type` from the model's config and asks this module three things about
+its family: how to load its processor, how many images one request may carry, and how a turn's
+images and text become the model's inputs. Everything else (generation, streaming, sampling,
+structured output) is the same for every family and lives in textstream.py.
+
+  family        model_type                 images                                  default max images
+  LLaVA 1.5     llava                      one 336 px view: 576 tokens             4
+  LLaVA-NeXT    llava_next                 336 px tiles (anyres): up to ~2,900     4
+  OneVision     llava_onevision            384 px tiles (anyres_max_9): up to ~7,300   4
+  Qwen2(.5)-VL  qwen2_vl, qwen2_5_vl       its own resolution, 28 px per token,    8
+                                           bounded by MIN/MAX_IMAGE_TOKENS
+  Idefics3      idefics3 (SmolVLM)         512 px tiles + a global view, 81 each  4
+  SmolVLM 2     smolvlm                    as Idefics3 (64 tokens a tile)          4
+  Gemma 3       gemma3                     one 896 px view: 256 tokens             8
+
+Every family's processor renders the checkpoint's own chat template (`apply_chat_template`) with
+one `{"type": "image"}` part per image, in the order the images came, and expands each image
+placeholder into the image's tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import transformers
+from transformers import AutoProcessor, ProcessorMixin
+
+
+@dataclass(frozen=True)
+class VLMFamily:
+    name: str  # what the handler calls it in messages and logs
+    processor_class: str | None  # None: AutoProcessor; else that class loaded without a video processor
+    max_images: int  # MAX_IMAGES_PER_REQUEST's default: what its context holds comfortably
+    # Module paths (from the model's root) kept in full precision when QUANTIZATION is set: the
+    # vision encoder and projector are small and lose the most accuracy at low precision.
+    keep_unquantized: tuple[str, ...] = ("model.vision_tower", "model.multi_modal_projector", "lm_head")
+    dynamic_resolution: bool = False  # Qwen: the image's own size sets its tokens (see image_token_bounds)
+
+
+VLM_FAMILIES: dict[str, VLMFamily] = {
+    "llava": VLMFamily("llava", None, max_images=4),
+    "llava_next": VLMFamily("llava", None, max_images=4),
+    "llava_onevision": VLMFamily("llava-onevision", "LlavaOnevisionProcessor", max_images=4),
+    "qwen2_vl": VLMFamily("qwen2-vl", "Qwen2VLProcessor", 8, ("model.visual", "lm_head"), dynamic_resolution=True),
+    "qwen2_5_vl": VLMFamily(
+        "qwen2.5-vl", "Qwen2_5_VLProcessor", 8, ("model.visual", "lm_head"), dynamic_resolution=True
+    ),
+    "idefics3": VLMFamily("idefics3", None, 4, ("model.vision_model", "model.connector", "lm_head")),
+    "smolvlm": VLMFamily("smolvlm", "SmolVLMProcessor", 4, ("model.vision_model", "model.connector", "lm_head")),
+    "gemma3": VLMFamily("gemma3", None, 8, ("model.vision_tower", "model.multi_modal_projector", "lm_head")),
+}
+
+
+def images_only(processor_class: type[ProcessorMixin]) -> type[ProcessorMixin]:
+    """`processor_class` without its video processor. transformers 5.24 builds one for Qwen2-VL,
+    LLaVA-OneVision and SmolVLM, and every video processor needs torchvision, which this image
+    does not install (PyPI's build breaks transformers beside this torch). ProcessorMixin takes its
+    parts from the __init__ signature, so a signature without `video_processor` loads the rest."""
+
+    class ImagesOnly(processor_class):
+        def __init__(self, image_processor: Any, tokenizer: Any, chat_template: str | None = None, **kwargs: Any):
+            super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+    ImagesOnly.__name__ = ImagesOnly.__qualname__ = processor_class.__name__
+    return ImagesOnly
+
+
+def load_processor(family: VLMFamily, model_name: str, **common: Any) -> Any:
+    if family.processor_class is None:
+        return AutoProcessor.from_pretrained(model_name, **common)
+    return images_only(getattr(transformers, family.processor_class)).from_pretrained(model_name, **common)
+
+
+def image_token_bounds(processor: Any, min_tokens: int, max_tokens: int) -> tuple[int, int]:
+    """Qwen2-VL's dynamic resolution, bounded: each image is resized (keeping its aspect ratio) to
+    between `min_tokens` and `max_tokens` vision tokens of 28×28 px, so a 12 MP photo cannot become
+    15,000 tokens. Returns the pixel bounds now set on the image processor."""
+    image_processor = processor.image_processor
+    per_token = (image_processor.patch_size * image_processor.merge_size) ** 2
+    bounds = (min_tokens * per_token, max_tokens * per_token)
+    image_processor.size = {"shortest_edge": bounds[0], "longest_edge": bounds[1]}
+    return bounds
+
+
+def model_inputs(processor: Any, turns: list[dict[str, Any]], images: list[Any]) -> dict[str, Any]:
+    """The chat template's prompt for `turns` (each image a {"type": "image"} part), tokenized with
+    the images expanded into their tokens: input_ids, attention_mask, pixel_values and whatever else
+    the family's forward takes (Qwen's image_grid_thw, Idefics3's pixel_attention_mask)."""
+    prompt = processor.apply_chat_template(turns, add_generation_prompt=True)
+    return dict(processor(images=images, text=prompt, return_tensors="pt"))

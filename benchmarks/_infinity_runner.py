@@ -1,0 +1,57 @@
+"""Infinity's side of benchmarks/embeddings.py: runs in Infinity's own virtual environment.
+
+Infinity (`infinity-emb` 0.0.78) needs sentence-transformers < 4 and numpy < 2, so it cannot share
+the test environment; create it once with
+
+    python -m venv .venv-infinity
+    .venv-infinity/bin/pip install torch==2.13.0 "infinity-emb[torch]==0.0.78" "sentence-transformers<4" "numpy<2"
+
+This process loads the model into Infinity's `AsyncEmbeddingEngine` (torch engine, on the CPU),
+prints one line "ready", then reads one JSON request per line from stdin and answers each with
+one JSON line: {"total": seconds, "latencies": [seconds from the common start, per call]}.
+
+    {"mode": "concurrent", "texts": [...]}   one embed call per text, all at once
+    {"mode": "one_call", "texts": [...]}     one embed call with every text
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+
+from infinity_emb import AsyncEmbeddingEngine, EngineArgs
+
+
+async def serve(model: str, batch_size: int) -> None:
+    args = EngineArgs(
+        model_name_or_path=model,
+        engine="torch",
+        device="cpu",
+        batch_size=batch_size,
+        bettertransformer=False,  # its CPU path is what Infinity's own docs advise; fp32 on CPU
+        model_warmup=True,
+    )
+    engine = AsyncEmbeddingEngine.from_args(args)
+    async with engine:
+        print("ready", flush=True)
+        loop = asyncio.get_running_loop()
+        while line := await loop.run_in_executor(None, sys.stdin.readline):
+            request = json.loads(line)
+            texts = request["texts"]
+            started = time.perf_counter()
+
+            async def one(batch: list[str], started: float = started) -> float:
+                await engine.embed(sentences=batch)
+                return time.perf_counter() - started
+
+            if request["mode"] == "concurrent":
+                latencies = await asyncio.gather(*(one([text]) for text in texts))
+            else:
+                latencies = [await one(texts)]
+            print(json.dumps({"total": time.perf_counter() - started, "latencies": list(latencies)}), flush=True)
+
+
+if __name__ == "__main__":
+    asyncio.run(serve(sys.argv[1], int(sys.argv[2])))
