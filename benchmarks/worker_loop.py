@@ -24,6 +24,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import QUIET_ENV, machine_line, median, ratio_note, table
+
 from tests import tiny_models
 from tests.runpod_api import JobAPI, Worker
 
@@ -55,8 +56,14 @@ def workloads(tokens: int, steps: int) -> dict[str, Workload]:
             "llama",
             text_job,
             1.3,
-            {"ENGINE": "vllm", "ENFORCE_EAGER": "true", "DTYPE": "float32", "MAX_MODEL_LEN": "2048",
-             "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_HOST_IP": "127.0.0.1"},
+            {
+                "ENGINE": "vllm",
+                "ENFORCE_EAGER": "true",
+                "DTYPE": "float32",
+                "MAX_MODEL_LEN": "2048",
+                "VLLM_CPU_KVCACHE_SPACE": "1",
+                "VLLM_HOST_IP": "127.0.0.1",
+            },
         ),
         "image": Workload(
             "02 image, progress",
@@ -119,7 +126,8 @@ def chunk_units(chunks: list[Any]) -> str:
     if isinstance(last, dict) and "usage" in last:
         return f"{last['usage']['completion_tokens']} tokens"
     if isinstance(last, dict) and "images" in last:
-        return f"{sum(1 for c in chunks if isinstance(c, dict) and c.get('status') == 'progress')} progress chunks (0 ms)"
+        progress = sum(1 for c in chunks if isinstance(c, dict) and c.get("status") == "progress")
+        return f"{progress} progress chunks (0 ms)"
     return f"{len(chunks)} chunks"
 
 

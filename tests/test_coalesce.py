@@ -49,7 +49,7 @@ def test_merge_text_joins_consecutive_text_and_keeps_everything_else_in_order(co
     finish = {"finish_reason": "stop", "usage": {"prompt_tokens": 1}}
     items = [{"text": "Hel"}, {"text": "lo"}, finish, {"text": "!"}]
     assert coalesce.merge_text(items) == [{"text": "Hello"}, finish, {"text": "!"}]
-    events = ["data: {\"a\": 1}\n\n", "data: {\"b\": 2}\n\n"]
+    events = ['data: {"a": 1}\n\n', 'data: {"b": 2}\n\n']
     assert coalesce.merge_text(events) == ["".join(events)]
     # Chunks of different choices never merge: their other fields differ.
     choices = [{"index": 0, "text": "a"}, {"index": 1, "text": "b"}, {"index": 1, "text": "c"}]

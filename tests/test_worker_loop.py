@@ -118,6 +118,7 @@ def test_bad_text_request_fails_clearly_and_the_worker_keeps_serving(text_worker
 
 def test_concurrent_text_jobs_each_get_their_own_answer(text_worker: Worker) -> None:
     api = text_worker.api
+
     def job(seed: int) -> dict:
         return {"prompt": "The weather", "sampling_params": {"max_tokens": 24, "seed": seed}}
 
