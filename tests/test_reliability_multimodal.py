@@ -215,7 +215,7 @@ def check_output(job_input: dict[str, Any], output: list[Any]) -> None:
         assert len(result.get("image_embeddings", [])) == len(job_input.get("images", []))
         assert len(result.get("text_embeddings", [])) == len(job_input.get("texts", []))
     elif route == CHAT_ROUTE and isinstance(output[0], str):  # streamed: server-sent events ending with [DONE]
-        assert all(event.startswith("data: ") for event in output) and output[-1] == "data: [DONE]\n\n"
+        assert all(event.startswith("data: ") for event in output) and "".join(output).endswith("data: [DONE]\n\n")
     elif route == CHAT_ROUTE:
         [whole] = output
         assert ChatCompletion.model_validate(whole).usage.completion_tokens <= MAX_TOKENS
