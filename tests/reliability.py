@@ -199,8 +199,29 @@ def normalized(value: Any) -> Any:
     if isinstance(value, dict):
         return {key: normalized(item) for key, item in value.items() if key not in ("id", "created", "timings")}
     if isinstance(value, list):
-        return [normalized(item) for item in value]
+        return [normalized(item) for item in canonical_chunks(value)]
     return value
+
+
+def canonical_chunks(chunks: list[Any]) -> list[Any]:
+    """Streamed chunks as one event or text piece each: how many tokens went out together in one
+    chunk depends on timing (coalesce.py merges what piled up during a POST), what they say not.
+    SSE strings become one string per event; consecutive text-only chunks become one."""
+    out: list[Any] = []
+    for chunk in chunks:
+        if isinstance(chunk, str) and chunk.startswith("data: "):
+            out += [event + "\n\n" for event in chunk.split("\n\n") if event]
+        elif (
+            isinstance(chunk, dict)
+            and chunk.keys() == {"text"}
+            and out
+            and isinstance(out[-1], dict)
+            and out[-1].keys() == {"text"}
+        ):
+            out[-1] = {"text": out[-1]["text"] + chunk["text"]}
+        else:
+            out.append(chunk)
+    return out
 
 
 def answer(result: dict[str, Any]) -> Any:

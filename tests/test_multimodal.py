@@ -672,11 +672,14 @@ LLAVA_BAD = [
     ),
     ({"task": "chat", "messages": [{"role": "tool", "content": "x"}]}, "messages.0.role: Input should be"),
     (openai_chat({"messages": image_question(image_uri()), "n": 3}), "n=3 is not supported by this worker"),
-    (openai_chat({"messages": image_question(image_uri()), "logprobs": True}), "logprobs is not supported"),
-    (openai_chat({"messages": image_question(image_uri()), "presence_penalty": 1}), "presence_penalty other than 0"),
+    (openai_chat({"messages": image_question(image_uri()), "top_logprobs": 2}), "top_logprobs needs logprobs: true"),
     (
-        openai_chat({"messages": image_question(image_uri()), "response_format": {"type": "json_object"}}),
-        "response_format other than text is not supported",
+        openai_chat({"messages": image_question(image_uri()), "presence_penalty": 3}),
+        "presence_penalty: Input should be less than or equal to 2",
+    ),
+    (
+        openai_chat({"messages": image_question(image_uri()), "response_format": {"type": "json_schema"}}),
+        "response_format.json_schema is required with type json_schema",
     ),
     (openai_chat({"messages": image_question("ftp://x/y.png")}), "image 0: only http(s) URLs are fetched"),
     ({"openai_route": "/v1/embeddings", "openai_input": {}}, "this is a llava model, which cannot embed"),

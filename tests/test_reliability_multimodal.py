@@ -376,7 +376,8 @@ def test_500_sequential_jobs_leak_no_memory_threads_or_files(request: pytest.Fix
         expected = [answer(run_job(worker.handler, spec)) for spec in specs]
 
         def check(index: int, result: dict[str, Any]) -> None:
-            assert answer(result) == expected[index % len(specs)], index
+            # CLIP may batch a job's texts or images with padding of another length: float rounding.
+            assert_close(answer(result), expected[index % len(specs)], where=f"job {index}")
 
         run = soak(worker.handler, specs, check)
     run.report(f"{EXAMPLE} ({kind})")
