@@ -174,6 +174,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def stop_process_group(process: subprocess.Popen) -> None:
+    """SIGTERM to the process and its children (its own session), SIGKILL if still there after 15 s."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
 class DevServer:
     """`python handler.py --rp_serve_api` on a free port, in its own process group."""
 
@@ -213,13 +224,7 @@ class DevServer:
 
     def stop(self) -> str:
         """Stop the server's whole process group by its pid and return what it printed."""
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        stop_process_group(self.process)
         return self.output()
 
     def __enter__(self) -> DevServer:

@@ -24,8 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -38,7 +36,7 @@ from typing import Any
 
 from aiohttp import web
 
-from tests.harness import REPO, base_env
+from tests.harness import REPO, base_env, stop_process_group
 
 # How long an empty take or stop poll is held open before it answers 204 (the real API long-polls).
 LONG_POLL_S = 0.5
@@ -295,13 +293,7 @@ class Worker:
 
     def stop(self) -> str:
         """SIGTERM (the SDK's graceful shutdown), SIGKILL after a while; returns the worker's log."""
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        stop_process_group(self.process)
         return self.output()
 
     def __enter__(self) -> Worker:
