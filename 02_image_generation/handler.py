@@ -1,7 +1,8 @@
-"""Image generation on Runpod Serverless with diffusers: SD 1.5, SD 2.1, SDXL and SDXL Turbo.
+"""Image generation on Runpod Serverless with diffusers: SD 1.5, SD 2.1, SDXL, Turbo, FLUX.1 and SD 3.5.
 
-One worker serves the model in `MODEL_NAME` for text-to-image, image-to-image and (with
-`CONTROLNET_MODEL`) ControlNet, all three sharing one copy of the weights:
+One worker serves the model in `MODEL_NAME` (a diffusers folder or repo, or a single-file
+checkpoint) for text-to-image, image-to-image, inpainting and (with `CONTROLNET_MODEL`)
+ControlNet, all sharing one copy of the weights:
 
   {"input": {"prompt": "a lighthouse at dawn", "num_images": 2, "seed": 42}}
 
@@ -34,10 +35,12 @@ import diffusers
 import numpy as np
 import runpod
 import torch
+from checkpoints import BASES, checkpoint_family, is_single_file, local_file
 from coalesce import coalesced, keep_latest
 from diffusers import (
     AutoencoderKL,
     AutoPipelineForImage2Image,
+    AutoPipelineForInpainting,
     AutoPipelineForText2Image,
     ControlNetModel,
     DDIMScheduler,
@@ -49,7 +52,7 @@ from diffusers import (
     PNDMScheduler,
     UniPCMultistepScheduler,
 )
-from families import Family, detect_family, unsupported, with_overrides
+from families import FAMILIES, Family, detect_family, unsupported, with_overrides
 from images import ImageInputError, ImageLimits, data_uri, encode_image, load_image
 from loras import (
     Adapter,
@@ -94,12 +97,18 @@ def env_flag(name: str, default: bool) -> bool:
 
 # SDXL base 1.0: the most used open text-to-image model; 1024² images, fits a 24 GB GPU in fp16.
 DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
-MODEL_NAME = env_str("MODEL_NAME", DEFAULT_MODEL)  # a Hub id or a local folder (diffusers layout)
+MODEL_NAME = env_str("MODEL_NAME", DEFAULT_MODEL)  # a Hub id, a local folder, or a .safetensors/.ckpt file
 MODEL_REVISION = env_str("MODEL_REVISION", None)  # a commit hash makes deployments reproducible
 CONTROLNET_MODEL = env_str("CONTROLNET_MODEL", None)  # e.g. diffusers/controlnet-canny-sdxl-1.0
 # A replacement VAE (Hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix: decodes SDXL in fp16
 # without the fp32 upcast (faster, less memory at the decode).
 VAE_NAME = env_str("VAE_NAME", None)
+# The family when its configs cannot tell it (families.py), and what a single-file checkpoint is
+# when its keys cannot (checkpoints.py): sd1, sd2, sd2-v, sd-turbo, sdxl, sdxl-turbo, flux-schnell, ...
+MODEL_FAMILY = env_str("MODEL_FAMILY", None)
+# A single file's configs and tokenizers: a diffusers folder or Hub repo of its family (default:
+# the family's reference repo, e.g. stable-diffusion-v1-5/stable-diffusion-v1-5).
+MODEL_CONFIG = env_str("MODEL_CONFIG", None)
 # fp16 halves memory and doubles speed on GPUs; the published "fp16" weight variant is used when
 # the repo has one (SDXL's VAE overflows in fp16: use madebyollin/sdxl-vae-fp16-fix or bf16).
 DTYPE = env_str("DTYPE", "auto")  # auto (fp16 on GPU, fp32 on CPU) | float16 | bfloat16 | float32
@@ -109,6 +118,14 @@ MAX_CONCURRENCY = env_int("MAX_CONCURRENCY", 1)
 ENABLE_CPU_OFFLOAD = env_flag("ENABLE_CPU_OFFLOAD", False)  # SDXL in ~6 GB of VRAM, ~2x slower
 ENABLE_VAE_TILING = env_flag("ENABLE_VAE_TILING", False)  # decode big images in tiles: bounded memory
 TORCH_COMPILE = env_flag("TORCH_COMPILE", False)  # ~20-40% faster UNet, minutes of compile at start
+# The compiled kernels, on the network volume when one is attached: later workers load them
+# instead of compiling again (inductor's own setting; unset it to keep the cache in /tmp).
+if TORCH_COMPILE and os.path.isdir("/runpod-volume"):
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", "/runpod-volume/torchinductor-cache")
+WARMUP_STEPS = 2  # enough for the compiled UNet to meet every shape a job at the default size gives it
+# num_images > 1 as one batch: faster per image on a GPU, but batched arithmetic differs from a
+# lone image's, so a batched image matches its seed's solo run closely, not bit for bit.
+BATCH_IMAGES = env_flag("BATCH_IMAGES", False)
 # The family's defaults (families.py) fit the models it recognises; these override them, for the
 # models no rule tells apart (SDXL-Lightning: DEFAULT_STEPS=4, DEFAULT_SCHEDULER=euler-trailing).
 DEFAULT_STEPS = env_int("DEFAULT_STEPS", 0) or None
@@ -132,7 +149,7 @@ MAX_PROMPT_CHARS = 2000  # CLIP reads 77 tokens; the cap only bounds nonsense
 MAX_SEED = 2**63 - 1  # torch.Generator takes a signed 64-bit seed
 RANDOM_SEED_BOUND = 2**53  # drawn seeds stay exact in JavaScript's JSON numbers too
 INPUT_LIMITS = ImageLimits(
-    max_bytes=env_int("MAX_INPUT_IMAGE_BYTES", 20 * 1024 * 1024),  # a 20 MB photo is plenty for conditioning
+    max_bytes=env_int("MAX_INPUT_IMAGE_BYTES", 20 * 1024 * 1024),  # a 20 MB photo is plenty, masks too
     max_pixels=env_int("MAX_INPUT_IMAGE_PIXELS", 4096 * 4096),  # bigger is resized anyway; refused before decoding
     timeout_s=env_float("DOWNLOAD_TIMEOUT_S", 15.0),  # a whole download, not each read
 )
@@ -220,18 +237,41 @@ def keep_vae_in_fp32(vae: Any) -> None:
             module.register_forward_pre_hook(cast_vae_inputs_to_fp32)
 
 
-def load_pipelines() -> tuple[Any, Any, Any | None]:
-    """Text-to-image, image-to-image and (optionally) ControlNet pipelines over one set of weights."""
+if MODEL_FAMILY is not None and MODEL_FAMILY not in FAMILIES:
+    raise ValueError(f"MODEL_FAMILY must be one of {', '.join(FAMILIES)}, got {MODEL_FAMILY!r}")
+SINGLE_FILE = is_single_file(MODEL_NAME)
+
+
+def load_single_file(components: dict[str, Any]) -> Any:
+    """A single-file checkpoint (checkpoints.py): its family from MODEL_FAMILY or its keys, its
+    configs and tokenizers from MODEL_CONFIG or the family's reference repo."""
+    repo = "/".join(MODEL_NAME.split("/")[:2])
+    path = local_file(MODEL_NAME, MODEL_REVISION, cached_hub_folder(repo))
+    family = MODEL_FAMILY or checkpoint_family(path)
+    base = BASES[family]
+    config = MODEL_CONFIG or base.config
+    pipeline_class = getattr(diffusers, base.pipeline)
+    log.info(f"Single-file checkpoint: {family} ({base.pipeline}), configs from {config}")
+    return pipeline_class.from_single_file(
+        path, config=config, dtype=TORCH_DTYPE, cache_dir=cached_hub_folder(config), **components
+    )
+
+
+def load_pipelines() -> tuple[Any, Any, Any, Any | None]:
+    """Text-to-image, image-to-image, inpainting and (optionally) ControlNet pipelines over one set of weights."""
     components: dict[str, Any] = {}
     if VAE_NAME:
         components["vae"] = from_pretrained_fp16_first(AutoencoderKL, VAE_NAME, cache_dir=cached_hub_folder(VAE_NAME))
-    text2image = from_pretrained_fp16_first(
-        AutoPipelineForText2Image,
-        MODEL_NAME,
-        revision=MODEL_REVISION,
-        cache_dir=cached_hub_folder(MODEL_NAME),
-        **components,
-    )
+    if SINGLE_FILE:
+        text2image = load_single_file(components)
+    else:
+        text2image = from_pretrained_fp16_first(
+            AutoPipelineForText2Image,
+            MODEL_NAME,
+            revision=MODEL_REVISION,
+            cache_dir=cached_hub_folder(MODEL_NAME),
+            **components,
+        )
     if text2image.vae.dtype == torch.float16 and text2image.vae.config.get("force_upcast"):
         keep_vae_in_fp32(text2image.vae)
     if ENABLE_CPU_OFFLOAD and DEVICE == "cuda":
@@ -241,30 +281,40 @@ def load_pipelines() -> tuple[Any, Any, Any | None]:
     if ENABLE_VAE_TILING:
         text2image.vae.enable_tiling()
     text2image.set_progress_bar_config(disable=True)
-    if TORCH_COMPILE:
-        text2image.unet = torch.compile(text2image.unet, mode="max-autotune", fullgraph=True)
+    if TORCH_COMPILE:  # the denoiser: a UNet (SD, SDXL) or a transformer (FLUX, SD 3.5)
+        name = "transformer" if getattr(text2image, "transformer", None) is not None else "unet"
+        setattr(text2image, name, torch.compile(getattr(text2image, name), mode="max-autotune", fullgraph=True))
 
-    # from_pipe shares every component: no second copy of the weights in memory.
+    # from_pipe shares every component: no second copy of the weights in memory. Inpainting
+    # with a text-to-image model's UNet repaints the masked area and keeps the rest's latents.
     image2image = AutoPipelineForImage2Image.from_pipe(text2image)
+    inpainting = AutoPipelineForInpainting.from_pipe(text2image)
     controlnet = None
     if CONTROLNET_MODEL:
         model = from_pretrained_fp16_first(
             ControlNetModel, CONTROLNET_MODEL, cache_dir=cached_hub_folder(CONTROLNET_MODEL)
         ).to(DEVICE)
         controlnet = AutoPipelineForText2Image.from_pipe(text2image, controlnet=model)
-    for pipeline in (image2image, controlnet):
+    for pipeline in (image2image, inpainting, controlnet):
         if pipeline is not None:
             pipeline.set_progress_bar_config(disable=True)
-    return text2image, image2image, controlnet
+    return text2image, image2image, inpainting, controlnet
 
 
 startup.COLD_START.done("imports")  # the download is timed apart from the load
 FP16_VARIANT = "fp16" if TORCH_DTYPE == torch.float16 else None  # the half-size files, when loading fp16
-startup.prefetch(MODEL_NAME, CONTROLNET_MODEL, revision=MODEL_REVISION, variant=FP16_VARIANT)
+# A single file downloads as it loads (hf_hub_download); prefetch knows repos and folders only.
+startup.prefetch(None if SINGLE_FILE else MODEL_NAME, CONTROLNET_MODEL, revision=MODEL_REVISION, variant=FP16_VARIANT)
 _load_started = time.perf_counter()
-TEXT2IMAGE, IMAGE2IMAGE, CONTROLNET = load_pipelines()
+# A bad checkpoint stops here with CheckpointError, naming the setting to fix.
+TEXT2IMAGE, IMAGE2IMAGE, INPAINTING, CONTROLNET = load_pipelines()
 FAMILY: Family = with_overrides(
-    detect_family(TEXT2IMAGE), DEFAULT_STEPS, DEFAULT_GUIDANCE, DEFAULT_WIDTH, DEFAULT_HEIGHT, DEFAULT_SCHEDULER
+    FAMILIES[MODEL_FAMILY] if MODEL_FAMILY else detect_family(TEXT2IMAGE),
+    DEFAULT_STEPS,
+    DEFAULT_GUIDANCE,
+    DEFAULT_WIDTH,
+    DEFAULT_HEIGHT,
+    DEFAULT_SCHEDULER,
 )
 log.info(
     f"Loaded {MODEL_NAME} ({FAMILY.name}, {type(TEXT2IMAGE).__name__}) on {DEVICE} ({TORCH_DTYPE}) in "
@@ -337,9 +387,11 @@ class ImageRequest(BaseModel):
     guidance_scale: Annotated[float, Field(ge=0, le=MAX_GUIDANCE)] | None = None
     seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = None  # image i gets seed + i
     num_images: Annotated[int, Field(ge=1, le=MAX_IMAGES)] = 1
+    batch: bool | None = None  # num_images as one batch (default: BATCH_IMAGES); close to, not bit-equal to, solo runs
     scheduler: SchedulerName = "default"
     image: str | None = None  # image-to-image: URL, data URI or base64
     strength: Annotated[float, Field(gt=0, le=1)] | None = None  # how far from `image`: 1 ignores it
+    mask: str | None = None  # inpainting, with `image`: white repaints, black keeps (URL, data URI or base64)
     control_image: str | None = None  # ControlNet conditioning (needs CONTROLNET_MODEL)
     controlnet_conditioning_scale: Annotated[float, Field(ge=0, le=2)] = 1.0
     canny: bool = False  # turn a plain photo into the edge map a Canny ControlNet expects
@@ -363,6 +415,8 @@ class ImageRequest(BaseModel):
             )
         if self.strength is not None and self.image is None:
             raise PydanticCustomError("strength", "strength is only used with image (image-to-image)")
+        if self.mask is not None and self.image is None:
+            raise PydanticCustomError("mask", "mask needs image: inpainting repaints the masked part of image")
         controlnet_only = {"canny", "controlnet_conditioning_scale", "canny_low_threshold", "canny_high_threshold"}
         if self.control_image is None and (given := sorted(controlnet_only & self.model_fields_set)):
             raise PydanticCustomError(
@@ -459,6 +513,8 @@ class Job:
     scheduler: str  # a key of SCHEDULERS, or "default": the model's own
     seeds: list[int]
     source: Image.Image | None = None  # image-to-image input, resized
+    mask: Image.Image | None = None  # inpainting mask (L mode), resized like source
+    batch: bool = False  # the images as one batch, not one after another
     control: Image.Image | None = None  # ControlNet conditioning, resized
     adapters: AdapterSet = ()  # LoRA adapters and their weights
     adapter_fields: tuple[str, ...] = ()  # the request field of each, for errors
@@ -478,6 +534,10 @@ class Job:
         }
         if self.source is not None:
             used["strength"] = self.strength
+        if self.mask is not None:
+            used["inpainting"] = True
+        if len(self.seeds) > 1:
+            used["batch"] = self.batch
         if self.control is not None:
             used["controlnet_conditioning_scale"] = self.request.controlnet_conditioning_scale
             used["canny"] = self.request.canny
@@ -522,6 +582,12 @@ def prepare(request: ImageRequest) -> Job:
     """Fetch and fit the input images and settle every setting. Blocking: runs off the event loop."""
     source = load_image("image", request.image, INPUT_LIMITS) if request.image else None
     control = load_image("control_image", request.control_image, INPUT_LIMITS) if request.control_image else None
+    mask = load_image("mask", request.mask, INPUT_LIMITS) if request.mask else None
+    if mask is not None and source is not None and mask.size != source.size:
+        raise RequestError(
+            f"mask: {mask.width}x{mask.height} does not match image's {source.width}x{source.height}:"
+            " send a mask of the image's size"
+        )
     width, height = output_size(request, source or control)
     if width * height > MAX_PIXELS or max(width, height) > MAX_SIDE:
         raise RequestError(
@@ -552,6 +618,9 @@ def prepare(request: ImageRequest) -> Job:
         scheduler=request.scheduler if request.scheduler != "default" else FAMILY.scheduler,
         seeds=image_seeds(request.seed, request.num_images),
         source=source.resize((width, height), Image.Resampling.LANCZOS) if source else None,
+        # NEAREST keeps a hard mask hard; the pipeline reads white as "repaint"
+        mask=mask.convert("L").resize((width, height), Image.Resampling.NEAREST) if mask else None,
+        batch=request.batch if request.batch is not None else BATCH_IMAGES,
         control=control.resize((width, height), Image.Resampling.LANCZOS) if control else None,
         adapters=adapters,
         adapter_fields=fields,
@@ -579,7 +648,12 @@ def pipeline_for(job: Job) -> Any:
     Schedulers keep state while they denoise (their timesteps, step index, past outputs), so
     every request gets a fresh one, of the requested kind, and nothing it sets outlives it.
     """
-    base = CONTROLNET if job.control is not None else IMAGE2IMAGE if job.source is not None else TEXT2IMAGE
+    if job.control is not None:
+        base = CONTROLNET
+    elif job.mask is not None:
+        base = INPAINTING
+    else:
+        base = IMAGE2IMAGE if job.source is not None else TEXT2IMAGE
     if job.scheduler == "default":
         scheduler = type(base.scheduler).from_config(base.scheduler.config)
     else:
@@ -602,15 +676,18 @@ class Generated:
 
 def denoise(job: Job, on_step: Any, cancelled: threading.Event) -> list[Generated]:
     """One image at a time, each from its own generator: bit-for-bit what a one-image request
-    with that seed gives (batching would change the arithmetic, and so the pixels)."""
+    with that seed gives. Batched (job.batch), one pipeline call makes them all, still one
+    generator per image, so each starts from its seed's own noise; the batched arithmetic
+    (other kernel shapes and reduction orders) makes it close to its solo run, not bit-equal."""
     pipeline = pipeline_for(job)
+    runs = [job.seeds] if job.batch else [[seed] for seed in job.seeds]
 
-    def step_end_for(image_index: int) -> Any:
+    def step_end_for(run_index: int) -> Any:
         def step_end(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
             # The scheduler's own step count: PNDM adds warm-up steps, image-to-image runs
             # only strength × num_inference_steps of them.
-            per_image = pipe.num_timesteps
-            on_step(image_index * per_image + step + 1, per_image * len(job.seeds))
+            per_run = pipe.num_timesteps
+            on_step(run_index * per_run + step + 1, per_run * len(runs))
             if cancelled.is_set():
                 pipe._interrupt = True  # diffusers' own way to stop a run between steps
             return tensors
@@ -628,8 +705,10 @@ def denoise(job: Job, on_step: Any, cancelled: threading.Event) -> list[Generate
         kwargs["max_sequence_length"] = FAMILY.max_sequence_length
     if job.source is not None:
         kwargs.update(image=job.source, strength=job.strength)
-    else:
+    if job.source is None or job.mask is not None:  # inpainting takes the size too (else its model default)
         kwargs.update(width=job.width, height=job.height)
+    if job.mask is not None:
+        kwargs["mask_image"] = job.mask
     if job.control is not None:
         kwargs.update(image=job.control, controlnet_conditioning_scale=job.request.controlnet_conditioning_scale)
 
@@ -639,17 +718,32 @@ def denoise(job: Job, on_step: Any, cancelled: threading.Event) -> list[Generate
 
     images = []
     with GATE.using(job.adapters, list(job.adapter_fields), on_wait=give_up_when_cancelled):
-        for index, seed in enumerate(job.seeds):
+        for index, seeds in enumerate(runs):
             if cancelled.is_set():
                 break
             # Noise drawn on the CPU: a seed gives the same starting latents on every machine.
-            generator = torch.Generator(device="cpu").manual_seed(seed)
+            generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
             with torch.inference_mode():
-                result = pipeline(generator=generator, callback_on_step_end=step_end_for(index), **kwargs)
+                result = pipeline(
+                    generator=generators if job.batch else generators[0],
+                    num_images_per_prompt=len(seeds),
+                    callback_on_step_end=step_end_for(index),
+                    **kwargs,
+                )
             # SD 1.x/2.x repos that ship a safety checker black out what it flags; say so, not silently.
             flags = getattr(result, "nsfw_content_detected", None)
-            images.append(Generated(result.images[0], bool(flags[0]) if flags else None))
+            for i, image in enumerate(result.images):
+                images.append(Generated(image, bool(flags[i]) if flags else None))
     return images
+
+
+def warm_up() -> float:
+    """One small job through the whole path at start, so a compiled model (TORCH_COMPILE) compiles
+    before the first job instead of inside its time limit. Returns the seconds it took."""
+    started = time.perf_counter()
+    request = ImageRequest(prompt="warm-up", seed=0, num_inference_steps=WARMUP_STEPS)
+    denoise(prepare(request), lambda step, total: None, threading.Event())
+    return time.perf_counter() - started
 
 
 # ---------------------------------------------------------------------------------------------
@@ -853,6 +947,11 @@ async def handler(job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
     async for chunk in coalesced(image_stream(job), keep_latest(is_progress)):
         yield chunk
 
+
+if TORCH_COMPILE:
+    # On the denoising thread, where jobs will run: CUDA graphs are recorded per thread.
+    log.info(f"Warm-up image (TORCH_COMPILE) done in {PIPELINE_THREADS.submit(warm_up).result():.1f}s")
+    startup.COLD_START.report("compile warm-up")
 
 WORKER_CONFIG: dict[str, Any] = {
     "handler": handler,

@@ -1320,7 +1320,9 @@ def build_single_file(out: Path, kind: str = "sd15") -> Path:
     pipeline = AutoPipelineForText2Image.from_pretrained(folder)
     state = _ldm_unet(pipeline.unet.state_dict(), dict(pipeline.unet.config))
     state |= _ldm_vae(pipeline.vae.state_dict(), dict(pipeline.vae.config))
-    state |= {"cond_stage_model.transformer." + k: v for k, v in pipeline.text_encoder.state_dict().items()}
+    # The real checkpoints' CLIP keys sit under text_model. (transformers 5 flattened CLIPTextModel's).
+    text = {k.removeprefix("text_model."): v for k, v in pipeline.text_encoder.state_dict().items()}
+    state |= {"cond_stage_model.transformer.text_model." + k: v for k, v in text.items()}
     save_file({key: value.contiguous() for key, value in state.items()}, out / "model.safetensors")
     return out
 
