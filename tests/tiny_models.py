@@ -1116,16 +1116,18 @@ _QWEN_VL_FAMILY = _Family(
 )
 
 
-def _images_only(processor_class: Any) -> Any:
-    """`processor_class` without its video processor (every one in transformers 5.24 needs torchvision):
-    ProcessorMixin takes its parts from the __init__ signature. 04_multimodal/families.py does the same."""
+def _images_only(processor_class: Any, **parts: Any) -> Any:
+    """`processor_class` built without its video processor (every one in transformers 5.24 needs
+    torchvision), saved with all its own settings (num_image_tokens, image_seq_len) as the Hub's are.
+    04_multimodal/families.py loads them the same way."""
 
     class ImagesOnly(processor_class):
-        def __init__(self, image_processor: Any, tokenizer: Any, chat_template: str | None = None, **kwargs: Any):
-            super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+        @classmethod
+        def get_attributes(cls) -> list[str]:  # the parts ProcessorMixin expects, checks and saves
+            return [name for name in super().get_attributes() if name != "video_processor"]
 
     ImagesOnly.__name__ = ImagesOnly.__qualname__ = processor_class.__name__
-    return ImagesOnly
+    return ImagesOnly(video_processor=None, **parts)
 
 
 def build_qwen_vl(out: Path, version: str) -> Path:
@@ -1176,8 +1178,205 @@ def build_qwen_vl(out: Path, version: str) -> Path:
     image_processor = _image_processor(
         "Qwen2VLImageProcessor", size={"shortest_edge": 4 * merge * merge, "longest_edge": 64 * merge * merge}
     )
-    processor = _images_only(getattr(transformers, f"{prefix}Processor"))(
-        image_processor=image_processor, tokenizer=tokenizer, chat_template=_QWEN_VL_TEMPLATE
+    processor = _images_only(
+        getattr(transformers, f"{prefix}Processor"),
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        chat_template=_QWEN_VL_TEMPLATE,
+    )
+    _save_processor(processor, out)
+    return out
+
+
+# ---- modern VLMs: Gemma 3, Idefics3, SmolVLM 2, LLaVA-OneVision (appended for 04_multimodal) ---------
+#
+# As above: real classes at toy sizes, 32 px images in 4 px patches, the byte-level BPE with each
+# family's own special tokens, templates shaped like the checkpoints' own (an image part becomes the
+# family's placeholder, which the processor expands into the image's tokens).
+
+_SIGLIP_VISION: dict[str, Any] = _SIGLIP_TOWER | {"image_size": 32, "patch_size": 4}
+
+# Gemma 3 (google/gemma-3-4b-it): <start_of_image> where an image goes, expanded by the processor
+# into 16 soft tokens (the real 256: SigLIP's 64x64 patches pooled to 16x16; here 8x8 pooled to 4x4).
+_GEMMA3_IMAGE_TOKENS = 16
+_GEMMA3_VLM_TEMPLATE = (
+    r"{{- bos_token }}{%- set ns = namespace(system='') %}{%- for m in messages %}"
+    r"{%- if m['role'] == 'system' %}"
+    r"{%- set ns.system = m['content'] if m['content'] is string else "
+    r"m['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join(' ') %}"
+    r"{%- set ns.system = ns.system + '\n\n' %}{%- else %}"
+    r"{%- set role = 'model' if m['role'] == 'assistant' else m['role'] %}"
+    r"{{- '<start_of_turn>' + role + '\n' + ns.system }}{%- set ns.system = '' %}"
+    r"{%- if m['content'] is string %}{{- m['content'] | trim }}{%- else %}{%- for part in m['content'] %}"
+    r"{%- if part['type'] in ('image', 'image_url') %}{{- '<start_of_image>' }}"
+    r"{%- elif part['type'] == 'text' %}{{- part['text'] | trim }}{%- endif %}{%- endfor %}{%- endif %}"
+    r"{{- '<end_of_turn>\n' }}{%- endif %}{%- endfor %}"
+    r"{%- if add_generation_prompt %}{{- '<start_of_turn>model\n' }}{%- endif %}"
+)
+
+
+def build_gemma3_vlm(out: Path) -> Path:
+    """Gemma 3 with its vision tower (Gemma3ForConditionalGeneration, like google/gemma-3-4b-it): a
+    SigLIP encoder whose patches are average-pooled into a fixed 16 tokens an image, at one square
+    resolution; image tokens attend to each other both ways (the processor's token_type_ids)."""
+    import torch
+    import transformers
+
+    base = _FAMILIES["gemma3"]
+    images = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
+    family = replace(base, specials=[*base.specials, *images.values()], chat_template=_GEMMA3_VLM_TEMPLATE)
+    tokenizer = _train_byte_bpe(family, extra_special_tokens=images)
+    text_config, generation_config = _text_config(family, tokenizer)
+    config = transformers.Gemma3Config(
+        text_config=text_config.to_dict(),
+        vision_config=_SIGLIP_VISION | {"vision_use_head": False},
+        mm_tokens_per_image=_GEMMA3_IMAGE_TOKENS,
+        boi_token_index=tokenizer.convert_tokens_to_ids(images["boi_token"]),
+        eoi_token_index=tokenizer.convert_tokens_to_ids(images["eoi_token"]),
+        image_token_index=tokenizer.convert_tokens_to_ids(images["image_token"]),
+    )
+    torch.manual_seed(SEED)
+    model = transformers.Gemma3ForConditionalGeneration(config)
+    model.generation_config = generation_config
+    model.save_pretrained(out)
+    image_processor = _image_processor("Gemma3ImageProcessor", size={"height": 32, "width": 32})
+    processor = transformers.Gemma3Processor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        chat_template=_GEMMA3_VLM_TEMPLATE,
+        image_seq_length=_GEMMA3_IMAGE_TOKENS,
+    )
+    _save_processor(processor, out)
+    return out
+
+
+# Idefics3 (HuggingFaceM4/Idefics3-8B-Llama3) and SmolVLM (HuggingFaceTB/SmolVLM-256M-Instruct is an
+# idefics3 model; SmolVLM2 is "smolvlm"): "User:<image>...<end_of_utterance>\nAssistant:" turns. An
+# image is cut into tiles of 32 px (the real 364 or 512) plus a global view of the whole, each tile
+# 8x8 patches shuffled 2x2 into 16 tokens between <fake_token_around_image> and a <row_i_col_j> tag.
+_IDEFICS3_TEMPLATE = (
+    r"<|im_start|>{%- for m in messages %}{{- m['role'] | capitalize }}"
+    r"{%- if m['content'] is string %}{{- ': ' + m['content'] }}{%- else %}"
+    r"{%- if m['content'][0]['type'] in ('image', 'image_url') %}{{- ':' }}{%- else %}{{- ': ' }}{%- endif %}"
+    r"{%- for part in m['content'] %}{%- if part['type'] == 'text' %}{{- part['text'] }}"
+    r"{%- elif part['type'] in ('image', 'image_url') %}{{- '<image>' }}{%- endif %}{%- endfor %}{%- endif %}"
+    r"{{- '<end_of_utterance>\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- 'Assistant:' }}{%- endif %}"
+)
+_IDEFICS3_FAMILY = _Family(
+    config="LlamaConfig",
+    specials=[
+        "<|im_start|>",
+        "<|im_end|>",
+        "<end_of_utterance>",
+        "<fake_token_around_image>",
+        "<image>",
+        "<global-img>",
+        "<pad>",
+        *(f"<row_{row}_col_{col}>" for row in range(1, 7) for col in range(1, 7)),
+    ],
+    eos="<end_of_utterance>",
+    pad="<pad>",
+    stop=("<|im_end|>",),
+    chat_template=_IDEFICS3_TEMPLATE,
+)
+_IDEFICS3_SCALE = 2  # pixel shuffle: 2x2 patches into one token
+_IDEFICS3_TILE_TOKENS = (_SIGLIP_VISION["image_size"] // _SIGLIP_VISION["patch_size"]) ** 2 // _IDEFICS3_SCALE**2
+
+
+def build_idefics3(out: Path, kind: str) -> Path:
+    """Idefics3 ("idefics3", as SmolVLM 1 ships) or SmolVLM 2 ("smolvlm"): a SigLIP tower, pixel
+    shuffle, a linear connector and a Llama; at most 2x2 tiles of 32 px plus the global view."""
+    import torch
+    import transformers
+
+    prefix = "Idefics3" if kind == "idefics3" else "SmolVLM"
+    tokenizer = _train_byte_bpe(_IDEFICS3_FAMILY)
+    text_config, generation_config = _text_config(_IDEFICS3_FAMILY, tokenizer)
+    config = getattr(transformers, f"{prefix}Config")(
+        vision_config=_SIGLIP_VISION,
+        text_config=text_config.to_dict(),
+        scale_factor=_IDEFICS3_SCALE,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        pad_token_id=text_config.pad_token_id,
+    )
+    torch.manual_seed(SEED)
+    model = getattr(transformers, f"{prefix}ForConditionalGeneration")(config)
+    model.generation_config = generation_config
+    model.save_pretrained(out)
+    image_processor = _image_processor(
+        f"{prefix}ImageProcessor",
+        size={"longest_edge": 2 * _SIGLIP_VISION["image_size"]},  # the whole image at most 2 tiles wide
+        max_image_size={"longest_edge": _SIGLIP_VISION["image_size"]},  # one tile
+        do_image_splitting=True,
+    )
+    processor_class = getattr(transformers, f"{prefix}Processor")
+    make = partial(_images_only, processor_class) if kind == "smolvlm" else processor_class
+    processor = make(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        chat_template=_IDEFICS3_TEMPLATE,
+        image_seq_len=_IDEFICS3_TILE_TOKENS,
+    )
+    _save_processor(processor, out)
+    return out
+
+
+# LLaVA-OneVision (llava-hf/llava-onevision-qwen2-7b-ov-hf): SigLIP (all its patches, no CLS), a
+# two-layer projector and Qwen2 in ChatML. "anyres_max_9": the whole image plus tiles of the best
+# fitting grid below (the real 384 px grids scaled to 32 px), the tiles' features downsampled when
+# there are more than 9 tiles' worth.
+_ONEVISION_TEMPLATE = (
+    r"{%- for m in messages %}{{- '<|im_start|>' + m['role'] + '\n' }}"
+    r"{%- if m['content'] is string %}{{- m['content'] }}{%- else %}"
+    r"{%- for part in m['content'] if part['type'] in ('image', 'image_url') %}{{- '<image>\n' }}{%- endfor %}"
+    r"{{- m['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join(' ') }}"
+    r"{%- endif %}{{- '<|im_end|>\n' }}{%- endfor %}"
+    r"{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
+)
+_ONEVISION_FAMILY = _Family(
+    config="Qwen2Config",
+    specials=["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"],
+    eos="<|im_end|>",
+    pad="<|endoftext|>",
+    stop=("<|endoftext|>",),
+    chat_template=_ONEVISION_TEMPLATE,
+)
+_ONEVISION_GRIDS = [[32, 32], [32, 64], [64, 32], [64, 64], [32, 96], [96, 32]]
+
+
+def build_llava_onevision(out: Path) -> Path:
+    """LLaVA-OneVision: a SigLIP tower whose 64 patch features per tile (the real 729) go through the
+    projector, tiles chosen from _ONEVISION_GRIDS, an image_newline after each row, Qwen2 in ChatML."""
+    import torch
+    import transformers
+
+    tokenizer = _train_byte_bpe(_ONEVISION_FAMILY, padding_side="left")
+    text_config, generation_config = _text_config(_ONEVISION_FAMILY, tokenizer)
+    config = transformers.LlavaOnevisionConfig(
+        vision_config=_SIGLIP_VISION | {"model_type": "siglip_vision_model", "vision_use_head": False},
+        text_config=text_config.to_dict(),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+        vision_aspect_ratio="anyres_max_9",
+        image_grid_pinpoints=_ONEVISION_GRIDS,
+    )
+    torch.manual_seed(SEED)
+    model = transformers.LlavaOnevisionForConditionalGeneration(config)
+    model.generation_config = generation_config
+    model.save_pretrained(out)
+    image_processor = _image_processor(
+        "LlavaOnevisionImageProcessor", size={"height": 32, "width": 32}, image_grid_pinpoints=_ONEVISION_GRIDS
+    )
+    processor = _images_only(
+        transformers.LlavaOnevisionProcessor,
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        chat_template=_ONEVISION_TEMPLATE,
+        num_image_tokens=(_SIGLIP_VISION["image_size"] // _SIGLIP_VISION["patch_size"]) ** 2,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio="anyres_max_9",
     )
     _save_processor(processor, out)
     return out
@@ -1348,6 +1547,10 @@ BUILDERS: dict[str, Callable[[Path], Path]] = {
     "siglip2": partial(build_siglip, version=2),
     "qwen2-vl": partial(build_qwen_vl, version="2"),
     "qwen2.5-vl": partial(build_qwen_vl, version="2.5"),
+    "gemma3-vlm": build_gemma3_vlm,
+    "idefics3": partial(build_idefics3, kind="idefics3"),
+    "smolvlm": partial(build_idefics3, kind="smolvlm"),
+    "llava-onevision": build_llava_onevision,
     "remote-code-sentence-transformer": build_remote_code_sentence_transformer,
 }
 
