@@ -22,11 +22,12 @@ placeholder into the image's tokens.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
 import transformers
-from transformers import AutoProcessor, ProcessorMixin
+from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, ProcessorMixin
 
 
 @dataclass(frozen=True)
@@ -54,24 +55,42 @@ VLM_FAMILIES: dict[str, VLMFamily] = {
 }
 
 
+SUB_PROCESSORS = ("image_processor", "tokenizer", "video_processor")  # loaded apart, never settings
+
+
 def images_only(processor_class: type[ProcessorMixin]) -> type[ProcessorMixin]:
-    """`processor_class` without its video processor. transformers 5.24 builds one for Qwen2-VL,
-    LLaVA-OneVision and SmolVLM, and every video processor needs torchvision, which this image
-    does not install (PyPI's build breaks transformers beside this torch). ProcessorMixin takes its
-    parts from the __init__ signature, so a signature without `video_processor` loads the rest."""
+    """`processor_class` for a processor built without its video processor. transformers 5.24 builds
+    one for Qwen2-VL, LLaVA-OneVision and SmolVLM, and every video processor needs torchvision,
+    which this image does not install (PyPI's build breaks transformers beside this torch)."""
 
     class ImagesOnly(processor_class):
-        def __init__(self, image_processor: Any, tokenizer: Any, chat_template: str | None = None, **kwargs: Any):
-            super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+        @classmethod
+        def get_attributes(cls) -> list[str]:  # the parts ProcessorMixin expects, checks and saves
+            return [name for name in super().get_attributes() if name != "video_processor"]
+
+        def apply_chat_template(self, conversation: Any, chat_template: str | None = None, **kwargs: Any) -> Any:
+            # SmolVLM's own override reads its video processor's frame settings, even for images.
+            return ProcessorMixin.apply_chat_template(self, conversation, chat_template, **kwargs)
 
     ImagesOnly.__name__ = ImagesOnly.__qualname__ = processor_class.__name__
     return ImagesOnly
 
 
 def load_processor(family: VLMFamily, model_name: str, **common: Any) -> Any:
+    """The family's processor. Without a video processor, the parts load one by one, and the
+    processor's own settings (OneVision's num_image_tokens, SmolVLM's image_seq_len, the chat
+    template) come from its processor_config.json as from_pretrained would pass them."""
     if family.processor_class is None:
         return AutoProcessor.from_pretrained(model_name, **common)
-    return images_only(getattr(transformers, family.processor_class)).from_pretrained(model_name, **common)
+    processor_class = images_only(getattr(transformers, family.processor_class))
+    settings, _ = processor_class.get_processor_dict(model_name, **common)
+    accepted = inspect.signature(processor_class.__init__).parameters
+    return processor_class(
+        image_processor=AutoImageProcessor.from_pretrained(model_name, **common),
+        tokenizer=AutoTokenizer.from_pretrained(model_name, **common),
+        video_processor=None,
+        **{name: value for name, value in settings.items() if name in accepted and name not in SUB_PROCESSORS},
+    )
 
 
 def image_token_bounds(processor: Any, min_tokens: int, max_tokens: int) -> tuple[int, int]:
@@ -90,4 +109,7 @@ def model_inputs(processor: Any, turns: list[dict[str, Any]], images: list[Any])
     the images expanded into their tokens: input_ids, attention_mask, pixel_values and whatever else
     the family's forward takes (Qwen's image_grid_thw, Idefics3's pixel_attention_mask)."""
     prompt = processor.apply_chat_template(turns, add_generation_prompt=True)
-    return dict(processor(images=images, text=prompt, return_tensors="pt"))
+    # Templates that write the bos token themselves (Gemma 3's) must not get a second one.
+    bos = processor.tokenizer.bos_token
+    special_tokens = not (bos and prompt.startswith(bos))
+    return dict(processor(images=images, text=prompt, add_special_tokens=special_tokens, return_tensors="pt"))
