@@ -4,6 +4,7 @@ One worker serves one embedding model two ways:
   * a native request:  {"input": {"texts": ["...", "..."], "dimensions": 256, "input_type": "query"}}
   * OpenAI's API:      {"input": {"openai_route": "/v1/embeddings", "openai_input": {"input": [...]}}}
     (Runpod sends this shape for https://api.runpod.ai/v2/<endpoint>/openai/v1/embeddings)
+With MODEL_KIND=sparse it serves a SPLADE model instead: {"indices", "values"} per text (sparse.py).
 
 The file reads top to bottom: configuration, model load, request schema, inference, response, start.
 """
@@ -39,12 +40,13 @@ from pydantic import (
     model_validator,
 )
 from pydantic_core import PydanticCustomError
-from sentence_transformers import CrossEncoder, SentenceTransformer, quantize_embeddings
+from sentence_transformers import CrossEncoder, SentenceTransformer, SparseEncoder, quantize_embeddings
 from sentence_transformers.base.modules import Normalize, Router, Transformer
 from sentence_transformers.util import batch_to_device
 
 from batcher import TokenBudgetBatcher
 from local_run import for_local_run
+from sparse import SparseVector, active_terms, sparse_json, sparse_result_ceiling, top_terms
 
 log = runpod.RunPodLogger()
 
@@ -68,6 +70,14 @@ MODEL_REVISION = os.environ.get("MODEL_REVISION") or None  # a commit hash makes
 SERVED_MODEL_NAME = os.environ.get("SERVED_MODEL_NAME") or MODEL_NAME  # the id /v1/models lists
 # Some models (Nomic, Jina, GTE-multilingual) ship their own modelling code; run it only when asked.
 TRUST_REMOTE_CODE = env_flag("TRUST_REMOTE_CODE", False)
+# dense: a SentenceTransformer, one vector per text (the default, what OpenAI's API carries).
+# sparse: a SparseEncoder (SPLADE: naver/splade-v3, opensearch-neural-sparse...), one weight per
+# vocabulary term, nearly all zero: lexical search that knows synonyms, and hybrid search beside a dense model.
+MODEL_KINDS = ("dense", "sparse")
+MODEL_KIND = os.environ.get("MODEL_KIND") or "dense"
+if MODEL_KIND not in MODEL_KINDS:
+    raise SystemExit(f"MODEL_KIND must be one of {', '.join(MODEL_KINDS)}, got {MODEL_KIND!r}")
+SPARSE = MODEL_KIND == "sparse"
 
 # Jobs one worker takes at once. They wait for the single model thread as texts in one queue, so
 # more concurrency costs no GPU memory; it is what lets batches fill: the SDK never holds more than
@@ -88,6 +98,8 @@ BATCH_SIZE = env_int("BATCH_SIZE", 64)  # pairs per cross-encoder pass (rerank) 
 # few hundred a bigger batch no longer speeds a GPU up, it only delays the jobs in it. A CPU is
 # the opposite: it is fastest on small batches (measured with all-MiniLM-L6-v2 on 2 cores: 32
 # one-line texts or ~2k padded tokens per pass; 256 texts per pass took twice as long).
+# A SPLADE model holds a score per vocabulary term for every token (16,384 × 30,522 in fp16 is
+# 1 GB): the same budget fits a 16 GB GPU.
 ON_GPU = startup.DEVICE == "cuda"
 DYNAMIC_BATCHING = env_flag("DYNAMIC_BATCHING", True)
 MAX_BATCH_TOKENS = env_int("MAX_BATCH_TOKENS", 16_384 if ON_GPU else 2_048)
@@ -121,7 +133,7 @@ DTYPE = torch.float16 if DEVICE == "cuda" else torch.float32  # fp16 halves memo
 startup.COLD_START.done("imports")  # the download is timed apart from the load
 startup.prefetch(MODEL_NAME, RERANK_MODEL_NAME, revision=MODEL_REVISION, remote_code=TRUST_REMOTE_CODE)
 _load_started = time.perf_counter()
-MODEL = SentenceTransformer(
+MODEL = (SparseEncoder if SPARSE else SentenceTransformer)(
     MODEL_NAME,
     revision=MODEL_REVISION,
     device=DEVICE,
@@ -130,7 +142,9 @@ MODEL = SentenceTransformer(
     model_kwargs={"dtype": DTYPE},
 )
 MODEL.eval()
-EMBEDDING_DIM: int = MODEL.get_embedding_dimension()
+EMBEDDING_DIM: int = MODEL.get_embedding_dimension()  # sparse: the vocabulary size
+# sparse: the most active terms a vector keeps when the request does not say (the model's own setting, often none).
+DEFAULT_MAX_ACTIVE_DIMS: int | None = getattr(MODEL, "max_active_dims", None)
 MAX_SEQ_LENGTH: int = MODEL.get_max_seq_length() or MODEL.tokenizer.model_max_length
 PROMPTS: dict[str, str] = dict(MODEL.prompts)  # e.g. {"query": "query: "} for E5-style models
 DEFAULT_PROMPT = PROMPTS.get(MODEL.default_prompt_name or "", "")  # what the model applies when asked for none
@@ -163,7 +177,7 @@ RERANKER = (
 )
 LOADED_AT = int(time.time())
 log.info(
-    f"Loaded {MODEL_NAME} on {DEVICE} ({DTYPE}) in {time.perf_counter() - _load_started:.1f}s: "
+    f"Loaded {MODEL_KIND} {MODEL_NAME} on {DEVICE} ({DTYPE}) in {time.perf_counter() - _load_started:.1f}s: "
     f"{EMBEDDING_DIM} dimensions, at most {MAX_SEQ_LENGTH} tokens per input, "
     f"prompts: {sorted(name for name, text in PROMPTS.items() if text) or 'none'}, "
     f"reranker: {RERANK_MODEL_NAME or 'none'}, dynamic batching: {'on' if DYNAMIC_BATCHING else 'off'} "
@@ -202,17 +216,14 @@ def _one_text_as_list(value: Any) -> Any:
     return [value] if isinstance(value, str) else value
 
 
-class EmbeddingOptions(BaseModel):
-    """Options shared by the native and the OpenAI request."""
+class PromptOptions(BaseModel):
+    """How texts are prompted: shared by every embedding request, dense and sparse."""
 
     model_config = ConfigDict(strict=True)
 
-    dimensions: Dimensions | None = None  # Matryoshka truncation, then re-normalised
-    encoding_format: EncodingFormat = "float"  # base64: little-endian float32 bytes, as OpenAI sends
     input_type: InputType | None = None  # selects the model's "query"/"document" prompt, if it has one
     prompt_name: str | None = None  # any prompt the model defines, by name (TEI's and sentence-transformers' field)
     prompt: Prompt | None = None  # a free instruction put before every text (Qwen3-Embedding, e5-instruct)
-    normalize: bool = True  # unit length, so cosine similarity is a dot product
 
     @field_validator("prompt_name")
     @classmethod
@@ -222,15 +233,8 @@ class EmbeddingOptions(BaseModel):
             raise ValueError(f"{name!r} is not one of this model's prompts ({known}); send a free `prompt` instead")
         return name
 
-    @field_validator("normalize")
-    @classmethod
-    def _raw_available(cls, normalize: bool) -> bool:
-        if not normalize and not RAW_VECTORS:
-            raise ValueError("false is not available: this model normalises inside its own layers")
-        return normalize
-
     @model_validator(mode="after")
-    def _one_prompt(self) -> EmbeddingOptions:
+    def _one_prompt(self) -> PromptOptions:
         given = [name for name in ("input_type", "prompt_name", "prompt") if getattr(self, name) is not None]
         if len(given) > 1:
             raise PydanticCustomError("prompts", f"send one of input_type, prompt_name and prompt, not {given}")
@@ -245,6 +249,21 @@ class EmbeddingOptions(BaseModel):
         if self.input_type is not None and self.input_type in PROMPTS:
             return PROMPTS[self.input_type]
         return DEFAULT_PROMPT
+
+
+class EmbeddingOptions(PromptOptions):
+    """Options of the dense requests, native and OpenAI."""
+
+    dimensions: Dimensions | None = None  # Matryoshka truncation, then re-normalised
+    encoding_format: EncodingFormat = "float"  # base64: little-endian float32 bytes, as OpenAI sends
+    normalize: bool = True  # unit length, so cosine similarity is a dot product
+
+    @field_validator("normalize")
+    @classmethod
+    def _raw_available(cls, normalize: bool) -> bool:
+        if not normalize and not RAW_VECTORS:
+            raise ValueError("false is not available: this model normalises inside its own layers")
+        return normalize
 
 
 class EmbedRequest(EmbeddingOptions):
@@ -263,6 +282,20 @@ class EmbedRequest(EmbeddingOptions):
                 "bits", f"{self.precision} packs 8 dimensions per byte; {size} is not a multiple of 8"
             )
         return self
+
+    _wrap = field_validator("texts", mode="before")(_one_text_as_list)
+
+
+class SparseEmbedRequest(PromptOptions):
+    """The native request of a sparse model (MODEL_KIND=sparse): {"texts": ..., "max_active_dims": 64}.
+    Dense-only options (dimensions, precision, encoding_format, normalize) are refused by name."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    texts: Texts
+    # Keep only the largest terms (sentence-transformers' max_active_dims): smaller vectors and
+    # indexes for a little recall; the model's own setting (often none: every active term) otherwise.
+    max_active_dims: Annotated[int, Field(ge=1, le=EMBEDDING_DIM)] | None = DEFAULT_MAX_ACTIVE_DIMS
 
     _wrap = field_validator("texts", mode="before")(_one_text_as_list)
 
@@ -392,7 +425,7 @@ def parse_request(job_input: Any) -> tuple[str, BaseModel | None]:
     if "openai_route" not in job_input:
         if "documents" in job_input or "docs" in job_input or ("query" in job_input and "texts" in job_input):
             return "rerank", rerank_request(job_input, "native")
-        return "native", validated(EmbedRequest, job_input)
+        return "native", validated(SparseEmbedRequest if SPARSE else EmbedRequest, job_input)
 
     route = job_input["openai_route"]
     if route not in OPENAI_ROUTES:
@@ -404,6 +437,11 @@ def parse_request(job_input: Any) -> tuple[str, BaseModel | None]:
         raise RequestError(f"openai_input must be a JSON object with the {route} request body")
     if route in RERANK_ROUTES:
         return "rerank", rerank_request(body, route, prefix="openai_input")
+    if SPARSE:
+        raise RequestError(
+            "this endpoint serves a sparse model (MODEL_KIND=sparse), and OpenAI's embeddings API has no "
+            'sparse vectors; send the native request {"texts": [...]}, answered with {"indices", "values"} per text'
+        )
     return route, validated(OpenAIEmbeddingRequest, body, prefix="openai_input")
 
 
@@ -458,13 +496,16 @@ def batch_group(prompt: str, task: str | None) -> tuple[str, str | None] | None:
     return None if TOKEN_IDS_PATH else (prompt, task)
 
 
-def encode_batch(batch: list[ToEncode]) -> list[np.ndarray]:
-    """One forward pass on the model thread: raw float32 vectors, one per text (no final Normalize)."""
+def encode_batch(batch: list[ToEncode]) -> list[np.ndarray] | list[SparseVector]:
+    """One forward pass on the model thread: raw float32 vectors, one per text (no final Normalize);
+    for a sparse model each text's active terms, so only those leave the model thread."""
     features = batch_features(batch)
     task = batch[0].task
     with torch.inference_mode():
         for module in RAW_MODULES:
             features = module(features, task=task) if isinstance(module, Router) else module(features)
+    if SPARSE:
+        return active_terms(features["sentence_embedding"])
     return list(features["sentence_embedding"].float().cpu().numpy())
 
 
@@ -488,12 +529,13 @@ def new_batcher() -> TokenBudgetBatcher:
 
 
 BATCHER = new_batcher()
-Embedded = tuple[np.ndarray, list[int]]
+Embedded = tuple[list[np.ndarray] | list[SparseVector], list[int]]
 
 
 async def embed_texts(texts: list[str], prompt: str, task: str | None) -> Embedded:
-    """Tokenise once (on the tokenize thread), then encode through the batcher: full-size float32
-    vectors as the model gives them (before any final Normalize) and the untruncated token counts."""
+    """Tokenise once (on the tokenize thread), then encode through the batcher: per text, the
+    full-size float32 vector as the model gives it (before any final Normalize) or its sparse
+    active terms, and the untruncated token counts."""
     tokens = await asyncio.get_running_loop().run_in_executor(TOKENIZE_THREAD, tokenize, texts, prompt)
     items = [ToEncode(encoding, text, prompt, task) for encoding, text in zip(tokens.encodings, texts, strict=True)]
     lengths = [min(count, MAX_SEQ_LENGTH) for count in tokens.counts]
@@ -501,23 +543,25 @@ async def embed_texts(texts: list[str], prompt: str, task: str | None) -> Embedd
     # and failure isolation, on the same model thread, but never shared with another job.
     batcher = BATCHER if DYNAMIC_BATCHING else new_batcher()
     vectors = await batcher.submit(items, lengths, batch_group(prompt, task))
-    return np.stack(vectors), tokens.counts
+    return vectors, tokens.counts
 
 
-def embed_now(texts: list[str], prompt: str = "", task: str | None = None) -> np.ndarray:
+def embed_now(texts: list[str], prompt: str = "", task: str | None = None) -> list[np.ndarray] | list[SparseVector]:
     """The same path, synchronously, for use at load time (before any event loop runs)."""
     tokens = tokenize(texts, prompt)
     items = [ToEncode(encoding, text, prompt, task) for encoding, text in zip(tokens.encodings, texts, strict=True)]
     batches = [items[start : start + BATCH_SIZE] for start in range(0, len(items), BATCH_SIZE)]
-    return np.stack([vector for batch in batches for vector in encode_batch(batch)])
+    return [vector for batch in batches for vector in encode_batch(batch)]
 
 
 # int8/uint8 embeddings need one fixed value range per dimension, or vectors from different
 # requests could not be compared: it comes from the model's own embeddings of calibration.txt
-# (raw, like every request's, so each request shapes them exactly as its own vectors).
+# (raw, like every request's, so each request shapes them exactly as its own vectors). A sparse
+# model has no quantized precisions: the same texts only warm it up.
 startup.COLD_START.done(f"load to {DEVICE}")
 CALIBRATION_TEXTS = [line for line in (Path(__file__).parent / "calibration.txt").read_text().splitlines() if line]
-CALIBRATION = embed_now(CALIBRATION_TEXTS)
+WARM_UP = embed_now(CALIBRATION_TEXTS)
+CALIBRATION = None if SPARSE else np.stack(WARM_UP)
 startup.COLD_START.report("warm-up")  # the calibration texts were the first forward passes
 
 
@@ -650,15 +694,32 @@ def check_result_budget(count: int, request: EmbeddingOptions) -> None:
         raise RequestError(result_too_large(floor, certain=True))
 
 
-def measured_result(output: dict[str, Any], count: int, request: EmbeddingOptions) -> dict[str, Any]:
-    """`output`, after measuring it when it might be over MAX_RESULT_BYTES (json.dumps costs time,
-    so only then): a result Runpod would refuse becomes this job's clear error instead."""
+def dense_result_ceiling(count: int, request: EmbeddingOptions) -> int:
+    """The most bytes the result of `count` dense vectors shaped by `request` can take."""
     precision = getattr(request, "precision", "float32")
     dimensions = request.dimensions or EMBEDDING_DIM
-    ceiling = result_bytes(count, dimensions, precision, request.encoding_format, MAX_JSON_BYTES_PER_FLOAT)
+    return result_bytes(count, dimensions, precision, request.encoding_format, MAX_JSON_BYTES_PER_FLOAT)
+
+
+def measured_result(output: dict[str, Any], ceiling: int) -> dict[str, Any]:
+    """`output`, after measuring it when it might be over MAX_RESULT_BYTES (its `ceiling` says so;
+    json.dumps costs time, so only then): a result Runpod would refuse becomes this job's clear error."""
     if ceiling > MAX_RESULT_BYTES and (size := len(json.dumps(output).encode())) > MAX_RESULT_BYTES:
         return {"error": result_too_large(size, certain=False)}
     return output
+
+
+def sparse_response(vectors: list[SparseVector], counts: list[int], request: SparseEmbedRequest) -> dict[str, Any]:
+    """The native answer of a sparse model: each text's active terms (at most max_active_dims of them)."""
+    vectors = [top_terms(vector, request.max_active_dims) for vector in vectors]
+    output = {
+        "model": SERVED_MODEL_NAME,
+        "embeddings": [sparse_json(vector) for vector in vectors],  # {"indices", "values"} per text
+        "dimensions": EMBEDDING_DIM,  # the vocabulary size: every index is below it
+        "usage": usage(counts),
+        "truncated": truncated_indices(counts),
+    }
+    return measured_result(output, sparse_result_ceiling(vectors, RESULT_OVERHEAD_BYTES))
 
 
 def rerank_response(ranked: list[tuple[int, float]], request: RerankRequest) -> dict[str, Any] | list[dict[str, Any]]:
@@ -706,8 +767,9 @@ async def handler(job: dict[str, Any]) -> dict[str, Any] | list[dict[str, Any]]:
                 job_id,
             )
             return rerank_response(ranked, request)
-        texts = request.texts if isinstance(request, EmbedRequest) else request.input
-        check_result_budget(len(texts), request)
+        texts = request.input if isinstance(request, OpenAIEmbeddingRequest) else request.texts
+        if not SPARSE:  # a sparse result's size is known only once its active terms are
+            check_result_budget(len(texts), request)
         if isinstance(texts[0], list):  # OpenAI token-id arrays (LangChain's default): back to text
             texts = await asyncio.get_running_loop().run_in_executor(TOKENIZE_THREAD, decode_token_ids, texts)
         vectors, counts = await embed_texts(texts, request.resolved_prompt(), request.input_type)
@@ -729,15 +791,18 @@ async def handler(job: dict[str, Any]) -> dict[str, Any] | list[dict[str, Any]]:
         log.error(f"Embedding failed: {type(error).__name__}: {error}", job_id)
         return {"error": "embedding failed inside the worker; see the worker logs"}
 
-    vectors = shape_embeddings(vectors, request.dimensions, request.normalize)
     log.info(
         f"Embedded {len(texts)} inputs ({usage(counts)['prompt_tokens']} tokens, "
         f"{len(truncated_indices(counts))} truncated) in {(time.perf_counter() - started) * 1000:.0f} ms",
         job_id,
     )
+    if isinstance(request, SparseEmbedRequest):
+        return sparse_response(vectors, counts, request)
+    vectors = shape_embeddings(np.stack(vectors), request.dimensions, request.normalize)
+    ceiling = dense_result_ceiling(len(texts), request)
     if isinstance(request, EmbedRequest):
-        return measured_result(native_response(vectors, counts, request), len(texts), request)
-    return measured_result(openai_response(vectors, counts, request), len(texts), request)
+        return measured_result(native_response(vectors, counts, request), ceiling)
+    return measured_result(openai_response(vectors, counts, request), ceiling)
 
 
 WORKER_CONFIG: dict[str, Any] = {

@@ -1,16 +1,21 @@
-"""Semantic search with this worker and Qdrant: embed a corpus through the endpoint, store the
-vectors in Qdrant, and answer queries.
+"""Semantic search with this worker and Qdrant (or PostgreSQL with pgvector): embed a corpus through
+the endpoint, store the vectors, and answer queries.
 
 The script talks to the worker over HTTP, exactly as any client would, either
   * a Runpod endpoint: set RUNPOD_ENDPOINT_ID and RUNPOD_API_KEY, or
   * the local dev server (`python handler.py --rp_serve_api`): pass --endpoint-url http://localhost:8000.
 
-Qdrant runs embedded by default: qdrant-client's local mode keeps the collection in a folder
-(--qdrant-path, ./qdrant-data), with nothing to install or start. When the data outgrows one
-machine, set QDRANT_URL (and QDRANT_API_KEY) to use a Qdrant server or Qdrant Cloud instead; the
-code is the same.
+Hybrid search: give it a second endpoint serving a SPLADE model (MODEL_KIND=sparse), with
+RUNPOD_SPARSE_ENDPOINT_ID or --sparse-endpoint-url, and every document gets a dense and a sparse
+vector; a query searches both and Qdrant fuses the two rankings (reciprocal rank fusion).
 
-Usage (pip install qdrant-client httpx numpy):
+Where the vectors go:
+  * Qdrant embedded (the default): qdrant-client's local mode keeps the collection in a folder
+    (--qdrant-path, ./qdrant-data), with nothing to install or start; meant for up to ~20k points.
+  * A Qdrant server or cluster (Qdrant Cloud): set QDRANT_URL (and QDRANT_API_KEY).
+  * PostgreSQL with the pgvector extension: set DATABASE_URL (dense vectors only).
+
+Usage (pip install qdrant-client httpx numpy; for DATABASE_URL also psycopg[binary] pgvector):
     python qdrant_search.py --endpoint-url http://localhost:8000 demo
     python qdrant_search.py index corpus.txt              # one document per line
     python qdrant_search.py search "how do plants make food?" --limit 3
@@ -26,19 +31,34 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, TypeVar
 
 import httpx
 import numpy as np
 from qdrant_client import QdrantClient
-from qdrant_client.models import Distance, PointStruct, VectorParams
+from qdrant_client.models import (
+    Distance,
+    Fusion,
+    FusionQuery,
+    PointStruct,
+    Prefetch,
+    SparseVector,
+    SparseVectorParams,
+    VectorParams,
+)
 
 # Texts per request. 64 is the worker's default BATCH_SIZE (one forward pass per request), and
 # keeps a request of long documents (64 × 50,000 characters at most) far below /runsync's 20 MB
 # payload limit. One request per document would pay the HTTP and queue overhead n times.
 BATCH = 64
+# Requests in flight at once while indexing: one worker merges their texts into shared batches
+# (dynamic batching), and an endpoint with several workers spreads them; the bound keeps the
+# client's memory flat and the endpoint's queue short. Raise it with the endpoint's max workers.
+CONCURRENT_REQUESTS = 4
 
 # /runsync holds the connection up to 90 s by default; allow a little more before giving up.
 HTTP_TIMEOUT = httpx.Timeout(120.0, connect=10.0)
@@ -50,6 +70,9 @@ RETRIES = 3
 
 RUNPOD_API = "https://api.runpod.ai/v2"
 InputType = Literal["query", "document"]
+Sparse = tuple[list[int], list[float]]  # a sparse vector's (indices, values), as the worker sends them
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 class EmbeddingError(RuntimeError):
@@ -91,18 +114,12 @@ class EmbeddingClient:
         vectors = np.stack([decode_embedding(value) for value in output["embeddings"]])
         return vectors, list(output.get("truncated", []))
 
-    def embed_batches(
-        self, texts: Sequence[str], input_type: InputType, batch_size: int = BATCH
-    ) -> Iterator[tuple[int, np.ndarray]]:
-        """Embed `texts` batch_size at a time, yielding (offset of the batch, its vectors)."""
-        for start in range(0, len(texts), batch_size):
-            batch = texts[start : start + batch_size]
-            vectors, truncated = self.embed(batch, input_type)
-            if truncated:
-                # The model read only its first max_seq_length tokens of these: split long documents.
-                numbers = ", ".join(str(start + index + 1) for index in truncated)
-                print(f"warning: documents {numbers} (counting from 1) were truncated by the model", file=sys.stderr)
-            yield start, vectors
+    def embed_sparse(self, texts: Sequence[str], input_type: InputType) -> tuple[list[Sparse], list[int]]:
+        """Embed `texts` in one request to a sparse endpoint (MODEL_KIND=sparse): ((indices, values)
+        per text, indices of truncated texts). input_type picks a SPLADE model's query or document side."""
+        output = self._run({"texts": list(texts), "input_type": input_type})
+        vectors = [(item["indices"], item["values"]) for item in output["embeddings"]]
+        return vectors, list(output.get("truncated", []))
 
     def _run(self, job_input: dict[str, Any]) -> dict[str, Any]:
         """POST one job to /runsync and return its output; poll /status if it outlives the wait."""
@@ -132,15 +149,27 @@ class EmbeddingClient:
         return response.json()
 
 
+def bounded_map(function: Callable[[T], R], items: Sequence[T], concurrency: int) -> Iterator[R]:
+    """function(item) for every item, at most `concurrency` calls in flight, results in order."""
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        pending: deque[Future[R]] = deque()
+        for item in items:
+            pending.append(pool.submit(function, item))
+            if len(pending) >= concurrency:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
 # ---------------------------------------------------------------------------------------------
-# Qdrant: one collection, one point per document, the text itself as the payload.
+# Where the vectors go: a Qdrant collection, or a PostgreSQL table with pgvector.
 # ---------------------------------------------------------------------------------------------
-def open_qdrant(path: str | Path) -> QdrantClient:
-    """A Qdrant server when QDRANT_URL is set, else an embedded Qdrant in the folder `path`."""
-    if url := os.environ.get("QDRANT_URL"):
-        return QdrantClient(url=url, api_key=os.environ.get("QDRANT_API_KEY") or None)
-    # Local mode: the same API, stored on disk, for one process at a time (it locks the folder).
-    return QdrantClient(path=str(path))
+class Store(Protocol):
+    hybrid: bool  # holds sparse vectors too
+
+    def exists(self) -> bool: ...
+    def add(self, texts: Sequence[str], dense: np.ndarray, sparse: list[Sparse] | None) -> None: ...
+    def search(self, dense: np.ndarray, sparse: Sparse | None, limit: int) -> list[tuple[float, str]]: ...
 
 
 def point_id(text: str) -> str:
@@ -149,41 +178,200 @@ def point_id(text: str) -> str:
     return str(uuid.uuid5(uuid.NAMESPACE_URL, text))
 
 
+def open_qdrant(path: str | Path) -> QdrantClient:
+    """A Qdrant server when QDRANT_URL is set, else an embedded Qdrant in the folder `path`."""
+    if url := os.environ.get("QDRANT_URL"):
+        return QdrantClient(url=url, api_key=os.environ.get("QDRANT_API_KEY") or None)
+    # Local mode: the same API, stored on disk, for one process at a time (it locks the folder).
+    return QdrantClient(path=str(path))
+
+
+# A hybrid collection's named vectors. A dense-only collection has one unnamed vector, as before.
+DENSE, SPARSE = "dense", "sparse"
+# Candidates each side of a hybrid search brings to the fusion: enough that a document ranked
+# well by one side only still competes.
+HYBRID_PREFETCH = 50
+
+
+class QdrantStore:
+    """One Qdrant collection: a point per document, the text itself as the payload."""
+
+    def __init__(self, qdrant: QdrantClient, collection: str) -> None:
+        self.qdrant, self.collection = qdrant, collection
+
+    def exists(self) -> bool:
+        return self.qdrant.collection_exists(self.collection)
+
+    @property
+    def hybrid(self) -> bool:
+        return bool(self.qdrant.get_collection(self.collection).config.params.sparse_vectors)
+
+    def add(self, texts: Sequence[str], dense: np.ndarray, sparse: list[Sparse] | None) -> None:
+        if not self.exists():
+            # Created on the first batch, sized to the vectors the worker returns, so the script
+            # works with whichever model the endpoint serves. Cosine: the worker returns unit
+            # vectors, for which cosine and dot product agree. A SPLADE score is a dot product.
+            params = VectorParams(size=dense.shape[1], distance=Distance.COSINE)
+            if sparse is None:
+                self.qdrant.create_collection(self.collection, vectors_config=params)
+            else:
+                self.qdrant.create_collection(
+                    self.collection,
+                    vectors_config={DENSE: params},
+                    sparse_vectors_config={SPARSE: SparseVectorParams()},
+                )
+        elif (sparse is not None) != self.hybrid:
+            raise EmbeddingError(self._layout_error(sparse is not None))
+        if sparse is None:
+            vectors: list[Any] = [vector.tolist() for vector in dense]
+        else:
+            vectors = [
+                {DENSE: vector.tolist(), SPARSE: SparseVector(indices=indices, values=values)}
+                for vector, (indices, values) in zip(dense, sparse, strict=True)
+            ]
+        points = [
+            PointStruct(id=point_id(text), vector=vector, payload={"text": text})
+            for text, vector in zip(texts, vectors, strict=True)
+        ]
+        self.qdrant.upsert(self.collection, points=points)
+
+    def search(self, dense: np.ndarray, sparse: Sparse | None, limit: int) -> list[tuple[float, str]]:
+        if (sparse is not None) != self.hybrid:
+            raise EmbeddingError(self._layout_error(sparse is not None))
+        if sparse is None:
+            hits = self.qdrant.query_points(self.collection, query=dense.tolist(), limit=limit, with_payload=True)
+        else:
+            # Each side ranks its candidates; Qdrant fuses the two rankings by reciprocal rank
+            # (a document's score: the sum of 1 / (k + its rank) on each side), so neither side's
+            # scale matters: cosine similarities and SPLADE dot products are not comparable.
+            prefetch = max(limit, HYBRID_PREFETCH)
+            hits = self.qdrant.query_points(
+                self.collection,
+                prefetch=[
+                    Prefetch(query=dense.tolist(), using=DENSE, limit=prefetch),
+                    Prefetch(query=SparseVector(indices=sparse[0], values=sparse[1]), using=SPARSE, limit=prefetch),
+                ],
+                query=FusionQuery(fusion=Fusion.RRF),
+                limit=limit,
+                with_payload=True,
+            )
+        return [(hit.score, hit.payload["text"]) for hit in hits.points]
+
+    def _layout_error(self, asked_hybrid: bool) -> str:
+        if asked_hybrid:
+            return (
+                f"collection {self.collection!r} holds dense vectors only: index into a new collection "
+                "for hybrid search, or leave the sparse endpoint out"
+            )
+        return f"collection {self.collection!r} is hybrid (dense + sparse): give the sparse endpoint too"
+
+
+class PgvectorStore:
+    """One PostgreSQL table with the pgvector extension: a row per document, dense vectors only
+    (sparse vectors need pgvector 0.7's sparsevec; hybrid search is Qdrant's here)."""
+
+    hybrid = False
+
+    def __init__(self, database_url: str, table: str) -> None:
+        import psycopg
+        from pgvector.psycopg import register_vector
+        from psycopg import sql
+
+        self.sql, self.table = sql, sql.Identifier(table)
+        self.connection = psycopg.connect(database_url, autocommit=True)
+        self.connection.execute("CREATE EXTENSION IF NOT EXISTS vector")
+        register_vector(self.connection)  # numpy arrays in and out as the `vector` type
+        self.name = table
+
+    def close(self) -> None:
+        self.connection.close()
+
+    def exists(self) -> bool:
+        row = self.connection.execute("SELECT to_regclass(%s)", (self.name,)).fetchone()
+        return row[0] is not None
+
+    def add(self, texts: Sequence[str], dense: np.ndarray, sparse: list[Sparse] | None) -> None:
+        if sparse is not None:
+            raise EmbeddingError("PostgreSQL here stores dense vectors only; hybrid search needs Qdrant")
+        query = self.sql.SQL
+        # Sized to the worker's vectors on the first batch; HNSW with cosine distance, as in Qdrant.
+        self.connection.execute(
+            query(
+                "CREATE TABLE IF NOT EXISTS {} (id uuid PRIMARY KEY, text text NOT NULL, embedding vector({}) NOT NULL)"
+            ).format(self.table, self.sql.Literal(dense.shape[1]))
+        )
+        self.connection.execute(
+            query("CREATE INDEX IF NOT EXISTS {} ON {} USING hnsw (embedding vector_cosine_ops)").format(
+                self.sql.Identifier(f"{self.name}_embedding_hnsw"), self.table
+            )
+        )
+        with self.connection.cursor() as cursor:
+            cursor.executemany(
+                query(
+                    "INSERT INTO {} (id, text, embedding) VALUES (%s, %s, %s) "
+                    "ON CONFLICT (id) DO UPDATE SET embedding = EXCLUDED.embedding"
+                ).format(self.table),
+                [(point_id(text), text, vector) for text, vector in zip(texts, dense, strict=True)],
+            )
+
+    def search(self, dense: np.ndarray, sparse: Sparse | None, limit: int) -> list[tuple[float, str]]:
+        # <=> is pgvector's cosine distance; 1 - distance is the cosine similarity Qdrant reports.
+        rows = self.connection.execute(
+            self.sql.SQL(
+                "SELECT 1 - (embedding <=> %s) AS score, text FROM {} ORDER BY embedding <=> %s LIMIT %s"
+            ).format(self.table),
+            (dense, dense, limit),
+        ).fetchall()
+        return [(float(score), text) for score, text in rows]
+
+
+def as_store(store: Store | QdrantClient, collection: str) -> Store:
+    return QdrantStore(store, collection) if isinstance(store, QdrantClient) else store
+
+
 def index(
     client: EmbeddingClient,
-    qdrant: QdrantClient,
+    store: Store | QdrantClient,
     collection: str,
     documents: Sequence[str],
     batch_size: int = BATCH,
+    sparse_client: EmbeddingClient | None = None,
+    concurrency: int = CONCURRENT_REQUESTS,
 ) -> int:
-    """Embed `documents` through the endpoint and upsert them into `collection`; returns the count.
+    """Embed `documents` through the endpoint (and the sparse one, if given) and upsert them into
+    `collection`; returns the count. Up to `concurrency` requests are in flight at once; each
+    batch is stored as it arrives, in order, so memory stays flat however large the corpus is."""
+    store = as_store(store, collection)
+    starts = range(0, len(documents), batch_size)
 
-    The collection is created on the first batch, sized to the vectors the worker returns, so
-    the script works with whichever model the endpoint serves.
-    """
-    for start, vectors in client.embed_batches(documents, "document", batch_size):
-        if not qdrant.collection_exists(collection):
-            # Cosine: the worker returns unit vectors, for which cosine and dot product agree.
-            qdrant.create_collection(
-                collection, vectors_config=VectorParams(size=vectors.shape[1], distance=Distance.COSINE)
-            )
-        texts = documents[start : start + len(vectors)]
-        points = [
-            PointStruct(id=point_id(text), vector=vector.tolist(), payload={"text": text})
-            for text, vector in zip(texts, vectors, strict=True)
-        ]
-        # Upsert each batch as it arrives: memory stays flat however large the corpus is.
-        qdrant.upsert(collection, points=points)
+    def embed(start: int) -> tuple[int, np.ndarray, list[Sparse] | None]:
+        batch = documents[start : start + batch_size]
+        vectors, truncated = client.embed(batch, "document")
+        sparse = sparse_client.embed_sparse(batch, "document")[0] if sparse_client else None
+        if truncated:
+            # The model read only its first max_seq_length tokens of these: split long documents.
+            numbers = ", ".join(str(start + index + 1) for index in truncated)
+            print(f"warning: documents {numbers} (counting from 1) were truncated by the model", file=sys.stderr)
+        return start, vectors, sparse
+
+    for start, vectors, sparse in bounded_map(embed, starts, concurrency):
+        store.add(documents[start : start + len(vectors)], vectors, sparse)
     return len(documents)
 
 
 def search(
-    client: EmbeddingClient, qdrant: QdrantClient, collection: str, query: str, limit: int = 5
+    client: EmbeddingClient,
+    store: Store | QdrantClient,
+    collection: str,
+    query: str,
+    limit: int = 5,
+    sparse_client: EmbeddingClient | None = None,
 ) -> list[tuple[float, str]]:
-    """The `limit` documents closest to `query`, best first, as (cosine similarity, text)."""
+    """The `limit` documents closest to `query`, best first, as (score, text): the cosine
+    similarity, or with a sparse endpoint the fused score of the dense and sparse rankings."""
     vectors, _ = client.embed([query], "query")
-    hits = qdrant.query_points(collection, query=vectors[0].tolist(), limit=limit, with_payload=True).points
-    return [(hit.score, hit.payload["text"]) for hit in hits]
+    sparse = sparse_client.embed_sparse([query], "query")[0][0] if sparse_client else None
+    return as_store(store, collection).search(vectors[0], sparse, limit)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,11 +414,35 @@ def embedding_client(args: argparse.Namespace) -> EmbeddingClient:
     return EmbeddingClient.for_endpoint(endpoint_id, api_key)
 
 
+def sparse_embedding_client(args: argparse.Namespace) -> EmbeddingClient | None:
+    """The sparse endpoint (MODEL_KIND=sparse) for hybrid search, when one is given."""
+    if args.sparse_endpoint_url:
+        return EmbeddingClient(args.sparse_endpoint_url, os.environ.get("RUNPOD_API_KEY"))
+    if endpoint_id := os.environ.get("RUNPOD_SPARSE_ENDPOINT_ID"):
+        return EmbeddingClient.for_endpoint(endpoint_id, os.environ.get("RUNPOD_API_KEY") or "")
+    return None
+
+
+def open_store(args: argparse.Namespace, collection: str) -> QdrantStore | PgvectorStore:
+    """PostgreSQL with pgvector when DATABASE_URL is set, else Qdrant (a server with QDRANT_URL)."""
+    if database_url := os.environ.get("DATABASE_URL"):
+        return PgvectorStore(database_url, collection)
+    return QdrantStore(open_qdrant(args.qdrant_path), collection)
+
+
+def close_store(store: QdrantStore | PgvectorStore) -> None:
+    if isinstance(store, PgvectorStore):
+        store.close()
+    else:
+        store.qdrant.close()
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
     parser.add_argument("--endpoint-url", help="a worker's base URL, e.g. the dev server's http://localhost:8000")
+    parser.add_argument("--sparse-endpoint-url", help="a sparse worker's base URL (MODEL_KIND=sparse): hybrid search")
     parser.add_argument("--qdrant-path", default="./qdrant-data", help="embedded Qdrant's folder (without QDRANT_URL)")
-    parser.add_argument("--collection", help="Qdrant collection (default: documents; demo: demo)")
+    parser.add_argument("--collection", help="Qdrant collection or PostgreSQL table (default: documents; demo: demo)")
     commands = parser.add_subparsers(dest="command", required=True)
     index_command = commands.add_parser("index", help="embed and store a file, one document per line")
     index_command.add_argument("file", type=Path)
@@ -242,26 +454,31 @@ def main(argv: Sequence[str] | None = None) -> None:
     # The demo gets its own collection, so trying it never mixes its sentences into your data.
     collection = args.collection or ("demo" if args.command == "demo" else "documents")
 
-    client, qdrant = embedding_client(args), open_qdrant(args.qdrant_path)
+    client, sparse_client = embedding_client(args), sparse_embedding_client(args)
+    store = open_store(args, collection)
     try:
         if args.command == "index":
             # Blank lines are skipped: the worker rejects empty texts.
             lines = args.file.read_text(encoding="utf-8").splitlines()
-            count = index(client, qdrant, collection, [line.strip() for line in lines if line.strip()])
+            documents = [line.strip() for line in lines if line.strip()]
+            count = index(client, store, collection, documents, sparse_client=sparse_client)
             print(f"Indexed {count} documents into {collection!r}")
         elif args.command == "search":
-            if not qdrant.collection_exists(collection):
+            if not store.exists():
                 sys.exit(f"error: no collection {collection!r} here yet; run `index FILE` first")
-            print_results(args.query, search(client, qdrant, collection, args.query, args.limit))
+            results = search(client, store, collection, args.query, args.limit, sparse_client=sparse_client)
+            print_results(args.query, results)
         else:
-            index(client, qdrant, collection, DEMO_CORPUS)
+            index(client, store, collection, DEMO_CORPUS, sparse_client=sparse_client)
             for query in DEMO_QUERIES:
-                print_results(query, search(client, qdrant, collection, query, limit=3))
+                print_results(query, search(client, store, collection, query, limit=3, sparse_client=sparse_client))
     except (EmbeddingError, httpx.HTTPError) as error:
         sys.exit(f"error: {error}")
     finally:
         client.close()
-        qdrant.close()
+        if sparse_client:
+            sparse_client.close()
+        close_store(store)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """03_embeddings/qdrant_search.py end to end: the dev server with the real all-MiniLM-L6-v2, an
-embedded Qdrant on local disk, and for each query the expected document ranked first."""
+embedded Qdrant on local disk, and for each query the expected document ranked first; hybrid
+search beside a second dev server serving the tiny SPLADE model (MODEL_KIND=sparse)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,15 @@ import importlib.util
 import json
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 
 from tests.harness import REPO, DevServer, base_env
@@ -68,6 +72,13 @@ def server() -> Iterator[DevServer]:
         yield dev_server
 
 
+@pytest.fixture(scope="module")
+def sparse_server(tiny_model) -> Iterator[DevServer]:
+    env = {"MODEL_NAME": str(tiny_model("splade")), "MODEL_KIND": "sparse", "RUNPOD_LOG_LEVEL": "INFO"}
+    with DevServer(EXAMPLE, env) as dev_server:
+        yield dev_server
+
+
 @pytest.fixture
 def sent() -> list[dict[str, Any]]:
     """The job inputs the client sends, in order."""
@@ -116,7 +127,7 @@ def test_collection_has_the_workers_dimension_and_cosine_distance(
 def test_documents_are_sent_in_batches(
     qdrant_search: ModuleType, client: Any, qdrant: Any, sent: list[dict[str, Any]]
 ) -> None:
-    qdrant_search.index(client, qdrant, "docs", CORPUS, batch_size=4)
+    qdrant_search.index(client, qdrant, "docs", CORPUS, batch_size=4, concurrency=1)
     assert [len(job["texts"]) for job in sent] == [4, 4, 2]  # 3 requests for 10 documents, not 10
     assert [text for job in sent for text in job["texts"]] == CORPUS
     assert {(job["input_type"], job["encoding_format"]) for job in sent} == {("document", "base64")}
@@ -229,3 +240,105 @@ def test_cli_index_then_search(server: DevServer, tmp_path: Path) -> None:
 
     missing = run_script(server, tmp_path, "--collection", "nothing", "search", "anything")
     assert missing.returncode == 1 and "run `index FILE` first" in missing.stderr
+
+
+def test_indexing_keeps_a_bounded_number_of_requests_in_flight(qdrant_search: ModuleType) -> None:
+    # A stand-in endpoint that takes 50 ms per job and counts the jobs it holds at once.
+    lock, in_flight, peak, received = threading.Lock(), [0], [0], []
+
+    def endpoint(request: httpx.Request) -> httpx.Response:
+        texts = json.loads(request.content)["input"]["texts"]
+        with lock:
+            in_flight[0] += 1
+            peak[0] = max(peak[0], in_flight[0])
+            received.extend(texts)
+        time.sleep(0.05)
+        with lock:
+            in_flight[0] -= 1
+        vectors = [[float(len(text)), 1.0] for text in texts]  # a vector the test can recognise
+        return httpx.Response(200, json={"status": "COMPLETED", "output": {"embeddings": vectors}})
+
+    client = qdrant_search.EmbeddingClient("http://worker", http=httpx.Client(transport=httpx.MockTransport(endpoint)))
+    qdrant = qdrant_search.QdrantClient(":memory:")
+    documents = [f"document number {i}" + "!" * i for i in range(40)]
+    assert qdrant_search.index(client, qdrant, "docs", documents, batch_size=4, concurrency=3) == 40
+    assert peak[0] == 3  # ten batches, three at a time: never more, and more than one
+    assert sorted(received) == sorted(documents)
+    points, _ = qdrant.scroll("docs", limit=100, with_vectors=True)
+    stored = {point.payload["text"]: point.vector for point in points}
+    assert len(stored) == 40
+    for text, vector in stored.items():  # each batch's vectors went to its own documents
+        norm = np.hypot(len(text), 1.0)
+        assert vector == pytest.approx([len(text) / norm, 1.0 / norm], rel=1e-5)
+
+
+# ---- hybrid search: the real MiniLM beside the tiny lexical SPLADE ------------------------------
+
+
+@pytest.fixture
+def sparse_client(qdrant_search: ModuleType, sparse_server: DevServer) -> Iterator[Any]:
+    embedding_client = qdrant_search.EmbeddingClient(sparse_server.url, http=httpx.Client(timeout=60))
+    yield embedding_client
+    embedding_client.close()
+
+
+def rrf(*rankings: list[str]) -> dict[str, float]:
+    """Qdrant's reciprocal rank fusion: each text scores the sum over rankings of 1 / (its rank + 1), rank from 1."""
+    scores: dict[str, float] = {}
+    for ranking in rankings:
+        for rank, text in enumerate(ranking, start=1):
+            scores[text] = scores.get(text, 0.0) + 1 / (rank + 1)
+    return scores
+
+
+def test_hybrid_search_fuses_the_dense_and_the_sparse_ranking(
+    qdrant_search: ModuleType, client: Any, sparse_client: Any, qdrant: Any
+) -> None:
+    assert qdrant_search.index(client, qdrant, "hybrid", CORPUS, batch_size=4, sparse_client=sparse_client) == 10
+    params = qdrant.get_collection("hybrid").config.params
+    assert params.vectors["dense"].size == 384 and set(params.sparse_vectors) == {"sparse"}
+    assert qdrant.count("hybrid").count == len(CORPUS)
+
+    # "Beatles" and "Liverpool" are exact words of document 7 (the sparse side's match); the
+    # rest of the query is about coffee (the dense side's meaning).
+    query = "the Beatles in Liverpool, and how is espresso brewed?"
+    dense_vector = client.embed([query], "query")[0][0]
+    indices, values = sparse_client.embed_sparse([query], "query")[0][0]
+    sparse_vector = qdrant_search.SparseVector(indices=indices, values=values)
+    limit = qdrant_search.HYBRID_PREFETCH
+    dense_side = qdrant.query_points(
+        "hybrid", query=dense_vector.tolist(), using="dense", limit=limit, with_payload=True
+    )
+    sparse_side = qdrant.query_points("hybrid", query=sparse_vector, using="sparse", limit=limit, with_payload=True)
+    dense_ranking = [hit.payload["text"] for hit in dense_side.points]
+    sparse_ranking = [hit.payload["text"] for hit in sparse_side.points]
+    assert sparse_ranking[0] == CORPUS[7]  # the lexical side finds the shared words
+    assert dense_ranking[0] != sparse_ranking[0]  # so the two sides disagree, and fusion has work to do
+
+    results = qdrant_search.search(client, qdrant, "hybrid", query, limit=4, sparse_client=sparse_client)
+    expected = rrf(dense_ranking, sparse_ranking)
+    assert [score for score, _ in results] == pytest.approx(sorted(expected.values(), reverse=True)[:4])
+    for score, text in results:
+        assert score == pytest.approx(expected[text])
+    assert {CORPUS[7], dense_ranking[0]} <= {text for _, text in results[:2]}  # each side's best is on top
+
+
+def test_hybrid_and_dense_only_collections_are_not_mixed(
+    qdrant_search: ModuleType, client: Any, sparse_client: Any, qdrant: Any
+) -> None:
+    qdrant_search.index(client, qdrant, "dense-only", CORPUS[:3])
+    with pytest.raises(qdrant_search.EmbeddingError, match="holds dense vectors only"):
+        qdrant_search.search(client, qdrant, "dense-only", "a query", sparse_client=sparse_client)
+    qdrant_search.index(client, qdrant, "both", CORPUS[:3], sparse_client=sparse_client)
+    with pytest.raises(qdrant_search.EmbeddingError, match="give the sparse endpoint too"):
+        qdrant_search.search(client, qdrant, "both", "a query")
+
+
+def test_cli_hybrid_demo(
+    qdrant_search: ModuleType, server: DevServer, sparse_server: DevServer, tmp_path: Path
+) -> None:
+    run = run_script(server, tmp_path, "--sparse-endpoint-url", sparse_server.url, "demo")
+    assert run.returncode == 0, run.stderr
+    firsts = first_results(run.stdout)
+    assert list(firsts) == qdrant_search.DEMO_QUERIES
+    assert set(firsts.values()) <= set(qdrant_search.DEMO_CORPUS)

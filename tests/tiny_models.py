@@ -1424,6 +1424,59 @@ def build_remote_code_sentence_transformer(out: Path) -> Path:
     return out
 
 
+# The SPLADE model's MLM head sees a token's own embedding at its position (no attention or feed-forward
+# contribution, no position embeddings): its own logit is ~45-65, every other ~0 ± 8 (under 30). This
+# bias keeps only the first, so each text's sparse vector is the bag of its tokens.
+_SPLADE_BIAS = -35.0
+# Far below any logit: special tokens ([CLS], [SEP]...) are in every text and would match every text.
+_SPLADE_SPECIAL_BIAS = -1000.0
+
+
+def build_splade(out: Path) -> Path:
+    """A SPLADE sparse encoder (BERT masked-LM → SpladePooling, max), like naver/splade-v3, loaded
+    with sentence-transformers' SparseEncoder. Random weights, except that the layers add nothing
+    to a token's embedding and the MLM head's bias cuts what does not match it: each text's vector
+    holds exactly its own (non-special) tokens, with weights log(1 + logit), so a sparse search is
+    a true lexical match and tests can tell which documents share words with a query."""
+    import torch
+    from sentence_transformers import SparseEncoder
+    from sentence_transformers.sparse_encoder.modules import SpladePooling, Transformer
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(SEED)
+    tokenizer = _train_wordpiece()
+    hidden = 64  # enough dimensions that a random embedding's match with itself stands out from the rest
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    model = BertForMaskedLM(config)  # decoder tied to the word embeddings
+    with torch.no_grad():
+        model.bert.embeddings.word_embeddings.weight.normal_(0.0, 1.0)
+        model.bert.embeddings.position_embeddings.weight.zero_()
+        model.bert.embeddings.token_type_embeddings.weight.zero_()
+        for layer in model.bert.encoder.layer:  # residual-only layers: the LayerNorms pass the embedding on
+            for dense in (layer.attention.output.dense, layer.output.dense):
+                dense.weight.zero_()
+                dense.bias.zero_()
+        transform = model.cls.predictions.transform
+        transform.dense.weight.copy_(torch.eye(hidden))
+        transform.dense.bias.zero_()
+        model.cls.predictions.bias.fill_(_SPLADE_BIAS)
+        model.cls.predictions.bias[tokenizer.all_special_ids] = _SPLADE_SPECIAL_BIAS
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        transformer = Transformer(tmp, max_seq_length=32, transformer_task="fill-mask")
+        pooling = SpladePooling("max", embedding_dimension=len(tokenizer))
+        SparseEncoder(modules=[transformer, pooling], device="cpu").save(str(out))
+    return out
+
+
 # ---- single-file checkpoints --------------------------------------------------------------------
 #
 # Most fine-tuned SD models ship as one .safetensors file in the original (LDM / "CompVis") layout,
@@ -1552,6 +1605,7 @@ BUILDERS: dict[str, Callable[[Path], Path]] = {
     "smolvlm": partial(build_idefics3, kind="smolvlm"),
     "llava-onevision": build_llava_onevision,
     "remote-code-sentence-transformer": build_remote_code_sentence_transformer,
+    "splade": build_splade,
 }
 
 
