@@ -27,7 +27,7 @@ import startup  # before every library: settles the device and the Hugging Face 
 
 import runpod
 import torch
-from coalesce import coalesced, merge_text
+from coalesce import ResultTooLarge, coalesced, merge_text, within_result_budget
 from jinja2 import TemplateError
 from openai_tools import REASONING_PARSERS, parse_choices, prompt_opens_thinking, tool_call_grammar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -43,6 +43,7 @@ from textstream import (
     grammar_from,
     grammar_tokenizer,
     json_schema_grammar,
+    logprobs_floor_bytes,
     native_responses,
     openai_responses,
     resolve_sampling,
@@ -103,6 +104,17 @@ DEFAULT_MAX_TOKENS = env_int("DEFAULT_MAX_TOKENS", None if REASONING_PARSER else
 # Seconds one generation may run: well under Runpod's default execution timeout (600 s), so a
 # runaway request ends with an answer instead of a killed job. 0 turns the limit off.
 MAX_GENERATION_SECONDS = env_float("MAX_GENERATION_SECONDS", 300.0)
+# Runpod's limit on a job's result (20 MB on /runsync; 10 MB on /run), and with
+# return_aggregate_stream the result holds every streamed chunk. Past it the caller would get
+# nothing, so a request certain to exceed it (logprobs of n long choices) is refused before the
+# work, and a stream that reaches it stops with an error that says so.
+MAX_RESULT_BYTES = env_int("MAX_RESULT_BYTES", 20_000_000)
+# Room in the result for what surrounds the chunks: the job's id and status, the final error.
+RESULT_ENVELOPE_BYTES = 4096
+TOO_LARGE = (
+    f"the result would pass MAX_RESULT_BYTES ({MAX_RESULT_BYTES:,} bytes, Runpod's limit for a job's result):"
+    " lower max_tokens, n or top_logprobs"
+)
 # ENGINE=vllm also takes every setting of vLLM's server from the environment (vllm_server.py).
 
 # Limits of the request schema (OpenAI's own where it has one).
@@ -737,6 +749,8 @@ def plan(route: str, request: BaseModel) -> Plan:
         grammar=grammar,
     )
     chat = isinstance(request, ChatCompletionRequest)
+    if (floor := logprobs_floor_bytes(params, chat)) > MAX_RESULT_BYTES - RESULT_ENVELOPE_BYTES:
+        raise RequestError(f"{TOO_LARGE}: its logprobs alone take at least {floor:,} bytes")
     return Plan(
         prompt=prompt,
         params=params,
@@ -777,8 +791,13 @@ def respond(route: str, request: BaseModel, job: Plan, deltas: AsyncIterator[Del
 
 async def handler(job: dict[str, Any]) -> AsyncIterator[Any]:
     if VLLM:  # relayed to vLLM's server, which validates and answers the request itself
-        async for chunk in VLLM.handle(job, WORKER_CONFIG):
-            yield chunk
+        try:
+            async with contextlib.aclosing(VLLM.handle(job, WORKER_CONFIG)) as relayed:
+                async for chunk in within_result_budget(relayed, MAX_RESULT_BYTES - RESULT_ENVELOPE_BYTES):
+                    yield chunk
+        except ResultTooLarge:
+            log.warn("Stopped a result at MAX_RESULT_BYTES", job.get("id"))
+            yield {"error": TOO_LARGE}
         return
     job_id = job.get("id")
     try:
@@ -813,8 +832,12 @@ async def handler(job: dict[str, Any]) -> AsyncIterator[Any]:
             # Closed first (aclosing) when the job ends early: its task stops reading `deltas`,
             # which can then be closed too (a generator still being read cannot).
             async with contextlib.aclosing(coalesced(respond(route, request, planned, observed()), merge_text)) as out:
-                async for chunk in out:
+                async for chunk in within_result_budget(out, MAX_RESULT_BYTES - RESULT_ENVELOPE_BYTES):
                     yield chunk
+    except ResultTooLarge:
+        log.warn(f"Stopped a result at MAX_RESULT_BYTES ({prompt.tokens} prompt tokens)", job_id)
+        yield {"error": TOO_LARGE}
+        return
     except GenerationTimeout as error:
         log.warn(f"{error} (MAX_GENERATION_SECONDS)", job_id)
         yield {"error": f"{error} (MAX_GENERATION_SECONDS): lower max_tokens, or raise the limit on the endpoint"}

@@ -32,7 +32,7 @@ import startup  # before every library: settles the device and the Hugging Face 
 import runpod
 import torch
 from clip_batcher import EncodeBatcher
-from coalesce import coalesced, merge_text
+from coalesce import ResultTooLarge, coalesced, merge_text, within_result_budget
 from contrastive import CONTRASTIVE_FAMILIES, ContrastiveModel
 from families import VLM_FAMILIES, image_token_bounds, load_processor
 from image_fetcher import ImageFetcher
@@ -124,9 +124,16 @@ MAX_REQUEST_SECONDS = env_float("MAX_REQUEST_SECONDS", 60.0)
 MAX_REQUEST_PIXELS = env_int("MAX_REQUEST_PIXELS", 4 * 4096 * 4096)
 # Downloads in flight for all jobs together: enough to fill a link, few enough for one worker's memory.
 MAX_PARALLEL_DOWNLOADS = env_int("MAX_PARALLEL_DOWNLOADS", 16)
-# Runpod's limit on a job's result (20 MB on /runsync): an embed result that would certainly
-# exceed it is refused before the work; one that still comes out larger is an error, never lost.
+# Runpod's limit on a job's result (20 MB on /runsync), every streamed chunk included: an embed
+# result that would certainly exceed it is refused before the work; a result or stream that still
+# reaches it ends with an error, never lost.
 MAX_RESULT_BYTES = env_int("MAX_RESULT_BYTES", 20_000_000)
+# Room in a streamed result for what surrounds the chunks: the job's id and status, the final error.
+RESULT_ENVELOPE_BYTES = 4096
+TOO_LARGE = (
+    f"the result would pass MAX_RESULT_BYTES ({MAX_RESULT_BYTES:,} bytes, Runpod's limit for a job's result):"
+    " lower max_tokens or top_logprobs"
+)
 # CLIP / SigLIP dynamic batching: the encodes of concurrent jobs share forward passes. A batch
 # waits BATCH_WAIT_MS for company (far below a network round trip) and closes at BATCH_MAX_ITEMS
 # images or texts, so one big job cannot hold the others back.
@@ -805,7 +812,7 @@ async def handler(job: dict[str, Any]) -> AsyncIterator[Any]:
 
             if isinstance(request, OpenAIChatRequest):
                 include_usage = bool((request.stream_options or {}).get("include_usage"))
-                shape = OpenAIShape.new(chat=True, model=SERVED_MODEL_NAME)
+                shape = OpenAIShape.new(chat=True, model=SERVED_MODEL_NAME, logprobs=params.logprobs is not None)
                 chunks = openai_responses(shape, observed(), bool(request.stream), include_usage)
             else:
                 chunks = native_responses(observed(), request.stream)
@@ -813,8 +820,12 @@ async def handler(job: dict[str, Any]) -> AsyncIterator[Any]:
             # Closed first (aclosing) when the job ends early: its task stops reading `deltas`,
             # which can then be closed too (a generator still being read cannot).
             async with contextlib.aclosing(coalesced(chunks, merge_text)) as out:
-                async for chunk in out:
+                async for chunk in within_result_budget(out, MAX_RESULT_BYTES - RESULT_ENVELOPE_BYTES):
                     yield chunk
+    except ResultTooLarge:
+        log.warn("Stopped a result at MAX_RESULT_BYTES", job_id)
+        yield {"error": TOO_LARGE}
+        return
     except (RequestError, ImageInputError, ContextLengthError) as error:
         log.warn(f"Rejected request: {error}", job_id)
         yield {"error": str(error)}

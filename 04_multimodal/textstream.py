@@ -737,6 +737,30 @@ def completion_logprobs(logprobs: Sequence[TokenLogprob], offset: int = 0) -> di
     }
 
 
+def guaranteed_tokens(params: SamplingParams) -> int:
+    """Tokens each choice is certain to generate: `max_tokens` when only the length can end it,
+    else `min_tokens` (a stop string or a completed grammar can end a choice at any token)."""
+    if params.stop or params.grammar is not None:
+        return 0
+    if params.ignore_eos and not params.stop_token_ids:
+        return params.max_tokens
+    return params.min_tokens
+
+
+def logprobs_floor_bytes(params: SamplingParams, chat: bool) -> int:
+    """The fewest bytes a response's logprobs certainly take, as JSON: its guaranteed tokens in each
+    choice, each with the shortest entry there can be (an empty token, distinct one-letter
+    alternatives, log-probabilities of 0). A request over its result budget by this alone is
+    refused before any work."""
+    if params.logprobs is None:
+        return 0
+    top = tuple((chr(ord("a") + i - 1) if i else "", 0.0) for i in range(params.logprobs))
+    entry = TokenLogprob("", 0.0, top)
+    shape = chat_logprobs if chat else completion_logprobs
+    per_token = len(json.dumps(shape([entry, entry]))) - len(json.dumps(shape([entry])))
+    return per_token * guaranteed_tokens(params) * params.n
+
+
 @dataclass(frozen=True)
 class OpenAIShape:
     """Builds OpenAI's objects for one response: chat.completion(.chunk) or text_completion."""

@@ -819,3 +819,49 @@ def test_dev_server_runsync(tiny_model) -> None:
     body = response.json()
     assert response.status_code == 200 and body["status"] == "COMPLETED"
     assert body["output"][0]["usage"]["completion_tokens"] >= 1
+
+
+def test_an_answer_stream_that_reaches_the_result_limit_stops_with_a_clear_error(tiny_model, llava) -> None:
+    module = load_handler(EXAMPLE, {"MODEL_NAME": str(tiny_model("llava")), "MAX_RESULT_BYTES": "8192"})
+    body = {
+        "model": "m",
+        "messages": image_question(image_uri()),
+        "max_tokens": 200,
+        "logprobs": True,
+        "top_logprobs": 5,
+        "seed": 1,
+        "stream": True,
+    }
+    result = run_job(module.handler, openai_chat(body))
+    assert result["error"] == (
+        "the result would pass MAX_RESULT_BYTES (8,192 bytes, Runpod's limit for a job's result):"
+        " lower max_tokens or top_logprobs"
+    )
+    assert len(json.dumps(result["stream"], ensure_ascii=False).encode()) <= 8192 - 4096
+    # The same request with the default limit streams to its end; what was sent is its start.
+    whole = ok(run_job(llava.handler, openai_chat(body)))
+
+    def content(chunks: list[str]) -> str:
+        data = [e.removeprefix("data: ") for e in "".join(chunks).split("\n\n") if e]
+        events = [json.loads(e) for e in data if e != "[DONE]"]
+        return "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"])
+
+    assert "".join(whole).endswith("data: [DONE]\n\n") and content(whole).startswith(content(result["stream"]))
+    assert len(json.dumps(whole).encode()) > 8192 - 4096
+    [short] = ok(run_job(module.handler, openai_chat({**body, "max_tokens": 2, "stream": False})))
+    assert short["usage"]["completion_tokens"] >= 1
+
+
+def test_openai_chat_returns_the_logprobs_it_is_asked_for(llava) -> None:
+    body = {"model": "m", "messages": image_question(image_uri()), "max_tokens": 6, "temperature": 0}
+    [plain] = ok(run_job(llava.handler, openai_chat(body)))
+    assert plain["choices"][0]["logprobs"] is None
+    [response] = ok(run_job(llava.handler, openai_chat({**body, "logprobs": True, "top_logprobs": 3})))
+    parsed = ChatCompletion.model_validate(response).choices[0]
+    assert parsed.message.content == plain["choices"][0]["message"]["content"]
+    entries = parsed.logprobs.content
+    assert len(entries) == response["usage"]["completion_tokens"]
+    assert "".join(entry.token for entry in entries) == parsed.message.content
+    for entry in entries:  # greedy: the chosen token is the most likely one
+        assert len(entry.top_logprobs) == 3 and entry.logprob <= 0
+        assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob)

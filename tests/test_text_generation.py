@@ -1206,3 +1206,67 @@ def test_dev_server_runsync_and_stream(tiny_model) -> None:
     # The dev server reports a yielded error as output (production marks the job FAILED), not a 500.
     assert bad.status_code == 200
     assert "sampling_params.seed" in json.dumps(bad.json())
+
+
+# ---------------------------------------------------------------------------------------------
+# MAX_RESULT_BYTES: a result that cannot arrive is refused or stopped, never lost.
+# ---------------------------------------------------------------------------------------------
+RESULT_LIMIT = 8192  # leaves 4096 bytes for chunks beside the 4096-byte envelope
+
+
+@pytest.fixture(scope="module")
+def small_results(tiny_model) -> ModuleType:
+    return load_handler(EXAMPLE, {"MODEL_NAME": str(tiny_model("qwen3")), "MAX_RESULT_BYTES": str(RESULT_LIMIT)})
+
+
+def aggregated_bytes(chunks: list[Any]) -> int:
+    return len(json.dumps(chunks, ensure_ascii=False).encode())
+
+
+def test_logprobs_certain_to_pass_the_result_limit_are_refused_before_any_work(small_results, monkeypatch) -> None:
+    def never(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the engine ran a request that was certain to be refused")
+
+    body = {
+        "messages": CHAT,
+        "max_tokens": 64,
+        "logprobs": True,
+        "top_logprobs": 20,
+        "n": 2,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    with monkeypatch.context() as patched:
+        patched.setattr(small_results.ENGINE, "generate", never)
+        result = run_job(small_results.handler, {"openai_route": "/v1/chat/completions", "openai_input": body})
+    assert result["error"].startswith("the result would pass MAX_RESULT_BYTES (8,192 bytes")
+    assert "lower max_tokens, n or top_logprobs" in result["error"]
+    assert "its logprobs alone take at least" in result["error"]
+    # Without ignore_eos the model may stop early, so the request runs, and stops at the limit.
+    body["ignore_eos"] = False
+    body["min_tokens"] = 0
+    result = run_job(small_results.handler, {"openai_route": "/v1/chat/completions", "openai_input": body})
+    if "error" in result:  # the tiny model did not end its choices early
+        assert result["error"].startswith("the result would pass MAX_RESULT_BYTES")
+        assert aggregated_bytes(result["stream"]) <= RESULT_LIMIT - 4096
+
+
+def test_a_stream_that_reaches_the_result_limit_stops_with_a_clear_error(small_results, qwen) -> None:
+    request = {"prompt": "Once upon a time", "sampling_params": {"max_tokens": 400, "ignore_eos": True, "seed": 5}}
+    result = run_job(small_results.handler, {**request, "stream": True})
+    assert result["error"] == (
+        "the result would pass MAX_RESULT_BYTES (8,192 bytes, Runpod's limit for a job's result):"
+        " lower max_tokens, n or top_logprobs"
+    )
+    sent = result["stream"]
+    assert sent and all("text" in chunk for chunk in sent)
+    assert aggregated_bytes(sent) <= RESULT_LIMIT - 4096
+    # What was sent is the start of the same generation with no limit: nothing garbled or lost.
+    whole = native(qwen, **request, stream=True)
+    assert streamed_text(whole).startswith(streamed_text(sent))
+    assert aggregated_bytes(whole) > RESULT_LIMIT - 4096
+    # A non-streamed answer over the limit is the same error, and the worker keeps serving.
+    long = {**request, "sampling_params": {**request["sampling_params"], "max_tokens": 1500}}
+    assert run_job(small_results.handler, long)["error"].startswith("the result would pass MAX_RESULT_BYTES")
+    [short] = native(small_results, prompt="hi", sampling_params={"max_tokens": 4})
+    assert short["usage"]["completion_tokens"] >= 1

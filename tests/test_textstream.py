@@ -152,3 +152,19 @@ def test_grammar_constraint_makes_any_model_write_the_schema(textstream: ModuleT
     text = tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     jsonschema.validate(json.loads(text), schema)
     assert textstream.grammar_error(textstream.json_schema_grammar({"type": "nope"}), None), "a bad schema is named"
+
+
+def test_logprobs_floor_is_the_smallest_json_the_guaranteed_tokens_take(textstream: ModuleType) -> None:
+    params = textstream.SamplingParams(max_tokens=50, ignore_eos=True, logprobs=3, n=2)
+    assert textstream.guaranteed_tokens(params) == 50
+    assert textstream.guaranteed_tokens(textstream.SamplingParams(max_tokens=50, min_tokens=7)) == 7
+    stop = textstream.SamplingParams(max_tokens=50, ignore_eos=True, min_tokens=7, stop=("x",))
+    assert textstream.guaranteed_tokens(stop) == 0  # a stop string can end it at any token
+    assert textstream.logprobs_floor_bytes(textstream.SamplingParams(max_tokens=50, ignore_eos=True), True) == 0
+    # Real tokens and log-probabilities only take more room than the floor counts.
+    real = textstream.TokenLogprob("Hello", -0.6931, (("Hello", -0.6931), ("Hi", -1.2), ("Hey", -2.5)))
+    for chat, shape in ((True, textstream.chat_logprobs), (False, textstream.completion_logprobs)):
+        floor = textstream.logprobs_floor_bytes(params, chat)
+        real_size = len(json.dumps(shape([real] * 51))) - len(json.dumps(shape([real])))
+        assert 0 < floor <= 2 * real_size
+        assert floor > 2 * 50 * 20  # each entry is at least the dozens of bytes of its keys

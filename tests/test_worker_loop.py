@@ -148,6 +148,22 @@ def test_a_cancelled_stream_stops_and_the_next_job_is_served(text_worker: Worker
     assert after.status == "COMPLETED"
 
 
+def test_a_stream_past_the_result_limit_fails_clearly_and_the_worker_serves_on(
+    tiny_model: Callable[[str], Path],
+) -> None:
+    env = {"MODEL_NAME": str(tiny_model("llama")), "MAX_RESULT_BYTES": "5120"}  # 1024 bytes for chunks
+    request = {"prompt": "Once upon a time", "sampling_params": {"max_tokens": 600, "ignore_eos": True}, "stream": True}
+    with serving("01_text_generation", env) as worker:
+        api = worker.api
+        too_long = run_with_delay(api, request, NETWORK_S)
+        assert too_long.status == "FAILED"
+        assert too_long.error.startswith("the result would pass MAX_RESULT_BYTES (5,120 bytes")
+        assert too_long.chunks, "what fitted was streamed before the error"
+        assert len(json.dumps(too_long.chunks, ensure_ascii=False).encode()) <= 5120 - 4096
+        short = api.run({"prompt": "hi", "sampling_params": {"max_tokens": 4}})
+        assert short.status == "COMPLETED" and short.output[-1]["usage"]["completion_tokens"] >= 1
+
+
 # ---------------------------------------------------------------------------------------------
 # 03 embeddings
 # ---------------------------------------------------------------------------------------------
