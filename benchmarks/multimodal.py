@@ -161,6 +161,52 @@ def build_llava(out: Path, tiny: bool) -> Path:
     return folder
 
 
+def build_qwen(out: Path, tiny: bool) -> Path:
+    """Qwen2.5-VL with a 4-layer, 256-wide vision tower (14 px patches, 2x2 merge, windowed attention)
+    and an 8-layer, 512-wide language model, random weights, with the tiny Qwen2.5-VL's tokenizer,
+    processor and chat template; the handler bounds each image to MAX_IMAGE_TOKENS (1280)."""
+    import torch
+    from transformers import AutoConfig, GenerationConfig, Qwen2_5_VLForConditionalGeneration
+
+    from tests import tiny_models
+
+    small = tiny_models.build("qwen2.5-vl", out / "tiny-qwen")
+    if tiny:
+        return small
+    config = AutoConfig.from_pretrained(small)
+    hidden = 512
+    config.vision_config.update(
+        {
+            "hidden_size": 256,
+            "intermediate_size": 1024,
+            "depth": 4,
+            "num_heads": 4,
+            "out_hidden_size": hidden,
+            "window_size": 112,
+            "fullatt_block_indexes": [3],
+        }
+    )
+    config.text_config.update(
+        {
+            "hidden_size": hidden,
+            "num_hidden_layers": 8,
+            "num_attention_heads": hidden // 64,
+            "num_key_value_heads": 2,
+            "head_dim": 64,
+            "intermediate_size": 1408,
+            # M-RoPE over the 64-wide heads: Qwen's [16, 24, 24] of 128, halved.
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [8, 12, 12]},
+        }
+    )
+    torch.manual_seed(tiny_models.SEED)
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    model.generation_config = GenerationConfig.from_pretrained(small)
+    folder = out / "qwen"
+    model.save_pretrained(folder)
+    _copy_except(small, folder, {"config.json", "generation_config.json", "model.safetensors"})
+    return folder
+
+
 def photo_uri(width: int = 640, height: int = 480) -> tuple[str, int]:
     """A deterministic photo-like JPEG (smooth gradients, shapes, a little noise) as a data URI, and its bytes."""
     import numpy as np
@@ -223,7 +269,7 @@ async def run_sdk(handler: Callable[[dict[str, Any]], AsyncIterator[Any]], job: 
 def clip_benchmark(module: ModuleType, uri: str, labels: list[str], calls: int, repeats: int, runner: Any) -> None:
     import torch
 
-    image = module.load_image("image", uri, module.INPUT_LIMITS)  # the same RGB image the handler decodes
+    [image] = runner.run(module.FETCHER.fetch([("image", uri)]))  # the same RGB image the handler decodes
     template = module.ClassifyRequest.model_fields["hypothesis_template"].default
     captions = [template.format(label) for label in labels]
     job = {"id": "bench-clip", "input": {"task": "classify", "image": uri, "labels": labels}}
@@ -251,7 +297,7 @@ def clip_benchmark(module: ModuleType, uri: str, labels: list[str], calls: int, 
     for repeat in range(repeats):
         for name in list(paths) if repeat % 2 == 0 else list(reversed(paths)):  # drift hits every path alike
             samples[name].append(timed(paths[name]))
-        decode.append(timed(lambda: module.load_image("image", uri, module.INPUT_LIMITS)))
+        decode.append(timed(lambda: runner.run(module.FETCHER.fetch([("image", uri)]))))
 
     [result] = runner.run(run_direct(module.handler, job)).chunks
     handler_scores = {item["label"]: item["score"] for item in result["labels"]}
@@ -279,6 +325,73 @@ def clip_benchmark(module: ModuleType, uri: str, labels: list[str], calls: int, 
     )
 
 
+def clip_concurrency_benchmark(
+    module: ModuleType, uri: str, labels: list[str], jobs: int, repeats: int, runner: Any
+) -> None:
+    """`jobs` one-image jobs at once (the SDK runs an async handler's jobs concurrently), whose encodes
+    the batcher shares, against the same jobs one after another. Throughput ratio: one-by-one time ÷
+    concurrent time."""
+    kinds = {  # request, encodes per job (classify: the image and the captions)
+        "embed (one image)": ({"task": "embed", "images": [uri]}, 1),
+        f"classify (one image, {len(labels)} labels)": ({"task": "classify", "image": uri, "labels": labels}, 2),
+    }
+    rows: list[list[object]] = []
+    for name, (request, encodes) in kinds.items():
+        batch = [{"id": f"bench-{index}", "input": request} for index in range(jobs)]
+
+        async def one_by_one(batch: list[dict[str, Any]] = batch) -> list[Run]:
+            return [await run_direct(module.handler, job) for job in batch]
+
+        async def together(batch: list[dict[str, Any]] = batch) -> list[Run]:
+            return await asyncio.gather(*(run_direct(module.handler, job) for job in batch))
+
+        def timed(fn: Callable[[], Any]) -> tuple[float, list[Run], int]:
+            before = module.BATCHER.batches
+            started = time.perf_counter()
+            runs = runner.run(fn())
+            return time.perf_counter() - started, runs, module.BATCHER.batches - before
+
+        timed(one_by_one), timed(together)  # warm-up
+        alone: list[float] = []
+        shared: list[float] = []
+        passes: list[int] = []
+        results: list[dict[str, Any]] = []
+        for repeat in range(repeats):
+            order = [(one_by_one, alone), (together, shared)]
+            for fn, samples in order if repeat % 2 == 0 else order[::-1]:
+                seconds, runs, batches = timed(fn)
+                samples.append(seconds)
+                if fn is together:
+                    passes.append(batches)
+                    results = [run.chunks[0] for run in runs]
+        solo = runner.run(run_direct(module.handler, batch[0])).chunks[0]
+        same = all(_close(result, solo) for result in results)
+        ratio = paired_ratio(alone, shared)
+        rows.append(
+            [
+                name,
+                f"{jobs / median(alone):.1f}",
+                f"{jobs / median(shared):.1f}",
+                f"{median(passes):.0f} of {jobs * encodes}",
+                f"{ratio:.2f}×",
+                ratio_note(ratio, 2.0, True),
+                str(same),
+            ]
+        )
+    print(f"CLIP: {jobs} concurrent one-image jobs (dynamic batching) vs the same jobs one by one")
+    print(table(["jobs", "one by one jobs/s", "concurrent jobs/s", "forward passes", "ratio", "note", "= solo"], rows))
+    print()
+
+
+def _close(got: dict[str, Any], want: dict[str, Any], atol: float = 1e-5) -> bool:
+    """A concurrent job's result equals its solo run's (scores and vectors within atol)."""
+    if "labels" in want:
+        pairs = zip(got["labels"], want["labels"], strict=True)
+        return all(a["label"] == b["label"] and abs(a["score"] - b["score"]) < atol for a, b in pairs)
+    rows = zip(got["image_embeddings"], want["image_embeddings"], strict=True)
+    return all(abs(x - y) < atol for a, b in rows for x, y in zip(a, b, strict=True))
+
+
 # ---- LLaVA --------------------------------------------------------------------------------------
 def tokens_before_text(tokenizer: Any, ids: list[int]) -> int:
     """How many generated tokens it takes before decoded text is non-empty (1 for most answers)."""
@@ -289,15 +402,18 @@ def tokens_before_text(tokenizer: Any, ids: list[int]) -> int:
     return len(ids)
 
 
-def llava_benchmark(module: ModuleType, uri: str, max_tokens: int, repeats: int, runner: Any) -> None:
+def ttft_benchmark(module: ModuleType, name: str, uri: str, max_tokens: int, repeats: int, runner: Any) -> None:
+    """Time to first token of a chat VLM (`name`: LLaVA, Qwen2.5-VL) through the handler vs raw generate."""
     import torch
 
     request = {"task": "answer", "image": uri, "question": QUESTION}
     job = {
-        "id": "bench-llava",
+        "id": "bench-vlm",
         "input": {**request, "sampling_params": {"temperature": 0, "max_tokens": max_tokens}, "stream": True},
     }
-    inputs = module.prepare_generation("answer", module.parse_request(request, module.FAMILY)[1]).inputs
+    parsed = module.parse_request(request, module.FAMILY)[1]
+    images = runner.run(module.FETCHER.fetch(module.image_sources(parsed)))
+    inputs = module.prepare_generation("answer", parsed, images).inputs
     prompt_len = inputs["input_ids"].shape[1]
     eos_ids = sorted(module.GENERATOR.eos_token_ids)
 
@@ -358,7 +474,7 @@ def llava_benchmark(module: ModuleType, uri: str, max_tokens: int, repeats: int,
             ]
         )
     print(
-        f"LLaVA: time to first token of a streamed greedy answer ({prompt_len}-token prompt with the image; "
+        f"{name}: time to first token of a streamed greedy answer ({prompt_len}-token prompt with the image; "
         "lower is better)"
     )
     print(table(["path", "median ms", "best ms", "vs raw", "note"], rows))
@@ -378,6 +494,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="the tiny models of tests/tiny_models.py as they are")
     parser.add_argument("--skip-clip", action="store_true")
     parser.add_argument("--skip-llava", action="store_true")
+    parser.add_argument("--jobs", type=int, default=32, help="concurrent CLIP jobs in the batching run (default 32)")
+    parser.add_argument("--skip-batching", action="store_true")
+    parser.add_argument("--skip-qwen", action="store_true")
     args = parser.parse_args(argv)
     if not 2 <= args.labels <= len(LABELS):
         parser.error(f"--labels must be between 2 and {len(LABELS)}")
@@ -405,6 +524,8 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
             clip_benchmark(clip, uri, LABELS[: args.labels], args.calls, args.repeats, runner)
+            if not args.skip_batching:
+                clip_concurrency_benchmark(clip, uri, LABELS[: args.labels], args.jobs, args.repeats, runner)
             del clip
         if not args.skip_llava:
             folder = build_llava(Path(out), args.tiny)
@@ -417,7 +538,21 @@ def main(argv: list[str] | None = None) -> int:
                 f"{text.num_hidden_layers} layers; max_tokens {args.max_tokens}, greedy",
                 flush=True,
             )
-            llava_benchmark(llava, uri, args.max_tokens, args.repeats, runner)
+            ttft_benchmark(llava, "LLaVA", uri, args.max_tokens, args.repeats, runner)
+            del llava
+        if not args.skip_qwen:
+            folder = build_qwen(Path(out), args.tiny)
+            qwen = load_handler(EXAMPLE, {"MODEL_NAME": str(folder)})
+            params = sum(p.numel() for p in qwen.MODEL.parameters())
+            text, vision = qwen.CONFIG.text_config, qwen.CONFIG.vision_config
+            print(
+                f"Qwen2.5-VL model: {params / 1e6:.0f}M parameters, vision {vision.hidden_size} wide with "
+                f"{vision.depth} layers (14 px patches merged 2x2, at most {qwen.MAX_IMAGE_TOKENS} tokens an image), "
+                f"language model {text.hidden_size} wide with {text.num_hidden_layers} layers; "
+                f"max_tokens {args.max_tokens}, greedy",
+                flush=True,
+            )
+            ttft_benchmark(qwen, "Qwen2.5-VL", uri, args.max_tokens, args.repeats, runner)
     return 0
 
 
