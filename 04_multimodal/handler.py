@@ -1,11 +1,12 @@
-"""Vision-language models on Runpod Serverless: CLIP, LLaVA (1.5 and NeXT) and BLIP-2.
+"""Vision-language models on Runpod Serverless: CLIP, SigLIP, BLIP-2 and the chat VLMs.
 
 One worker serves the model in `MODEL_NAME`; its family, read from the model's own config,
 decides which tasks it can do:
 
   CLIP     classify (zero-shot: an image and candidate labels) and embed (images and texts)
   LLaVA    caption, answer (a question about an image) and chat (messages with images,
-           also through OpenAI's /v1/chat/completions with image_url parts)
+           also through OpenAI's /v1/chat/completions with image_url parts); the same for
+           LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Gemma 3 and Idefics3 / SmolVLM (families.py)
   BLIP-2   caption and answer
 
   {"input": {"task": "answer", "image": "https://.../cat.jpg", "question": "What is the cat doing?"}}
