@@ -4,7 +4,7 @@ Runs in the vLLM environment that tests/vllm_cpu.sh builds (vLLM's CPU build can
 main one), from the repository root, on an otherwise idle machine:
 
     HEAVY_EXCLUSIVE=1 heavy .venv-vllm/bin/python benchmarks/vllm_engine.py \
-        [--hidden 512] [--layers 8] [--max-tokens 64] [--concurrency 1 8 32] [--repeats 3]
+        [--hidden 512] [--layers 8] [--max-tokens 64] [--concurrency 1 8 32] [--repeats 3] [--post-delay-ms 0]
 
 Four paths serve the same streamed, greedy, `ignore_eos` chat requests (so every request makes
 exactly `--max-tokens` tokens), each on its own engine with identical settings, all started at
@@ -24,7 +24,11 @@ once and measured alternately, round by round, so a drift in the machine's speed
 
 Printed: tokens/s (all requests of a round together) of each path, and the paired ratios (median
 of the per-round ratios) that issue 11 (worker vs AsyncLLM, target ≥ 0.9×, at 1, 8 and 32 streams)
-and issue 12 (the worker's OpenAI route vs the raw vLLM server, target ≥ 0.95×, at 1 and 8) ask for.
+and issue 12 (the worker's OpenAI route vs the raw vLLM server, target ≥ 0.95×, at 1 and 8) ask for;
+then the CPU time per token of every process outside the engine (this process, vLLM's API server,
+the handler) with the worker's tokens per POST, which say where a gap comes from on a small CPU
+machine, and the CPU that other people's processes used meanwhile. `--post-delay-ms 50` holds each
+of the worker's POSTs as a network round trip to Runpod would.
 The model is the random-weight Llama of benchmarks/text_generation.py (its tokenizer has 726 tokens).
 """
 
