@@ -190,6 +190,7 @@ def build_qwen(out: Path, tiny: bool) -> Path:
         {
             "hidden_size": hidden,
             "num_hidden_layers": 8,
+            "layer_types": ["full_attention"] * 8,
             "num_attention_heads": hidden // 64,
             "num_key_value_heads": 2,
             "head_dim": 64,
