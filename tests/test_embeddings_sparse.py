@@ -159,9 +159,7 @@ def test_concurrent_sparse_jobs_share_batches_and_equal_their_solo_answers(spars
 
 
 def test_a_result_over_the_budget_is_a_clear_error(splade_path: Path) -> None:
-    small = load_handler(
-        EXAMPLE, {"MODEL_NAME": str(splade_path), "MODEL_KIND": "sparse", "MAX_RESULT_BYTES": "1500"}
-    )
+    small = load_handler(EXAMPLE, {"MODEL_NAME": str(splade_path), "MODEL_KIND": "sparse", "MAX_RESULT_BYTES": "1500"})
     fits = output_of(run_job(small.handler, {"texts": ["cat"]}))
     assert len(fits["embeddings"]) == 1
     message = error_of(run_job(small.handler, {"texts": TEXTS * 4}))
