@@ -321,6 +321,69 @@ def ratio_rows(samples: dict[str, dict[int, list[Sample]]], levels: list[int]) -
     return rows
 
 
+# ---- the runpod SDK's share ---------------------------------------------------------------------
+SDK_COST_CHUNKS = 2000
+# One chunk as the relay streams it on the OpenAI route: a whole server-sent event of one token.
+SSE_EVENT = (
+    'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"bench-llama",'
+    '"choices":[{"index":0,"delta":{"content":" word"},"logprobs":null,"finish_reason":null}]}\n\n'
+)
+
+
+async def sdk_chunk_cost(chunks: int) -> None:
+    """CPU of the handler's event loop per streamed chunk: the runpod SDK's `handle_job` (wrapping,
+    JSON, one POST per chunk to the emulated job API, which runs on another thread), then the
+    relay's own splitting of vLLM's byte stream into events and `coalesced`, without any network."""
+    os.environ.update(QUIET_ENV)  # the SDK's log level (WARN, as the worker runs here) is read at import
+    import aiohttp
+    from runpod.serverless.modules import rp_http, rp_job
+
+    from tests.runpod_api import JobAPI
+
+    sys.path.insert(0, str(REPO / EXAMPLE))
+    try:
+        from coalesce import coalesced, merge_text
+        from vllm_server import split_events
+    finally:
+        sys.path.remove(str(REPO / EXAMPLE))
+
+    async def generator(job: dict[str, Any]) -> Any:
+        for _ in range(chunks):
+            yield SSE_EVENT
+
+    with JobAPI() as api:
+        # The SDK reads its URLs at import; point them at this job API.
+        urls = {name: value.replace("$RUNPOD_POD_ID", "bench") for name, value in api.env().items()}
+        rp_http.JOB_DONE_URL = urls["RUNPOD_WEBHOOK_POST_OUTPUT"]
+        rp_http.JOB_STREAM_URL = urls["RUNPOD_WEBHOOK_POST_STREAM"]
+        job_id = api.submit({})
+        config = {"handler": generator, "return_aggregate_stream": True}
+        async with aiohttp.ClientSession() as session:
+            started, cpu = time.perf_counter(), time.thread_time()
+            await rp_job.handle_job(session, config, {"id": job_id, "input": {}})
+            sdk_cpu, wall = time.thread_time() - cpu, time.perf_counter() - started
+        posts = len(api.jobs[job_id].stream)
+
+    data = SSE_EVENT.encode()
+
+    async def events() -> Any:
+        buffer = b""
+        for _ in range(chunks):
+            complete, buffer = split_events(buffer + data)
+            for event in complete:
+                yield event
+
+    cpu = time.thread_time()
+    async for _ in coalesced(events(), merge_text):
+        pass
+    relay_cpu = time.thread_time() - cpu
+    print(
+        f"runpod SDK handle_job: {chunks} chunks in {posts} stream POSTs, {sdk_cpu / chunks * 1000:.3f} ms of the "
+        f"event loop's CPU per chunk ({wall / chunks * 1000:.3f} ms wall, the job API's thread included)\n"
+        f"relay's split_events + coalesced: {relay_cpu / chunks * 1000:.3f} ms of CPU per event"
+    )
+
+
 # ---- main ---------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -336,7 +399,15 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         help="the job API holds each POST this long (default 0; 50: a network)",
     )
+    parser.add_argument(
+        "--sdk-cost",
+        action="store_true",
+        help="only time the runpod SDK's work per streamed chunk and the relay's own, without vLLM",
+    )
     args = parser.parse_args(argv)
+    if args.sdk_cost:
+        asyncio.run(sdk_chunk_cost(SDK_COST_CHUNKS))
+        return 0
     if importlib.util.find_spec("vllm") is None:
         parser.exit(2, "vLLM is not installed here: run this with .venv-vllm/bin/python (bash tests/vllm_cpu.sh)\n")
     with tempfile.TemporaryDirectory(prefix="bench-vllm-") as out:
