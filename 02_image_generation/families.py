@@ -46,6 +46,7 @@ class Family:
     guidance_scale: bool = True  # False: the model has no guidance to set (FLUX.1 [schnell])
     flow_matching: bool = False  # a flow-matching model: the SD schedulers do not apply
     max_sequence_length: int | None = None  # T5 tokens read, for the models that use T5
+    size_multiple: int = 8  # the VAE's 8x; FLUX and SD 3.5 also take 2x2 latent patches: 16
     label: str = ""  # for error messages
 
     def describe(self) -> str:
@@ -71,6 +72,7 @@ FAMILIES: dict[str, Family] = {
             guidance_scale=False,
             flow_matching=True,
             max_sequence_length=FLUX_SCHNELL_MAX_SEQUENCE,
+            size_multiple=16,
             label="FLUX.1 [schnell]",
         ),
         Family(
@@ -82,6 +84,7 @@ FAMILIES: dict[str, Family] = {
             negative_prompt=False,
             flow_matching=True,
             max_sequence_length=FLUX_DEV_MAX_SEQUENCE,
+            size_multiple=16,
             label="FLUX.1 [dev]",
         ),
         Family(
@@ -92,6 +95,7 @@ FAMILIES: dict[str, Family] = {
             3.5,
             flow_matching=True,
             max_sequence_length=SD3_MAX_SEQUENCE,
+            size_multiple=16,
             label="SD 3.5 Large",
         ),
         Family(
@@ -102,6 +106,7 @@ FAMILIES: dict[str, Family] = {
             4.5,
             flow_matching=True,
             max_sequence_length=SD3_MAX_SEQUENCE,
+            size_multiple=16,
             label="SD 3.5 Medium",
         ),
     )

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import inspect
 import json
 import math
 import os
@@ -448,18 +449,21 @@ def parse_request(job_input: Any) -> ImageRequest:
         raise RequestError("control_image needs a ControlNet: set CONTROLNET_MODEL on the endpoint")
     if problem := unsupported(FAMILY, bool(request.negative_prompt), request.guidance_scale, request.scheduler):
         raise RequestError(problem)
+    for field in ("width", "height"):
+        if (side := getattr(request, field)) is not None and side % FAMILY.size_multiple:
+            raise RequestError(f"{field}: {FAMILY.describe()} takes multiples of {FAMILY.size_multiple}, got {side}")
     return request
 
 
 # ---------------------------------------------------------------------------------------------
 # 4. Inference: sizes, seeds, a scheduler of the request's own, denoising on a thread.
 # ---------------------------------------------------------------------------------------------
-def fit_size(width: int, height: int, target_pixels: int, max_pixels: int) -> tuple[int, int]:
-    """An output size with the input's aspect ratio, about `target_pixels`, multiples of 8."""
+def fit_size(width: int, height: int, target_pixels: int, max_pixels: int, multiple: int = 8) -> tuple[int, int]:
+    """An output size with the input's aspect ratio, about `target_pixels`, in multiples of `multiple`."""
     scale = (min(target_pixels, max_pixels) / (width * height)) ** 0.5
-    fitted = [max(MIN_SIDE, min(MAX_SIDE, int(side * scale) // 8 * 8)) for side in (width, height)]
+    fitted = [max(MIN_SIDE, min(MAX_SIDE, int(side * scale) // multiple * multiple)) for side in (width, height)]
     while fitted[0] * fitted[1] > max_pixels:  # rounding and MIN_SIDE can overshoot by a little
-        fitted = [max(MIN_SIDE, side - 8) for side in fitted]
+        fitted = [max(MIN_SIDE, side - multiple) for side in fitted]
     return fitted[0], fitted[1]
 
 
@@ -469,11 +473,12 @@ def output_size(request: ImageRequest, source: Image.Image | None) -> tuple[int,
         return request.width, request.height
     if source is None:
         return request.width or FAMILY.width, request.height or FAMILY.height
+    multiple = FAMILY.size_multiple
     if request.width:
-        return request.width, max(MIN_SIDE, round(request.width * source.height / source.width / 8) * 8)
+        return request.width, max(MIN_SIDE, round(request.width * source.height / source.width / multiple) * multiple)
     if request.height:
-        return max(MIN_SIDE, round(request.height * source.width / source.height / 8) * 8), request.height
-    return fit_size(source.width, source.height, FAMILY.width * FAMILY.height, MAX_PIXELS)
+        return max(MIN_SIDE, round(request.height * source.width / source.height / multiple) * multiple), request.height
+    return fit_size(source.width, source.height, FAMILY.width * FAMILY.height, MAX_PIXELS, multiple)
 
 
 def default_steps(request: ImageRequest, image_to_image: bool) -> int:
@@ -705,7 +710,9 @@ def denoise(job: Job, on_step: Any, cancelled: threading.Event) -> list[Generate
         kwargs["max_sequence_length"] = FAMILY.max_sequence_length
     if job.source is not None:
         kwargs.update(image=job.source, strength=job.strength)
-    if job.source is None or job.mask is not None:  # inpainting takes the size too (else its model default)
+    # Text-to-image, inpainting and FLUX's image-to-image take the size (else their model's default,
+    # 1024² for FLUX, not the input's); SD's image-to-image pipelines have no such parameter.
+    if "width" in inspect.signature(type(pipeline).__call__).parameters:
         kwargs.update(width=job.width, height=job.height)
     if job.mask is not None:
         kwargs["mask_image"] = job.mask

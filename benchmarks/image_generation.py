@@ -16,6 +16,11 @@ the same run (targets are labels, never assertions):
   worker taking the job to its result arriving, and the stream POSTs it made (target: 50 ms
   within 1.2× of 0 ms: superseded progress is dropped, never queued).
 
+* more models and modes (`--more`, on by default): a FLUX.1 [schnell] job and a job with a LoRA
+  adapter, each against the raw pipeline with the same settings (and the same adapter active),
+  target ≥ 0.95×; and four images batched (`"batch": true`) against four one by one, with how far
+  each batched image is from its solo run.
+
 The model is the tiny SD 1.5 pipeline of tests/tiny_models.py (real layout, scheduler and VAE
 depth, tiny widths), float32 on CPU: the absolute numbers say nothing about a real model's speed,
 only the ratios do.
@@ -176,6 +181,94 @@ def network_section(model_dir: Path, repeats: int) -> None:
     print("  job ms: from the worker taking the job to its result arriving at the API.\n")
 
 
+def paired(handler_run: Callable[[], float], raw_run: Callable[[], float], repeats: int) -> tuple[float, float, float]:
+    """Median seconds of each path, timed back to back in alternating order, and the throughput ratio."""
+    handler_run(), raw_run()  # warm-up
+    handler_s: list[float] = []
+    raw_s: list[float] = []
+    for repeat in range(repeats):
+        for run, into in ((handler_run, handler_s), (raw_run, raw_s))[:: 1 if repeat % 2 == 0 else -1]:
+            into.append(run())
+    return median(handler_s), median(raw_s), paired_ratio(raw_s, handler_s)
+
+
+def more_section(size: int, repeats: int) -> None:
+    """FLUX and LoRA jobs against the raw pipeline; batched against one-by-one images."""
+    import numpy as np
+    import torch
+
+    from tests import tiny_models
+    from tests.harness import load_handler
+
+    def timed_job(module: ModuleType, request: dict[str, Any]) -> Callable[[], float]:
+        def run() -> float:
+            started = time.perf_counter()
+            final = asyncio.run(run_direct(module.handler, {"id": "bench", "input": request})).final
+            timed_job.last = final  # type: ignore[attr-defined]
+            return time.perf_counter() - started
+
+        return run
+
+    settings = {"width": size, "height": size, "num_inference_steps": 4}
+    rows: list[list[object]] = []
+    with tempfile.TemporaryDirectory(prefix="bench-more-") as tmp:
+        flux = load_handler(EXAMPLE, {"MODEL_NAME": str(tiny_models.build("flux-schnell", Path(tmp) / "flux"))})
+
+        def raw_flux() -> float:
+            started = time.perf_counter()
+            generator = torch.Generator("cpu").manual_seed(1)
+            flux.TEXT2IMAGE(PROMPT, guidance_scale=0.0, max_sequence_length=256, generator=generator, **settings)
+            return time.perf_counter() - started
+
+        handler_s, raw_s, ratio = paired(timed_job(flux, {"prompt": PROMPT, "seed": 1, **settings}), raw_flux, repeats)
+        rows.append(
+            ["FLUX.1 [schnell] (tiny), one image", f"{raw_s * 1e3:.0f}", f"{handler_s * 1e3:.0f}", f"{ratio:.2f}×"]
+        )
+        rows[-1].append(ratio_note(ratio, 0.95, True))
+
+        sd15 = load_handler(EXAMPLE, {"MODEL_NAME": str(tiny_models.build("sd15", Path(tmp) / "sd15"))})
+        adapter = str(tiny_models.build("lora-sd15-a", Path(tmp) / "lora"))
+        lora_job = timed_job(sd15, {"prompt": PROMPT, "seed": 1, "loras": [{"source": adapter}], **settings})
+        lora_job()  # loads the adapter and leaves it active on the shared pipeline: the raw call uses it too
+
+        def raw_lora() -> float:
+            started = time.perf_counter()
+            sd15.TEXT2IMAGE(PROMPT, generator=torch.Generator("cpu").manual_seed(1), **settings)
+            return time.perf_counter() - started
+
+        handler_s, raw_s, ratio = paired(lora_job, raw_lora, repeats)
+        rows.append(
+            ["SD 1.5 (tiny) + LoRA, one image", f"{raw_s * 1e3:.0f}", f"{handler_s * 1e3:.0f}", f"{ratio:.2f}×"]
+        )
+        rows[-1].append(ratio_note(ratio, 0.95, True))
+
+        four = {"prompt": PROMPT, "seed": 1, "num_images": 4, **settings}
+        batched, one_by_one = timed_job(sd15, {**four, "batch": True}), timed_job(sd15, {**four, "batch": False})
+        batched_s, single_s, ratio = paired(batched, one_by_one, repeats)
+        batched()
+        together = [decode_data_uri(image["image"]) for image in timed_job.last["images"]]  # type: ignore[attr-defined]
+        one_by_one()
+        alone = [decode_data_uri(image["image"]) for image in timed_job.last["images"]]  # type: ignore[attr-defined]
+        difference = max(
+            int(np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max())
+            for a, b in zip(together, alone, strict=True)
+        )
+        rows.append(
+            [
+                "4 images batched vs one by one (SD 1.5)",
+                f"{single_s * 1e3:.0f}",
+                f"{batched_s * 1e3:.0f}",
+                f"{ratio:.2f}×",
+            ]
+        )
+        rows[-1].append(f"largest pixel difference to the solo images: {difference} of 255")
+    print(f"More models and modes: {size}x{size}, 4 steps, median of {repeats} paired runs after a warm-up")
+    print(table(["job", "raw / reference ms", "handler ms", "throughput vs reference", "note"], rows))
+    print(
+        "  reference: the raw pipeline with the same settings (and adapter); for batching, the same job one by one.\n"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=512, help="width and height in pixels (default 512)")
@@ -185,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=7, help="timed runs per path, median (default 7)")
     parser.add_argument("--model-dir", type=Path, help="a diffusers folder to load (default: tiny SD 1.5, built now)")
     parser.add_argument("--network-repeats", type=int, default=3, help="jobs per network delay (0: skip; default 3)")
+    parser.add_argument("--more-repeats", type=int, default=5, help="paired runs of FLUX, LoRA, batching (0: skip)")
+    parser.add_argument("--more-size", type=int, default=256, help="image size of those runs (default 256)")
     args = parser.parse_args(argv)
 
     os.environ.update(QUIET_ENV)  # before runpod is imported: its logger reads the level once
@@ -314,6 +409,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         if args.network_repeats:
             network_section(model_dir, args.network_repeats)
+        if args.more_repeats:
+            more_section(args.more_size, args.more_repeats)
     return 0
 
 
