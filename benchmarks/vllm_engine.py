@@ -28,7 +28,8 @@ and issue 12 (the worker's OpenAI route vs the raw vLLM server, target â‰¥ 0.95Ã
 then the CPU time per token of every process outside the engine (this process, vLLM's API server,
 the handler) with the worker's tokens per POST, which say where a gap comes from on a small CPU
 machine, and the CPU that other people's processes used meanwhile. `--post-delay-ms 50` holds each
-of the worker's POSTs as a network round trip to Runpod would.
+of the worker's POSTs as a network round trip to Runpod would. `--sdk-cost` only times, without
+vLLM, the runpod SDK's CPU per streamed chunk against the relay's own per-event work.
 The model is the random-weight Llama of benchmarks/text_generation.py (its tokenizer has 726 tokens).
 """
 
