@@ -6,7 +6,8 @@ one. As in the embeddings worker's batcher (the design Infinity and TEI use), a 
 waiting encode and closes after `wait_s` (a few milliseconds, far below a network round trip) or
 at `max_items` images or texts, so one huge job cannot hold the others back; encodes that arrive
 while a batch runs form the next one. Images and texts of the same batch each get one forward
-pass; results are split back per job, and a batch that fails fails each of its jobs.
+pass (a text several jobs send, such as the same labels, is encoded once); results are split back
+per job, and a batch that fails fails each of its jobs.
 
 Every job's images are preprocessed (resized, normalised) on its own, before it queues, so the
 model thread only runs forward passes; a batched result equals the job's solo result (the tests
@@ -32,6 +33,14 @@ class Waiting:
     result: asyncio.Future[torch.Tensor]
 
 
+def unique_text_rows(model: ContrastiveModel, texts: list[str]) -> torch.Tensor:
+    """Each distinct text of the batch encoded once: bulk zero-shot jobs send the same labels with
+    every image, so 32 concurrent classify jobs of 10 labels need 10 captions encoded, not 320."""
+    position = {text: index for index, text in enumerate(dict.fromkeys(texts))}
+    encoded = model.encode_texts(list(position))
+    return encoded[torch.tensor([position[text] for text in texts], dtype=torch.long)]
+
+
 def encode_many(model: ContrastiveModel, batch: list[Waiting]) -> list[torch.Tensor]:
     """One forward pass per kind for the whole batch, split back into each job's rows."""
     results: list[torch.Tensor | None] = [None] * len(batch)
@@ -44,7 +53,7 @@ def encode_many(model: ContrastiveModel, batch: list[Waiting]) -> list[torch.Ten
             merged = {name: torch.cat([batch[i].payload[name] for i in members]) for name in names}
             rows = model.encode_images(merged)
         else:
-            rows = model.encode_texts([text for i in members for text in batch[i].payload])
+            rows = unique_text_rows(model, [text for i in members for text in batch[i].payload])
         start = 0
         for index in members:
             results[index] = rows[start : start + batch[index].count]

@@ -270,6 +270,26 @@ def test_without_dynamic_batching_each_encode_runs_alone(tiny_model) -> None:
     assert module.BATCHER.batches == 6 and all("error" not in result for result in results)
 
 
+def test_labels_shared_by_concurrent_jobs_are_encoded_once(clip, monkeypatch) -> None:
+    """Bulk zero-shot classification sends the same labels with every image: a batch encodes each
+    distinct caption once, and every job still gets its solo result."""
+    labels = ["a dog", "a cat", "a car"]
+    requests = [{"task": "classify", "image": image_uri(seed=seed), "labels": labels} for seed in range(6)]
+    alone = [one(clip, **request) for request in requests]
+    encoded: list[int] = []
+    encode_texts = clip.EMBEDDER.encode_texts
+    monkeypatch.setattr(clip.EMBEDDER, "encode_texts", lambda texts: encoded.append(len(texts)) or encode_texts(texts))
+
+    async def together() -> list[dict[str, Any]]:
+        return await asyncio.gather(*(run_job_async(clip.handler, {"input": r}) for r in requests))
+
+    results = [ok(result)[0] for result in asyncio.run(together())]
+    assert encoded and max(encoded) == len(labels) and sum(encoded) < len(requests) * len(labels), encoded
+    for got, want in zip(results, alone, strict=True):
+        assert [e["label"] for e in got["labels"]] == [e["label"] for e in want["labels"]]
+        np.testing.assert_allclose([e["score"] for e in got["labels"]], [e["score"] for e in want["labels"]], atol=1e-5)
+
+
 def embeddings_job(body: dict[str, Any]) -> dict[str, Any]:
     return {"openai_route": "/v1/embeddings", "openai_input": body}
 
