@@ -17,6 +17,7 @@ the model thread), and score one image against its labels (cheap, per job).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +49,11 @@ class ContrastiveModel:
         # mask and end-of-text pooling make padding irrelevant to it).
         padding: dict[str, Any] = {"padding": "max_length"} if self.family == "siglip" else {"padding": True}
         self.text_kwargs = {**padding, "truncation": True, "max_length": self.max_text_tokens, "return_tensors": "pt"}
+        # A fast tokenizer keeps its padding and truncation settings in shared state that each call
+        # rewrites: counting (no truncation) on the event loop while the model thread encodes
+        # (truncation, padding) made a concurrent job's batch come out unpadded. Each thread gets
+        # its own tokenizer.
+        self.counting_tokenizer = copy.deepcopy(self.processor.tokenizer)
 
     # ---- per job, off the model thread ----------------------------------------------------------
     def preprocess_images(self, images: list[Image.Image]) -> dict[str, torch.Tensor]:
@@ -56,10 +62,11 @@ class ContrastiveModel:
         return dict(self.processor.image_processor(images=images, return_tensors="pt"))
 
     def token_counts(self, texts: list[str]) -> list[int]:
-        """Tokens per text before truncation, special tokens included: over max_text_tokens is cut."""
+        """Tokens per text before truncation, special tokens included: over max_text_tokens is cut.
+        Called on the event loop's thread, with a tokenizer of its own."""
         if not texts:
             return []
-        encoded = self.processor.tokenizer(texts, add_special_tokens=True, verbose=False)
+        encoded = self.counting_tokenizer(texts, add_special_tokens=True, verbose=False)
         return [len(ids) for ids in encoded["input_ids"]]
 
     # ---- on the model thread --------------------------------------------------------------------

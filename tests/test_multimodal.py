@@ -6,6 +6,7 @@ import asyncio
 import base64
 import io
 import json
+import threading
 import time
 from pathlib import Path
 from types import ModuleType
@@ -885,3 +886,29 @@ def test_openai_chat_returns_the_logprobs_it_is_asked_for(llava) -> None:
     for entry in entries:  # greedy: the chosen token is the most likely one
         assert len(entry.top_logprobs) == 3 and entry.logprob <= 0
         assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob)
+
+
+def test_counting_tokens_on_the_event_loop_never_disturbs_the_model_threads_encodes(clip) -> None:
+    """A fast tokenizer's padding and truncation are shared state each call rewrites: with one
+    tokenizer for both threads, concurrent jobs' text batches came out unpadded and failed."""
+    embedder = clip.EMBEDDER
+    texts = [f"a photo of thing number {i} " * (i % 5 + 1) for i in range(16)]
+    expected = embedder.encode_texts(texts)
+    stop, errors = threading.Event(), []
+
+    def count() -> None:
+        try:
+            while not stop.is_set():
+                assert len(embedder.token_counts(texts)) == len(texts)
+        except Exception as error:  # noqa: BLE001 - reported by the assertion below
+            errors.append(error)
+
+    counter = threading.Thread(target=count)
+    counter.start()
+    try:
+        for _ in range(20):
+            torch.testing.assert_close(embedder.encode_texts(texts), expected)
+    finally:
+        stop.set()
+        counter.join()
+    assert not errors
