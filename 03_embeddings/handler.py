@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import copy
 import functools
 import json
 import os
@@ -189,6 +190,10 @@ log.info(
 # request's texts are tokenised while the model encodes someone else's.
 MODEL_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode")
 TOKENIZE_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
+# ... with a tokenizer of its own: a fast tokenizer keeps its padding and truncation settings in
+# state each call rewrites, so counting here while sentence-transformers' preprocessing pads and
+# truncates on the model thread left that batch unpadded, and its jobs failed.
+TOKENIZER = copy.deepcopy(MODEL.tokenizer)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -460,11 +465,11 @@ def tokenize(texts: list[str], prompt: str) -> Tokenized:
     """The model's own tokenizer over `prompt + text`, as sentence-transformers does it; texts past
     MAX_SEQ_LENGTH are cut there (longest_first, keeping the closing special token)."""
     prompted = [prompt + text for text in texts]
-    full = MODEL.tokenizer(prompted, add_special_tokens=True, verbose=False)
+    full = TOKENIZER(prompted, add_special_tokens=True, verbose=False)
     counts = [len(ids) for ids in full["input_ids"]]
     encodings = [{key: values[i] for key, values in full.items()} for i in range(len(texts))]
     if long := [i for i, count in enumerate(counts) if count > MAX_SEQ_LENGTH]:
-        cut = MODEL.tokenizer([prompted[i] for i in long], truncation=True, max_length=MAX_SEQ_LENGTH, verbose=False)
+        cut = TOKENIZER([prompted[i] for i in long], truncation=True, max_length=MAX_SEQ_LENGTH, verbose=False)
         for row, i in enumerate(long):
             encodings[i] = {key: values[row] for key, values in cut.items()}
     return Tokenized(encodings, counts)

@@ -946,3 +946,30 @@ def test_dev_server_runsync(tiny_path: Path) -> None:
     assert bad.status_code == 200 and bad.json()["status"] == "FAILED"
     assert "dimensions: Input should be less than or equal to 32" in bad.json()["error"]
     assert models.json()["output"]["data"][0]["id"] == str(tiny_path)
+
+
+def test_tokenizing_on_its_thread_never_disturbs_the_model_threads_preprocessing(embedder) -> None:
+    """A fast tokenizer's padding and truncation are shared state each call rewrites: with one
+    tokenizer for both threads, a batch sentence-transformers preprocessed (the path of routers and
+    prompt-excluding pooling) while another request was tokenized came out unpadded and failed."""
+    texts = [f"a sentence number {i} " * (i % 7 + 1) for i in range(16)]
+    long_texts = ["word " * 500] * 2  # tokenize cuts these with truncation on
+    expected = embedder.MODEL.preprocess(texts)["input_ids"]
+    stop, errors = threading.Event(), []
+
+    def tokenize() -> None:
+        try:
+            while not stop.is_set():
+                assert len(embedder.tokenize(texts + long_texts, "").counts) == len(texts) + 2
+        except Exception as error:  # noqa: BLE001 - reported by the assertion below
+            errors.append(error)
+
+    tokenizing = threading.Thread(target=tokenize)
+    tokenizing.start()
+    try:
+        for _ in range(20):
+            assert embedder.MODEL.preprocess(texts)["input_ids"].tolist() == expected.tolist()
+    finally:
+        stop.set()
+        tokenizing.join()
+    assert not errors
