@@ -48,9 +48,11 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    FluxControlNetModel,
     HeunDiscreteScheduler,
     LMSDiscreteScheduler,
     PNDMScheduler,
+    SD3ControlNetModel,
     UniPCMultistepScheduler,
 )
 from families import FAMILIES, Family, detect_family, unsupported, with_overrides
@@ -258,6 +260,17 @@ def load_single_file(components: dict[str, Any]) -> Any:
     )
 
 
+def controlnet_class(pipeline: Any) -> type:
+    """diffusers has one ControlNet class per kind of denoiser: UNet families (SD 1.x, 2.x, SDXL)
+    share ControlNetModel; FLUX's and SD 3.5's transformers have their own."""
+    name = type(pipeline).__name__
+    if name.startswith("Flux"):
+        return FluxControlNetModel
+    if name.startswith("StableDiffusion3"):
+        return SD3ControlNetModel
+    return ControlNetModel
+
+
 def load_pipelines() -> tuple[Any, Any, Any, Any | None]:
     """Text-to-image, image-to-image, inpainting and (optionally) ControlNet pipelines over one set of weights."""
     components: dict[str, Any] = {}
@@ -293,7 +306,7 @@ def load_pipelines() -> tuple[Any, Any, Any, Any | None]:
     controlnet = None
     if CONTROLNET_MODEL:
         model = from_pretrained_fp16_first(
-            ControlNetModel, CONTROLNET_MODEL, cache_dir=cached_hub_folder(CONTROLNET_MODEL)
+            controlnet_class(text2image), CONTROLNET_MODEL, cache_dir=cached_hub_folder(CONTROLNET_MODEL)
         ).to(DEVICE)
         controlnet = AutoPipelineForText2Image.from_pipe(text2image, controlnet=model)
     for pipeline in (image2image, inpainting, controlnet):
@@ -679,6 +692,12 @@ class Generated:
     nsfw: bool | None  # None: the model has no safety checker
 
 
+# diffusers' SD 3.5 ControlNet pipeline samples the control image's latents from torch's global
+# generator instead of the job's, so the same seed gave another image each time. Such jobs seed the
+# global generator themselves, one at a time (nothing else here draws from it).
+GLOBAL_GENERATOR = threading.Lock()
+
+
 def denoise(job: Job, on_step: Any, cancelled: threading.Event) -> list[Generated]:
     """One image at a time, each from its own generator: bit-for-bit what a one-image request
     with that seed gives. Batched (job.batch), one pipeline call makes them all, still one
@@ -717,7 +736,9 @@ def denoise(job: Job, on_step: Any, cancelled: threading.Event) -> list[Generate
     if job.mask is not None:
         kwargs["mask_image"] = job.mask
     if job.control is not None:
-        kwargs.update(image=job.control, controlnet_conditioning_scale=job.request.controlnet_conditioning_scale)
+        # SD's ControlNet pipelines name the conditioning `image`; FLUX's and SD 3.5's `control_image`.
+        name = "control_image" if "control_image" in inspect.signature(type(pipeline).__call__).parameters else "image"
+        kwargs.update({name: job.control, "controlnet_conditioning_scale": job.request.controlnet_conditioning_scale})
 
     def give_up_when_cancelled() -> None:
         if cancelled.is_set():
@@ -730,7 +751,10 @@ def denoise(job: Job, on_step: Any, cancelled: threading.Event) -> list[Generate
                 break
             # Noise drawn on the CPU: a seed gives the same starting latents on every machine.
             generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
-            with torch.inference_mode():
+            seeds_global = job.control is not None and isinstance(CONTROLNET.controlnet, SD3ControlNetModel)
+            with GLOBAL_GENERATOR if seeds_global else contextlib.nullcontext(), torch.inference_mode():
+                if seeds_global:
+                    torch.manual_seed(seeds[0])
                 result = pipeline(
                     generator=generators if job.batch else generators[0],
                     num_images_per_prompt=len(seeds),

@@ -116,3 +116,37 @@ def test_sd35_takes_a_negative_prompt_and_flux_image_to_image_keeps_multiples_of
     assert not np.array_equal(pixels(plain["images"][0]["image"]), pixels(negative["images"][0]["image"]))
     _, fitted = generate(handlers["flux-schnell"], prompt="x", image=png_data_uri(100, 70), width=128, seed=1)
     assert decode(fitted["images"][0]["image"]).size == (128, 96)  # 89.6 rounded to a multiple of 16, not 8 (88)
+
+
+@pytest.mark.parametrize(
+    ("family", "controlnet", "pipeline"),
+    [
+        ("flux-schnell", "controlnet-flux-schnell", "FluxControlNetPipeline"),
+        ("sd3.5-large", "controlnet-sd3.5-large", "StableDiffusion3ControlNetPipeline"),
+    ],
+)
+def test_flow_controlnets_follow_the_control_image(tiny_model, family: str, controlnet: str, pipeline: str) -> None:
+    env = {"MODEL_NAME": str(tiny_model(family)), "CONTROLNET_MODEL": str(tiny_model(controlnet))}
+    module = load_handler(EXAMPLE, env)
+    assert type(module.CONTROLNET).__name__ == pipeline
+    assert type(module.CONTROLNET.controlnet).__name__ == (
+        "FluxControlNetModel" if "flux" in family else "SD3ControlNetModel"
+    )
+    _, a = generate(module, prompt="a room", control_image=png_data_uri(64, 64, 1), seed=4, **SMALL)
+    _, again = generate(module, prompt="a room", control_image=png_data_uri(64, 64, 1), seed=4, **SMALL)
+    _, b = generate(module, prompt="a room", control_image=png_data_uri(64, 64, 2), seed=4, **SMALL)
+    _, plain = generate(module, prompt="a room", seed=4, **SMALL)
+    np.testing.assert_array_equal(pixels(a["images"][0]["image"]), pixels(again["images"][0]["image"]))
+    assert not np.array_equal(pixels(a["images"][0]["image"]), pixels(b["images"][0]["image"]))
+    assert not np.array_equal(pixels(a["images"][0]["image"]), pixels(plain["images"][0]["image"]))
+    assert a["parameters"]["controlnet_conditioning_scale"] == 1.0
+    # The same request at half the conditioning is another image: the scale reaches the pipeline.
+    _, half = generate(
+        module,
+        prompt="a room",
+        control_image=png_data_uri(64, 64, 1),
+        controlnet_conditioning_scale=0.5,
+        seed=4,
+        **SMALL,
+    )
+    assert not np.array_equal(pixels(a["images"][0]["image"]), pixels(half["images"][0]["image"]))

@@ -1721,6 +1721,32 @@ def build_sd3(out: Path, kind: str) -> Path:
     return _save_flow_pipeline(pipeline, out)
 
 
+def build_flow_controlnet(out: Path, base: str) -> Path:
+    """A ControlNet for the tiny `base` FLUX or SD 3.5 pipeline, saved alone (as ControlNets ship):
+    its transformer's dimensions with one block. diffusers zero-initialises the projections that
+    feed the control signal into the transformer, as training starts; here they get PyTorch's default
+    random init, so, like a trained ControlNet's, the control image changes the image."""
+    import inspect
+
+    import diffusers
+    import torch
+
+    with tempfile.TemporaryDirectory() as folder:
+        pipeline_config = json.loads((BUILDERS[base](Path(folder)) / "transformer" / "config.json").read_text())
+    flux = base.startswith("flux")
+    cls = diffusers.FluxControlNetModel if flux else diffusers.SD3ControlNetModel
+    accepted = inspect.signature(cls.__init__).parameters
+    config = {key: value for key, value in pipeline_config.items() if key in accepted}
+    config |= {"num_layers": 1, "num_single_layers": 0} if flux else {"num_layers": 1}
+    torch.manual_seed(SEED)
+    controlnet = cls(**config)
+    for module in controlnet.modules():
+        if isinstance(module, torch.nn.Linear | torch.nn.Conv2d) and not module.weight.any():
+            module.reset_parameters()
+    controlnet.save_pretrained(out, safe_serialization=True)
+    return out
+
+
 BUILDERS: dict[str, Callable[[Path], Path]] = {
     "sentence-transformer": build_sentence_transformer,
     "cross-encoder": build_cross_encoder,
@@ -1738,6 +1764,8 @@ BUILDERS: dict[str, Callable[[Path], Path]] = {
     "flux-schnell": partial(build_flux, kind="schnell"),
     "flux-dev": partial(build_flux, kind="dev"),
     "sd3.5-large": partial(build_sd3, kind="large"),
+    "controlnet-flux-schnell": partial(build_flow_controlnet, base="flux-schnell"),
+    "controlnet-sd3.5-large": partial(build_flow_controlnet, base="sd3.5-large"),
     "sd3.5-medium": partial(build_sd3, kind="medium"),
     "clip": build_clip,
     **{kind: partial(build_llava, kind=kind) for kind in _LLAVA},
