@@ -23,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -78,6 +78,22 @@ def load_handler(example: str, env: Mapping[str, str]) -> ModuleType:
         for sibling in siblings:
             sys.modules.pop(sibling, None)
     return module
+
+
+class _LazyHandlers(dict):
+    def __init__(self, example: str, env: Callable[[str], Mapping[str, str]]) -> None:
+        super().__init__()
+        self.example, self.env = example, env
+
+    def __missing__(self, key: str) -> ModuleType:
+        self[key] = load_handler(self.example, self.env(key))
+        return self[key]
+
+
+def lazy_handlers(example: str, env: Callable[[str], Mapping[str, str]]) -> dict[str, ModuleType]:
+    """`example`'s handler for each key, loaded under `env(key)` the first time a test asks: a test
+    module's families share their loads, and a test run selecting a few loads only theirs."""
+    return _LazyHandlers(example, env)
 
 
 def shared_copies(filename: str) -> list[Path]:

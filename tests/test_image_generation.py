@@ -18,7 +18,16 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.harness import DevServer, free_port, json_lines, load_handler, run_job, run_job_async, run_local
+from tests.harness import (
+    DevServer,
+    free_port,
+    json_lines,
+    lazy_handlers,
+    load_handler,
+    run_job,
+    run_job_async,
+    run_local,
+)
 from tests.runpod_api import Job, JobAPI, Worker
 from tests.servers import http_server, s3_server
 
@@ -28,14 +37,8 @@ SMALL = {"width": 64, "height": 64, "num_inference_steps": 2}
 
 @pytest.fixture(scope="module")
 def handlers(tiny_model) -> dict[str, ModuleType]:
-    """One loaded handler per family, built on first use."""
-
-    class Lazy(dict):
-        def __missing__(self, family: str) -> ModuleType:
-            self[family] = load_handler(EXAMPLE, {"MODEL_NAME": str(tiny_model(family))})
-            return self[family]
-
-    return Lazy()
+    """One loaded handler per tiny model, built on first use and shared by the module's tests."""
+    return lazy_handlers(EXAMPLE, lambda kind: {"MODEL_NAME": str(tiny_model(kind))})
 
 
 @pytest.fixture(scope="module")

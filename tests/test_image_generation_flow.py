@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.harness import load_handler, run_job
+from tests.harness import lazy_handlers, load_handler, run_job
 from tests.test_image_generation import EXAMPLE, SMALL, assert_progress, decode, generate, pixels, png_data_uri
 from tests.test_image_generation_models import mask_data_uri
 
@@ -23,12 +23,8 @@ FLOW_FAMILIES = [
 
 @pytest.fixture(scope="module")
 def handlers(tiny_model) -> dict[str, ModuleType]:
-    class Lazy(dict):
-        def __missing__(self, family: str) -> ModuleType:
-            self[family] = load_handler(EXAMPLE, {"MODEL_NAME": str(tiny_model(family))})
-            return self[family]
-
-    return Lazy()
+    """One loaded handler per tiny model, built on first use and shared by the module's tests."""
+    return lazy_handlers(EXAMPLE, lambda kind: {"MODEL_NAME": str(tiny_model(kind))})
 
 
 @pytest.mark.parametrize(("family", "text2image", "image2image", "inpainting"), FLOW_FAMILIES)

@@ -14,18 +14,14 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.harness import load_handler, run_job
+from tests.harness import lazy_handlers, load_handler, run_job
 from tests.test_image_generation import EXAMPLE, SMALL, assert_progress, decode, generate, pixels, png_data_uri
 
 
 @pytest.fixture(scope="module")
 def handlers(tiny_model) -> dict[str, ModuleType]:
-    class Lazy(dict):
-        def __missing__(self, family: str) -> ModuleType:
-            self[family] = load_handler(EXAMPLE, {"MODEL_NAME": str(tiny_model(family))})
-            return self[family]
-
-    return Lazy()
+    """One loaded handler per tiny model, built on first use and shared by the module's tests."""
+    return lazy_handlers(EXAMPLE, lambda kind: {"MODEL_NAME": str(tiny_model(kind))})
 
 
 def mask_data_uri(width: int, height: int, box: tuple[int, int, int, int]) -> str:

@@ -20,7 +20,7 @@ import torch
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from PIL import Image
 
-from tests.harness import DevServer, json_lines, load_handler, run_job, run_job_async, run_local
+from tests.harness import DevServer, json_lines, lazy_handlers, load_handler, run_job, run_job_async, run_local
 from tests.servers import http_server
 
 EXAMPLE = "04_multimodal"
@@ -29,14 +29,8 @@ GREEDY = {"temperature": 0, "max_tokens": 12}
 
 @pytest.fixture(scope="module")
 def handlers(tiny_model) -> dict[str, ModuleType]:
-    """One loaded handler per family, built on first use."""
-
-    class Lazy(dict):
-        def __missing__(self, kind: str) -> ModuleType:
-            self[kind] = load_handler(EXAMPLE, {"MODEL_NAME": str(tiny_model(kind))})
-            return self[kind]
-
-    return Lazy()
+    """One loaded handler per tiny model, built on first use and shared by the module's tests."""
+    return lazy_handlers(EXAMPLE, lambda kind: {"MODEL_NAME": str(tiny_model(kind))})
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ import pytest
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from PIL import Image
 
-from tests.harness import load_handler, run_job
+from tests.harness import lazy_handlers, load_handler, run_job
 from tests.test_multimodal import (
     EXAMPLE,
     GREEDY,
@@ -46,14 +46,8 @@ KINDS = list(FAMILIES)
 
 @pytest.fixture(scope="module")
 def handlers(tiny_model) -> dict[str, ModuleType]:
-    """One loaded handler per family, built on first use."""
-
-    class Lazy(dict):
-        def __missing__(self, kind: str) -> ModuleType:
-            self[kind] = load_handler(EXAMPLE, {"MODEL_NAME": str(tiny_model(kind))})
-            return self[kind]
-
-    return Lazy()
+    """One loaded handler per tiny model, built on first use and shared by the module's tests."""
+    return lazy_handlers(EXAMPLE, lambda kind: {"MODEL_NAME": str(tiny_model(kind))})
 
 
 def image_token_id(module: ModuleType) -> int:

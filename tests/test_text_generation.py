@@ -18,7 +18,7 @@ import torch
 from openai.types import Completion, Model
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from tests.harness import DevServer, json_lines, load_handler, run_job, run_job_async, run_local
+from tests.harness import DevServer, json_lines, lazy_handlers, load_handler, run_job, run_job_async, run_local
 
 EXAMPLE = "01_text_generation"
 FAMILIES = ["llama", "mistral", "mixtral", "qwen3", "phi3", "gemma3"]
@@ -31,16 +31,8 @@ GREEDY = {"temperature": 0, "max_tokens": 24}
 
 @pytest.fixture(scope="module")
 def handlers(tiny_model) -> dict[str, ModuleType]:
-    """One loaded handler per family, built lazily and shared by the module's tests."""
-    loaded: dict[str, ModuleType] = {}
-
-    class Lazy(dict):
-        def __missing__(self, family: str) -> ModuleType:
-            loaded[family] = load_handler(EXAMPLE, {"MODEL_NAME": str(tiny_model(family))})
-            self[family] = loaded[family]
-            return loaded[family]
-
-    return Lazy()
+    """One loaded handler per tiny model, built on first use and shared by the module's tests."""
+    return lazy_handlers(EXAMPLE, lambda kind: {"MODEL_NAME": str(tiny_model(kind))})
 
 
 @pytest.fixture(scope="module")
