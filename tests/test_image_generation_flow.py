@@ -146,3 +146,31 @@ def test_flow_controlnets_follow_the_control_image(tiny_model, family: str, cont
         **SMALL,
     )
     assert not np.array_equal(pixels(a["images"][0]["image"]), pixels(half["images"][0]["image"]))
+
+
+def test_a_flux_lora_job_matches_the_raw_pipeline_with_that_adapter(handlers, tiny_model) -> None:
+    from diffusers import FluxPipeline
+
+    module = handlers["flux-schnell"]
+    adapter = str(tiny_model("lora-flux-schnell"))
+    _, with_lora = generate(module, prompt="a tree", seed=5, loras=[{"source": adapter}], **SMALL)
+    _, again = generate(module, prompt="a tree", seed=5, loras=[{"source": adapter}], **SMALL)
+    _, plain = generate(module, prompt="a tree", seed=5, **SMALL)
+    raw = FluxPipeline.from_pretrained(str(tiny_model("flux-schnell")))
+    raw.set_progress_bar_config(disable=True)
+    raw.load_lora_weights(adapter, adapter_name="a")
+    expected = raw(
+        "a tree",
+        generator=torch.Generator("cpu").manual_seed(5),
+        width=64,
+        height=64,
+        num_inference_steps=2,
+        guidance_scale=0.0,
+        max_sequence_length=module.FAMILY.max_sequence_length,
+    )
+    np.testing.assert_array_equal(pixels(with_lora["images"][0]["image"]), np.asarray(expected.images[0]))
+    np.testing.assert_array_equal(pixels(with_lora["images"][0]["image"]), pixels(again["images"][0]["image"]))
+    assert not np.array_equal(pixels(with_lora["images"][0]["image"]), pixels(plain["images"][0]["image"]))
+    # The adapter leaves with its job: the next plain job is the base model's image again.
+    _, plain_after = generate(module, prompt="a tree", seed=5, **SMALL)
+    np.testing.assert_array_equal(pixels(plain_after["images"][0]["image"]), pixels(plain["images"][0]["image"]))

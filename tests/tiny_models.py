@@ -1721,6 +1721,29 @@ def build_sd3(out: Path, kind: str) -> Path:
     return _save_flow_pipeline(pipeline, out)
 
 
+def build_flux_lora(out: Path) -> Path:
+    """A LoRA adapter for the tiny FLUX.1 [schnell] pipeline's transformer (its attention
+    projections), saved in diffusers' FLUX LoRA layout, as FLUX LoRAs are published."""
+    import diffusers
+    import torch
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    with tempfile.TemporaryDirectory() as folder:
+        transformer = diffusers.FluxTransformer2DModel.from_pretrained(
+            build_flux(Path(folder), "schnell") / "transformer"
+        )
+    torch.manual_seed(SEED)
+    config = LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False)
+    transformer.add_adapter(config)
+    with torch.no_grad():
+        for name, parameter in transformer.named_parameters():
+            if "lora_B" in name:
+                parameter.mul_(20)  # random LoRA deltas this small would not change a pixel
+    diffusers.FluxPipeline.save_lora_weights(out, transformer_lora_layers=get_peft_model_state_dict(transformer))
+    return out
+
+
 def build_flow_controlnet(out: Path, base: str) -> Path:
     """A ControlNet for the tiny `base` FLUX or SD 3.5 pipeline, saved alone (as ControlNets ship):
     its transformer's dimensions with one block. diffusers zero-initialises the projections that
@@ -1765,6 +1788,7 @@ BUILDERS: dict[str, Callable[[Path], Path]] = {
     "flux-dev": partial(build_flux, kind="dev"),
     "sd3.5-large": partial(build_sd3, kind="large"),
     "controlnet-flux-schnell": partial(build_flow_controlnet, base="flux-schnell"),
+    "lora-flux-schnell": build_flux_lora,
     "controlnet-sd3.5-large": partial(build_flow_controlnet, base="sd3.5-large"),
     "sd3.5-medium": partial(build_sd3, kind="medium"),
     "clip": build_clip,
