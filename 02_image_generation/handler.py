@@ -25,7 +25,7 @@ import secrets
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -114,7 +114,8 @@ MODEL_FAMILY = env_str("MODEL_FAMILY", None)
 MODEL_CONFIG = env_str("MODEL_CONFIG", None)
 # fp16 halves memory and doubles speed on GPUs; the published "fp16" weight variant is used when
 # the repo has one (SDXL's VAE overflows in fp16: use madebyollin/sdxl-vae-fp16-fix or bf16).
-DTYPE = env_str("DTYPE", "auto")  # auto (fp16 on GPU, fp32 on CPU) | float16 | bfloat16 | float32
+# auto: on a GPU bf16 for FLUX.1 and SD 3.5 (trained in it), fp16 for the others; fp32 on CPU.
+DTYPE = env_str("DTYPE", "auto")  # auto | float16 | bfloat16 | float32
 # Images generated at once. 1: diffusion saturates a GPU on its own, and a second job would only
 # split it and double the activation memory.
 MAX_CONCURRENCY = env_int("MAX_CONCURRENCY", 1)
@@ -210,7 +211,6 @@ DEVICE = startup.DEVICE  # "cuda"; "cpu" only when asked (DEVICE=cpu) or off Run
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 if DTYPE not in ("auto", *DTYPES):
     raise ValueError(f"DTYPE must be auto, {', '.join(DTYPES)}, got {DTYPE!r}")
-TORCH_DTYPE = DTYPES[DTYPE] if DTYPE != "auto" else torch.float16 if DEVICE == "cuda" else torch.float32
 
 
 def from_pretrained_fp16_first(loader: Any, name: str, **kwargs: Any) -> Any:
@@ -243,6 +243,34 @@ def keep_vae_in_fp32(vae: Any) -> None:
 if MODEL_FAMILY is not None and MODEL_FAMILY not in FAMILIES:
     raise ValueError(f"MODEL_FAMILY must be one of {', '.join(FAMILIES)}, got {MODEL_FAMILY!r}")
 SINGLE_FILE = is_single_file(MODEL_NAME)
+# Trained in bf16: in fp16 their activations overflow into black or noisy images.
+BF16_PIPELINES = ("FluxPipeline", "StableDiffusion3Pipeline")
+
+
+def pipeline_class_name() -> str:
+    """The pipeline MODEL_NAME holds, told before any weights load: its family's for a single-file
+    checkpoint, else the class its model_index.json names."""
+    if SINGLE_FILE:
+        repo = "/".join(MODEL_NAME.split("/")[:2])
+        path = local_file(MODEL_NAME, MODEL_REVISION, cached_hub_folder(repo))
+        return BASES[MODEL_FAMILY or checkpoint_family(path)].pipeline
+    index = diffusers.DiffusionPipeline.load_config(
+        MODEL_NAME, revision=MODEL_REVISION, cache_dir=cached_hub_folder(MODEL_NAME)
+    )
+    return index["_class_name"]
+
+
+def auto_dtype(device: str, pipeline_class: Callable[[], str], bf16_supported: Callable[[], bool]) -> torch.dtype:
+    """DTYPE=auto: fp32 on the CPU; on a GPU bf16 for FLUX.1 and SD 3.5 (where the GPU has it:
+    Ampere and newer), fp16 for the UNet families (half the memory of fp32, the same images)."""
+    if device != "cuda":
+        return torch.float32
+    return torch.bfloat16 if pipeline_class() in BF16_PIPELINES and bf16_supported() else torch.float16
+
+
+TORCH_DTYPE = (
+    DTYPES[DTYPE] if DTYPE != "auto" else auto_dtype(DEVICE, pipeline_class_name, torch.cuda.is_bf16_supported)
+)
 
 
 def load_single_file(components: dict[str, Any]) -> Any:

@@ -174,3 +174,18 @@ def test_a_flux_lora_job_matches_the_raw_pipeline_with_that_adapter(handlers, ti
     # The adapter leaves with its job: the next plain job is the base model's image again.
     _, plain_after = generate(module, prompt="a tree", seed=5, **SMALL)
     np.testing.assert_array_equal(pixels(plain_after["images"][0]["image"]), pixels(plain["images"][0]["image"]))
+
+
+def test_auto_dtype_is_bf16_for_flow_models_on_gpus_told_before_the_weights_load(handlers) -> None:
+    module = handlers["flux-schnell"]
+    assert module.pipeline_class_name() == "FluxPipeline"  # from model_index.json
+    assert handlers["sd3.5-medium"].pipeline_class_name() == "StableDiffusion3Pipeline"
+
+    def never() -> str:
+        raise AssertionError("the CPU needs no look at the model")
+
+    assert module.auto_dtype("cpu", never, lambda: True) == torch.float32
+    assert module.auto_dtype("cuda", lambda: "FluxPipeline", lambda: True) == torch.bfloat16
+    assert module.auto_dtype("cuda", lambda: "StableDiffusion3Pipeline", lambda: True) == torch.bfloat16
+    assert module.auto_dtype("cuda", lambda: "FluxPipeline", lambda: False) == torch.float16  # no bf16 (pre-Ampere)
+    assert module.auto_dtype("cuda", lambda: "StableDiffusionXLPipeline", lambda: True) == torch.float16

@@ -115,6 +115,7 @@ def test_a_single_file_checkpoint_gives_the_images_of_its_diffusers_folder(tiny_
     folder = load_handler(EXAMPLE, {"MODEL_NAME": str(built / "diffusers")})
     assert single.SINGLE_FILE and type(single.TEXT2IMAGE).__name__ == "StableDiffusionPipeline"
     assert single.FAMILY.name == "sd1"
+    assert single.pipeline_class_name() == "StableDiffusionPipeline"  # what DTYPE=auto reads on a GPU
     for request in ({"prompt": "a kite", "seed": 3}, {"prompt": "a kite", "seed": 4, "image": png_data_uri(64, 64)}):
         _, from_file = generate(single, **request, **SMALL)
         _, from_folder = generate(folder, **request, **SMALL)
