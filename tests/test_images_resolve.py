@@ -49,6 +49,10 @@ FEATURE_DEPENDENCIES = {
     "02_image_generation": {"scipy": 'scheduler "lms" (LMSDiscreteScheduler)'},
     "03_embeddings": {"einops": "TRUST_REMOTE_CODE embedders the README suggests (nomic-embed, jina)"},
 }
+# Dependencies PyPI has only as an sdist, which `--only-binary` (required with `--platform`)
+# cannot resolve. Each is pure Python: `docker build` builds it into the same universal wheel pip
+# builds here, which the resolutions then find locally (checked to be `none-any`).
+PURE_SDISTS = {"docopt==0.6.2": "num2words' command-line parser (SmolVLM's processor needs num2words)"}
 DOCKERFILES = sorted(path for example in EXAMPLES for path in (REPO / example).glob("Dockerfile*"))
 
 
@@ -108,13 +112,25 @@ def pypi_unreachable() -> str | None:
     return None
 
 
+@functools.cache
+def pure_sdist_wheels() -> str:
+    """A folder with PURE_SDISTS built into wheels, as `docker build` builds them."""
+    folder = tempfile.mkdtemp(prefix="pure-sdists-")
+    for requirement in PURE_SDISTS:
+        command = [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--index-url", PYPI, "-w", folder]
+        subprocess.run([*command, requirement], env=clean_pip_environment(), check=True, timeout=RESOLVE_TIMEOUT_S)
+    wheels = [path.name for path in Path(folder).glob("*.whl")]
+    assert len(wheels) == len(PURE_SDISTS) and all(name.endswith("-none-any.whl") for name in wheels), wheels
+    return folder
+
+
 def resolve(folder: Path, args: tuple[str, ...], python: str, glibc_minor: int) -> dict[str, Any]:
     """pip's installation report for `pip install args` in `folder`, for the image's platform."""
     with tempfile.TemporaryDirectory() as scratch:
         report = Path(scratch) / "report.json"
         command = [
             sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--ignore-installed",
-            "--only-binary=:all:", "--index-url", PYPI, "--report", str(report),
+            "--only-binary=:all:", "--index-url", PYPI, "--find-links", pure_sdist_wheels(), "--report", str(report),
             "--target", str(Path(scratch) / "target"),  # pip wants it with --platform; nothing is written
             *platform_args(glibc_minor), "--python-version", python, "--implementation", "cp",
             *args,
@@ -149,6 +165,7 @@ def resolutions() -> dict[str, dict[str, Any]]:
         python, glibc = base_platform(dockerfile)
         return resolve(dockerfile.parent, args, python, glibc)
 
+    pure_sdist_wheels()  # built once, before the threads that read it
     with ThreadPoolExecutor(max_workers=len(ENVIRONMENTS)) as pool:
         return dict(zip(ENVIRONMENT_IDS, pool.map(one, ENVIRONMENTS), strict=True))
 
