@@ -371,8 +371,10 @@ class SoakRun:
 
     def assert_steady(self) -> None:
         assert self.growth < 10, f"resident memory grew {self.growth:.1f}% over {self.jobs} jobs"
-        assert self.after.threads == self.before.threads, (self.before, self.after)
-        assert self.after.fds == self.before.fds, (self.before, self.after)
+        # No more than before: a leak grows them. Fewer is fine: threads an earlier test left winding
+        # down (a server's, a pool's) may end during the soak.
+        assert self.after.threads <= self.before.threads, (self.before, self.after)
+        assert self.after.fds <= self.before.fds, (self.before, self.after)
 
 
 def soak(

@@ -586,7 +586,8 @@ def test_a_one_text_job_beside_a_512_text_job_is_answered_first(big_jobs: Module
 
     big, small = asyncio.run(both())
     assert len(output_of(big)["embeddings"]) == 512 and len(output_of(small)["embeddings"]) == 1
-    assert finished["small"] <= 2 < finished["big"], finished
+    # Counted when its coroutine resumes, which can be one batch after the one that answered it.
+    assert finished["small"] <= 3 < finished["big"], finished
     alone = output_of(run_job(big_jobs.handler, {"texts": "How do I reset my password?"}))
     np.testing.assert_allclose(output_of(small)["embeddings"], alone["embeddings"], atol=1e-6)
 

@@ -1425,9 +1425,11 @@ def build_remote_code_sentence_transformer(out: Path) -> Path:
 
 
 # The SPLADE model's MLM head sees a token's own embedding at its position (no attention or feed-forward
-# contribution, no position embeddings): its own logit is ~45-65, every other ~0 ± 8 (under 30). This
-# bias keeps only the first, so each text's sparse vector is the bag of its tokens.
-_SPLADE_BIAS = -35.0
+# contribution, no position embeddings): at 256 dimensions its own logit is ~180-260, every other
+# ~0 ± 16 (under 80 across the vocabulary). This bias keeps only the first, so each text's sparse
+# vector is the bag of its tokens. (At 64 dimensions the margin was ~5: a vocabulary trained in
+# another order now and then let a foreign term through.)
+_SPLADE_BIAS = -120.0
 # Far below any logit: special tokens ([CLS], [SEP]...) are in every text and would match every text.
 _SPLADE_SPECIAL_BIAS = -1000.0
 
@@ -1445,7 +1447,7 @@ def build_splade(out: Path) -> Path:
 
     torch.manual_seed(SEED)
     tokenizer = _train_wordpiece()
-    hidden = 64  # enough dimensions that a random embedding's match with itself stands out from the rest
+    hidden = 256  # enough dimensions that a random embedding's match with itself stands out from the rest
     config = BertConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden,
