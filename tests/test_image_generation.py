@@ -709,6 +709,9 @@ def test_denoising_past_its_time_limit_is_stopped_with_a_clear_error(tiny_model)
         hook.remove()
     assert result["error"].startswith("generation stopped at its 0.3-second limit (MAX_GENERATION_SECONDS)")
     assert len(calls) < 150, "the run was interrupted, not finished"
+    # The worker serves on. The limit is raised first: 0.3 s is less than a loaded CI machine
+    # sometimes needs for even a two-step job, which made this check flaky.
+    module.MAX_GENERATION_SECONDS = 300.0
     assert generate(module, prompt="quick", seed=1, **SMALL)[1]["images"]
 
 
