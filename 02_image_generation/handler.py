@@ -772,6 +772,7 @@ def denoise(job: Job, on_step: Any, cancelled: threading.Event) -> list[Generate
         if cancelled.is_set():
             raise TimeLimitExceeded  # or the job was cancelled: nobody waits for it any more
 
+    seeds_global = job.control is not None and isinstance(CONTROLNET.controlnet, SD3ControlNetModel)
     images = []
     with GATE.using(job.adapters, list(job.adapter_fields), on_wait=give_up_when_cancelled):
         for index, seeds in enumerate(runs):
@@ -779,7 +780,6 @@ def denoise(job: Job, on_step: Any, cancelled: threading.Event) -> list[Generate
                 break
             # Noise drawn on the CPU: a seed gives the same starting latents on every machine.
             generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
-            seeds_global = job.control is not None and isinstance(CONTROLNET.controlnet, SD3ControlNetModel)
             with GLOBAL_GENERATOR if seeds_global else contextlib.nullcontext(), torch.inference_mode():
                 if seeds_global:
                     torch.manual_seed(seeds[0])

@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -78,6 +79,29 @@ def load_handler(example: str, env: Mapping[str, str]) -> ModuleType:
         for sibling in siblings:
             sys.modules.pop(sibling, None)
     return module
+
+
+def beside(background: Callable[[], None], foreground: Callable[[], None], times: int) -> list[BaseException]:
+    """Run `foreground` `times` times while another thread runs `background` over and over; the
+    errors `background` raised (the foreground's propagate). For races between two threads."""
+    stop, errors = threading.Event(), []
+
+    def loop() -> None:
+        try:
+            while not stop.is_set():
+                background()
+        except Exception as error:  # noqa: BLE001 - returned to the test
+            errors.append(error)
+
+    thread = threading.Thread(target=loop)
+    thread.start()
+    try:
+        for _ in range(times):
+            foreground()
+    finally:
+        stop.set()
+        thread.join()
+    return errors
 
 
 class _LazyHandlers(dict):

@@ -16,7 +16,7 @@ import openai
 import pytest
 from openai.types import CreateEmbeddingResponse, Model
 
-from tests.harness import DevServer, json_lines, load_handler, run_job, run_job_async, run_local
+from tests.harness import DevServer, beside, json_lines, load_handler, run_job, run_job_async, run_local
 
 EXAMPLE = "03_embeddings"
 SENTENCES = ["The cat sat on the mat.", "Paris is the capital of France.", "Café 東京 😀 works too."]
@@ -955,22 +955,12 @@ def test_tokenizing_on_its_thread_never_disturbs_the_model_threads_preprocessing
     prompt-excluding pooling) while another request was tokenized came out unpadded and failed."""
     texts = [f"a sentence number {i} " * (i % 7 + 1) for i in range(16)]
     long_texts = ["word " * 500] * 2  # tokenize cuts these with truncation on
-    expected = embedder.MODEL.preprocess(texts)["input_ids"]
-    stop, errors = threading.Event(), []
+    expected = embedder.MODEL.preprocess(texts)["input_ids"].tolist()
 
     def tokenize() -> None:
-        try:
-            while not stop.is_set():
-                assert len(embedder.tokenize(texts + long_texts, "").counts) == len(texts) + 2
-        except Exception as error:  # noqa: BLE001 - reported by the assertion below
-            errors.append(error)
+        assert len(embedder.tokenize(texts + long_texts, "").counts) == len(texts) + 2
 
-    tokenizing = threading.Thread(target=tokenize)
-    tokenizing.start()
-    try:
-        for _ in range(20):
-            assert embedder.MODEL.preprocess(texts)["input_ids"].tolist() == expected.tolist()
-    finally:
-        stop.set()
-        tokenizing.join()
-    assert not errors
+    def preprocess() -> None:
+        assert embedder.MODEL.preprocess(texts)["input_ids"].tolist() == expected
+
+    assert not beside(tokenize, preprocess, times=20)

@@ -6,7 +6,6 @@ import asyncio
 import base64
 import io
 import json
-import threading
 import time
 from pathlib import Path
 from types import ModuleType
@@ -20,7 +19,7 @@ import torch
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from PIL import Image
 
-from tests.harness import DevServer, json_lines, lazy_handlers, load_handler, run_job, run_job_async, run_local
+from tests.harness import DevServer, beside, json_lines, lazy_handlers, load_handler, run_job, run_job_async, run_local
 from tests.servers import http_server
 
 EXAMPLE = "04_multimodal"
@@ -888,21 +887,11 @@ def test_counting_tokens_on_the_event_loop_never_disturbs_the_model_threads_enco
     embedder = clip.EMBEDDER
     texts = [f"a photo of thing number {i} " * (i % 5 + 1) for i in range(16)]
     expected = embedder.encode_texts(texts)
-    stop, errors = threading.Event(), []
 
     def count() -> None:
-        try:
-            while not stop.is_set():
-                assert len(embedder.token_counts(texts)) == len(texts)
-        except Exception as error:  # noqa: BLE001 - reported by the assertion below
-            errors.append(error)
+        assert len(embedder.token_counts(texts)) == len(texts)
 
-    counter = threading.Thread(target=count)
-    counter.start()
-    try:
-        for _ in range(20):
-            torch.testing.assert_close(embedder.encode_texts(texts), expected)
-    finally:
-        stop.set()
-        counter.join()
-    assert not errors
+    def encode() -> None:
+        torch.testing.assert_close(embedder.encode_texts(texts), expected)
+
+    assert not beside(count, encode, times=20)
