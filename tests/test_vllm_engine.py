@@ -561,14 +561,23 @@ def engine_cores(worker: Worker) -> list[psutil.Process]:
 def test_a_dead_engine_fails_its_job_and_retires_the_worker(model: Path, lora: Path, rpc: Path) -> None:
     """Through Runpod's real worker loop: kill vLLM's engine-core process mid-stream."""
     with JobAPI() as api, Worker(EXAMPLE, api, worker_env(model, lora, rpc), startup_timeout=START_TIMEOUT_S) as w:
-        job = {"prompt": "Once", "sampling_params": {"max_tokens": 400, "ignore_eos": True}, "stream": True}
-        job_id = api.submit(job)
-        for _ in range(600):
-            if api.jobs[job_id].stream:
-                break
-            time.sleep(0.05)
-        assert api.jobs[job_id].stream, "no chunk streamed"
         [core] = engine_cores(w)
+        job = {"prompt": "Once", "sampling_params": {"max_tokens": 500, "ignore_eos": True}, "stream": True}
+        # A fast machine can finish 500 tiny-model tokens between the first chunk and the kill, so
+        # the engine is frozen at the first chunk and killed only while its job is still running.
+        for _attempt in range(3):
+            job_id = api.submit(job)
+            for _ in range(600):
+                if api.jobs[job_id].stream:
+                    break
+                time.sleep(0.01)
+            assert api.jobs[job_id].stream, "no chunk streamed"
+            core.suspend()
+            if not api.jobs[job_id].done.is_set():
+                break
+            core.resume()
+        else:
+            pytest.fail("every job finished before its engine could be frozen mid-stream")
         core.kill()
         result = api.wait(job_id, timeout=120)
         assert result.status == "FAILED" and "vLLM's engine stopped" in result.error, result.error
