@@ -534,8 +534,18 @@ def running_requests(url: str) -> float:
     )
 
 
+def generated_tokens(url: str) -> float:
+    metrics = httpx.get(f"{url}/metrics", timeout=10).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("vllm:generation_tokens_total")
+    )
+
+
 def test_an_abandoned_stream_is_aborted_in_vllm(worker: ModuleType) -> None:
-    request = {"prompt": "Once", "sampling_params": {"max_tokens": 400, "ignore_eos": True}, "stream": True}
+    request = {"prompt": "Once", "sampling_params": {"max_tokens": 500, "ignore_eos": True}, "stream": True}
+    before = generated_tokens(worker.VLLM.url)
 
     async def read_two_then_leave() -> None:
         stream = worker.handler({"id": "gone", "input": request})
@@ -550,6 +560,8 @@ def test_an_abandoned_stream_is_aborted_in_vllm(worker: ModuleType) -> None:
         time.sleep(0.1)
     assert running_requests(worker.VLLM.url) == 0
     assert worker.VLLM.active == 0
+    # Aborted, not merely finished: it stopped well short of the 500 tokens it asked for.
+    assert 0 < generated_tokens(worker.VLLM.url) - before < 500
 
 
 # ---- the engine dying -----------------------------------------------------------------------
