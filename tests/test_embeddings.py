@@ -98,6 +98,18 @@ def test_native_list_of_texts(embedder: ModuleType) -> None:
     assert out["usage"] == {"prompt_tokens": expected_tokens, "total_tokens": expected_tokens}
 
 
+def test_vectors_are_plain_json_lists_that_log_as_a_summary(embedder: ModuleType) -> None:
+    """The SDK f-formats every output into its debug log: a vector's repr is a summary, its JSON a list."""
+    for body in ({"texts": SENTENCES}, {"openai_route": "/v1/embeddings", "openai_input": {"input": SENTENCES, "model": "m"}}):
+        out = output_of(run_job(embedder.handler, body))
+        vectors = out["embeddings"] if "embeddings" in out else [item["embedding"] for item in out["data"]]
+        decoded = json.loads(json.dumps(out))
+        decoded_vectors = decoded.get("embeddings") or [item["embedding"] for item in decoded["data"]]
+        assert decoded_vectors == [list(vector) for vector in vectors] and len(decoded_vectors[0]) == 32
+        assert repr(vectors[0]) == "<vector of 32 values>"
+        assert str(vectors[0][0]) not in f"{out}"  # no number of any vector in the logged form
+
+
 def test_single_string_is_one_embedding(embedder: ModuleType) -> None:
     single = output_of(run_job(embedder.handler, {"texts": SENTENCES[1]}))
     listed = output_of(run_job(embedder.handler, {"texts": SENTENCES}))
