@@ -212,6 +212,8 @@ def test_long_inputs_are_truncated_and_reported(embedder: ModuleType) -> None:
 
 
 def test_texts_are_tokenized_once_off_the_model_thread_and_encoded_on_it(embedder: ModuleType, monkeypatch) -> None:
+    """A small job is tokenized on the event loop (cheaper than a thread hop), a big one on the
+    tokenize thread; neither on the model thread, and sentence-transformers never tokenizes again."""
     tokenized: list[tuple[str, int]] = []
     encoded: list[str] = []
     real_tokenize, real_run = embedder.tokenize, embedder.BATCHER.run
@@ -225,15 +227,20 @@ def test_texts_are_tokenized_once_off_the_model_thread_and_encoded_on_it(embedde
         assert all(item.encoding["input_ids"] for item in batch), "the model is fed the token ids"
         return real_run(batch)
 
-    expected = embedder.MODEL.encode(SENTENCES)
+    # Three texts of over half the limit each: together past it, each within the test's MAX_TEXT_CHARS.
+    long = [" ".join([text] * (embedder.INLINE_TOKENIZE_CHARS // 2 // len(text) + 1)) for text in SENTENCES]
+    assert len("".join(SENTENCES)) <= embedder.INLINE_TOKENIZE_CHARS < len("".join(long))
+    cases = [(SENTENCES, threading.main_thread().name), (long, "tokenize")]
+    expected = [embedder.MODEL.encode(texts) for texts, _ in cases]
     monkeypatch.setattr(embedder, "tokenize", recording_tokenize)
     monkeypatch.setattr(embedder.BATCHER, "run", recording_run)
-    monkeypatch.setattr(embedder.MODEL, "preprocess", None)  # sentence-transformers never tokenizes again
-    out = output_of(run_job(embedder.handler, {"texts": SENTENCES}))
-    assert [name.split("_")[0] for name, _ in tokenized] == ["tokenize"] and tokenized[0][1] == 3
-    assert encoded and all(name.startswith("encode") for name in encoded)
-    assert threading.main_thread().name not in {name for name, _ in tokenized} | set(encoded)
-    np.testing.assert_allclose(out["embeddings"], expected, atol=1e-6)
+    monkeypatch.setattr(embedder.MODEL, "preprocess", None)
+    for (texts, thread), vectors in zip(cases, expected, strict=True):
+        tokenized.clear(), encoded.clear()
+        out = output_of(run_job(embedder.handler, {"texts": texts}))
+        assert [(name.split("_")[0], count) for name, count in tokenized] == [(thread, len(texts))]
+        assert encoded and all(name.startswith("encode") for name in encoded)
+        np.testing.assert_allclose(out["embeddings"], vectors, atol=1e-6)
 
 
 def test_concurrent_jobs_get_the_same_results_as_alone(embedder: ModuleType) -> None:
