@@ -188,6 +188,29 @@ def test_embeddings_through_the_job_loop(embeddings_worker: Worker) -> None:
     np.testing.assert_allclose(openai.output["data"][0]["embedding"], solo[0], atol=1e-5)
 
 
+def test_sparse_embeddings_through_the_job_loop(tiny_model: Callable[[str], Path]) -> None:
+    """MODEL_KIND=sparse (SPLADE) in a real worker: concurrent jobs answer SparseEncoder's own terms."""
+    import torch
+    from sentence_transformers import SparseEncoder
+
+    splade = tiny_model("splade")
+    texts = ["The cat sat on the mat.", "Paris is the capital of France.", "How do I reset my password?"]
+    dense = SparseEncoder(str(splade), device="cpu").encode(texts, convert_to_sparse_tensor=False)
+    expected = [{int(i): float(row[i]) for i in torch.nonzero(row).flatten()} for row in dense]
+    with serving("03_embeddings", {"MODEL_NAME": str(splade), "MODEL_KIND": "sparse"}) as worker:
+        api = worker.api
+        ids = [api.submit({"texts": [text]}) for text in texts]
+        for job_id, want in zip(ids, expected, strict=True):
+            job = api.wait(job_id)
+            assert job.status == "COMPLETED", job.error
+            [terms] = job.output["embeddings"]
+            assert terms["indices"] == sorted(want)  # ascending term ids, as Qdrant and pgvector take them
+            np.testing.assert_allclose(terms["values"], [want[i] for i in sorted(want)], atol=1e-5)
+        refused = api.run({"openai_route": "/v1/embeddings", "openai_input": {"input": "x", "model": "any"}})
+        assert refused.status == "FAILED" and "MODEL_KIND=sparse" in refused.error
+        assert api.run({"texts": texts[:1]}).status == "COMPLETED"  # and it serves on
+
+
 # ---------------------------------------------------------------------------------------------
 # 04 multimodal
 # ---------------------------------------------------------------------------------------------
