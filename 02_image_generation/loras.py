@@ -64,6 +64,12 @@ def _check_safetensors(field: str, path: Path) -> None:
         raise LoraError(f"{field}: the file holds no LoRA weights (no 'lora' keys)")
 
 
+# Hub files this process has fetched and checked, by (repo, file). hf_hub_download asks the Hub for
+# the file's current revision on every call, even when it is cached: a round trip per job. So a
+# worker resolves each Hub file once; a new worker (a restart, a scale-up) sees the newest revision.
+_HUB_FILES: dict[tuple[str, str], Path] = {}
+
+
 def resolve(field: str, source: str, named: dict[str, Adapter], cache_dir: Path, limits: ImageLimits) -> Adapter:
     """The local adapter file behind `source`. Blocking (downloads): run it off the event loop."""
     if source in named:
@@ -95,13 +101,15 @@ def resolve(field: str, source: str, named: dict[str, Adapter], cache_dir: Path,
         from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
         repo, filename = "/".join(parts[:2]), "/".join(parts[2:]) or DIFFUSERS_LORA_FILE
-        try:
-            local = Path(hf_hub_download(repo, filename))
-        except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as error:
-            raise LoraError(
-                f"{field}: {repo}/{filename} could not be fetched from the Hub ({type(error).__name__})"
-            ) from None
-        _check_safetensors(field, local)
+        if (local := _HUB_FILES.get((repo, filename))) is None:
+            try:
+                local = Path(hf_hub_download(repo, filename))
+            except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as error:
+                raise LoraError(
+                    f"{field}: {repo}/{filename} could not be fetched from the Hub ({type(error).__name__})"
+                ) from None
+            _check_safetensors(field, local)
+            _HUB_FILES[(repo, filename)] = local
         return Adapter(_adapter_name(f"hub:{repo}/{filename}"), str(local))
     raise LoraError(
         f"{field}: expected an endpoint LoRA's name, an absolute path, an http(s) URL or a Hub repo"

@@ -461,6 +461,26 @@ def test_a_lora_from_a_url_goes_through_the_safe_downloader(tiny_model, monkeypa
     assert len(list((tmp_path / "loras").glob("*.safetensors"))) == 1  # cached by URL, whole files only
 
 
+def test_a_hub_lora_is_fetched_once_per_worker(lora_worker, tiny_model, monkeypatch) -> None:
+    """hf_hub_download asks the Hub on every call: a worker resolves a Hub file once, then reuses it."""
+    import huggingface_hub
+
+    calls: list[tuple[str, str]] = []
+
+    def hub_download(repo: str, filename: str) -> str:
+        calls.append((repo, filename))
+        return str(tiny_model("lora-sd15-a") / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub_download)
+    source = {"source": "someone/fetched-once-lora"}  # a repo holding pytorch_lora_weights.safetensors
+    images = [pixels(generate(lora_worker, prompt="x", seed=6, loras=[source], **SMALL)[1]["images"][0]["image"])]
+    images.append(pixels(generate(lora_worker, prompt="x", seed=6, loras=[source], **SMALL)[1]["images"][0]["image"]))
+    _, local = generate(lora_worker, prompt="x", seed=6, loras=[lora(tiny_model, "lora-sd15-a")], **SMALL)
+    assert calls == [("someone/fetched-once-lora", "pytorch_lora_weights.safetensors")]
+    for image in images:
+        np.testing.assert_array_equal(image, pixels(local["images"][0]["image"]))
+
+
 def test_bad_adapters_are_clear_errors_and_leave_the_worker_healthy(lora_worker, tiny_model, tmp_path) -> None:
     corrupt = tmp_path / "corrupt.safetensors"
     corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all")
