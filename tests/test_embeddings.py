@@ -100,7 +100,8 @@ def test_native_list_of_texts(embedder: ModuleType) -> None:
 
 def test_vectors_are_plain_json_lists_that_log_as_a_summary(embedder: ModuleType) -> None:
     """The SDK f-formats every output into its debug log: a vector's repr is a summary, its JSON a list."""
-    for body in ({"texts": SENTENCES}, {"openai_route": "/v1/embeddings", "openai_input": {"input": SENTENCES, "model": "m"}}):
+    openai = {"openai_route": "/v1/embeddings", "openai_input": {"input": SENTENCES, "model": "m"}}
+    for body in ({"texts": SENTENCES}, openai):
         out = output_of(run_job(embedder.handler, body))
         vectors = out["embeddings"] if "embeddings" in out else [item["embedding"] for item in out["data"]]
         decoded = json.loads(json.dumps(out))

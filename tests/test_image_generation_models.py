@@ -194,7 +194,6 @@ def test_torch_compile_warms_up_on_the_denoising_thread_before_the_first_job(tin
     assert all(name.startswith("denoise") and shape[-2:] == (64, 64) for name, shape in calls), calls  # 512² latents
 
 
-
 def test_a_real_torch_compile_warms_up_at_start_so_the_first_job_compiles_nothing(tiny_model) -> None:
     """Inductor for real, on the CPU (~70 s here): TORCH_COMPILE_MODE=default, since max-autotune
     times candidate kernels and takes far longer. fullgraph=True proves the UNet compiles without
