@@ -190,15 +190,17 @@ log.info(
 # request's texts are tokenised while the model encodes someone else's.
 MODEL_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode")
 TOKENIZE_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
-# A job with at most this many characters is tokenized on the event loop (~0.1 ms for a one-line
-# query, measured) instead of on TOKENIZE_THREAD: the hop there and back costs more than that, and
-# under a burst of one-line queries the two threads' GIL hand-offs stall the loop. Beyond it, a
-# big job's tokenization (milliseconds to seconds) must not block the loop.
-INLINE_TOKENIZE_CHARS = 2_000
 # ... with a tokenizer of its own: a fast tokenizer keeps its padding and truncation settings in
 # state each call rewrites, so counting here while sentence-transformers' preprocessing pads and
 # truncates on the model thread left that batch unpadded, and its jobs failed.
 TOKENIZER = copy.deepcopy(MODEL.tokenizer)
+# A job with at most this many characters is tokenized on the event loop (~0.1 ms for a one-line
+# query, measured) instead of on TOKENIZE_THREAD: the hop there and back costs more than that, and
+# under a burst of one-line queries the two threads' GIL hand-offs stall the loop. Beyond it, a
+# big job's tokenization (milliseconds to seconds) must not block the loop. The loop has its own
+# tokenizer too, for the same reason as above: the tokenize thread may be cutting a big job.
+INLINE_TOKENIZE_CHARS = 2_000
+LOOP_TOKENIZER = copy.deepcopy(MODEL.tokenizer)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -466,15 +468,16 @@ class Tokenized:
     counts: list[int]  # tokens per text before the cut, prompt and special tokens included
 
 
-def tokenize(texts: list[str], prompt: str) -> Tokenized:
+def tokenize(texts: list[str], prompt: str, tokenizer: Any = TOKENIZER) -> Tokenized:
     """The model's own tokenizer over `prompt + text`, as sentence-transformers does it; texts past
-    MAX_SEQ_LENGTH are cut there (longest_first, keeping the closing special token)."""
+    MAX_SEQ_LENGTH are cut there (longest_first, keeping the closing special token). `tokenizer`
+    is the calling thread's own copy (a fast tokenizer's settings are state each call rewrites)."""
     prompted = [prompt + text for text in texts]
-    full = TOKENIZER(prompted, add_special_tokens=True, verbose=False)
+    full = tokenizer(prompted, add_special_tokens=True, verbose=False)
     counts = [len(ids) for ids in full["input_ids"]]
     encodings = [{key: values[i] for key, values in full.items()} for i in range(len(texts))]
     if long := [i for i, count in enumerate(counts) if count > MAX_SEQ_LENGTH]:
-        cut = TOKENIZER([prompted[i] for i in long], truncation=True, max_length=MAX_SEQ_LENGTH, verbose=False)
+        cut = tokenizer([prompted[i] for i in long], truncation=True, max_length=MAX_SEQ_LENGTH, verbose=False)
         for row, i in enumerate(long):
             encodings[i] = {key: values[row] for key, values in cut.items()}
     return Tokenized(encodings, counts)
@@ -543,11 +546,11 @@ Embedded = tuple[list[np.ndarray] | list[SparseVector], list[int]]
 
 
 async def embed_texts(texts: list[str], prompt: str, task: str | None) -> Embedded:
-    """Tokenise once (on the tokenize thread), then encode through the batcher: per text, the
-    full-size float32 vector as the model gives it (before any final Normalize) or its sparse
-    active terms, and the untruncated token counts."""
+    """Tokenise once (on the event loop if small, else on the tokenize thread), then encode
+    through the batcher: per text, the full-size float32 vector as the model gives it (before any
+    final Normalize) or its sparse active terms, and the untruncated token counts."""
     if sum(map(len, texts)) <= INLINE_TOKENIZE_CHARS:
-        tokens = tokenize(texts, prompt)  # cheaper than the thread hop, and no GIL hand-offs
+        tokens = tokenize(texts, prompt, LOOP_TOKENIZER)  # cheaper than the thread hop
     else:
         tokens = await asyncio.get_running_loop().run_in_executor(TOKENIZE_THREAD, tokenize, texts, prompt)
     items = [ToEncode(encoding, text, prompt, task) for encoding, text in zip(tokens.encodings, texts, strict=True)]

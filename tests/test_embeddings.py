@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import sys
 import threading
 from pathlib import Path
 from types import ModuleType
@@ -219,9 +220,9 @@ def test_texts_are_tokenized_once_off_the_model_thread_and_encoded_on_it(embedde
     encoded: list[str] = []
     real_tokenize, real_run = embedder.tokenize, embedder.BATCHER.run
 
-    def recording_tokenize(texts: list[str], prompt: str) -> Any:
+    def recording_tokenize(texts: list[str], prompt: str, *tokenizer: Any) -> Any:
         tokenized.append((threading.current_thread().name, len(texts)))
-        return real_tokenize(texts, prompt)
+        return real_tokenize(texts, prompt, *tokenizer)
 
     def recording_run(batch: list[Any]) -> Any:
         encoded.append(threading.current_thread().name)
@@ -967,6 +968,29 @@ def test_dev_server_runsync(tiny_path: Path) -> None:
     assert bad.status_code == 200 and bad.json()["status"] == "FAILED"
     assert "dimensions: Input should be less than or equal to 32" in bad.json()["error"]
     assert models.json()["output"]["data"][0]["id"] == str(tiny_path)
+
+
+def test_small_jobs_tokenized_on_the_loop_never_disturb_a_big_one_on_the_tokenize_thread(embedder) -> None:
+    """The event loop tokenizes small jobs while the tokenize thread may be cutting a big one: each
+    has a tokenizer of its own, so neither sees the other's truncation settings (with one shared
+    tokenizer, this failed: a big text came back uncut)."""
+    small = [f"a sentence number {i} " * 3 for i in range(8)] + ["word " * 300]  # within the limit
+    big = ["word " * 500] * 4  # cut with truncation on
+    assert len("".join(small)) <= embedder.INLINE_TOKENIZE_CHARS
+    expected_small, expected_big = embedder.tokenize(small, "").encodings, embedder.tokenize(big, "").encodings
+
+    def on_the_thread() -> None:
+        assert embedder.tokenize(big, "").encodings == expected_big
+
+    def on_the_loop() -> None:
+        assert embedder.tokenize(small, "", embedder.LOOP_TOKENIZER).encodings == expected_small
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads often, so a shared tokenizer's race shows every run
+    try:
+        assert not beside(on_the_thread, on_the_loop, times=300)
+    finally:
+        sys.setswitchinterval(interval)
 
 
 def test_tokenizing_on_its_thread_never_disturbs_the_model_threads_preprocessing(embedder) -> None:
