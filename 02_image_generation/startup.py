@@ -58,6 +58,15 @@ SMALL_FILES = ("*.json", "*.txt", "*.jinja", "*.model", "*.tiktoken", "tokenizer
 # Exports for other runtimes that repos often carry beside the PyTorch weights (ONNX, OpenVINO,
 # Core ML, TensorFlow, Flax): never loaded here, sometimes larger than the model itself.
 OTHER_RUNTIME_FOLDERS = ("onnx", "openvino", "coreml", "tf", "flax", "mlx")
+# ...except the export a worker runs on: 03_embeddings' BACKEND (sentence-transformers' ONNX and
+# OpenVINO backends) loads this file from the repo when it is there, and exports at start otherwise;
+# BACKEND_FILE picks another one (a quantized variant, say).
+BACKEND_FILES = {"onnx": "onnx/model.onnx", "openvino": "openvino/openvino_model.xml"}
+
+
+def backend_file(environ: Mapping[str, str]) -> str | None:
+    """The runtime export a worker loads (BACKEND_FILE, else its BACKEND's default); None for torch."""
+    return environ.get("BACKEND_FILE") or BACKEND_FILES.get((environ.get("BACKEND") or "torch").lower())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,12 +245,20 @@ def cache_environment(environ: Mapping[str, str], volume: str = RUNPOD_VOLUME) -
 # ---------------------------------------------------------------------------------------------
 # What to download: the files a model loads, for the bake step and for a cold start alike
 # ---------------------------------------------------------------------------------------------
-def files_to_fetch(repo_files: Iterable[str], *, remote_code: bool, variant: str | None = None) -> list[str]:
+def files_to_fetch(
+    repo_files: Iterable[str], *, remote_code: bool, variant: str | None = None, runtime_file: str | None = None
+) -> list[str]:
     """The files from_pretrained reads, per folder: configs and tokenizer files; safetensors
     weights (the `variant`, e.g. fp16, when the folder has it), else PyTorch .bin weights for
     checkpoints published without safetensors; the repo's *.py only for remote code. Exports
-    for other runtimes and duplicate weight formats are skipped."""
+    for other runtimes and duplicate weight formats are skipped, except `runtime_file` and the
+    files beside it that share its name (OpenVINO's .bin weights, ONNX's .onnx_data)."""
     paths = [PurePosixPath(name) for name in repo_files]
+    if runtime_file:
+        wanted = PurePosixPath(runtime_file)
+        runtime = [path for path in paths if path.parent == wanted.parent and path.stem == wanted.stem]
+    else:
+        runtime = []
     paths = [path for path in paths if not set(path.parts[:-1]) & set(OTHER_RUNTIME_FOLDERS)]
     chosen = [path for path in paths if any(fnmatch.fnmatch(path.name, pattern) for pattern in SMALL_FILES)]
     if remote_code:
@@ -256,7 +273,7 @@ def files_to_fetch(repo_files: Iterable[str], *, remote_code: bool, variant: str
             plain = [path for path in weights if "." not in path.stem]
             chosen += variants or plain or weights
             break  # safetensors found: this folder's .bin files are duplicates
-    return sorted({str(path) for path in chosen})
+    return sorted({str(path) for path in chosen + runtime})
 
 
 def code_repos(config: Mapping[str, Any]) -> set[str]:
@@ -273,6 +290,7 @@ def download(
     *,
     remote_code: bool = False,
     variant: str | None = None,
+    runtime_file: str | None = None,
     token: str | None = None,
 ) -> str:
     """Fetch what `repo` needs into the Hugging Face cache (remote code in other repos too) and
@@ -281,7 +299,10 @@ def download(
 
     info = HfApi().model_info(repo, revision=revision, token=token)
     patterns = files_to_fetch(
-        [file.rfilename for file in info.siblings or []], remote_code=remote_code, variant=variant
+        [file.rfilename for file in info.siblings or []],
+        remote_code=remote_code,
+        variant=variant,
+        runtime_file=runtime_file,
     )
     folder = snapshot_download(repo, revision=revision, allow_patterns=patterns, token=token)
     if remote_code:
@@ -293,16 +314,27 @@ def download(
 
 
 def prefetch(
-    *models: str | None, revision: str | None = None, variant: str | None = None, remote_code: bool = False
+    *models: str | None,
+    revision: str | None = None,
+    variant: str | None = None,
+    remote_code: bool = False,
+    runtime_file: str | None = None,
 ) -> None:
-    """At a cold start, download the models (the first with `revision`) before loading them, so
-    the log tells the download from the load. Nothing to do offline or for a local folder."""
+    """At a cold start, download the models (the first with `revision` and `runtime_file`) before
+    loading them, so the log tells the download from the load. Nothing to do offline or for a local folder."""
     from huggingface_hub import constants
 
     if not constants.HF_HUB_OFFLINE:
         for index, repo in enumerate(models):
             if repo and not Path(repo).is_dir() and not hub_folder(RUNPOD_HUB, repo).is_dir():
-                download(repo, revision if index == 0 else None, remote_code=remote_code, variant=variant)
+                first = index == 0
+                download(
+                    repo,
+                    revision if first else None,
+                    remote_code=remote_code,
+                    variant=variant,
+                    runtime_file=runtime_file if first else None,
+                )
     COLD_START.done("download")
 
 
@@ -312,16 +344,20 @@ def flag(value: str | None) -> bool:
 
 def bake(environ: Mapping[str, str], fetch: Callable[..., str] = download) -> dict[str, dict[str, str]]:
     """The Dockerfile's bake step: download every model the build args name (MODEL_NAME at
-    MODEL_REVISION, and TOKENIZER_NAME, CONTROLNET_MODEL, RERANK_MODEL_NAME where the example
-    has them) and record the commits under HF_HOME, for `cache_environment` to load offline."""
+    MODEL_REVISION with its BACKEND's export, and TOKENIZER_NAME, CONTROLNET_MODEL, RERANK_MODEL_NAME
+    where the example has them) and record the commits under HF_HOME, for `cache_environment` to load offline."""
     token = environ.get("HF_TOKEN") or None
     record = {}
     for name in MODEL_VARIABLES:
         if repo := environ.get(name):
-            revision = (environ.get("MODEL_REVISION") or None) if name == "MODEL_NAME" else None
-            variant = environ.get("BAKE_VARIANT") or None
+            main = name == "MODEL_NAME"
             commit = fetch(
-                repo, revision, remote_code=flag(environ.get("TRUST_REMOTE_CODE")), variant=variant, token=token
+                repo,
+                (environ.get("MODEL_REVISION") or None) if main else None,
+                remote_code=flag(environ.get("TRUST_REMOTE_CODE")),
+                variant=environ.get("BAKE_VARIANT") or None,
+                runtime_file=backend_file(environ) if main else None,
+                token=token,
             )
             record[name] = {"repo": repo, "revision": commit}
     if record:

@@ -79,6 +79,21 @@ MODEL_KIND = os.environ.get("MODEL_KIND") or "dense"
 if MODEL_KIND not in MODEL_KINDS:
     raise SystemExit(f"MODEL_KIND must be one of {', '.join(MODEL_KINDS)}, got {MODEL_KIND!r}")
 SPARSE = MODEL_KIND == "sparse"
+# The runtime behind sentence-transformers (its `backend`). torch: GPUs, and the reference.
+# openvino: Intel's CPU runtime (optimum-intel), for CPU endpoints: Dockerfile.openvino's image,
+# whose own package set it needs (optimum-intel 2.2 requires transformers < 5.6); how it compares
+# with torch on a CPU is in benchmarks/README.md. onnx: sentence-transformers' ONNX Runtime backend,
+# which no image here can ship yet: optimum-onnx 0.1.0, the latest, requires transformers < 4.58.
+BACKENDS = ("torch", "openvino", "onnx")
+BACKEND = (os.environ.get("BACKEND") or "torch").lower()
+if BACKEND not in BACKENDS:
+    raise SystemExit(f"BACKEND must be one of {', '.join(BACKENDS)}, got {BACKEND!r}")
+# The export to load, e.g. openvino/openvino_model_qint8_quantized.xml (an int8 variant many repos
+# ship). Unset: the repo's plain export (openvino/openvino_model.xml); a model with none is exported
+# from its PyTorch weights at every start (seconds for MiniLM: save_pretrained the export to skip that).
+BACKEND_FILE = os.environ.get("BACKEND_FILE") or None
+if BACKEND != "torch" and startup.DEVICE == "cuda":
+    raise SystemExit(f"BACKEND={BACKEND} runs on the CPU here: set DEVICE=cpu, or BACKEND=torch on a GPU")
 
 # Jobs one worker takes at once. They wait for the single model thread as texts in one queue, so
 # more concurrency costs no GPU memory; it is what lets batches fill: the SDK never holds more than
@@ -128,19 +143,51 @@ def cached_hub_folder(model_name: str, cache_dir: str = RUNPOD_HF_CACHE) -> str 
     return cache_dir if os.path.isdir(snapshot) else None
 
 
+def model_source(model_name: str, revision: str | None) -> str:
+    """What the model loads from. The torch backend takes the Hub id; an export backend takes the
+    downloaded snapshot's folder, because for a Hub id sentence-transformers lists the repo's files
+    online to find the export, which a baked image (offline) cannot."""
+    if BACKEND == "torch" or Path(model_name).is_dir():
+        return model_name
+    from huggingface_hub import snapshot_download
+
+    cache = cached_hub_folder(model_name)
+    return snapshot_download(model_name, revision=revision, cache_dir=cache, local_files_only=True)
+
+
+def model_options(source: str, export_file: str | None) -> dict[str, Any]:
+    """from_pretrained's options: torch's dtype, or the export file an export backend loads
+    (None: sentence-transformers looks for the plain one, and exports the model if there is none)."""
+    if BACKEND == "torch":
+        return {"dtype": DTYPE}
+    if export_file is None:
+        return {}
+    if not (Path(source) / export_file).is_file():  # else sentence-transformers would try the Hub for it
+        raise SystemExit(f"BACKEND_FILE={export_file} is not in {source}: name a file the model's repo has")
+    return {"file_name": export_file}
+
+
 DEVICE = startup.DEVICE  # "cuda"; "cpu" only when asked (DEVICE=cpu) or off Runpod: see startup.py
 DTYPE = torch.float16 if DEVICE == "cuda" else torch.float32  # fp16 halves memory, same rankings
 
 startup.COLD_START.done("imports")  # the download is timed apart from the load
-startup.prefetch(MODEL_NAME, RERANK_MODEL_NAME, revision=MODEL_REVISION, remote_code=TRUST_REMOTE_CODE)
-_load_started = time.perf_counter()
-MODEL = (SparseEncoder if SPARSE else SentenceTransformer)(
+startup.prefetch(
     MODEL_NAME,
+    RERANK_MODEL_NAME,
+    revision=MODEL_REVISION,
+    remote_code=TRUST_REMOTE_CODE,
+    runtime_file=startup.backend_file(os.environ),
+)
+_load_started = time.perf_counter()
+_source = model_source(MODEL_NAME, MODEL_REVISION)
+MODEL = (SparseEncoder if SPARSE else SentenceTransformer)(
+    _source,
     revision=MODEL_REVISION,
     device=DEVICE,
     cache_folder=cached_hub_folder(MODEL_NAME),
     trust_remote_code=TRUST_REMOTE_CODE,
-    model_kwargs={"dtype": DTYPE},
+    backend=BACKEND,
+    model_kwargs=model_options(_source, BACKEND_FILE),
 )
 MODEL.eval()
 EMBEDDING_DIM: int = MODEL.get_embedding_dimension()  # sparse: the vocabulary size
@@ -167,18 +214,20 @@ TOKEN_IDS_PATH = (
 )
 RERANKER = (
     CrossEncoder(
-        RERANK_MODEL_NAME,
+        _rerank_source := model_source(RERANK_MODEL_NAME, None),
         device=DEVICE,
         cache_folder=cached_hub_folder(RERANK_MODEL_NAME),
         trust_remote_code=TRUST_REMOTE_CODE,
-        model_kwargs={"dtype": DTYPE},
+        backend=BACKEND,  # BACKEND_FILE names the embedding model's export; the reranker's is looked for or made
+        model_kwargs=model_options(_rerank_source, None),
     )
     if RERANK_MODEL_NAME
     else None
 )
 LOADED_AT = int(time.time())
 log.info(
-    f"Loaded {MODEL_KIND} {MODEL_NAME} on {DEVICE} ({DTYPE}) in {time.perf_counter() - _load_started:.1f}s: "
+    f"Loaded {MODEL_KIND} {MODEL_NAME} on {DEVICE} ({DTYPE if BACKEND == 'torch' else BACKEND}) "
+    f"in {time.perf_counter() - _load_started:.1f}s: "
     f"{EMBEDDING_DIM} dimensions, at most {MAX_SEQ_LENGTH} tokens per input, "
     f"prompts: {sorted(name for name, text in PROMPTS.items() if text) or 'none'}, "
     f"reranker: {RERANK_MODEL_NAME or 'none'}, dynamic batching: {'on' if DYNAMIC_BATCHING else 'off'} "

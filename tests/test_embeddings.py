@@ -59,6 +59,21 @@ def test_tiny_model_is_the_real_architecture(embedder: ModuleType) -> None:
     assert embedder.PROMPTS == {"query": "query: ", "document": "passage: "}
 
 
+def test_backend_settings_are_checked_before_any_job(tiny_path: Path) -> None:
+    """BACKEND=openvino itself runs in its own image and tests (tests/test_embeddings_openvino.py);
+    here, what a misconfigured worker says at start."""
+    with pytest.raises(SystemExit, match="BACKEND must be one of torch, openvino, onnx, got 'tensorrt'"):
+        load_handler(EXAMPLE, {"MODEL_NAME": str(tiny_path), "BACKEND": "tensorrt"})
+    missing = {"MODEL_NAME": str(tiny_path), "BACKEND": "openvino", "BACKEND_FILE": "openvino/int8.xml"}
+    with pytest.raises(SystemExit, match=r"BACKEND_FILE=openvino/int8.xml is not in .*: name a file the model's"):
+        load_handler(EXAMPLE, missing)
+    # This image has neither runtime: sentence-transformers says what to install, before any job.
+    for backend, named in (("onnx", "ONNX backend requires installing Optimum and ONNX Runtime"),
+                           ("openvino", "OpenVINO backend requires installing Optimum and OpenVINO")):  # fmt: skip
+        with pytest.raises(Exception, match=named):
+            load_handler(EXAMPLE, {"MODEL_NAME": str(tiny_path), "BACKEND": backend})
+
+
 def test_real_minilm_ranks_related_sentences_closer(minilm: ModuleType) -> None:
     texts = [
         "A man is playing a guitar.",

@@ -131,7 +131,12 @@ def test_ci_runs_exactly_the_readme_quickstart() -> None:
         for line in (REPO / ".ci" / "run").read_text().splitlines()
         if line.strip() and not line.lstrip().startswith(("#", "set ", "cd "))
     ]
-    assert ci_commands == ["pip install -r requirements-dev.txt", "pytest", "bash tests/vllm_cpu.sh"]
+    assert ci_commands == [
+        "pip install -r requirements-dev.txt",
+        "pytest",
+        "bash tests/vllm_cpu.sh",
+        "bash tests/openvino_cpu.sh",
+    ]
     quickstart = readme.split("## Quickstart", 1)[1].split("\n## ", 1)[0]
     for command in ci_commands:
         assert command in quickstart

@@ -242,8 +242,15 @@ def test_the_bake_passes_revision_token_remote_code_and_variant(startup: ModuleT
         "BAKE_VARIANT": "fp16",
     }
     startup.bake(build_args, fetch=fetch)
-    options = {"remote_code": True, "variant": "fp16", "token": "hf_secret"}
+    options = {"remote_code": True, "variant": "fp16", "runtime_file": None, "token": "hf_secret"}
     assert calls == [("org/model", "v1", options), ("org/tokenizer", None, options)]
+    # 03's CPU image bakes its BACKEND's export of the model (only the model's: not the tokenizer's repo).
+    calls.clear()
+    startup.bake({**build_args, "BACKEND": "openvino"}, fetch=fetch)
+    assert [call[2]["runtime_file"] for call in calls] == ["openvino/openvino_model.xml", None]
+    calls.clear()
+    startup.bake({**build_args, "BACKEND": "openvino", "BACKEND_FILE": "openvino/int8.xml"}, fetch=fetch)
+    assert calls[0][2]["runtime_file"] == "openvino/int8.xml"
     assert "hf_secret" not in (tmp_path / startup.BAKED_RECORD).read_text()
     assert startup.bake({"HF_HOME": str(tmp_path / "none")}, fetch=fetch) == {}  # no MODEL_NAME: nothing baked
     assert not (tmp_path / "none").exists()
@@ -266,6 +273,26 @@ def test_safetensors_configs_and_tokenizer_files_not_duplicates_or_exports(start
         "model.safetensors.index.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
     ]  # fmt: skip
     assert "modeling_custom.py" in startup.files_to_fetch(repo, remote_code=True)
+
+
+def test_the_backend_export_comes_with_its_weights_and_no_other_export(startup: ModuleType) -> None:
+    repo = [
+        "config.json", "model.safetensors", "tokenizer.json", "onnx/model.onnx", "onnx/model.onnx_data",
+        "onnx/model_qint8_avx512.onnx", "openvino/openvino_model.xml", "openvino/openvino_model.bin",
+        "openvino/openvino_model_qint8_quantized.xml", "openvino/openvino_model_qint8_quantized.bin",
+    ]  # fmt: skip
+    plain = ["config.json", "model.safetensors", "tokenizer.json"]
+    openvino = startup.files_to_fetch(repo, remote_code=False, runtime_file="openvino/openvino_model.xml")
+    assert openvino == sorted([*plain, "openvino/openvino_model.bin", "openvino/openvino_model.xml"])
+    int8 = startup.files_to_fetch(repo, remote_code=False, runtime_file="openvino/openvino_model_qint8_quantized.xml")
+    assert int8 == sorted(
+        [*plain, "openvino/openvino_model_qint8_quantized.bin", "openvino/openvino_model_qint8_quantized.xml"]
+    )
+    onnx = startup.files_to_fetch(repo, remote_code=False, runtime_file=startup.BACKEND_FILES["onnx"])
+    assert onnx == sorted([*plain, "onnx/model.onnx", "onnx/model.onnx_data"])
+    # A repo without the export: the PyTorch weights, which the backend exports at load.
+    assert startup.files_to_fetch(plain, remote_code=False, runtime_file="openvino/openvino_model.xml") == plain
+    assert startup.backend_file({}) is None and startup.backend_file({"BACKEND": "torch"}) is None
 
 
 def test_bin_only_checkpoints_and_the_fp16_variant_per_folder(startup: ModuleType) -> None:
