@@ -58,9 +58,9 @@ SMALL_FILES = ("*.json", "*.txt", "*.jinja", "*.model", "*.tiktoken", "tokenizer
 # Exports for other runtimes that repos often carry beside the PyTorch weights (ONNX, OpenVINO,
 # Core ML, TensorFlow, Flax): never loaded here, sometimes larger than the model itself.
 OTHER_RUNTIME_FOLDERS = ("onnx", "openvino", "coreml", "tf", "flax", "mlx")
-# ...except the export a worker runs on: 03_embeddings' BACKEND (sentence-transformers' ONNX and
-# OpenVINO backends) loads this file from the repo when it is there, and exports at start otherwise;
-# BACKEND_FILE picks another one (a quantized variant, say).
+# ...except the export a worker runs on: the embeddings worker's BACKEND (sentence-transformers'
+# ONNX and OpenVINO backends) loads this file from the repo when it is there, and exports at start
+# otherwise; BACKEND_FILE picks another one (a quantized variant, say).
 BACKEND_FILES = {"onnx": "onnx/model.onnx", "openvino": "openvino/openvino_model.xml"}
 
 

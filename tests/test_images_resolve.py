@@ -43,6 +43,13 @@ TESTED = {
     "pip": [REPO / "requirements-dev.txt"],
     "/opt/vllm/bin/pip": [REPO / "tests" / "requirements-vllm-cpu.txt", REPO / "tests" / "requirements-vllm-tests.txt"],
 }
+# An image whose packages differ from the worker's main set has test requirements of its own.
+TESTED_IMAGES = {
+    "03_embeddings/Dockerfile.openvino:pip": [
+        REPO / "03_embeddings" / "requirements-openvino.txt",
+        REPO / "tests" / "requirements-openvino-tests.txt",
+    ],
+}
 SAME_RELEASE = {"vllm-cpu": "vllm"}
 # What a feature imports at run time that nothing else pulls in, per example's worker environment.
 FEATURE_DEPENDENCIES = {
@@ -78,6 +85,11 @@ def pip_installs(dockerfile: Path) -> list[tuple[str, list[str]]]:
                 if (word == "pip" or word.endswith("/pip")) and words[index + 1] == "install":
                     found.append((word, words[index + 2 :]))
     return found
+
+
+def cpu_image(dockerfile: Path) -> bool:
+    """An image built for CPU endpoints (DEVICE=cpu): no CUDA contract, no Triton."""
+    return any(line.startswith("ENV ") and "DEVICE=cpu" in line.split() for line in instructions(dockerfile))
 
 
 def base_platform(dockerfile: Path) -> tuple[str, int]:
@@ -217,10 +229,11 @@ def unmet_requirements(report: dict[str, Any]) -> list[str]:
     return problems
 
 
-def versions_tested(pip: str) -> dict[str, str]:
+def versions_tested(environment_id: str) -> dict[str, str]:
+    pip = environment_id.split(":", 1)[1]
     assert pip in TESTED, f"which test environment runs {pip}'s packages? add it to TESTED"
     found: dict[str, str] = {}
-    for requirements in TESTED[pip]:
+    for requirements in TESTED_IMAGES.get(environment_id, TESTED[pip]):
         found.update({SAME_RELEASE.get(name, name): version for name, version in pins(requirements).items()})
     return found
 
@@ -266,8 +279,7 @@ def test_environment_resolves_and_is_pip_check_clean(environment_id: str) -> Non
 
 @pytest.mark.parametrize("environment_id", ENVIRONMENT_IDS)
 def test_environment_runs_the_versions_the_tests_ran(environment_id: str) -> None:
-    pip = environment_id.split(":", 1)[1]
-    tested = versions_tested(pip)
+    tested = versions_tested(environment_id)
     differ = {
         name: f"{version} in the image, {tested[name]} in the tests"
         for name, version in versions(resolved(environment_id)).items()
@@ -279,6 +291,8 @@ def test_environment_runs_the_versions_the_tests_ran(environment_id: str) -> Non
 @pytest.mark.parametrize("environment_id", ENVIRONMENT_IDS)
 def test_readme_and_label_name_the_cuda_version_of_the_image_torch(environment_id: str) -> None:
     dockerfile = REPO / environment_id.split(":", 1)[0]
+    if cpu_image(dockerfile):
+        pytest.skip("a CPU image: its torch's CUDA libraries are never loaded")
     cuda = torch_cuda(resolved(environment_id))
     label = re.search(r'cuda-versions="([^"]+)"', dockerfile.read_text())
     assert label and label[1] == cuda, f"the image installs a CUDA {cuda} torch; its LABEL says {label and label[1]}"
@@ -300,6 +314,6 @@ def test_every_feature_has_its_dependencies_in_the_image(example: str) -> None:
 @pytest.mark.parametrize("environment_id", ENVIRONMENT_IDS)
 def test_images_that_run_triton_have_a_c_compiler(environment_id: str) -> None:
     dockerfile = REPO / environment_id.split(":", 1)[0]
-    if "triton" in versions(resolved(environment_id)):
+    if "triton" in versions(resolved(environment_id)) and not cpu_image(dockerfile):  # Triton runs on GPUs only
         apt = " ".join(line for line in instructions(dockerfile) if "apt-get install" in line)
         assert re.search(r"\bgcc\b", apt), f"{dockerfile_id(dockerfile)} installs triton but no C compiler"
