@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import json
 import os
+import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -48,6 +48,7 @@ from textstream import (
     openai_responses,
     resolve_sampling,
 )
+from vllm_launch import vllm_installed
 from vllm_server import VLLMServer, start_vllm_server
 
 from engines import Engine, load_transformers_engine
@@ -81,6 +82,9 @@ TOKENIZER_NAME = env_str("TOKENIZER_NAME", None)  # when the tokenizer lives in 
 SERVED_MODEL_NAME = env_str("SERVED_MODEL_NAME", MODEL_NAME)  # the id /v1/models lists
 # auto: vLLM when it is installed and a GPU is present (the CUDA image), transformers otherwise.
 ENGINE_NAME = env_str("ENGINE", "auto")  # auto | transformers | vllm
+# The Python that runs vLLM's server: Dockerfile.vllm keeps vLLM in /opt/vllm, an environment of
+# its own (vllm and runpod require incompatible fastapi releases); elsewhere, this worker's Python.
+VLLM_PYTHON = env_str("VLLM_PYTHON", sys.executable)
 DTYPE = env_str("DTYPE", "auto")  # auto: bf16 on Ampere+ GPUs, fp16 on older ones, fp32 on CPU
 # transformers: bnb-8bit | bnb-4bit (~1/2 and ~1/4 of the fp16 memory); vLLM: awq | gptq | fp8 |
 # bnb-4bit (pre-quantized awq/gptq checkpoints, fp8 on Ada/Hopper GPUs).
@@ -179,7 +183,7 @@ def load_engine(kind: str) -> Engine:
 startup.COLD_START.done("imports")  # the download is timed apart from the load
 startup.prefetch(MODEL_NAME, TOKENIZER_NAME, revision=MODEL_REVISION, remote_code=TRUST_REMOTE_CODE)
 _load_started = time.perf_counter()
-ENGINE_KIND = choose_engine(ENGINE_NAME, importlib.util.find_spec("vllm") is not None, startup.DEVICE == "cuda")
+ENGINE_KIND = choose_engine(ENGINE_NAME, vllm_installed(VLLM_PYTHON), startup.DEVICE == "cuda")
 if ENGINE_KIND == "transformers" and REASONING_PARSER not in (None, *REASONING_PARSERS):
     raise ValueError(
         f"REASONING_PARSER must be one of {', '.join(REASONING_PARSERS)} on the transformers engine,"
@@ -187,7 +191,14 @@ if ENGINE_KIND == "transformers" and REASONING_PARSER not in (None, *REASONING_P
     )
 # ENGINE=vllm: vLLM's own OpenAI server answers every job (vllm_server.py), so nothing below the
 # handler's first lines runs; the schema and the steps that follow are the transformers engine's.
-VLLM: VLLMServer | None = start_vllm_server(MAX_GENERATION_SECONDS or None) if ENGINE_KIND == "vllm" else None
+# The server gets the model this handler resolved (an empty MODEL_NAME is the default above, on
+# both engines) and, for a model in Runpod's cache, that cache as its Hugging Face hub folder.
+VLLM_ENVIRONMENT = {**os.environ, "MODEL_NAME": MODEL_NAME}
+if cached_hub_folder(MODEL_NAME):
+    VLLM_ENVIRONMENT["HF_HUB_CACHE"] = RUNPOD_HF_CACHE
+VLLM: VLLMServer | None = (
+    start_vllm_server(MAX_GENERATION_SECONDS or None, VLLM_PYTHON, VLLM_ENVIRONMENT) if ENGINE_KIND == "vllm" else None
+)
 ENGINE: Engine | None = None if VLLM else load_engine(ENGINE_KIND)
 CONTEXT_LEN = ENGINE.max_model_len if ENGINE else 1
 SAMPLING_DEFAULTS = ENGINE.sampling_defaults if ENGINE else {}  # what the model's generation_config.json recommends

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness import load_copy, shared_copies
-from tests.test_images_resolve import DOCKERFILES, cpu_image, dockerfile_id, instructions
+from tests.test_locks import DOCKERFILES, cpu_image, dockerfile_id, instructions
 
 STARTUP = load_copy(shared_copies("startup.py")[0])
 
@@ -73,7 +73,7 @@ def test_the_vllm_image_ships_the_same_code_as_the_transformers_one() -> None:
     ]
     assert copies[0] == copies[1]
     vllm = " ".join(instructions(folder / "Dockerfile.vllm"))
-    assert "VLLM_PYTHON=/opt/vllm/bin/python" in vllm and "hardlink" in vllm
+    assert "VLLM_PYTHON=/opt/vllm/bin/python" in vllm and "hardlink" in vllm and "vllm_launch.py" in vllm
 
 
 def test_the_openvino_image_ships_the_same_code_as_the_gpu_one() -> None:

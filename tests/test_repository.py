@@ -132,10 +132,11 @@ def test_ci_runs_exactly_the_readme_quickstart() -> None:
         if line.strip() and not line.lstrip().startswith(("#", "set ", "cd "))
     ]
     assert ci_commands == [
-        "pip install -r requirements-dev.txt",
+        "pip install --require-hashes --no-deps -r requirements-dev.lock",
         "pytest",
         "bash tests/vllm_cpu.sh",
         "bash tests/openvino_cpu.sh",
+        "bash tests/built_images.sh",
     ]
     quickstart = readme.split("## Quickstart", 1)[1].split("\n## ", 1)[0]
     for command in ci_commands:

