@@ -49,7 +49,7 @@ from textstream import (
     resolve_sampling,
 )
 from vllm_launch import vllm_installed
-from vllm_server import VLLMServer, start_vllm_server
+from vllm_server import VLLMServer, server_environment, start_vllm_server
 
 from engines import Engine, load_transformers_engine
 from local_run import for_local_run
@@ -191,13 +191,14 @@ if ENGINE_KIND == "transformers" and REASONING_PARSER not in (None, *REASONING_P
     )
 # ENGINE=vllm: vLLM's own OpenAI server answers every job (vllm_server.py), so nothing below the
 # handler's first lines runs; the schema and the steps that follow are the transformers engine's.
-# The server gets the model this handler resolved (an empty MODEL_NAME is the default above, on
-# both engines) and, for a model in Runpod's cache, that cache as its Hugging Face hub folder.
-VLLM_ENVIRONMENT = {**os.environ, "MODEL_NAME": MODEL_NAME}
-if cached_hub_folder(MODEL_NAME):
-    VLLM_ENVIRONMENT["HF_HUB_CACHE"] = RUNPOD_HF_CACHE
 VLLM: VLLMServer | None = (
-    start_vllm_server(MAX_GENERATION_SECONDS or None, VLLM_PYTHON, VLLM_ENVIRONMENT) if ENGINE_KIND == "vllm" else None
+    start_vllm_server(
+        MAX_GENERATION_SECONDS or None,
+        VLLM_PYTHON,
+        server_environment(os.environ, MODEL_NAME, cached_hub_folder(MODEL_NAME)),
+    )
+    if ENGINE_KIND == "vllm"
+    else None
 )
 ENGINE: Engine | None = None if VLLM else load_engine(ENGINE_KIND)
 CONTEXT_LEN = ENGINE.max_model_len if ENGINE else 1

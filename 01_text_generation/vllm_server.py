@@ -470,6 +470,16 @@ class VLLMServer:
             raise EngineStopped("vLLM's server went away at the end of a stream")
 
 
+def server_environment(environ: Mapping[str, str], model_name: str, hub_cache: str | None) -> dict[str, str]:
+    """The server process's environment: the model this worker resolved (an empty MODEL_NAME means
+    the handler's default, on both engines) and, when the model is in Runpod's cache, that cache as
+    the Hugging Face hub folder vLLM loads from (it would look in HF_HOME's and find nothing)."""
+    environment = {**environ, "MODEL_NAME": model_name}
+    if hub_cache:
+        environment["HF_HUB_CACHE"] = hub_cache
+    return environment
+
+
 def start_vllm_server(time_limit_s: float | None, python: str, environ: Mapping[str, str]) -> VLLMServer:
     """Start vLLM's server on `python` with the settings in `environ` and wait until it serves."""
     started = time.perf_counter()

@@ -7,6 +7,7 @@ import contextlib
 import json
 import re
 import shutil
+import sys
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 from typing import Any
@@ -18,7 +19,17 @@ import torch
 from openai.types import Completion, Model
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from tests.harness import DevServer, json_lines, lazy_handlers, load_handler, run_job, run_job_async, run_local
+from tests.harness import (
+    REPO,
+    DevServer,
+    json_lines,
+    lazy_handlers,
+    load_copy,
+    load_handler,
+    run_job,
+    run_job_async,
+    run_local,
+)
 
 EXAMPLE = "01_text_generation"
 FAMILIES = ["llama", "mistral", "mixtral", "qwen3", "phi3", "gemma3"]
@@ -201,6 +212,36 @@ def test_engine_choice(qwen) -> None:
     assert qwen.choose_engine("auto", vllm_installed=True, gpu=False) == "transformers"
     assert qwen.choose_engine("auto", vllm_installed=False, gpu=True) == "transformers"
     assert qwen.choose_engine("vllm", vllm_installed=True, gpu=False) == "vllm"  # vLLM's CPU build, as tested
+
+
+def test_vllm_is_found_in_the_interpreter_that_runs_its_server(tmp_path: Path) -> None:
+    """Dockerfile.vllm keeps vLLM in /opt/vllm, not in the worker's Python: the worker asks the
+    interpreter VLLM_PYTHON names (the image stopped at start when it asked its own)."""
+    launch = load_copy(REPO / EXAMPLE / "vllm_launch.py")
+    assert not launch.vllm_installed(sys.executable)  # the main test environment has no vLLM
+    (tmp_path / "site" / "vllm").mkdir(parents=True)
+    (tmp_path / "site" / "vllm" / "__init__.py").write_text("")
+    python = tmp_path / "python-with-vllm"
+    python.write_text(f'#!/bin/sh\nPYTHONPATH={tmp_path / "site"} exec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    assert launch.vllm_installed(str(python))
+    assert not launch.vllm_installed(str(tmp_path / "no-such-python"))
+
+
+def test_vllms_server_gets_the_resolved_model_and_runpods_cache() -> None:
+    sys.path.insert(0, str(REPO / EXAMPLE))
+    try:
+        server = load_copy(REPO / EXAMPLE / "vllm_server.py")
+    finally:
+        sys.path.remove(str(REPO / EXAMPLE))
+    launch = load_copy(REPO / EXAMPLE / "vllm_launch.py")
+    flags = {"MODEL": launch.Flag("--model", "value")}
+    # An empty MODEL_NAME (an endpoint template's blank field) is the handler's default, as on transformers.
+    environment = server.server_environment({"MODEL_NAME": "", "PATH": "/bin"}, "Qwen/Qwen2.5-0.5B-Instruct", None)
+    assert launch.server_argv(environment, flags)[0] == ["--model", "Qwen/Qwen2.5-0.5B-Instruct"]
+    assert "HF_HUB_CACHE" not in environment and environment["PATH"] == "/bin"
+    cached = server.server_environment({}, "org/model", "/runpod-volume/huggingface-cache/hub")
+    assert cached["HF_HUB_CACHE"] == "/runpod-volume/huggingface-cache/hub"
 
 
 def test_recommended_sampling_reads_only_what_the_model_sets(qwen) -> None:
