@@ -92,6 +92,16 @@ if BACKEND not in BACKENDS:
 # ship). Unset: the repo's plain export (openvino/openvino_model.xml); a model with none is exported
 # from its PyTorch weights at every start (seconds for MiniLM: save_pretrained the export to skip that).
 BACKEND_FILE = os.environ.get("BACKEND_FILE") or None
+# The precision OpenVINO computes in (its INFERENCE_PRECISION_HINT). f32, the default: the vectors
+# equal torch's. bf16: faster on CPUs with AMX or AVX512-BF16 (Xeon since Sapphire Rapids, EPYC since
+# Genoa), the vectors a little off (measured in README: CPU endpoints). Unasked, OpenVINO picks bf16
+# on such CPUs and f32 on others: one image would answer differently on different hosts. Asked for
+# bf16, a CPU without AVX-512 runs f32 (one without AVX512-BF16 emulates bf16, slowly): the start
+# log says which precision runs.
+OPENVINO_PRECISIONS = ("f32", "bf16")
+OPENVINO_PRECISION = (os.environ.get("OPENVINO_PRECISION") or "f32").lower()
+if OPENVINO_PRECISION not in OPENVINO_PRECISIONS:
+    raise SystemExit(f"OPENVINO_PRECISION must be one of {', '.join(OPENVINO_PRECISIONS)}, got {OPENVINO_PRECISION!r}")
 if BACKEND != "torch" and startup.DEVICE == "cuda":
     raise SystemExit(f"BACKEND={BACKEND} runs on the CPU here: set DEVICE=cpu, or BACKEND=torch on a GPU")
 
@@ -160,11 +170,22 @@ def model_options(source: str, export_file: str | None) -> dict[str, Any]:
     (None: sentence-transformers looks for the plain one, and exports the model if there is none)."""
     if BACKEND == "torch":
         return {"dtype": DTYPE}
+    # OpenVINO's settings: optimum-intel passes ov_config to OpenVINO when it compiles the model.
+    precision = {"INFERENCE_PRECISION_HINT": OPENVINO_PRECISION}
+    options: dict[str, Any] = {"ov_config": precision} if BACKEND == "openvino" else {}
     if export_file is None:
-        return {}
+        return options
     if not (Path(source) / export_file).is_file():  # else sentence-transformers would try the Hub for it
         raise SystemExit(f"BACKEND_FILE={export_file} is not in {source}: name a file the model's repo has")
-    return {"file_name": export_file}
+    return {**options, "file_name": export_file}
+
+
+def openvino_precision(model: Any) -> str:
+    """The precision OpenVINO compiled `model` to run in ("f32", "bf16"), as the compiled model reports it."""
+    compiled = getattr(getattr(model[0], "auto_model", None), "request", None)
+    if compiled is None:  # a first module that is not a transformer (a Router): what was asked
+        return f"{OPENVINO_PRECISION} asked"
+    return compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
 
 
 DEVICE = startup.DEVICE  # "cuda"; "cpu" only when asked (DEVICE=cpu) or off Runpod: see startup.py
@@ -225,8 +246,11 @@ RERANKER = (
     else None
 )
 LOADED_AT = int(time.time())
+RUNS_IN = str(DTYPE) if BACKEND == "torch" else BACKEND  # what the model computes in, for the log
+if BACKEND == "openvino":  # OPENVINO_PRECISION, unless the CPU cannot run it
+    RUNS_IN = f"openvino {openvino_precision(MODEL)}"
 log.info(
-    f"Loaded {MODEL_KIND} {MODEL_NAME} on {DEVICE} ({DTYPE if BACKEND == 'torch' else BACKEND}) "
+    f"Loaded {MODEL_KIND} {MODEL_NAME} on {DEVICE} ({RUNS_IN}) "
     f"in {time.perf_counter() - _load_started:.1f}s: "
     f"{EMBEDDING_DIM} dimensions, at most {MAX_SEQ_LENGTH} tokens per input, "
     f"prompts: {sorted(name for name, text in PROMPTS.items() if text) or 'none'}, "

