@@ -40,6 +40,7 @@ import ctypes
 import ctypes.util
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -252,6 +253,14 @@ class EngineStopped(RuntimeError):
     """vLLM's server or engine is gone: only a fresh worker recovers."""
 
 
+def startup_failure(log_lines: list[str]) -> str:
+    """The last exception a failed server printed (`SomeError: why`), else its last log line. Pure."""
+    for line in reversed(log_lines):
+        if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Exit): ", line.strip()):
+            return line.strip()
+    return log_lines[-1].strip() if log_lines else "it printed nothing"
+
+
 def die_with_parent() -> None:
     """In the server process, before it runs: the kernel sends it SIGTERM when the worker
     process dies, however it dies, so no vLLM server outlives its worker and holds the GPU."""
@@ -319,8 +328,12 @@ class VLLMServer:
                 settings = [line for line in self._tail if line.startswith(SETTINGS_ERROR)]
                 if settings:
                     raise SettingsError(settings[-1].removeprefix(SETTINGS_ERROR))
-                tail = "\n".join(self._tail)
-                raise RuntimeError(f"vLLM's server exited during start-up (code {self.process.returncode}):\n{tail}")
+                # Its logs went to stderr as they came; the reason is the last exception it printed
+                # (e.g. "RuntimeError: Failed to infer device type" where vLLM's CUDA build finds no GPU).
+                raise RuntimeError(
+                    f"vLLM's server exited during start-up (code {self.process.returncode}): "
+                    f"{startup_failure(list(self._tail))}"
+                )
             with contextlib.suppress(OSError):
                 with urllib.request.urlopen(f"{self.url}/health", timeout=HEALTH_TIMEOUT_S) as answer:
                     if answer.status == 200:

@@ -244,6 +244,24 @@ def test_vllms_server_gets_the_resolved_model_and_runpods_cache() -> None:
     assert cached["HF_HUB_CACHE"] == "/runpod-volume/huggingface-cache/hub"
 
 
+def test_a_failed_vllm_start_is_reported_with_vllms_own_reason() -> None:
+    sys.path.insert(0, str(REPO / EXAMPLE))
+    try:
+        server = load_copy(REPO / EXAMPLE / "vllm_server.py")
+    finally:
+        sys.path.remove(str(REPO / EXAMPLE))
+    log = [
+        "Traceback (most recent call last):",
+        '  File "/opt/vllm/lib/python3.11/site-packages/vllm/config/device.py", line 55, in __post_init__',
+        "    raise RuntimeError(",
+        "RuntimeError: Failed to infer device type, please set the environment variable `VLLM_LOGGING_LEVEL=DEBUG`",
+        "(EngineCore pid=12) shutting down",
+    ]
+    assert server.startup_failure(log) == log[3]
+    assert server.startup_failure(["INFO loading", "Killed"]) == "Killed"
+    assert server.startup_failure([]) == "it printed nothing"
+
+
 def test_recommended_sampling_reads_only_what_the_model_sets(qwen) -> None:
     from transformers import GenerationConfig
 
