@@ -30,6 +30,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
+# Requests name LoRAs on the Hub at run time, so this worker keeps the Hub on even when every model
+# its settings name is baked into the image or in Runpod's cache (startup.py would turn it off):
+# those it loads from their snapshot folders (startup.local_model). HF_HUB_OFFLINE=1 still wins.
+os.environ["HF_HUB_OFFLINE"] = os.environ.get("HF_HUB_OFFLINE") or "0"
+
 import startup  # before every library: settles the device and the Hugging Face cache (startup.py)
 
 import diffusers
@@ -246,6 +251,9 @@ def keep_vae_in_fp32(vae: Any) -> None:
 if MODEL_FAMILY is not None and MODEL_FAMILY not in FAMILIES:
     raise ValueError(f"MODEL_FAMILY must be one of {', '.join(FAMILIES)}, got {MODEL_FAMILY!r}")
 SINGLE_FILE = is_single_file(MODEL_NAME)
+# A model baked into the image or in Runpod's cached models loads from its snapshot folder, without
+# the Hub (startup.py); the Hub stays on for the rest: VAE_NAME, MODEL_CONFIG, LoRAs, other models.
+MODEL_SOURCE = startup.local_model(MODEL_NAME, MODEL_REVISION) or MODEL_NAME
 # Trained in bf16: in fp16 their activations overflow into black or noisy images.
 BF16_PIPELINES = ("FluxPipeline", "StableDiffusion3Pipeline")
 
@@ -258,7 +266,7 @@ def pipeline_class_name() -> str:
         path = local_file(MODEL_NAME, MODEL_REVISION, cached_hub_folder(repo))
         return BASES[MODEL_FAMILY or checkpoint_family(path)].pipeline
     index = diffusers.DiffusionPipeline.load_config(
-        MODEL_NAME, revision=MODEL_REVISION, cache_dir=cached_hub_folder(MODEL_NAME)
+        MODEL_SOURCE, revision=MODEL_REVISION, cache_dir=cached_hub_folder(MODEL_NAME)
     )
     return index["_class_name"]
 
@@ -287,7 +295,11 @@ def load_single_file(components: dict[str, Any]) -> Any:
     pipeline_class = getattr(diffusers, base.pipeline)
     log.info(f"Single-file checkpoint: {family} ({base.pipeline}), configs from {config}")
     return pipeline_class.from_single_file(
-        path, config=config, dtype=TORCH_DTYPE, cache_dir=cached_hub_folder(config), **components
+        path,
+        config=startup.local_model(config) or config,
+        dtype=TORCH_DTYPE,
+        cache_dir=cached_hub_folder(config),
+        **components,
     )
 
 
@@ -306,13 +318,14 @@ def load_pipelines() -> tuple[Any, Any, Any, Any | None]:
     """Text-to-image, image-to-image, inpainting and (optionally) ControlNet pipelines over one set of weights."""
     components: dict[str, Any] = {}
     if VAE_NAME:
-        components["vae"] = from_pretrained_fp16_first(AutoencoderKL, VAE_NAME, cache_dir=cached_hub_folder(VAE_NAME))
+        vae = startup.local_model(VAE_NAME) or VAE_NAME
+        components["vae"] = from_pretrained_fp16_first(AutoencoderKL, vae, cache_dir=cached_hub_folder(VAE_NAME))
     if SINGLE_FILE:
         text2image = load_single_file(components)
     else:
         text2image = from_pretrained_fp16_first(
             AutoPipelineForText2Image,
-            MODEL_NAME,
+            MODEL_SOURCE,
             revision=MODEL_REVISION,
             cache_dir=cached_hub_folder(MODEL_NAME),
             **components,
@@ -336,8 +349,9 @@ def load_pipelines() -> tuple[Any, Any, Any, Any | None]:
     inpainting = AutoPipelineForInpainting.from_pipe(text2image)
     controlnet = None
     if CONTROLNET_MODEL:
+        source = startup.local_model(CONTROLNET_MODEL) or CONTROLNET_MODEL
         model = from_pretrained_fp16_first(
-            controlnet_class(text2image), CONTROLNET_MODEL, cache_dir=cached_hub_folder(CONTROLNET_MODEL)
+            controlnet_class(text2image), source, cache_dir=cached_hub_folder(CONTROLNET_MODEL)
         ).to(DEVICE)
         controlnet = AutoPipelineForText2Image.from_pipe(text2image, controlnet=model)
     for pipeline in (image2image, inpainting, controlnet):
