@@ -130,6 +130,17 @@ def run_handler(
     return run_in(image, command, {**OFFLINE, **env}, {model: MODEL})
 
 
+def record(image: BuiltImage, run: subprocess.CompletedProcess[str]) -> None:
+    """With IMAGE_REPORT set, append the image's size and the worker's cold-start line to that
+    file (JSON lines): where the READMEs' Deploy figures come from."""
+    if not (path := os.environ.get("IMAGE_REPORT")):
+        return
+    [listed] = json.loads(buildah("images", "--json", image.tag).stdout)
+    cold = [line for line in (run.stdout + run.stderr).splitlines() if "Cold start" in line]
+    with open(path, "a") as report:
+        report.write(json.dumps({"image": image.dockerfile, "size": listed["size"], "cold_start": cold}) + "\n")
+
+
 def succeeded(run: subprocess.CompletedProcess[str]) -> list[Any]:
     assert run.returncode == 0, (run.stdout + run.stderr)[-6000:]
     assert "Traceback" not in run.stdout + run.stderr, (run.stdout + run.stderr)[-6000:]
@@ -157,7 +168,9 @@ def test_the_image_serves_its_test_input(image: BuiltImage, tiny_model) -> None:
     model = tiny_model(image.model)
     expected = input_of(image)
     env = {"ENGINE": "transformers"} if image.dockerfile.endswith(".vllm") else {}  # its vLLM needs a GPU
-    printed = succeeded(run_handler(image, model, env))
+    run = run_handler(image, model, env)
+    printed = succeeded(run)
+    record(image, run)
     folder = image.folder.name
     if folder == "01_text_generation":
         assert len(printed) >= 2 and all(chunk["text"] for chunk in printed[:-1])
@@ -176,7 +189,7 @@ def test_the_image_serves_its_test_input(image: BuiltImage, tiny_model) -> None:
     elif folder == "03_embeddings":
         [answer] = printed
         reference = load_handler(folder, {"MODEL_NAME": str(model)})  # the main test environment, torch
-        [wanted] = run_job(reference.handler, expected)["output"]
+        wanted = run_job(reference.handler, expected)["output"]
         np.testing.assert_allclose(answer["embeddings"], wanted["embeddings"], atol=1e-5)
         assert len(answer["embeddings"]) == len(expected["texts"])
     else:
@@ -194,7 +207,12 @@ def test_features_with_packages_of_their_own(image: BuiltImage, tiny_model) -> N
         for python in image.pythons:  # QUANTIZATION=bnb-*: bitsandbytes in every engine's environment
             run = run_in(image, [python, "-c", "import bitsandbytes; print(bitsandbytes.__version__)"])
             assert run.returncode == 0, f"{python}: {run.stderr[-3000:]}"
-        schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+        schema = {
+            "type": "object",
+            "properties": {"ok": {"type": "boolean"}},
+            "required": ["ok"],
+            "additionalProperties": False,
+        }
         job = {
             "openai_route": "/v1/chat/completions",
             "openai_input": {
@@ -205,7 +223,7 @@ def test_features_with_packages_of_their_own(image: BuiltImage, tiny_model) -> N
             },
         }
         env = {"ENGINE": "transformers"}
-        [response] = succeeded(run_handler(image, tiny_model(image.model), env, job))
+        [response] = succeeded(run_handler(image, tiny_model(image.model), env, {"input": job}))
         jsonschema.validate(json.loads(response["choices"][0]["message"]["content"]), schema)
     elif folder == "02_image_generation":
         job = {"prompt": "a red square", "scheduler": "lms", "num_inference_steps": 3, "width": 64, "height": 64}
