@@ -214,6 +214,15 @@ def test_engine_choice(qwen) -> None:
     assert qwen.choose_engine("vllm", vllm_installed=True, gpu=False) == "vllm"  # vLLM's CPU build, as tested
 
 
+def relay_module() -> ModuleType:
+    """vllm_server.py (the relay), imported beside its sibling modules (coalesce, vllm_launch)."""
+    sys.path.insert(0, str(REPO / EXAMPLE))
+    try:
+        return load_copy(REPO / EXAMPLE / "vllm_server.py")
+    finally:
+        sys.path.remove(str(REPO / EXAMPLE))
+
+
 def test_vllm_is_found_in_the_interpreter_that_runs_its_server(tmp_path: Path) -> None:
     """Dockerfile.vllm keeps vLLM in /opt/vllm, not in the worker's Python: the worker asks the
     interpreter VLLM_PYTHON names (the image stopped at start when it asked its own)."""
@@ -229,11 +238,7 @@ def test_vllm_is_found_in_the_interpreter_that_runs_its_server(tmp_path: Path) -
 
 
 def test_vllms_server_gets_the_resolved_model_and_runpods_cache() -> None:
-    sys.path.insert(0, str(REPO / EXAMPLE))
-    try:
-        server = load_copy(REPO / EXAMPLE / "vllm_server.py")
-    finally:
-        sys.path.remove(str(REPO / EXAMPLE))
+    server = relay_module()
     launch = load_copy(REPO / EXAMPLE / "vllm_launch.py")
     flags = {"MODEL": launch.Flag("--model", "value")}
     # An empty MODEL_NAME (an endpoint template's blank field) is the handler's default, as on transformers.
@@ -245,11 +250,7 @@ def test_vllms_server_gets_the_resolved_model_and_runpods_cache() -> None:
 
 
 def test_a_failed_vllm_start_is_reported_with_vllms_own_reason() -> None:
-    sys.path.insert(0, str(REPO / EXAMPLE))
-    try:
-        server = load_copy(REPO / EXAMPLE / "vllm_server.py")
-    finally:
-        sys.path.remove(str(REPO / EXAMPLE))
+    server = relay_module()
     log = [
         "Traceback (most recent call last):",
         '  File "/opt/vllm/lib/python3.11/site-packages/vllm/config/device.py", line 55, in __post_init__',
