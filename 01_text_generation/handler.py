@@ -8,20 +8,20 @@ One worker serves one causal language model three ways:
 
 The handler is an async generator: each chunk reaches `/stream` as soon as it is made, and
 `return_aggregate_stream=True` also gives `/runsync` the whole list. The file reads top to
-bottom: configuration, model load, request schema, prompt and sampling, response, the handler.
+bottom: configuration, model load, request, inference, response, start. What grew past a tour
+has a module of its own beside it: the request schema (schema.py), the prompt and grammar pieces
+(planning.py), the engine (engines.py), token streaming and the response shapes (textstream.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import sys
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import startup  # before every library: settles the device and the Hugging Face cache (startup.py)
 
@@ -29,20 +29,14 @@ import runpod
 import torch
 from coalesce import ResultTooLarge, coalesced, merge_text, within_result_budget
 from jinja2 import TemplateError
-from openai_tools import REASONING_PARSERS, parse_choices, prompt_opens_thinking, tool_call_grammar
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_core import PydanticCustomError
+from openai_tools import REASONING_PARSERS, parse_choices, prompt_opens_thinking
+from pydantic import BaseModel
 from textstream import (
     ContextLengthError,
     Delta,
     GenerationTimeout,
     OpenAIShape,
-    SamplingParams,
     Usage,
-    grammar_error,
-    grammar_from,
-    grammar_tokenizer,
-    json_schema_grammar,
     logprobs_floor_bytes,
     native_responses,
     openai_responses,
@@ -51,8 +45,21 @@ from textstream import (
 from vllm_launch import vllm_installed
 from vllm_server import VLLMServer, server_environment, start_vllm_server
 
+import schema
 from engines import Engine, load_transformers_engine
 from local_run import for_local_run
+from planning import Plan, Prompt, chat_turn, checked_grammar
+from schema import (
+    CHARS_PER_TOKEN_BOUND,
+    CHAT_ROUTE,
+    MODELS_ROUTE,
+    NATIVE,
+    ChatCompletionRequest,
+    GenerateRequest,
+    ModelLimits,
+    RequestError,
+    Sampling,
+)
 
 log = runpod.RunPodLogger()
 
@@ -121,25 +128,8 @@ TOO_LARGE = (
 )
 # ENGINE=vllm also takes every setting of vLLM's server from the environment (vllm_server.py).
 
-# Limits of the request schema (OpenAI's own where it has one).
-MAX_STOP_SEQUENCES = 4  # OpenAI's limit
-MAX_STOP_CHARS = 256  # a stop string longer than this is a mistake, and holding it back delays streaming
-MAX_MESSAGES = 1024  # far beyond any real conversation; bounds the work of rendering the template
-MAX_TEMPERATURE = 2.0  # OpenAI's range is [0, 2]
-MAX_REPETITION_PENALTY = 2.0  # above 2 output degrades into noise
-MAX_SEED = 2**63 - 1  # torch.Generator takes a signed 64-bit seed
-MAX_PENALTY = 2.0  # OpenAI's range for presence_penalty and frequency_penalty is [-2, 2]
-MAX_LOGIT_BIAS = 100.0  # OpenAI's range for each bias is [-100, 100]
-MAX_LOGIT_BIAS_TOKENS = 300  # OpenAI's limit on logit_bias entries
-MAX_STOP_TOKEN_IDS = 64  # each is checked after every token; a real list has a handful
-# Choices per request (n): each is one more row of the batch, with its own KV cache.
-MAX_CHOICES = 8
-MAX_TOP_LOGPROBS = 20  # OpenAI's limit (and vLLM's default max_logprobs)
-MAX_TOOLS = 128  # OpenAI's limit
-MAX_TEMPLATE_KWARGS = 32  # chat_template_kwargs entries: a template reads a few flags
-# No tokenizer packs more than ~32 characters into one token, so a longer prompt cannot fit the
-# context: it is refused before the tokenizer spends time on it.
-CHARS_PER_TOKEN_BOUND = 32
+# The request's own limits (stop strings, messages, temperature, ...) are fixed constants beside
+# the request schema (schema.py); the model's (context length, vocabulary) are known once it loads.
 
 # Runpod's "cached models" put Hub snapshots here, on the host, before the worker starts.
 RUNPOD_HF_CACHE = "/runpod-volume/huggingface-cache/hub"
@@ -190,7 +180,7 @@ if ENGINE_KIND == "transformers" and REASONING_PARSER not in (None, *REASONING_P
         f" got {REASONING_PARSER!r}"
     )
 # ENGINE=vllm: vLLM's own OpenAI server answers every job (vllm_server.py), so nothing below the
-# handler's first lines runs; the schema and the steps that follow are the transformers engine's.
+# handler's first lines runs; the request, inference and response steps are the transformers engine's.
 VLLM: VLLMServer | None = (
     start_vllm_server(
         MAX_GENERATION_SECONDS or None,
@@ -201,7 +191,11 @@ VLLM: VLLMServer | None = (
     else None
 )
 ENGINE: Engine | None = None if VLLM else load_engine(ENGINE_KIND)
-CONTEXT_LEN = ENGINE.max_model_len if ENGINE else 1
+# What a request may ask of this model, handed to the request schema as its validation context:
+# prompt + completion tokens, and the token ids it may name (the tokenizer's vocabulary). vLLM's
+# server checks its own requests, so with ENGINE=vllm there are none here.
+LIMITS = ModelLimits(context_len=ENGINE.max_model_len, vocab_size=len(ENGINE.tokenizer)) if ENGINE else None
+CONTEXT_LEN = LIMITS.context_len if LIMITS else None
 SAMPLING_DEFAULTS = ENGINE.sampling_defaults if ENGINE else {}  # what the model's generation_config.json recommends
 LOADED_AT = int(time.time())
 if ENGINE:
@@ -214,447 +208,22 @@ if ENGINE:
 
 
 # ---------------------------------------------------------------------------------------------
-# 3. Request schema: the single source of truth for names, defaults and limits.
+# 3. Request: schema.py holds the pydantic models, the single source of truth for names, defaults
+#    and limits; the loaded model's own limits reach them as pydantic's validation context.
 # ---------------------------------------------------------------------------------------------
-class RequestError(ValueError):
-    """A request the caller must fix; its message is returned to them as is."""
-
-
-def unsupported(feature: str, hint: str = "") -> PydanticCustomError:
-    return PydanticCustomError("unsupported", f"{feature} is not supported by this worker{hint}")
-
-
-# Token ids a request may name (logit_bias, stop_token_ids): the tokenizer's vocabulary.
-VOCAB_SIZE = len(ENGINE.tokenizer) if ENGINE else 1
-
-MaxTokens = Annotated[int, Field(ge=1, le=CONTEXT_LEN)]
-Temperature = Annotated[float, Field(ge=0, le=MAX_TEMPERATURE)]
-TopP = Annotated[float, Field(gt=0, le=1)]
-TopK = Annotated[int, Field(ge=-1)]  # -1 and 0 both mean "no top-k", as in vLLM
-MinP = Annotated[float, Field(ge=0, le=1)]
-RepetitionPenalty = Annotated[float, Field(ge=0.01, le=MAX_REPETITION_PENALTY)]
-Penalty = Annotated[float, Field(ge=-MAX_PENALTY, le=MAX_PENALTY)]
-Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
-TokenId = Annotated[int, Field(ge=0, lt=VOCAB_SIZE)]
-StopList = Annotated[
-    list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]], Field(max_length=MAX_STOP_SEQUENCES)
-]
-PromptText = Annotated[str, Field(min_length=1, max_length=CONTEXT_LEN * CHARS_PER_TOKEN_BOUND)]
-Choices = Annotated[int, Field(ge=1, le=MAX_CHOICES)]
-TopLogprobs = Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)]
-
-
-def _one_as_list(value: Any) -> Any:
-    return [value] if isinstance(value, str) else value
-
-
-# vLLM fields this worker cannot honour. Each is refused when set to anything but its no-op value,
-# so a request never silently gets something other than it asked for.
-REFUSED_FIELDS: dict[str, tuple[Any, ...]] = {
-    "best_of": (None, 1),
-    "use_beam_search": (None, False),
-    "length_penalty": (None, 1, 1.0),
-    "prompt_logprobs": (None,),
-    "allowed_token_ids": (None,),
-    "bad_words": (None, []),
-    "truncate_prompt_tokens": (None,),
-    "spaces_between_special_tokens": (None, True),
-    "guided_json": (None,),
-    "guided_regex": (None,),
-    "guided_choice": (None,),
-    "guided_grammar": (None,),
-    "guided_decoding_backend": (None,),
-    "guided_whitespace_pattern": (None,),
-    "logits_processors": (None,),
-    "return_tokens_as_token_ids": (None, False),
-    "return_token_ids": (None, False),
-    "add_special_tokens": (None, False),
-    "chat_template": (None,),
-    "mm_processor_kwargs": (None,),
-    "kv_transfer_params": (None,),
-    "vllm_xargs": (None,),
-    "priority": (None, 0),
-    "detokenize": (None, True),
-}
-# OpenAI fields that do not change the output: accepted, and that is all.
-HARMLESS_FIELDS = ("user", "metadata", "store", "service_tier", "request_id", "prompt_cache_key", "safety_identifier")
-
-
-def refuse_unsupported_fields(data: Any) -> Any:
-    """A `before` validator: a refused field that is set is an error naming it; harmless ones go."""
-    if not isinstance(data, dict):
-        return data
-    for name, no_ops in REFUSED_FIELDS.items():
-        if name in data and not any(data[name] == value and type(data[name]) is type(value) for value in no_ops):
-            hint = "; use structured_outputs or response_format" if name.startswith("guided_") else ""
-            raise unsupported(name, hint)
-    return {name: value for name, value in data.items() if name not in REFUSED_FIELDS and name not in HARMLESS_FIELDS}
-
-
-class TextPart(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
-    type: Literal["text"]
-    text: str
-
-
-class FunctionCall(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid")
-    name: str
-    arguments: str  # JSON, as OpenAI sends it
-
-
-class ToolCall(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid")
-    id: str | None = None
-    type: Literal["function"] = "function"
-    function: FunctionCall
-
-
-class Message(BaseModel):
-    # extra="ignore": OpenAI's "name" and a previous answer's "reasoning" are harmless on a turn
-    model_config = ConfigDict(strict=True, extra="ignore")
-    role: Literal["system", "developer", "user", "assistant", "tool"]  # developer: OpenAI's new name for system
-    content: str | list[TextPart] | None = None
-    tool_calls: Annotated[list[ToolCall], Field(max_length=MAX_TOOLS)] | None = None  # an assistant's earlier calls
-    tool_call_id: str | None = None  # a tool result names the call it answers
-
-    @field_validator("content", mode="before")
-    @classmethod
-    def _text_only(cls, value: Any) -> Any:
-        if isinstance(value, list) and any(isinstance(p, dict) and p.get("type") != "text" for p in value):
-            raise unsupported("non-text content", "; this worker serves a text-only model")
-        return value
-
-    @model_validator(mode="after")
-    def _content_or_tool_calls(self) -> Message:
-        if self.content is None and not (self.role == "assistant" and self.tool_calls):
-            raise PydanticCustomError("content", "content is required (null only on an assistant turn with tool_calls)")
-        if self.tool_calls is not None and self.role != "assistant":
-            raise PydanticCustomError("tool_calls", "only an assistant turn has tool_calls")
-        return self
-
-    def text(self) -> str:
-        if self.content is None:
-            return ""
-        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
-
-
-Messages = Annotated[list[Message], Field(min_length=1, max_length=MAX_MESSAGES)]
-
-
-class Sampling(BaseModel):
-    """Sampling fields shared by every route (vLLM's names); None means the model's default (or the usual one)."""
-
-    model_config = ConfigDict(strict=True, extra="forbid")
-    max_tokens: MaxTokens | None = None
-    temperature: Temperature | None = None
-    top_p: TopP | None = None
-    top_k: TopK | None = None
-    min_p: MinP | None = None
-    repetition_penalty: RepetitionPenalty | None = None
-    presence_penalty: Penalty | None = None
-    frequency_penalty: Penalty | None = None
-    logit_bias: (
-        Annotated[
-            dict[str, Annotated[float, Field(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS)]],
-            Field(max_length=MAX_LOGIT_BIAS_TOKENS),
-        ]
-        | None
-    ) = None
-    stop: StopList | None = None
-    stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
-    include_stop_str_in_output: bool | None = None
-    ignore_eos: bool | None = None
-    min_tokens: Annotated[int, Field(ge=0, le=CONTEXT_LEN)] | None = None
-    skip_special_tokens: bool | None = None
-    seed: Seed | None = None
-    n: Choices | None = None
-
-    _stop_as_list = field_validator("stop", mode="before")(_one_as_list)
-    _refused = model_validator(mode="before")(refuse_unsupported_fields)
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _token_ids(cls, value: dict[str, float] | None) -> dict[str, float] | None:
-        for token in value or {}:
-            if not token.isdigit() or int(token) >= VOCAB_SIZE:
-                raise PydanticCustomError("token_id", f"{token!r} is not a token id (0 to {VOCAB_SIZE - 1})")
-        return value
-
-
-class TemplateOptions(BaseModel):
-    """How messages become the prompt, with vLLM's names and defaults."""
-
-    add_generation_prompt: bool = True  # open a new assistant turn after the messages
-    continue_final_message: bool = False  # instead continue the last (assistant) message
-    chat_template_kwargs: Annotated[dict[str, Any], Field(max_length=MAX_TEMPLATE_KWARGS)] | None = None
-
-    @model_validator(mode="after")
-    def _one_ending(self) -> TemplateOptions:
-        if self.add_generation_prompt and self.continue_final_message:
-            raise PydanticCustomError(
-                "template", "continue_final_message: set add_generation_prompt to false to continue the last message"
-            )
-        reserved = {"messages", "conversation", "tools", "documents", "tokenize", "add_generation_prompt"}
-        reserved |= {"continue_final_message", "chat_template", "return_dict"}
-        if clash := reserved & set(self.chat_template_kwargs or {}):
-            raise PydanticCustomError(
-                "template", f"chat_template_kwargs: {', '.join(sorted(clash))} is a field of its own"
-            )
-        return self
-
-
-class NativeSampling(Sampling):
-    @field_validator("n")
-    @classmethod
-    def _one_text(cls, value: int | None) -> int | None:
-        if value not in (None, 1):
-            raise unsupported(f"n={value} on the native route", "; the OpenAI routes return several choices")
-        return value
-
-
-class GenerateRequest(TemplateOptions):
-    """The native request (the shape of Runpod's vLLM worker)."""
-
-    model_config = ConfigDict(strict=True, extra="forbid")  # a misspelt field is an error, not ignored
-    prompt: PromptText | None = None
-    messages: Messages | None = None
-    sampling_params: NativeSampling = NativeSampling()
-    stream: bool = False
-
-    @model_validator(mode="after")
-    def _prompt_xor_messages(self) -> GenerateRequest:
-        if (self.prompt is None) == (self.messages is None):
-            raise PydanticCustomError("prompt_or_messages", "send exactly one of prompt or messages")
-        return self
-
-
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    include_usage: bool = False
-
-
-class StructuredOutputs(BaseModel):
-    """vLLM's structured_outputs: exactly one constraint on the output."""
-
-    model_config = ConfigDict(strict=True, extra="forbid")
-    json_: dict[str, Any] | str | None = Field(None, alias="json")  # a JSON schema
-    json_object: bool | None = None
-    regex: str | None = None
-    choice: Annotated[list[str], Field(min_length=1)] | None = None
-    grammar: str | None = None  # Lark or GBNF
-
-    @model_validator(mode="after")
-    def _exactly_one(self) -> StructuredOutputs:
-        if (
-            sum(
-                value not in (None, False)
-                for value in (self.json_, self.json_object, self.regex, self.choice, self.grammar)
-            )
-            != 1
-        ):
-            raise PydanticCustomError("structured", "set exactly one of json, json_object, regex, choice, grammar")
-        return self
-
-    def grammar_text(self) -> str:
-        if self.json_ is not None:
-            return json_schema_grammar(json.loads(self.json_) if isinstance(self.json_, str) else self.json_)
-        if self.json_object:
-            return json_schema_grammar(None)
-        if self.choice is not None:
-            return grammar_from("choice", json.dumps(self.choice))
-        return grammar_from("regex", self.regex) if self.regex is not None else grammar_from("grammar", self.grammar)
-
-
-class OpenAIRequest(Sampling):
-    """Fields common to OpenAI's chat and text completions, with vLLM's extensions. An unknown field
-    is an error naming it: a feature this worker lacks is refused, never silently dropped."""
-
-    model_config = ConfigDict(strict=True, extra="forbid", populate_by_name=True)
-    model: str | None = None  # one endpoint serves one model, whatever the name says
-    # OpenAI accepts null for every optional field, so these do too (null = the default).
-    stream: bool | None = None
-    stream_options: StreamOptions | None = None
-    structured_outputs: StructuredOutputs | None = None
-
-
-class JSONSchemaFormat(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")  # "description" and "strict" change nothing here
-    name: str
-    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
-
-
-class ResponseFormat(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid", populate_by_name=True)
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: JSONSchemaFormat | None = None
-
-    @model_validator(mode="after")
-    def _schema_when_json_schema(self) -> ResponseFormat:
-        if self.type == "json_schema" and self.json_schema is None:
-            raise PydanticCustomError("json_schema", "response_format.json_schema is required with type json_schema")
-        return self
-
-
-class FunctionDefinition(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")  # "strict": the tool-call grammar always holds to the schema
-    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
-    description: str | None = None
-    parameters: dict[str, Any] | None = None
-
-
-class Tool(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid")
-    type: Literal["function"]
-    function: FunctionDefinition
-
-
-class NamedFunction(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid")
-    name: str
-
-
-class NamedToolChoice(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid")
-    type: Literal["function"]
-    function: NamedFunction
-
-
-class ChatCompletionRequest(OpenAIRequest, TemplateOptions):
-    messages: Messages
-    max_completion_tokens: MaxTokens | None = None  # OpenAI's newer name for max_tokens
-    logprobs: bool | None = None
-    top_logprobs: TopLogprobs | None = None
-    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    parallel_tool_calls: bool | None = None
-    response_format: ResponseFormat | None = None
-    documents: list[dict[str, Any]] | None = None  # for templates that take retrieved documents (RAG)
-    reasoning_effort: Literal["low", "medium", "high"] | None = None  # given to the template, as vLLM does
-    include_reasoning: bool = True  # vLLM's switch to leave the reasoning out of the response
-
-    @model_validator(mode="after")
-    def _consistent(self) -> ChatCompletionRequest:
-        if self.top_logprobs and not self.logprobs:
-            raise PydanticCustomError("logprobs", "top_logprobs needs logprobs: true")
-        names = [tool.function.name for tool in self.tools or []]
-        if self.tool_choice not in (None, "none", "auto") and not names:
-            raise PydanticCustomError("tool_choice", "tool_choice other than none or auto needs tools")
-        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
-            raise PydanticCustomError(
-                "tool_choice", f"tool_choice names {self.tool_choice.function.name!r}, which is not in tools"
-            )
-        constrained = (self.response_format and self.response_format.type != "text") or self.structured_outputs
-        if constrained and self.tool_choice not in (None, "none", "auto"):
-            raise PydanticCustomError("tool_choice", "a forced tool_choice cannot be combined with a response format")
-        if self.response_format and self.response_format.type != "text" and self.structured_outputs:
-            raise PydanticCustomError("response_format", "send response_format or structured_outputs, not both")
-        return self
-
-
-class CompletionRequest(OpenAIRequest):
-    prompt: Annotated[list[PromptText], Field(min_length=1, max_length=1)]
-    echo: bool | None = None
-    suffix: str | None = None
-    logprobs: TopLogprobs | None = None  # the chosen token's and this many alternatives
-
-    @field_validator("prompt", mode="before")
-    @classmethod
-    def _text_prompt(cls, value: Any) -> Any:
-        if isinstance(value, list) and value and not all(isinstance(p, str) for p in value):
-            raise unsupported("a prompt of token ids", "; send text")
-        if isinstance(value, list) and len(value) > 1:
-            raise unsupported("a batch of prompts", "; send one request per prompt")
-        return _one_as_list(value)
-
-    @model_validator(mode="after")
-    def _refuse_unsupported(self) -> CompletionRequest:
-        if self.echo:
-            raise unsupported("echo")
-        if self.suffix:
-            raise unsupported("suffix")
-        return self
-
-
-NATIVE = "native"
-CHAT_ROUTE = "/v1/chat/completions"
-COMPLETIONS_ROUTE = "/v1/completions"
-MODELS_ROUTE = "/v1/models"
-OPENAI_ROUTES = {CHAT_ROUTE: ChatCompletionRequest, COMPLETIONS_ROUTE: CompletionRequest, MODELS_ROUTE: None}
-
-
-def describe_validation_error(error: ValidationError, prefix: str = "") -> str:
-    """One line per problem, each naming the field: "sampling_params.top_p: Input should be ..."."""
-    problems = []
-    for item in error.errors(include_url=False):
-        field = ".".join(str(part) for part in item["loc"])
-        location = f"{prefix}.{field}" if prefix and field else prefix or field or "input"
-        problems.append(f"{location}: {item['msg']}")
-    return "; ".join(problems)
-
-
+# GenerateRequest (native), ChatCompletionRequest and CompletionRequest (OpenAI) are strict:
+# "max_tokens": "9" is an error, not coerced. An unknown field is an error naming it (OpenAI's
+# harmless ones, like user, pass), and a vLLM feature this worker lacks is refused, never silently
+# dropped. The error is one line naming each field ("sampling_params.top_p: Input should be ...").
 def parse_request(job_input: Any) -> tuple[str, BaseModel | None]:
-    """Turn a job's input into (route, validated request). Pure: no model, no I/O."""
-    if not isinstance(job_input, dict):
-        raise RequestError(f"input must be a JSON object, got {type(job_input).__name__}")
-    if "openai_route" not in job_input:
-        try:
-            return NATIVE, GenerateRequest.model_validate(job_input)
-        except ValidationError as error:
-            raise RequestError(describe_validation_error(error)) from None
-
-    route = job_input["openai_route"]
-    if not isinstance(route, str) or route not in OPENAI_ROUTES:
-        raise RequestError(f"openai_route must be one of {', '.join(OPENAI_ROUTES)}, got {route!r}")
-    schema = OPENAI_ROUTES[route]
-    if schema is None:
-        return route, None
-    body = job_input.get("openai_input")
-    if not isinstance(body, dict):
-        raise RequestError(f"openai_input must be a JSON object with the {route} request body")
-    try:
-        return route, schema.model_validate(body)
-    except ValidationError as error:
-        raise RequestError(describe_validation_error(error, prefix="openai_input")) from None
+    """Turn a job's input into (route, validated request), within this model's limits. No I/O."""
+    return schema.parse_request(job_input, LIMITS)
 
 
 # ---------------------------------------------------------------------------------------------
-# 4. Prompt and sampling: the chat template, the context check, the grammar, the model's defaults.
+# 4. Inference: the prompt, the grammar and the sampling decided before the first chunk
+#    (planning.py holds the pieces); the engine then generates (engines.py).
 # ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Prompt:
-    text: str
-    is_chat: bool
-    ids: list[int]  # tokenized once, here; generation reads these
-
-    @property
-    def tokens(self) -> int:
-        return len(self.ids)
-
-
-def chat_turn(index: int, message: Message) -> dict[str, Any]:
-    """One message as chat templates read it: developer is system, earlier tool calls carry their
-    arguments as objects (templates write them out with tojson), as vLLM passes them."""
-    turn: dict[str, Any] = {
-        "role": "system" if message.role == "developer" else message.role,
-        "content": message.text(),
-    }
-    if message.tool_call_id is not None:
-        turn["tool_call_id"] = message.tool_call_id
-    if message.tool_calls:
-        calls = []
-        for number, call in enumerate(message.tool_calls):
-            try:
-                arguments = json.loads(call.function.arguments)
-            except ValueError:
-                raise RequestError(f"messages.{index}.tool_calls.{number}.function.arguments: not valid JSON") from None
-            calls.append(
-                {"id": call.id, "type": "function", "function": {"name": call.function.name, "arguments": arguments}}
-            )
-        turn["tool_calls"] = calls
-    return turn
-
-
 def render_prompt(request: BaseModel) -> Prompt:
     """The text the model reads: the chat template applied to messages, or the raw prompt."""
     messages = getattr(request, "messages", None)
@@ -692,64 +261,18 @@ def render_prompt(request: BaseModel) -> Prompt:
     return Prompt(text, True, ENGINE.tokenize(text, is_chat=True))
 
 
-@dataclass(frozen=True)
-class Plan:
-    """Everything generation and the response need, decided before the first chunk."""
-
-    prompt: Prompt
-    params: SamplingParams
-    parse_tools: bool  # hermes tool calls become tool_calls
-    reasoning: str | None  # the reasoning parser, chat only
-    thinking: bool  # the prompt left a <think> open
-    include_reasoning: bool
-
-
-def requested_grammar(request: BaseModel) -> str | None:
-    """The llguidance grammar a request's response_format, structured_outputs or forced tool_choice asks for."""
-    response_format = getattr(request, "response_format", None)
-    if response_format is not None and response_format.type == "json_object":
-        return json_schema_grammar(None)
-    if response_format is not None and response_format.type == "json_schema":
-        return json_schema_grammar(response_format.json_schema.schema_)
-    if request.structured_outputs is not None:
-        return request.structured_outputs.grammar_text()
-    choice = getattr(request, "tool_choice", None)
-    if choice == "required":
-        tools = [tool.model_dump(exclude_none=True) for tool in request.tools]
-        return tool_call_grammar(tools, parallel=request.parallel_tool_calls is not False)
-    if isinstance(choice, NamedToolChoice):
-        tools = [
-            tool.model_dump(exclude_none=True) for tool in request.tools if tool.function.name == choice.function.name
-        ]
-        return tool_call_grammar(tools, parallel=False)
-    return None
-
-
-def checked_grammar(request: BaseModel) -> str | None:
-    try:
-        grammar = requested_grammar(request)
-    except ValueError as error:  # a schema that is not JSON, for instance
-        raise RequestError(f"structured output: {error}") from None
-    if grammar is None:
-        return None
-    engine_tokenizer = grammar_tokenizer(ENGINE.tokenizer, ENGINE.vocab_size, sorted(ENGINE.eos_token_ids))
-    if problem := grammar_error(grammar, engine_tokenizer):
-        raise RequestError(f"structured output: the grammar engine refused it: {problem}")
-    return grammar
-
-
 def plan(route: str, request: BaseModel) -> Plan:
     """Render, tokenize, compile the grammar and resolve sampling. Blocking (templates, tokenizers,
     grammars take milliseconds to seconds): the handler runs it on a thread, off the event loop."""
     prompt = render_prompt(request)
-    sampling = request.sampling_params if isinstance(request, GenerateRequest) else request
+    sampling: Sampling = request.sampling_params if isinstance(request, GenerateRequest) else request
     if isinstance(request, ChatCompletionRequest) and request.max_completion_tokens is not None:
         sampling = sampling.model_copy(update={"max_tokens": request.max_completion_tokens})
     if isinstance(request, ChatCompletionRequest):
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
     else:
         logprobs = getattr(request, "logprobs", None)
-    grammar = None if isinstance(request, GenerateRequest) else checked_grammar(request)
+    grammar = None if isinstance(request, GenerateRequest) else checked_grammar(request, ENGINE)
     params = resolve_sampling(
         sampling,
         prompt.tokens,
@@ -781,9 +304,6 @@ def models_response() -> dict[str, Any]:
     return {"object": "list", "data": [model]}
 
 
-# ---------------------------------------------------------------------------------------------
-# 6. The handler: validate everything before the first yield, then stream.
-# ---------------------------------------------------------------------------------------------
 def respond(route: str, request: BaseModel, job: Plan, deltas: AsyncIterator[Delta]) -> AsyncIterator[Any]:
     """The chunks this route sends: native ones, or OpenAI's objects (SSE events when streamed)."""
     if route == NATIVE:
@@ -801,6 +321,9 @@ def respond(route: str, request: BaseModel, job: Plan, deltas: AsyncIterator[Del
     return openai_responses(shape, deltas, bool(request.stream), include_usage)
 
 
+# ---------------------------------------------------------------------------------------------
+# 6. Start: the handler validates everything before the first yield, then streams; the SDK runs it.
+# ---------------------------------------------------------------------------------------------
 async def handler(job: dict[str, Any]) -> AsyncIterator[Any]:
     if VLLM:  # relayed to vLLM's server, which validates and answers the request itself
         try:

@@ -1,0 +1,101 @@
+"""What a validated request asks of the engine, decided before the first chunk: the turns the chat
+template reads, the tokenized prompt, the output grammar, all gathered in a `Plan`.
+
+The handler's `render_prompt` and `plan` (handler.py, "4. Inference") use these pieces with the
+loaded engine and the worker's settings; everything here takes the engine as an argument, so this
+module imports nothing from the handler.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from openai_tools import tool_call_grammar
+from pydantic import BaseModel
+from textstream import SamplingParams, grammar_error, grammar_tokenizer, json_schema_grammar
+
+from schema import Message, NamedToolChoice, RequestError
+
+
+@dataclass(frozen=True)
+class Prompt:
+    text: str
+    is_chat: bool
+    ids: list[int]  # tokenized once, here; generation reads these
+
+    @property
+    def tokens(self) -> int:
+        return len(self.ids)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything generation and the response need, decided before the first chunk."""
+
+    prompt: Prompt
+    params: SamplingParams
+    parse_tools: bool  # hermes tool calls become tool_calls
+    reasoning: str | None  # the reasoning parser, chat only
+    thinking: bool  # the prompt left a <think> open
+    include_reasoning: bool
+
+
+def chat_turn(index: int, message: Message) -> dict[str, Any]:
+    """One message as chat templates read it: developer is system, earlier tool calls carry their
+    arguments as objects (templates write them out with tojson), as vLLM passes them."""
+    turn: dict[str, Any] = {
+        "role": "system" if message.role == "developer" else message.role,
+        "content": message.text(),
+    }
+    if message.tool_call_id is not None:
+        turn["tool_call_id"] = message.tool_call_id
+    if message.tool_calls:
+        calls = []
+        for number, call in enumerate(message.tool_calls):
+            try:
+                arguments = json.loads(call.function.arguments)
+            except ValueError:
+                raise RequestError(f"messages.{index}.tool_calls.{number}.function.arguments: not valid JSON") from None
+            calls.append(
+                {"id": call.id, "type": "function", "function": {"name": call.function.name, "arguments": arguments}}
+            )
+        turn["tool_calls"] = calls
+    return turn
+
+
+def requested_grammar(request: BaseModel) -> str | None:
+    """The llguidance grammar a request's response_format, structured_outputs or forced tool_choice asks for."""
+    response_format = getattr(request, "response_format", None)
+    if response_format is not None and response_format.type == "json_object":
+        return json_schema_grammar(None)
+    if response_format is not None and response_format.type == "json_schema":
+        return json_schema_grammar(response_format.json_schema.schema_)
+    if request.structured_outputs is not None:
+        return request.structured_outputs.grammar_text()
+    choice = getattr(request, "tool_choice", None)
+    if choice == "required":
+        tools = [tool.model_dump(exclude_none=True) for tool in request.tools]
+        return tool_call_grammar(tools, parallel=request.parallel_tool_calls is not False)
+    if isinstance(choice, NamedToolChoice):
+        tools = [
+            tool.model_dump(exclude_none=True) for tool in request.tools if tool.function.name == choice.function.name
+        ]
+        return tool_call_grammar(tools, parallel=False)
+    return None
+
+
+def checked_grammar(request: BaseModel, engine: Any) -> str | None:
+    """The requested grammar, compiled once against the engine's tokenizer: a grammar the engine
+    refuses is the caller's error, before any generation."""
+    try:
+        grammar = requested_grammar(request)
+    except ValueError as error:  # a schema that is not JSON, for instance
+        raise RequestError(f"structured output: {error}") from None
+    if grammar is None:
+        return None
+    engine_tokenizer = grammar_tokenizer(engine.tokenizer, engine.vocab_size, sorted(engine.eos_token_ids))
+    if problem := grammar_error(grammar, engine_tokenizer):
+        raise RequestError(f"structured output: the grammar engine refused it: {problem}")
+    return grammar
