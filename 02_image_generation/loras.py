@@ -10,7 +10,8 @@ done, then the set is switched (loading what is missing, evicting the least rece
 `max_loaded`) while no job runs. A waiting job stops the admission of new jobs of the running
 set, so nobody waits forever.
 
-Sources, resolved to a local file before a job waits for the gate (`resolve`):
+Sources, resolved to a local file before a job waits for the gate (`resolve`; a request's list with
+`resolve_requested`, the endpoint's LORAS at start with `load_endpoint_loras`):
 * an endpoint LoRA's name (the LORAS setting, loaded at start);
 * a local or network-volume path: a `.safetensors` file, or a folder holding
   `pytorch_lora_weights.safetensors` (what diffusers' training scripts write);
@@ -213,6 +214,46 @@ class AdapterGate:
             return True
         others_waiting = any(key != self.current for key in self.waiting)
         return wanted == self.current and not others_waiting
+
+
+def resolve_requested(
+    requested: list[tuple[str, float | None]],
+    named: dict[str, Adapter],
+    named_weights: dict[str, float],
+    cache_dir: Path,
+    limits: ImageLimits,
+) -> tuple[AdapterSet, tuple[str, ...], tuple[float, ...]]:
+    """A request's `loras`, as (source, weight) pairs in its order: the adapter set of their local
+    files (downloaded or fetched from the Hub if need be), the request field of each adapter in the
+    set (for errors), and the weight each pair got: its own, the endpoint LoRA's, or 1."""
+    weights = tuple(weight if weight is not None else named_weights.get(source, 1.0) for source, weight in requested)
+    chosen: dict[str, tuple[Adapter, float, str]] = {}
+    for index, ((source, _), weight) in enumerate(zip(requested, weights, strict=True)):
+        field = f"loras.{index}.source"
+        adapter = resolve(field, source, named, cache_dir, limits)
+        if adapter.name in chosen:
+            raise LoraError(f"{field}: the same adapter twice; give it one weight")
+        chosen[adapter.name] = (adapter, weight, field)
+    adapters = adapter_set([(adapter, weight) for adapter, weight, _ in chosen.values()])
+    fields = {adapter.name: field for adapter, _, field in chosen.values()}
+    return adapters, tuple(fields[adapter.name] for adapter, _ in adapters), weights
+
+
+def load_endpoint_loras(
+    value: str | None, pipeline: Any, max_loaded: int, cache_dir: Path, limits: ImageLimits
+) -> tuple[AdapterGate, dict[str, Adapter], dict[str, float]]:
+    """The endpoint's own LoRAs (LORAS), loaded into `pipeline` at start and never evicted: the gate
+    over them, and each one's adapter and weight by name."""
+    gate = AdapterGate(pipeline, max_loaded, pinned=set())
+    adapters: dict[str, Adapter] = {}
+    weights: dict[str, float] = {}
+    for index, entry in enumerate(parse_endpoint_loras(value)):
+        adapter = resolve(f"LORAS[{index}]", entry["source"], {}, cache_dir, limits)
+        adapters[entry["name"]] = adapter
+        weights[entry["name"]] = entry["weight"]
+        gate.pinned.add(adapter.name)
+    gate.preload([(adapter, f"LORAS ({name})") for name, adapter in adapters.items()])
+    return gate, adapters, weights
 
 
 def parse_endpoint_loras(value: str | None) -> list[dict[str, Any]]:
