@@ -480,7 +480,10 @@ def test_prompt_formats(handlers) -> None:
 
 def test_caption_and_answer_are_greedy_unless_a_request_asks_for_sampling(llava, monkeypatch) -> None:
     # A model whose generation_config recommends sampling (as many chat checkpoints do).
-    monkeypatch.setattr(llava, "SAMPLING_DEFAULTS", {"temperature": 1.0, "top_p": 0.9})
+    # (Set on the engine's own dict: the handler reads ENGINE.sampling_defaults, and SAMPLING_DEFAULTS is it.)
+    monkeypatch.setitem(llava.ENGINE.sampling_defaults, "temperature", 1.0)
+    monkeypatch.setitem(llava.ENGINE.sampling_defaults, "top_p", 0.9)
+    assert llava.SAMPLING_DEFAULTS == {"temperature": 1.0, "top_p": 0.9}
     for request in (
         {"task": "caption", "image": image_uri()},
         {"task": "answer", "image": image_uri(), "question": "What is it?"},
