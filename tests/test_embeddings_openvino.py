@@ -115,7 +115,7 @@ def vectors(module: ModuleType, texts: list[str], **options: object) -> np.ndarr
 def test_the_transformer_runs_on_openvino(embedder: ModuleType) -> None:
     model = embedder.MODEL[0].auto_model
     assert type(model).__name__ == "OVModelForFeatureExtraction"
-    assert embedder.TOKEN_IDS_PATH  # the same token-ids path as torch: tokenized once, off the model thread
+    assert embedder.ENCODER.token_ids_path  # the same token-ids path as torch: tokenized once, off the model thread
     # f32 unless asked, on every CPU: the compiled model says so (OpenVINO alone picks bf16 on AMX CPUs).
     assert model.request.get_property("INFERENCE_PRECISION_HINT").get_type_name() == "f32"
     assert embedder.RUNS_IN == "openvino f32"
@@ -219,7 +219,7 @@ def test_a_hub_id_loads_its_baked_export_offline(
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     env = {**CPU, "MODEL_NAME": repo, "HF_HUB_OFFLINE": "1", "BACKEND_FILE": "openvino/openvino_model_int8.xml"}
     module = load_handler(EXAMPLE, env)
-    assert str(cache) in str(module.model_source(repo, None))
+    assert str(cache) in str(module.model_source(repo, None, "openvino"))
     got = vectors(module, TEXTS)
     assert np.min(np.sum(got * torch_vectors, axis=1)) > 0.99 and np.max(np.abs(got - torch_vectors)) > 1e-4
 

@@ -68,7 +68,7 @@ def test_the_model_is_a_splade_sparse_encoder(sparse: ModuleType, splade_path: P
     assert type(sparse.MODEL[0].auto_model).__name__ == "BertForMaskedLM"
     assert isinstance(sparse.MODEL[1], SpladePooling)
     assert sparse.EMBEDDING_DIM == len(sparse.MODEL.tokenizer)  # one dimension per vocabulary term
-    assert sparse.TOKEN_IDS_PATH  # tokenised once, off the model thread, like a dense model
+    assert sparse.ENCODER.token_ids_path  # tokenised once, off the model thread, like a dense model
 
 
 def test_native_output_is_indices_and_values_equal_to_sparse_encoder(sparse: ModuleType) -> None:

@@ -1,0 +1,61 @@
+"""Dense vectors: what a model's output becomes on its way to the caller.
+
+Each job shapes the full-size float32 vectors the model gave with its own options: Matryoshka
+truncation to `dimensions`, unit length if asked, sentence-transformers' quantization to
+`precision`, then plain JSON numbers or base64 (result_size.py says how many bytes that takes).
+The sparse counterpart is sparse.py.
+
+Pure functions on arrays, tested directly (tests/test_embeddings.py).
+"""
+
+from __future__ import annotations
+
+import base64
+
+import numpy as np
+from sentence_transformers import quantize_embeddings
+
+
+def shape_embeddings(vectors: np.ndarray, dimensions: int | None, normalize: bool) -> np.ndarray:
+    """Matryoshka-truncate to `dimensions`, then scale each row to unit length if asked."""
+    if dimensions is not None:
+        vectors = vectors[:, :dimensions]
+    if normalize:
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        vectors = vectors / np.maximum(norms, np.finfo(np.float32).tiny)
+    return vectors.astype(np.float32, copy=False)
+
+
+def quantize(
+    vectors: np.ndarray, precision: str, calibration: np.ndarray, dimensions: int | None, normalize: bool
+) -> np.ndarray:
+    """sentence-transformers' quantization, with int8/uint8 ranges from the raw `calibration`
+    embeddings shaped exactly like the request's, so every request of the same shape shares one scale."""
+    if precision == "float32":
+        return vectors
+    calibration = shape_embeddings(calibration, dimensions, normalize)
+    return quantize_embeddings(vectors, precision=precision, calibration_embeddings=calibration)
+
+
+class JSONVector(list):
+    """A plain JSON list of numbers whose repr is a one-line summary.
+
+    The runpod SDK formats every job's output into two debug-log f-strings, even with debug logs
+    off (`rp_job.run_job`). For a list of floats that repr costs more than the JSON itself (about
+    0.9 ms for one 384-dimension vector, measured): a third of the work of a one-line query on a
+    CPU, where it competes with the model for cores. json.dumps writes a list subclass as a list.
+    """
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return f"<vector of {len(self)} values>"
+
+
+def encode_vector(vector: np.ndarray, encoding_format: str) -> JSONVector | str:
+    """A JSON value for one embedding: a list of numbers, or base64 of its bytes (little-endian
+    float32 for floats, one byte per value for the quantized precisions)."""
+    if encoding_format == "base64":
+        raw = vector.astype("<f4") if vector.dtype.kind == "f" else vector
+        return base64.b64encode(raw.tobytes()).decode("ascii")
+    return JSONVector(vector.tolist())  # plain Python numbers: json.dumps cannot encode numpy values

@@ -1,0 +1,127 @@
+"""The embedding model run on one batch of texts: what it reads, and what comes out.
+
+handler.py tokenizes each request once (`tokenize_within`), hands every text to the batcher
+(`Encoder.batcher`, batcher.py) as a `ToEncode`, and the batcher calls `Encoder.encode` with a
+batch on the single thread that owns the model. The model's modules run here one by one, all but
+a final `Normalize`: the response step normalises per request instead, so `normalize: false` gets
+the model's raw vectors.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import runpod
+import torch
+from sentence_transformers.base.modules import Normalize, Router, Transformer
+from sentence_transformers.util import batch_to_device
+
+from batcher import TokenBudgetBatcher
+from sparse import SparseVector, active_terms
+
+log = runpod.RunPodLogger()
+
+
+@dataclass
+class Tokenized:
+    """One request's texts, tokenised once: what the model reads, and what it was asked to read."""
+
+    encodings: list[dict[str, list[int]]]  # per text: input_ids etc., cut to the model's window
+    counts: list[int]  # tokens per text before the cut, prompt and special tokens included
+
+
+def tokenize_within(texts: list[str], prompt: str, tokenizer: Any, max_length: int) -> Tokenized:
+    """The model's own tokenizer over `prompt + text`, as sentence-transformers does it; texts past
+    `max_length` are cut there (longest_first, keeping the closing special token). `tokenizer` is
+    the calling thread's own copy (a fast tokenizer's settings are state each call rewrites)."""
+    prompted = [prompt + text for text in texts]
+    full = tokenizer(prompted, add_special_tokens=True, verbose=False)
+    counts = [len(ids) for ids in full["input_ids"]]
+    encodings = [{key: values[i] for key, values in full.items()} for i in range(len(texts))]
+    if long := [i for i, count in enumerate(counts) if count > max_length]:
+        cut = tokenizer([prompted[i] for i in long], truncation=True, max_length=max_length, verbose=False)
+        for row, i in enumerate(long):
+            encodings[i] = {key: values[row] for key, values in cut.items()}
+    return Tokenized(encodings, counts)
+
+
+@dataclass(frozen=True)
+class ToEncode:
+    """One text as the batcher carries it: its token ids, or for the preprocess path its text."""
+
+    encoding: dict[str, list[int]]
+    text: str
+    prompt: str
+    task: str | None
+
+
+def release_memory(error: BaseException) -> None:
+    """Before a failed batch is split and retried: give the GPU memory back, log the cause (no texts)."""
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        torch.cuda.empty_cache()
+    log.warn(f"A batch failed ({type(error).__name__}); retrying its texts in smaller batches")
+
+
+class Encoder:
+    """A loaded sentence-transformers model (dense, or sparse: a SparseEncoder), one batch at a time."""
+
+    def __init__(self, model: Any, sparse: bool) -> None:
+        self.model, self.sparse = model, sparse
+        # The modules a batch runs through: all but a final Normalize (applied per request instead).
+        modules = list(model.children())
+        self.raw_modules = modules[:-1] if isinstance(modules[-1], Normalize) else modules
+        # False when a Normalize sits inside the model: then no request can have raw vectors.
+        self.raw_vectors = not any(isinstance(module, Normalize) for module in self.raw_modules)
+        # Plain text transformers (nearly every embedding model) take the token ids made once per
+        # request, off the model thread. Others (routers, prompt-excluding pooling, query expansion)
+        # are preprocessed by sentence-transformers itself on the model thread, per batch of one prompt.
+        self.token_ids_path = (
+            isinstance(modules[0], Transformer)
+            and set(modules[0].modality_config) == {"text"}
+            and getattr(modules[0], "query_expansion", None) is None
+            and all(getattr(module, "include_prompt", True) for module in modules)
+        )
+
+    def group(self, prompt: str, task: str | None) -> tuple[str, str | None] | None:
+        """What texts must share to share a batch: nothing on the token-ids path, else prompt and task."""
+        return None if self.token_ids_path else (prompt, task)
+
+    def features(self, batch: list[ToEncode]) -> dict[str, Any]:
+        """The model's input for a batch: token ids padded to the longest, or sentence-transformers'
+        own preprocessing (every item of such a batch shares its prompt and task: see `group`)."""
+        model = self.model
+        if self.token_ids_path:
+            features = dict(model.tokenizer.pad([item.encoding for item in batch], padding=True, return_tensors="pt"))
+            return {**batch_to_device(features, model.device), "modality": "text"}
+        first = batch[0]
+        features = model.preprocess([item.text for item in batch], prompt=first.prompt or None, task=first.task)
+        return batch_to_device(features, model.device)
+
+    def encode(self, batch: list[ToEncode]) -> list[np.ndarray] | list[SparseVector]:
+        """One forward pass on the model thread: raw float32 vectors, one per text (no final
+        Normalize); for a sparse model each text's active terms, so only those leave the model thread."""
+        features = self.features(batch)
+        task = batch[0].task
+        with torch.inference_mode():
+            for module in self.raw_modules:
+                features = module(features, task=task) if isinstance(module, Router) else module(features)
+        if self.sparse:
+            return active_terms(features["sentence_embedding"])
+        return list(features["sentence_embedding"].float().cpu().numpy())
+
+    def batcher(self, executor: Executor, max_tokens: int, max_texts: int) -> TokenBudgetBatcher:
+        """Batches of at most `max_tokens` padded tokens and `max_texts` texts, encoded on
+        `executor` (the model's one thread). A batch that fails is split and retried, down to
+        single texts, so only a text that cannot fit fails its job; a lost GPU context fails every
+        text at once: splitting the batch cannot bring it back."""
+        return TokenBudgetBatcher(
+            self.encode,
+            executor,
+            max_tokens,
+            max_texts,
+            fatal=(torch.AcceleratorError,),
+            on_error=release_memory,
+        )
