@@ -18,7 +18,7 @@ the job's result is the list of every chunk, and Runpod drops a result over its 
 error instead of losing everything.
 
 This file is copied, identical, into every example that streams (each folder is its own Docker
-context); `tests/test_coalesce.py` checks that the copies match and exercises each one.
+context); `tests/copied_modules/test_coalesce.py` checks that the copies match and exercises each one.
 """
 
 from __future__ import annotations

@@ -95,7 +95,7 @@ def default_concurrency(environ: Mapping[str, str]) -> int:
 # The native request shape, on vLLM's OpenAI routes (pure)
 # ---------------------------------------------------------------------------------------------
 # vLLM's SamplingParams fields that its OpenAI requests also take, by the same names: what
-# worker-vllm's native `sampling_params` accepts. (tests/test_vllm_engine.py checks them against vLLM.)
+# worker-vllm's native `sampling_params` accepts. (tests/text_generation/test_vllm_engine.py checks them against vLLM.)
 NATIVE_SAMPLING_FIELDS = frozenset(
     {
         "n",

@@ -12,7 +12,7 @@ comes, and turns an `{"error": ...}` chunk into a failed job, so the process exi
 exactly when the job would fail in production.
 
 This file is copied, identical, into every example folder (each folder is its own Docker
-context); `tests/test_local_run.py` checks that the copies match and exercises each one.
+context); `tests/copied_modules/test_local_run.py` checks that the copies match and exercises each one.
 """
 
 from __future__ import annotations

@@ -54,7 +54,8 @@ CONFIG_ONLY_VARIABLES = ("MODEL_CONFIG",)
 COMMIT = re.compile(r"[0-9a-f]{40}")  # a revision that is a commit hash, not a branch or tag
 RUNPOD_VARIABLES = ("RUNPOD_POD_ID", "RUNPOD_ENDPOINT_ID")  # set by Runpod on every worker
 # What a deployment may set for this module; every README's Configuration table lists them
-# (tests/test_repository.py reads this tuple, tests/test_startup.py checks nothing else is read).
+# (tests/repository/test_repository.py reads this tuple; tests/copied_modules/test_startup.py
+# checks nothing else is read).
 CONFIGURATION = ("DEVICE", "HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE")
 DEVICES = ("auto", "cuda", "cpu")
 # Oldest NVIDIA driver for each CUDA major version (CUDA's minor-version compatibility: a driver

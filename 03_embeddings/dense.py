@@ -5,7 +5,7 @@ truncation to `dimensions`, unit length if asked, sentence-transformers' quantiz
 `precision`, then plain JSON numbers or base64 (result_size.py says how many bytes that takes).
 The sparse counterpart is sparse.py.
 
-Pure functions on arrays, tested directly (tests/test_embeddings.py).
+Pure functions on arrays, tested directly (tests/embeddings/test_handler.py).
 """
 
 from __future__ import annotations

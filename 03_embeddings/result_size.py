@@ -4,7 +4,7 @@ result would certainly pass it is refused before any work, sized with the fewest
 can take (`result_bytes`), and a result that might pass it, sized with the most, is measured
 before it is returned (`measured`): either way the caller gets an error that names the ways out.
 
-Pure functions, tested directly (tests/test_embeddings.py). A sparse result's ceiling is
+Pure functions, tested directly (tests/embeddings/test_handler.py). A sparse result's ceiling is
 sparse.sparse_result_ceiling: its size is known only once its active terms are.
 """
 

@@ -5,7 +5,7 @@ text one weight per vocabulary term, nearly all zero (30,522 terms for a BERT vo
 of them active for a trained SPLADE). Only the active terms travel: `{"indices", "values"}`, the
 shape Qdrant's `SparseVector`, Elasticsearch's and Pinecone's sparse values take.
 
-Pure functions on arrays, tested directly (tests/test_embeddings_sparse.py).
+Pure functions on arrays, tested directly (tests/embeddings/test_sparse.py).
 """
 
 from __future__ import annotations

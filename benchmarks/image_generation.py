@@ -8,11 +8,11 @@ the same run (targets are labels, never assertions):
   `TEXT2IMAGE(prompt, width, height, num_inference_steps, guidance_scale, generator=...)` with the
   same settings on the handler's own loaded pipeline (target ≥ 0.95×). The handler is timed
   twice: driven directly on one event loop, and through the runpod SDK's `run_job_generator` with
-  the JSON check on every chunk (the loop of tests.harness.run_job_async);
+  the JSON check on every chunk (the loop of tests.shared.harness.run_job_async);
 * output encoding: png, jpeg and webp (at the handler's default quality) of the generated image,
   as milliseconds per image and as a share of the raw generation time;
 * progress over a slow network: `python handler.py` serving the emulated Runpod job API
-  (tests/runpod_api.py), a 30-step 256² job with 0 ms and with 50 ms per POST, the time from the
+  (tests/shared/runpod_api.py), a 30-step 256² job with 0 ms and with 50 ms per POST, the time from the
   worker taking the job to its result arriving, and the stream POSTs it made (target: 50 ms
   within 1.2× of 0 ms: superseded progress is dropped, never queued).
 
@@ -21,7 +21,7 @@ the same run (targets are labels, never assertions):
   target ≥ 0.95×; and four images batched (`"batch": true`) against four one by one, with how far
   each batched image is from its solo run.
 
-The model is the tiny SD 1.5 pipeline of tests/tiny_models.py (real layout, scheduler and VAE
+The model is the tiny SD 1.5 pipeline of tests/shared/tiny_models.py (real layout, scheduler and VAE
 depth, tiny widths), float32 on CPU: the absolute numbers say nothing about a real model's speed,
 only the ratios do.
 
@@ -97,7 +97,7 @@ async def run_sdk(handler: Callable[[dict[str, Any]], AsyncIterator[Any]], job: 
     """Through the runpod SDK's generator runner, with the JSON check: harness.run_job_async's loop, timed."""
     from runpod.serverless.modules.rp_job import run_job_generator
 
-    from tests.harness import assert_json
+    from tests.shared.harness import assert_json
 
     recorder = _Recorder()
     async for part in run_job_generator(handler, job):
@@ -145,7 +145,7 @@ def encoding_rows(module: ModuleType, image: Any, quality: int, generation_ms: f
 
 def network_section(model_dir: Path, repeats: int) -> None:
     """A 30-step 256² job through the SDK's real job loop, POSTs instant and 50 ms each."""
-    from tests.runpod_api import JobAPI, Worker
+    from tests.shared.runpod_api import JobAPI, Worker
 
     request = {"prompt": PROMPT, "seed": 42, "width": 256, "height": 256, "num_inference_steps": 30}
     runs: dict[float, list[Any]] = {0.0: [], 0.05: []}
@@ -197,8 +197,8 @@ def more_section(size: int, repeats: int) -> None:
     import numpy as np
     import torch
 
-    from tests import tiny_models
-    from tests.harness import load_handler
+    from tests.shared import tiny_models
+    from tests.shared.harness import load_handler
 
     def timed_job(module: ModuleType, request: dict[str, Any]) -> Callable[[], float]:
         def run() -> float:
@@ -286,8 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     import torch
 
-    from tests import tiny_models
-    from tests.harness import load_handler
+    from tests.shared import tiny_models
+    from tests.shared.harness import load_handler
 
     with contextlib.ExitStack() as stack:
         model_dir = args.model_dir

@@ -12,10 +12,10 @@ the same run (targets are labels, never assertions):
 
 The handler is timed twice each: driving its async generator directly on one event loop, and
 through the runpod SDK's `run_job_generator` with the JSON check on every chunk (the loop of
-tests.harness.run_job_async). Its time includes decoding the image from the data URI, which the
+tests.shared.harness.run_job_async). Its time includes decoding the image from the data URI, which the
 raw side is spared (the script prints that cost on its own).
 
-The models are random-weight ones built on the fly from the tiny kinds of tests/tiny_models.py
+The models are random-weight ones built on the fly from the tiny kinds of tests/shared/tiny_models.py
 (their tokenizers, processors and chat template), at sizes where CPU timings mean something: CLIP
 in the shape of the handler's default openai/clip-vit-base-patch32 (224 px, 32 px patches, 12+12
 layers, 150M parameters), LLaVA with a 224 px / 14 px-patch vision tower (256 image tokens) and an
@@ -81,7 +81,7 @@ def build_clip(out: Path, tiny: bool) -> Path:
     import torch
     from transformers import CLIPConfig, CLIPModel
 
-    from tests import tiny_models
+    from tests.shared import tiny_models
 
     small = tiny_models.build("clip", out / "tiny-clip")
     if tiny:
@@ -122,7 +122,7 @@ def build_llava(out: Path, tiny: bool) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText, GenerationConfig
 
-    from tests import tiny_models
+    from tests.shared import tiny_models
 
     small = tiny_models.build("llava", out / "tiny-llava")
     if tiny:
@@ -168,7 +168,7 @@ def build_qwen(out: Path, tiny: bool) -> Path:
     import torch
     from transformers import AutoConfig, GenerationConfig, Qwen2_5_VLForConditionalGeneration
 
-    from tests import tiny_models
+    from tests.shared import tiny_models
 
     small = tiny_models.build("qwen2.5-vl", out / "tiny-qwen")
     if tiny:
@@ -252,7 +252,7 @@ async def run_sdk(handler: Callable[[dict[str, Any]], AsyncIterator[Any]], job: 
     """Through the runpod SDK's generator runner, with the JSON check: harness.run_job_async's loop, timed."""
     from runpod.serverless.modules.rp_job import run_job_generator
 
-    from tests.harness import assert_json
+    from tests.shared.harness import assert_json
 
     started, first, chunks = time.perf_counter(), None, []
     async for part in run_job_generator(handler, job):
@@ -492,7 +492,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=3, help="CLIP jobs per timed sample (default 3)")
     parser.add_argument("--max-tokens", type=int, default=16, help="LLaVA max_tokens per answer (default 16)")
     parser.add_argument("--repeats", type=int, default=7, help="timed samples per measurement, median (default 7)")
-    parser.add_argument("--tiny", action="store_true", help="the tiny models of tests/tiny_models.py as they are")
+    parser.add_argument(
+        "--tiny", action="store_true", help="the tiny models of tests/shared/tiny_models.py as they are"
+    )
     parser.add_argument("--skip-clip", action="store_true")
     parser.add_argument("--skip-llava", action="store_true")
     parser.add_argument("--jobs", type=int, default=32, help="concurrent CLIP jobs in the batching run (default 32)")
@@ -503,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--labels must be between 2 and {len(LABELS)}")
 
     os.environ.update(QUIET_ENV)  # before runpod is imported: its logger reads the level once
-    from tests.harness import load_handler
+    from tests.shared.harness import load_handler
 
     uri, jpeg_bytes = photo_uri()
     print(f"Machine: {machine_line()}")

@@ -16,7 +16,7 @@ the same run (targets are labels, never assertions):
   prepare each request (template, tokenizer, grammar compilation).
 
 The model is a Llama with random weights (default hidden 512, 8 layers), big enough that CPU
-timings mean something, with the tiny Llama tokenizer and chat template of tests/tiny_models.py.
+timings mean something, with the tiny Llama tokenizer and chat template of tests/shared/tiny_models.py.
 
     python benchmarks/text_generation.py [--hidden 512] [--layers 8] [--max-tokens 128] [--repeats 5]
                                          [--skip-cold-start] [--skip-structured]
@@ -54,7 +54,7 @@ def build_model(out: Path, hidden: int, layers: int) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-    from tests import tiny_models
+    from tests.shared import tiny_models
 
     tiny = tiny_models.build("llama", out / "tiny")
     config = AutoConfig.from_pretrained(tiny)
@@ -83,7 +83,7 @@ def build_model(out: Path, hidden: int, layers: int) -> Path:
 
 def make_messages(tokenizer: Any, prompt_tokens: int) -> list[dict[str, str]]:
     """One user message of about `prompt_tokens` tokens of ordinary English from the tiny corpus."""
-    from tests.tiny_models import CORPUS
+    from tests.shared.tiny_models import CORPUS
 
     text = " ".join(CORPUS.split())
     ids: list[int] = []
@@ -179,7 +179,7 @@ async def stream_sdk(handler: Callable[[dict[str, Any]], AsyncIterator[Any]], jo
     """Through the runpod SDK's generator runner, with the JSON check: harness.run_job_async's loop, timed."""
     from runpod.serverless.modules.rp_job import run_job_generator
 
-    from tests.harness import assert_json
+    from tests.shared.harness import assert_json
 
     recorder = _Recorder()
     async for part in run_job_generator(handler, job):
@@ -327,7 +327,7 @@ print(json.dumps({"seconds": time.perf_counter() - started}))
 
 def time_subprocess(code: str, model: Path, cwd: Path) -> tuple[float, float]:
     """(seconds inside the interpreter from its first statement, wall seconds of the whole process)."""
-    from tests.harness import base_env
+    from tests.shared.harness import base_env
 
     env = base_env(MODEL_NAME=str(model), **QUIET_ENV)
     started = time.perf_counter()
@@ -379,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     os.environ.update(QUIET_ENV)  # before runpod is imported: its logger reads the level once
-    from tests.harness import load_handler
+    from tests.shared.harness import load_handler
 
     with contextlib.ExitStack() as stack:
         out = args.model_dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-llm-")))

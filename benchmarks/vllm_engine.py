@@ -16,7 +16,7 @@ once and measured alternately, round by round, so a drift in the machine's speed
 * raw vLLM server: `python -m vllm.entrypoints.launchers.api_server.entry` with those arguments,
   `/v1/chat/completions` streamed, read by one aiohttp session (what a client on loopback sees);
 * worker, native: `python handler.py` (ENGINE=vllm, its own vLLM server as a child process) taking
-  jobs from the emulated Runpod job API of tests/runpod_api.py, POSTs answered at once; native
+  jobs from the emulated Runpod job API of tests/shared/runpod_api.py, POSTs answered at once; native
   `{"messages", "sampling_params", "stream": true}` jobs, timed from submission to the arrival of
   the last result;
 * worker, OpenAI route: the same worker, `openai_route: /v1/chat/completions` jobs with the raw
@@ -123,7 +123,7 @@ def worker_env(model: Path, rpc: Path, max_num_seqs: int, max_model_len: int) ->
         "MAX_MODEL_LEN": str(max_model_len),
         "MAX_NUM_SEQS": str(max_num_seqs),
         "ENFORCE_EAGER": "true",  # no torch.compile: seconds to start instead of minutes
-        "DEVICE": "cpu",  # as tests/runpod_api.py's Worker sets it
+        "DEVICE": "cpu",  # as tests/shared/runpod_api.py's Worker sets it
     }
 
 
@@ -339,7 +339,7 @@ async def sdk_chunk_cost(chunks: int) -> None:
     import aiohttp
     from runpod.serverless.modules import rp_http, rp_job
 
-    from tests.runpod_api import JobAPI
+    from tests.shared.runpod_api import JobAPI
 
     sys.path.insert(0, str(REPO / EXAMPLE))
     try:
@@ -429,8 +429,8 @@ async def run(args: argparse.Namespace, out: Path) -> int:
 
     from benchmarks.text_generation import build_model, make_messages
 
-    from tests.harness import base_env
-    from tests.runpod_api import JobAPI, Worker
+    from tests.shared.harness import base_env
+    from tests.shared.runpod_api import JobAPI, Worker
 
     levels = sorted(set(args.concurrency))
     most = max(levels)

@@ -1,7 +1,7 @@
 """Streaming through Runpod's real worker loop: how much a slow network costs a streamed job.
 
 Each worker runs as in production (`python handler.py`, the runpod SDK's job loop) against the
-emulated job API of `tests/runpod_api.py`, which holds every POST for 0 ms, then 50 ms (a
+emulated job API of `tests/shared/runpod_api.py`, which holds every POST for 0 ms, then 50 ms (a
 network round trip between a worker and Runpod). The SDK awaits each stream POST before it asks
 for the next chunk, so a job's time is bounded below by POSTs × round trip unless the worker sends
 what piled up meanwhile in one POST (`coalesce.py`). Printed per workload: the job's time (from
@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import QUIET_ENV, machine_line, median, ratio_note, table
 
-from tests import tiny_models
-from tests.runpod_api import JobAPI, Worker
+from tests.shared import tiny_models
+from tests.shared.runpod_api import JobAPI, Worker
 
 SLOW_NETWORK_S = 0.05
 

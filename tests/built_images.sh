@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds every example's Dockerfile and runs it (tests/test_built_images.py), as root with buildah,
+# Builds every example's Dockerfile and runs it (tests/repository/test_built_images.py), as root with buildah,
 # a daemonless builder from Debian's packages, on a stand-in for the images' base
 # (tests/stand_in_base.sh). Installs what it needs; about 25 minutes from a cold layer cache.
 set -euo pipefail
@@ -10,4 +10,4 @@ if ! command -v buildah >/dev/null || ! command -v debootstrap >/dev/null; then
     apt-get install -y -qq --no-install-recommends buildah debootstrap >/dev/null
 fi
 bash tests/stand_in_base.sh
-BUILD_IMAGES=1 python -m pytest tests/test_built_images.py "$@"
+BUILD_IMAGES=1 python -m pytest tests/repository/test_built_images.py "$@"

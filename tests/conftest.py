@@ -14,7 +14,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 # The SDK logs every job's input and output at its default level, DEBUG: too loud for test reports.
 os.environ.setdefault("RUNPOD_LOG_LEVEL", "INFO")
 
-from tests import tiny_models
+from tests.shared import tiny_models
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# 03_embeddings with BACKEND=openvino (tests/test_embeddings_openvino.py) in the package set of its
+# 03_embeddings with BACKEND=openvino (tests/embeddings/test_openvino.py) in the package set of its
 # CPU image, in a virtual environment of its own installed from tests/requirements-openvino.lock:
 # the image's lock (03_embeddings/requirements-openvino.lock) plus the test runner, with the CPU
-# torch (tests/test_locks.py checks the two agree). optimum-intel 2.2 requires transformers < 5.6,
+# torch (tests/repository/test_locks.py checks the two agree). optimum-intel 2.2 requires transformers < 5.6,
 # and the main suite runs 5.24. optimum-intel's torchvision is left out of the lock: no text model
 # imports it, and PyPI's build breaks imports on the CPU torch (the image's CUDA torch matches it).
 set -euo pipefail
@@ -17,4 +17,4 @@ if ! cmp -s "$lock" "$venv/installed.lock"; then
     "$venv/bin/pip" install -q --require-hashes --no-deps -r "$lock"
     cp "$lock" "$venv/installed.lock"
 fi
-"$venv/bin/python" -m pytest tests/test_embeddings_openvino.py "$@"
+"$venv/bin/python" -m pytest tests/embeddings/test_openvino.py "$@"

