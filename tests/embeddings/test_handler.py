@@ -490,11 +490,14 @@ def test_gpu_out_of_memory_answers_the_job_and_keeps_serving(embedder: ModuleTyp
         calls.append(len(batch))
         raise __import__("torch").cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
+    freed: list[bool] = []
     monkeypatch.setattr(embedder.BATCHER, "run", out_of_memory)
+    monkeypatch.setattr(__import__("torch").cuda, "empty_cache", lambda: freed.append(True))
     result = run_job(embedder.handler, {"texts": ["a", "b"]})
     assert result["error"].startswith("out of GPU memory on a text of this request even in a batch of its own")
     assert "MAX_BATCH_TOKENS" in result["error"] and "stopPod" not in result
     assert calls == [2, 1], "the batch was split and each text retried alone before giving up"
+    assert len(freed) == len(calls), "the cached GPU memory was not given back after each failed batch"
     monkeypatch.undo()
     assert output_of(run_job(embedder.handler, {"texts": "hi"}))["embeddings"]
 

@@ -758,9 +758,12 @@ def test_out_of_memory_answers_the_job_and_keeps_the_worker(sd15, monkeypatch) -
     def oom(*args: Any, **kwargs: Any) -> Any:
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
 
+    freed: list[bool] = []
     monkeypatch.setattr(sd15, "denoise", oom)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: freed.append(True))
     result = run_job(sd15.handler, {"prompt": "x", **SMALL})
     assert result["error"] == "out of GPU memory for this size: lower width and height or num_images"
+    assert freed == [True], "the cached GPU memory was not given back for the next job"
     assert "refresh_worker" not in sd15.WORKER_CONFIG
     monkeypatch.undo()
     assert generate(sd15, prompt="again", seed=1, **SMALL)[1]["images"]

@@ -803,9 +803,12 @@ def test_cuda_out_of_memory_answers_the_job(llava, monkeypatch) -> None:
     def oom(*args: Any, **kwargs: Any) -> Any:
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")
 
+    freed: list[bool] = []
     monkeypatch.setattr(llava.MODEL, "generate", oom)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: freed.append(True))
     result = run_job(llava.handler, {"task": "caption", "image": image_uri()})
     assert result["error"] == "out of GPU memory for this request; lower max_tokens or send fewer images"
+    assert freed == [True], "the cached GPU memory was not given back for the next job"
     assert "refresh_worker" not in llava.WORKER_CONFIG
 
 

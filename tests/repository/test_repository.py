@@ -44,7 +44,8 @@ def env_vars_documented(readme: Path) -> set[str]:
 
 
 def test_all_four_examples_exist() -> None:
-    assert PRESENT, "no example folders"
+    # Every test below is parametrized over PRESENT: a missing folder would silently shrink them.
+    assert PRESENT == list(EXAMPLES) and len(PRESENT) == 4, PRESENT
 
 
 @pytest.mark.parametrize("example", PRESENT)

@@ -339,6 +339,10 @@ def report_load(name: str, run: LoadRun, valid: int, limit: int, peak: int) -> N
 # ---- soak ---------------------------------------------------------------------------------------
 
 
+# The most resident memory may grow, in percent, over a soak after its warm-up.
+SOAK_GROWTH_PERCENT = 1.0
+
+
 @dataclass(frozen=True)
 class Resources:
     rss: int  # bytes
@@ -374,7 +378,9 @@ class SoakRun:
         )
 
     def assert_steady(self) -> None:
-        assert self.growth < 10, f"resident memory grew {self.growth:.1f}% over {self.jobs} jobs"
+        # Measured +0.00 to +0.13 % here (the root README's table); 1 % of the suite's ~1-2 GB process
+        # still catches a job that keeps ~40 KB or more (a decoded image, a tensor) for good.
+        assert self.growth < SOAK_GROWTH_PERCENT, f"resident memory grew {self.growth:.2f}% over {self.jobs} jobs"
         # No more than before: a leak grows them. Fewer is fine: threads an earlier test left winding
         # down (a server's, a pool's) may end during the soak.
         assert self.after.threads <= self.before.threads, (self.before, self.after)

@@ -1184,9 +1184,12 @@ def test_cuda_out_of_memory_answers_the_job_and_keeps_the_worker(qwen, monkeypat
     def oom(*args: Any, **kwargs: Any) -> Any:
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
+    freed: list[bool] = []
     monkeypatch.setattr(qwen.ENGINE.model, "generate", oom)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: freed.append(True))
     result = run_job(qwen.handler, {"prompt": "Once", "sampling_params": {"max_tokens": 5}})
     assert result["error"].startswith("out of GPU memory for this request")
+    assert freed == [True], "the cached GPU memory was not given back for the next job"
     assert "refresh_worker" not in qwen.WORKER_CONFIG
     monkeypatch.undo()
     assert native(qwen, prompt="again", sampling_params={"max_tokens": 2})
