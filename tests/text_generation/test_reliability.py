@@ -261,14 +261,22 @@ def test_an_openai_route_that_is_not_a_string_is_refused(worker: ModuleType, rou
     [
         {"temperature": 1e-300},
         {"temperature": 5e-324, "seed": 1},
-        {"temperature": 1.0, "repetition_penalty": 1e-300},
+        {"temperature": 1.0, "repetition_penalty": 0.01},  # the smallest the schema accepts
     ],
 )
 def test_extreme_but_valid_sampling_values_never_fail_inside_the_worker(worker: ModuleType, sampling: dict) -> None:
-    """The schema accepts any temperature in [0, 2] and repetition_penalty in (0, 2]: each one
-    accepted must generate (a tiny temperature is greedy), or be refused by validation."""
+    """The schema accepts any temperature in [0, 2] and repetition_penalty in [0.01, 2]: each value it
+    accepts must generate (a tiny temperature is greedy), never fail on the way."""
     result = run_job(worker.handler, {"prompt": "Hello", "sampling_params": {"max_tokens": 2, **sampling}})
-    assert_clean(result, sampling)
+    assert assert_clean(result, sampling) is None, result
+    assert result["output"][-1]["usage"]["completion_tokens"] >= 1
+
+
+def test_a_repetition_penalty_below_its_floor_is_refused_naming_it(worker: ModuleType) -> None:
+    """Dividing logits by a near-zero penalty overflows them: refused before the model runs."""
+    sampling = {"max_tokens": 2, "repetition_penalty": 1e-300}
+    error = assert_clean(run_job(worker.handler, {"prompt": "Hello", "sampling_params": sampling}), sampling)
+    assert error is not None and "sampling_params.repetition_penalty" in error and "0.01" in error
 
 
 # ---- load ---------------------------------------------------------------------------------------
