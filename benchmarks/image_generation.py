@@ -21,7 +21,7 @@ the same run (targets are labels, never assertions):
   target ≥ 0.95×; and four images batched (`"batch": true`) against four one by one, with how far
   each batched image is from its solo run.
 
-The model is the tiny SD 1.5 pipeline of tests/shared/tiny_models.py (real layout, scheduler and VAE
+The model is the tiny SD 1.5 pipeline of tests/shared/tiny_models/ (real layout, scheduler and VAE
 depth, tiny widths), float32 on CPU: the absolute numbers say nothing about a real model's speed,
 only the ratios do.
 

@@ -15,7 +15,7 @@ through the runpod SDK's `run_job_generator` with the JSON check on every chunk 
 tests.shared.harness.run_job_async). Its time includes decoding the image from the data URI, which the
 raw side is spared (the script prints that cost on its own).
 
-The models are random-weight ones built on the fly from the tiny kinds of tests/shared/tiny_models.py
+The models are random-weight ones built on the fly from the tiny kinds of tests/shared/tiny_models/
 (their tokenizers, processors and chat template), at sizes where CPU timings mean something: CLIP
 in the shape of the handler's default openai/clip-vit-base-patch32 (224 px, 32 px patches, 12+12
 layers, 150M parameters), LLaVA with a 224 px / 14 px-patch vision tower (256 image tokens) and an
@@ -493,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=16, help="LLaVA max_tokens per answer (default 16)")
     parser.add_argument("--repeats", type=int, default=7, help="timed samples per measurement, median (default 7)")
     parser.add_argument(
-        "--tiny", action="store_true", help="the tiny models of tests/shared/tiny_models.py as they are"
+        "--tiny", action="store_true", help="the tiny models of tests/shared/tiny_models/ as they are"
     )
     parser.add_argument("--skip-clip", action="store_true")
     parser.add_argument("--skip-llava", action="store_true")

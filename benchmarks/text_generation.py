@@ -16,7 +16,7 @@ the same run (targets are labels, never assertions):
   prepare each request (template, tokenizer, grammar compilation).
 
 The model is a Llama with random weights (default hidden 512, 8 layers), big enough that CPU
-timings mean something, with the tiny Llama tokenizer and chat template of tests/shared/tiny_models.py.
+timings mean something, with the tiny Llama tokenizer and chat template of tests/shared/tiny_models/.
 
     python benchmarks/text_generation.py [--hidden 512] [--layers 8] [--max-tokens 128] [--repeats 5]
                                          [--skip-cold-start] [--skip-structured]

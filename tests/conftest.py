@@ -1,9 +1,9 @@
-"""Shared fixtures: tiny models built once per test session, offline."""
+"""Shared fixtures: tiny models built once on disk for every test session, offline."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -18,13 +18,21 @@ from tests.shared import tiny_models
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
-    """`tiny_model(kind)` → folder of that tiny model, built on first use and reused after."""
-    built: dict[str, Path] = {}
+def tiny_model() -> Iterator[Callable[[str], Path]]:
+    """`tiny_model(kind)` → folder of that tiny model, from the on-disk cache that every test session
+    shares (tests/shared/tiny_models/cache.py): built by the first session to ask, never written after.
+
+    A test that changes a model's files works on a copy (shutil.copytree to tmp_path); the session
+    fails at its end if a folder it handed out changed.
+    """
+    handed_out: dict[str, tuple[Path, dict[str, tuple[int, int]]]] = {}
 
     def get(kind: str) -> Path:
-        if kind not in built:
-            built[kind] = tiny_models.build(kind, tmp_path_factory.mktemp(kind))
-        return built[kind]
+        if kind not in handed_out:
+            folder = tiny_models.cached(kind)
+            handed_out[kind] = (folder, tiny_models.listing(folder))
+        return handed_out[kind][0]
 
-    return get
+    yield get
+    changed = [str(folder) for folder, before in handed_out.values() if tiny_models.listing(folder) != before]
+    assert not changed, f"tests wrote into shared tiny model folders (copy them to tmp_path first): {changed}"

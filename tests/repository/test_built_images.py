@@ -57,7 +57,7 @@ SCHEMA = {
 @dataclass(frozen=True)
 class BuiltImage:
     dockerfile: str  # relative to the repository
-    model: str  # the tiny model (tests/shared/tiny_models.py) mounted as MODEL_NAME
+    model: str  # the tiny model (tests/shared/tiny_models/) mounted as MODEL_NAME
     pythons: tuple[str, ...] = ("python",)  # every Python environment in the image
 
     @property

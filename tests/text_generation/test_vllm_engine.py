@@ -5,7 +5,7 @@ The worker runs vLLM's OpenAI server as a child process and relays each job to i
 imported as a worker does, its server configured from the environment) and, beside it, a
 reference `vllm` OpenAI server started by hand with the equivalent command-line flags, both on the
 same tiny random-weight Qwen3 with a hermes-style tool template that opens `<think>` (from
-tests/shared/tiny_models.py) and a tiny LoRA adapter built offline with peft. The same requests go to
+tests/shared/tiny_models/) and a tiny LoRA adapter built offline with peft. The same requests go to
 both: greedy (or seeded) results must be identical, content, tool calls, reasoning, logprobs, `n`
 choices, usage and the sequence of server-sent events, ids and timestamps aside.
 
