@@ -10,7 +10,8 @@ The handler is an async generator: each chunk reaches `/stream` as soon as it is
 `return_aggregate_stream=True` also gives `/runsync` the whole list. The file reads top to
 bottom: configuration, model load, request, inference, response, start. What grew past a tour
 has a module of its own beside it: the request schema (schema.py), the prompt and grammar pieces
-(planning.py), the engine (engines.py), token streaming and the response shapes (textstream.py).
+(planning.py), the engine (engines.py), token streaming (textstream.py), structured output
+(structured_output.py), the response shapes (response_shapes.py) and the error contract (errors.py).
 """
 
 from __future__ import annotations
@@ -23,25 +24,19 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-import startup  # before every library: settles the device and the Hugging Face cache (startup.py)
+import hub_cache  # first, before every library: settles the Hugging Face cache (hub_cache.py)
+
+import device  # then the CUDA contract: DEVICE, or the worker stops here (device.py)
 
 import runpod
 import torch
 from coalesce import ResultTooLarge, coalesced, merge_text, within_result_budget
+from cold_start import COLD_START
 from jinja2 import TemplateError
 from openai_tools import REASONING_PARSERS, parse_choices, prompt_opens_thinking
 from pydantic import BaseModel
-from textstream import (
-    ContextLengthError,
-    Delta,
-    GenerationTimeout,
-    OpenAIShape,
-    Usage,
-    logprobs_floor_bytes,
-    native_responses,
-    openai_responses,
-    resolve_sampling,
-)
+from response_shapes import OpenAIShape, logprobs_floor_bytes, native_responses, openai_responses
+from textstream import ContextLengthError, Delta, GenerationTimeout, Usage, resolve_sampling
 from vllm_launch import vllm_installed
 from vllm_server import VLLMServer, server_environment, start_vllm_server
 
@@ -170,10 +165,11 @@ def load_engine(kind: str) -> Engine:
     )
 
 
-startup.COLD_START.done("imports")  # the download is timed apart from the load
-startup.prefetch(MODEL_NAME, TOKENIZER_NAME, revision=MODEL_REVISION, remote_code=TRUST_REMOTE_CODE)
+COLD_START.done("imports")  # the download is timed apart from the load
+hub_cache.prefetch(MODEL_NAME, TOKENIZER_NAME, revision=MODEL_REVISION, remote_code=TRUST_REMOTE_CODE)
+COLD_START.done("download")
 _load_started = time.perf_counter()
-ENGINE_KIND = choose_engine(ENGINE_NAME, vllm_installed(VLLM_PYTHON), startup.DEVICE == "cuda")
+ENGINE_KIND = choose_engine(ENGINE_NAME, vllm_installed(VLLM_PYTHON), device.DEVICE == "cuda")
 if ENGINE_KIND == "transformers" and REASONING_PARSER not in (None, *REASONING_PARSERS):
     raise ValueError(
         f"REASONING_PARSER must be one of {', '.join(REASONING_PARSERS)} on the transformers engine,"
@@ -186,6 +182,7 @@ VLLM: VLLMServer | None = (
         MAX_GENERATION_SECONDS or None,
         VLLM_PYTHON,
         server_environment(os.environ, MODEL_NAME, cached_hub_folder(MODEL_NAME)),
+        DEFAULT_MAX_TOKENS,
     )
     if ENGINE_KIND == "vllm"
     else None
@@ -204,7 +201,7 @@ if ENGINE:
         f"{time.perf_counter() - _load_started:.1f}s: context {CONTEXT_LEN} tokens, chat template: "
         f"{'yes' if ENGINE.has_chat_template else 'no'}, sampling defaults: {SAMPLING_DEFAULTS or 'none'}"
     )
-    startup.COLD_START.report(f"load to {startup.DEVICE}")
+    COLD_START.report(f"load to {device.DEVICE}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,7 +294,7 @@ def plan(route: str, request: BaseModel) -> Plan:
 
 
 # ---------------------------------------------------------------------------------------------
-# 5. Response: textstream.py shapes deltas into native chunks or OpenAI objects (plain JSON only).
+# 5. Response: response_shapes.py shapes deltas into native chunks or OpenAI objects (plain JSON only).
 # ---------------------------------------------------------------------------------------------
 def models_response() -> dict[str, Any]:
     model = {"id": SERVED_MODEL_NAME, "object": "model", "created": LOADED_AT, "owned_by": "runpod"}

@@ -6,7 +6,7 @@ or whole, the way vLLM's `hermes` tool parser and `qwen3` / `deepseek_r1` reason
   * tool calls, hermes style (Qwen 2.5 / 3, Hermes, many fine-tunes):
         <tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>
     become `tool_calls` entries; `tool_call_grammar` makes `tool_choice: "required"` or a named
-    tool certain, by constraining generation to exactly that shape (llguidance, textstream.py).
+    tool certain, by constraining generation to exactly that shape (llguidance, structured_output.py).
   * `<think>…</think>` becomes the `reasoning` field (vLLM's name for it).
 
 Pure text in, `Delta`s out: `parse_choices` sits between the generator and the response shapes.
@@ -20,7 +20,8 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from textstream import COMPACT_JSON, Delta
+from structured_output import COMPACT_JSON
+from textstream import Delta
 
 TOOL_CALL_START, TOOL_CALL_END = "<tool_call>", "</tool_call>"
 THINK_START, THINK_END = "<think>", "</think>"

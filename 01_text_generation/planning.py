@@ -14,7 +14,8 @@ from typing import Any
 
 from openai_tools import tool_call_grammar
 from pydantic import BaseModel
-from textstream import SamplingParams, grammar_error, grammar_tokenizer, json_schema_grammar
+from structured_output import grammar_error, grammar_tokenizer, json_schema_grammar
+from textstream import SamplingParams
 
 from schema import Message, NamedToolChoice, RequestError
 

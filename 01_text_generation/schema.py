@@ -28,7 +28,7 @@ from pydantic import (
     model_validator,
 )
 from pydantic_core import PydanticCustomError, PydanticKnownError
-from textstream import grammar_from, json_schema_grammar
+from structured_output import grammar_from, json_schema_grammar
 
 # Limits of the request schema (OpenAI's own where it has one).
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit

@@ -12,7 +12,8 @@ each one. The file reads top to bottom: configuration, model load, request, infe
 the handler. What each step leans on lives beside it, one job per file: pipelines.py (loading the
 pipelines, a request's own copy), schema.py (the request model), planning.py (what a request
 becomes: the Job), delivery.py (data URIs, S3, the result's size), families.py, checkpoints.py,
-loras.py, and the files shared with other examples (startup.py, images.py, coalesce.py, local_run.py).
+loras.py, and the files shared with other examples (hub_cache.py, device.py, cold_start.py,
+images.py, coalesce.py, local_run.py, errors.py).
 """
 
 from __future__ import annotations
@@ -27,17 +28,20 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 # Requests name LoRAs on the Hub at run time, so this worker keeps the Hub on even when every model
-# its settings name is baked into the image or in Runpod's cache (startup.py would turn it off):
-# those it loads from their snapshot folders (startup.local_model). HF_HUB_OFFLINE=1 still wins.
+# its settings name is baked into the image or in Runpod's cache (hub_cache.py would turn it off):
+# those it loads from their snapshot folders (hub_cache.local_model). HF_HUB_OFFLINE=1 still wins.
 os.environ["HF_HUB_OFFLINE"] = os.environ.get("HF_HUB_OFFLINE") or "0"
 
-import startup  # before every library: settles the device and the Hugging Face cache (startup.py)
+import hub_cache  # first, before every library: settles the Hugging Face cache (hub_cache.py)
+
+import device  # then the CUDA contract: DEVICE, or the worker stops here (device.py)
 
 import diffusers
 import runpod
 import torch
 from checkpoints import is_single_file
 from coalesce import coalesced, keep_latest
+from cold_start import COLD_START
 from families import FAMILIES, Family, detect_family, unsupported, with_overrides
 from images import ImageInputError, ImageLimits
 from loras import LoraError, default_cache_dir, load_endpoint_loras, resolve_requested
@@ -175,15 +179,15 @@ BUCKET = Bucket(BUCKET_ENDPOINT_URL, BUCKET_ACCESS_KEY_ID, BUCKET_SECRET_ACCESS_
 # ---------------------------------------------------------------------------------------------
 # 2. Model load: once per worker, at import, before the first job is taken (pipelines.py).
 # ---------------------------------------------------------------------------------------------
-DEVICE = startup.DEVICE  # "cuda"; "cpu" only when asked (DEVICE=cpu) or off Runpod: see startup.py
+DEVICE = device.DEVICE  # "cuda"; "cpu" only when asked (DEVICE=cpu) or off Runpod: see device.py
 if DTYPE not in ("auto", *DTYPES):
     raise ValueError(f"DTYPE must be auto, {', '.join(DTYPES)}, got {DTYPE!r}")
 if MODEL_FAMILY is not None and MODEL_FAMILY not in FAMILIES:
     raise ValueError(f"MODEL_FAMILY must be one of {', '.join(FAMILIES)}, got {MODEL_FAMILY!r}")
 SINGLE_FILE = is_single_file(MODEL_NAME)
 # A model baked into the image or in Runpod's cached models loads from its snapshot folder, without
-# the Hub (startup.py); the Hub stays on for the rest: VAE_NAME, MODEL_CONFIG, LoRAs, other models.
-MODEL_SOURCE = startup.local_model(MODEL_NAME, MODEL_REVISION) or MODEL_NAME
+# the Hub (hub_cache.py); the Hub stays on for the rest: VAE_NAME, MODEL_CONFIG, LoRAs, other models.
+MODEL_SOURCE = hub_cache.local_model(MODEL_NAME, MODEL_REVISION) or MODEL_NAME
 MODEL = ModelSpec(
     MODEL_NAME, MODEL_REVISION, MODEL_SOURCE, SINGLE_FILE, MODEL_FAMILY, MODEL_CONFIG, VAE_NAME, CONTROLNET_MODEL
 )
@@ -192,10 +196,11 @@ TORCH_DTYPE = (
     DTYPES[DTYPE] if DTYPE != "auto" else auto_dtype(DEVICE, pipeline_class_name, torch.cuda.is_bf16_supported)
 )
 
-startup.COLD_START.done("imports")  # the download is timed apart from the load
+COLD_START.done("imports")  # the download is timed apart from the load
 FP16_VARIANT = "fp16" if TORCH_DTYPE == torch.float16 else None  # the half-size files, when loading fp16
 # A single file downloads as it loads (hf_hub_download); prefetch knows repos and folders only.
-startup.prefetch(None if SINGLE_FILE else MODEL_NAME, CONTROLNET_MODEL, revision=MODEL_REVISION, variant=FP16_VARIANT)
+hub_cache.prefetch(None if SINGLE_FILE else MODEL_NAME, CONTROLNET_MODEL, revision=MODEL_REVISION, variant=FP16_VARIANT)
+COLD_START.done("download")
 _load_started = time.perf_counter()
 # Text-to-image, image-to-image, inpainting and ControlNet over one set of weights. A bad
 # checkpoint stops here with CheckpointError, naming the setting to fix.
@@ -211,7 +216,7 @@ log.info(
     f"{time.perf_counter() - _load_started:.1f}s; ControlNet: {CONTROLNET_MODEL or 'none'}; "
     f"outputs: {'S3 bucket ' + BUCKET_NAME if UPLOAD else 'data URIs'}"
 )
-startup.COLD_START.report(f"load to {DEVICE}")
+COLD_START.report(f"load to {DEVICE}")
 
 # LoRA adapters load into the shared modules; the gate lets only jobs wanting the same ones run
 # together. The endpoint's own (LORAS) load now, and are never evicted.
@@ -443,7 +448,7 @@ async def handler(job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
 if TORCH_COMPILE:
     # On the denoising thread, where jobs will run: CUDA graphs are recorded per thread.
     log.info(f"Warm-up image (TORCH_COMPILE) done in {PIPELINE_THREADS.submit(warm_up).result():.1f}s")
-    startup.COLD_START.report("compile warm-up")
+    COLD_START.report("compile warm-up")
 
 WORKER_CONFIG: dict[str, Any] = {
     "handler": handler,

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import startup  # before every library: settles the device and the Hugging Face cache (startup.py)
+import hub_cache  # before every library: settles the Hugging Face cache (hub_cache.py)
 
 import diffusers
 import runpod
@@ -70,7 +70,7 @@ class ModelSpec:
 
     name: str  # MODEL_NAME: a Hub id, a local folder, or a .safetensors/.ckpt file
     revision: str | None  # MODEL_REVISION
-    source: str  # where `name` loads from: its local snapshot folder (startup.local_model), else `name`
+    source: str  # where `name` loads from: its local snapshot folder (hub_cache.local_model), else `name`
     single_file: bool  # `name` is one checkpoint file (checkpoints.py)
     family: str | None  # MODEL_FAMILY: what a single file is when its keys cannot tell
     config: str | None  # MODEL_CONFIG: a single file's configs and tokenizers
@@ -139,7 +139,7 @@ def load_single_file(model: ModelSpec, dtype: torch.dtype, components: dict[str,
     log.info(f"Single-file checkpoint: {family} ({base.pipeline}), configs from {config}")
     return pipeline_class.from_single_file(
         path,
-        config=startup.local_model(config) or config,
+        config=hub_cache.local_model(config) or config,
         dtype=dtype,
         cache_dir=cached_hub_folder(config),
         **components,
@@ -169,7 +169,7 @@ def load_pipelines(
     set of weights. compile_mode: torch.compile's mode for the denoiser; None compiles nothing."""
     components: dict[str, Any] = {}
     if model.vae:
-        vae = startup.local_model(model.vae) or model.vae
+        vae = hub_cache.local_model(model.vae) or model.vae
         components["vae"] = from_pretrained_fp16_first(
             AutoencoderKL, vae, dtype, cache_dir=cached_hub_folder(model.vae)
         )
@@ -203,7 +203,7 @@ def load_pipelines(
     inpainting = AutoPipelineForInpainting.from_pipe(text2image)
     controlnet = None
     if model.controlnet:
-        source = startup.local_model(model.controlnet) or model.controlnet
+        source = hub_cache.local_model(model.controlnet) or model.controlnet
         controlnet_model = from_pretrained_fp16_first(
             controlnet_class(text2image), source, dtype, cache_dir=cached_hub_folder(model.controlnet)
         ).to(device)

@@ -20,11 +20,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import startup  # before every library: settles the device and the Hugging Face cache (startup.py)
+import hub_cache  # first, before every library: settles the Hugging Face cache (hub_cache.py)
+
+import device  # then the CUDA contract: DEVICE, or the worker stops here (device.py)
 
 import numpy as np
 import runpod
 import torch
+from cold_start import COLD_START
 from pydantic import BaseModel
 from sentence_transformers import CrossEncoder, SentenceTransformer, SparseEncoder
 
@@ -110,7 +113,7 @@ OPENVINO_PRECISIONS = ("f32", "bf16")
 OPENVINO_PRECISION = (os.environ.get("OPENVINO_PRECISION") or "f32").lower()
 if OPENVINO_PRECISION not in OPENVINO_PRECISIONS:
     raise SystemExit(f"OPENVINO_PRECISION must be one of {', '.join(OPENVINO_PRECISIONS)}, got {OPENVINO_PRECISION!r}")
-if BACKEND != "torch" and startup.DEVICE == "cuda":
+if BACKEND != "torch" and device.DEVICE == "cuda":
     raise SystemExit(f"BACKEND={BACKEND} runs on the CPU here: set DEVICE=cpu, or BACKEND=torch on a GPU")
 
 # Jobs one worker takes at once. They wait for the single model thread as texts in one queue, so
@@ -134,7 +137,7 @@ BATCH_SIZE = env_int("BATCH_SIZE", 64)  # pairs per cross-encoder pass (rerank) 
 # one-line texts or ~2k padded tokens per pass; 256 texts per pass took twice as long).
 # A SPLADE model holds a score per vocabulary term for every token (16,384 × 30,522 in fp16 is
 # 1 GB): the same budget fits a 16 GB GPU.
-ON_GPU = startup.DEVICE == "cuda"
+ON_GPU = device.DEVICE == "cuda"
 DYNAMIC_BATCHING = env_flag("DYNAMIC_BATCHING", True)
 MAX_BATCH_TOKENS = env_int("MAX_BATCH_TOKENS", 16_384 if ON_GPU else 2_048)
 MAX_BATCH_TEXTS = env_int("MAX_BATCH_TEXTS", 256 if ON_GPU else 32)
@@ -150,17 +153,18 @@ MAX_RERANK_DOCUMENTS = env_int("MAX_RERANK_DOCUMENTS", 1000)  # a cross-encoder 
 # 2. Model load: once per worker, at import, before the first job is taken (loading.py says
 #    where from, and with which runtime's options).
 # ---------------------------------------------------------------------------------------------
-DEVICE = startup.DEVICE  # "cuda"; "cpu" only when asked (DEVICE=cpu) or off Runpod: see startup.py
+DEVICE = device.DEVICE  # "cuda"; "cpu" only when asked (DEVICE=cpu) or off Runpod: see device.py
 DTYPE = torch.float16 if DEVICE == "cuda" else torch.float32  # fp16 halves memory, same rankings
 
-startup.COLD_START.done("imports")  # the download is timed apart from the load
-startup.prefetch(
+COLD_START.done("imports")  # the download is timed apart from the load
+hub_cache.prefetch(
     MODEL_NAME,
     RERANK_MODEL_NAME,
     revision=MODEL_REVISION,
     remote_code=TRUST_REMOTE_CODE,
-    runtime_file=startup.backend_file(os.environ),
+    runtime_file=hub_cache.backend_file(os.environ),
 )
+COLD_START.done("download")
 _load_started = time.perf_counter()
 _source = model_source(MODEL_NAME, MODEL_REVISION, BACKEND)
 MODEL = (SparseEncoder if SPARSE else SentenceTransformer)(
@@ -296,11 +300,11 @@ def embed_now(texts: list[str], prompt: str = "", task: str | None = None) -> li
 # requests could not be compared: it comes from the model's own embeddings of calibration.txt
 # (raw, like every request's, so each request shapes them exactly as its own vectors). A sparse
 # model has no quantized precisions: the same texts only warm it up.
-startup.COLD_START.done(f"load to {DEVICE}")
+COLD_START.done(f"load to {DEVICE}")
 CALIBRATION_TEXTS = [line for line in (Path(__file__).parent / "calibration.txt").read_text().splitlines() if line]
 WARM_UP = embed_now(CALIBRATION_TEXTS)
 CALIBRATION = None if SPARSE else np.stack(WARM_UP)
-startup.COLD_START.report("warm-up")  # the calibration texts were the first forward passes
+COLD_START.report("warm-up")  # the calibration texts were the first forward passes
 
 
 # ---------------------------------------------------------------------------------------------

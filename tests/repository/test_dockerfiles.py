@@ -1,6 +1,6 @@
 """What every image promises for cold starts and builds, read from its Dockerfile: the bake layer
 before the code (an edit never downloads the model again), a token only as a build secret, the
-cache where startup.py looks for baked models, a C compiler, the CUDA declaration, and every
+cache where hub_cache.py looks for baked models, a C compiler, the CUDA declaration, and every
 Dockerfile lint-clean (tests/repository/test_repository.py lints `Dockerfile`; this covers the others too)."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 from tests.repository.test_locks import DOCKERFILES, cpu_image, dockerfile_id, instructions
 from tests.shared.harness import REPO, load_copy, shared_copies
 
-STARTUP = load_copy(shared_copies("startup.py")[0])
+HUB_CACHE = load_copy(shared_copies("hub_cache.py")[0])
 
 
 def index_of(lines: list[str], pattern: str) -> int:
@@ -28,29 +28,29 @@ def index_of(lines: list[str], pattern: str) -> int:
 def test_the_bake_layer_comes_after_the_packages_and_before_the_code(dockerfile: Path) -> None:
     lines = instructions(dockerfile)
     packages = index_of(lines, r"^RUN .*pip install")
-    bake = index_of(lines, r"^RUN .*python startup\.py bake")
+    bake = index_of(lines, r"^RUN .*python hub_cache\.py bake")
     code = index_of(lines, r"^COPY .*\bhandler\.py\b")
     assert packages < bake < code
-    assert index_of(lines, r"^COPY startup\.py \.$") < bake  # the only code the bake layer depends on
+    assert index_of(lines, r"^COPY hub_cache\.py \.$") < bake  # the only code the bake layer depends on
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=dockerfile_id)
 def test_the_token_is_a_build_secret_and_every_baked_model_is_configured_too(dockerfile: Path) -> None:
     lines = instructions(dockerfile)
-    bake = lines[index_of(lines, r"python startup\.py bake")]
+    bake = lines[index_of(lines, r"python hub_cache\.py bake")]
     assert "--mount=type=secret,id=HF_TOKEN" in bake and "/run/secrets/HF_TOKEN" in bake
     assert not any(re.match(r"^(ARG|ENV) .*\bHF_TOKEN\b", line) for line in lines)
     build_args = {re.match(r"ARG (\w+)", line)[1] for line in lines if line.startswith("ARG ")}
     assert {"MODEL_NAME", "MODEL_REVISION"} <= build_args
     environment = " ".join(line for line in lines if line.startswith("ENV "))
-    for name in build_args & {*STARTUP.MODEL_VARIABLES, "MODEL_REVISION", "TRUST_REMOTE_CODE", "BACKEND_FILE"}:
+    for name in build_args & {*HUB_CACHE.MODEL_VARIABLES, "MODEL_REVISION", "TRUST_REMOTE_CODE", "BACKEND_FILE"}:
         # The worker must load what was baked: the build arg becomes its setting.
         assert f"{name}=${{{name}}}" in environment, f"ARG {name} is baked but never reaches the worker"
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=dockerfile_id)
-def test_models_are_baked_where_startup_looks_for_them(dockerfile: Path) -> None:
-    assert f"HF_HOME={STARTUP.IMAGE_HF_HOME}" in " ".join(instructions(dockerfile))
+def test_models_are_baked_where_hub_cache_looks_for_them(dockerfile: Path) -> None:
+    assert f"HF_HOME={HUB_CACHE.IMAGE_HF_HOME}" in " ".join(instructions(dockerfile))
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=dockerfile_id)

@@ -65,7 +65,7 @@ ALLOWED_DIFFERENCES = {
 # What a feature imports at run time that nothing else pulls in, per image lock.
 FEATURE_DEPENDENCIES = {
     "01_text_generation/requirements.lock": {
-        "llguidance": "structured output and forced tool calls (textstream.py)",
+        "llguidance": "structured output and forced tool calls (structured_output.py)",
         "bitsandbytes": "QUANTIZATION=bnb-8bit / bnb-4bit",
     },
     "01_text_generation/requirements-vllm.lock": {"bitsandbytes": "QUANTIZATION=bnb-4bit on vLLM"},

@@ -29,10 +29,11 @@ def pins(requirements: Path) -> dict[str, str]:
 def env_vars_read(handler: Path) -> set[str]:
     source = handler.read_text()
     found = set(re.findall(r"""(?:os\.environ\.get|os\.getenv|env_[a-z]+)\(\s*["']([A-Z][A-Z0-9_]+)["']""", source))
-    startup = handler.parent / "startup.py"
-    # The start-up module's settings: its CONFIGURATION tuple (tests/copied_modules/test_startup.py checks it).
-    if startup.exists():
-        found |= set(ast.literal_eval(re.search(r"^CONFIGURATION = (\(.*?\))", startup.read_text(), re.M | re.S)[1]))
+    # A copied module's settings: its CONFIGURATION tuple (device.py, hub_cache.py; their tests check
+    # that they read nothing else).
+    for module in sorted(handler.parent.glob("*.py")):
+        if match := re.search(r"^CONFIGURATION = (\(.*?\))", module.read_text(), re.M | re.S):
+            found |= set(ast.literal_eval(match[1]))
     return found
 
 

@@ -1,6 +1,6 @@
-"""startup.py: the CUDA contract, where the Hugging Face cache lives, the bake step and the
-cold-start timer. One identical copy per example; the pure parts are tested on every copy, and
-each worker is started as Runpod starts it (`python handler.py`) to see it stop, or not."""
+"""hub_cache.py: where the Hugging Face cache lives, what a model loads, and the bake step. The
+pure parts are tested on every copy; workers are started as Runpod starts them (`python
+handler.py`) with a baked model."""
 
 from __future__ import annotations
 
@@ -17,138 +17,26 @@ from typing import Any
 
 import pytest
 
-from tests.shared.harness import EXAMPLES, json_lines, load_copy, run_local, shared_copies
+from tests.copied_modules.test_device import Recording, logged
+from tests.shared.harness import json_lines, load_copy, run_local, shared_copies
 
-COPIES = shared_copies("startup.py")
+COPIES = shared_copies("hub_cache.py")
 SHA_BAKED = "a" * 40
 SHA_NEWER = "b" * 40
 
 
-def test_every_example_has_an_identical_copy() -> None:
-    assert [path.parent.name for path in COPIES] == list(EXAMPLES)
-    assert len({path.read_text() for path in COPIES}) == 1, "startup.py copies differ between examples"
-
-
 @pytest.fixture(scope="module", params=COPIES, ids=[path.parent.name for path in COPIES])
-def startup(request: pytest.FixtureRequest) -> Iterator[ModuleType]:
-    # Importing it settles this process (it finds no GPU here, off Runpod: a warning, no change).
+def hub_cache(request: pytest.FixtureRequest) -> Iterator[ModuleType]:
+    # Importing it settles this process's cache (no volume, no record here: no change).
     yield load_copy(request.param)
 
 
-def cuda(startup: ModuleType, **overrides: Any) -> Any:
-    """What an H100 host with a CUDA 13.0 driver shows the image's torch 2.13.0 (CUDA 13.0)."""
-    found = {
-        "driver_cuda": (13, 0),
-        "torch_cuda": "13.0",
-        "torch_version": "2.13.0+cu130",
-        "gpus": 1,
-        "gpu_name": "NVIDIA H100 80GB HBM3",
-        "capability": (9, 0),
-        "arch_list": ("sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120", "compute_120"),
-    }
-    return startup.CudaFound(**{**found, **overrides})
-
-
-ON_RUNPOD = {"RUNPOD_ENDPOINT_ID": "ep-123", "RUNPOD_POD_ID": "pod-1"}
-OLD_DRIVER = {"driver_cuda": (12, 4), "gpus": 0, "gpu_name": "", "capability": None, "arch_list": ()}
-NO_DRIVER = {"driver_cuda": None, "gpus": 0, "gpu_name": "", "capability": None, "arch_list": ()}
-V100 = {"gpu_name": "Tesla V100-SXM2-16GB", "capability": (7, 0)}
-
-
-# ---------------------------------------------------------------------------------------------
-# The CUDA contract
-# ---------------------------------------------------------------------------------------------
-def test_a_usable_gpu_is_used(startup: ModuleType) -> None:
-    choice = startup.choose_device(ON_RUNPOD, cuda(startup))
-    assert (choice.device, choice.fatal, choice.warning) == ("cuda", False, False)
-    assert "H100" in choice.message and "sm_90" in choice.message and "13.0" in choice.message
-
-
-@pytest.mark.parametrize(
-    ("found", "what"),
-    [
-        (NO_DRIVER, "no NVIDIA driver or GPU in this container"),
-        (OLD_DRIVER, "the host's NVIDIA driver runs CUDA 12.4 at most"),
-    ],
-    ids=["no-device", "old-driver"],
-)
-def test_on_runpod_no_usable_cuda_stops_with_what_it_found_needs_and_the_fix(
-    startup: ModuleType, found: dict[str, Any], what: str
-) -> None:
-    for runpod_variable in ON_RUNPOD:
-        choice = startup.choose_device({runpod_variable: "x"}, cuda(startup, **found))
-        assert choice.fatal and "\n" not in choice.message
-        assert what in choice.message
-        assert "torch 2.13.0+cu130 needs CUDA 13.0 (NVIDIA driver >= 580)" in choice.message
-        if found is OLD_DRIVER:
-            assert 'Fix: set "Allowed CUDA versions" (endpoint settings, Advanced) to 13.0 and newer' in choice.message
-        assert "DEVICE=cpu" in choice.message
-
-
-def test_a_gpu_without_kernels_in_this_torch_stops(startup: ModuleType) -> None:
-    choice = startup.choose_device(ON_RUNPOD, cuda(startup, **V100))
-    assert choice.fatal
-    assert "Tesla V100-SXM2-16GB (sm_70) has no kernels in torch 2.13.0+cu130 (built for sm_75, sm_80" in choice.message
-    assert "newer architecture" in choice.message
-
-
-@pytest.mark.parametrize(
-    ("capability", "runs"),
-    [((8, 6), True), ((8, 9), True), ((7, 0), False), ((12, 1), True), ((12, 0), True), ((13, 0), True)],
-)
-def test_kernels_run_on_the_same_major_and_ptx_on_newer(
-    startup: ModuleType, capability: tuple[int, int], runs: bool
-) -> None:
-    # sm_86 cubins run on sm_89; compute_120 PTX is compiled by the driver for anything newer.
-    assert startup.runs_on(capability, ("sm_75", "sm_80", "sm_86", "sm_90", "sm_120", "compute_120")) is runs
-
-
-def test_device_cpu_runs_on_the_cpu_on_purpose_even_on_runpod(startup: ModuleType) -> None:
-    for found in (cuda(startup), cuda(startup, **NO_DRIVER)):
-        choice = startup.choose_device({**ON_RUNPOD, "DEVICE": "cpu"}, found)
-        assert (choice.device, choice.fatal, choice.warning) == ("cpu", False, False)
-
-
-def test_off_runpod_the_cpu_is_allowed_with_a_warning(startup: ModuleType) -> None:
-    choice = startup.choose_device({}, cuda(startup, **NO_DRIVER))
-    assert (choice.device, choice.fatal, choice.warning) == ("cpu", False, True)
-    assert "Running on the CPU" in choice.message
-
-
-def test_device_cuda_stops_without_a_gpu_anywhere_and_other_values_are_refused(startup: ModuleType) -> None:
-    assert startup.choose_device({"DEVICE": "cuda"}, cuda(startup, **NO_DRIVER)).fatal
-    refused = startup.choose_device({"DEVICE": "gpu"}, cuda(startup))
-    assert refused.fatal and "DEVICE must be one of auto, cuda, cpu, got 'gpu'" in refused.message
-
-
-def test_a_cpu_build_of_torch_is_named(startup: ModuleType) -> None:
-    choice = startup.choose_device(ON_RUNPOD, cuda(startup, torch_cuda=None, torch_version="2.13.0+cpu", **NO_DRIVER))
-    assert choice.fatal and "torch 2.13.0+cpu is a CPU build" in choice.message
-
-
-class Recording(dict):
-    """A mapping that remembers every key it was asked for."""
-
-    def __init__(self, *args: Any) -> None:
-        super().__init__(*args)
-        self.read: set[str] = set()
-
-    def get(self, key: str, default: Any = None) -> Any:
-        self.read.add(key)
-        return super().get(key, default)
-
-    def __getitem__(self, key: str) -> Any:
-        self.read.add(key)
-        return super().__getitem__(key)
-
-
-def test_it_reads_only_documented_settings(startup: ModuleType, tmp_path: Path) -> None:
-    """What it reads is CONFIGURATION (in every README), the platform's variables, or the handler's
-    own model settings; tests/repository/test_repository.py checks the READMEs against CONFIGURATION."""
+def test_it_reads_only_documented_settings(hub_cache: ModuleType, tmp_path: Path) -> None:
+    """What it reads is CONFIGURATION (in every README) or the handler's own model settings;
+    tests/repository/test_repository.py checks the READMEs against CONFIGURATION."""
     environ = Recording({"MODEL_NAME": "org/model", "HF_HOME": str(tmp_path)})
-    startup.choose_device(environ, cuda(startup))
-    startup.cache_environment(environ, volume=str(tmp_path / "volume"))
-    allowed = {*startup.CONFIGURATION, *startup.RUNPOD_VARIABLES, *startup.MODEL_VARIABLES, "MODEL_REVISION"}
+    hub_cache.cache_environment(environ, volume=str(tmp_path / "volume"))
+    allowed = {*hub_cache.CONFIGURATION, *hub_cache.MODEL_VARIABLES, "MODEL_REVISION"}
     assert environ.read and environ.read <= allowed
 
 
@@ -168,41 +56,41 @@ def hub_snapshot(hub: Path, repo: str, sha: str, files: Mapping[str, str], ref: 
     return snapshot
 
 
-def test_without_a_volume_nothing_changes(startup: ModuleType, tmp_path: Path) -> None:
-    environ = {"MODEL_NAME": "org/model", "HF_HOME": startup.IMAGE_HF_HOME}
-    assert startup.cache_environment(environ, volume=str(tmp_path / "no-volume")) == {}
+def test_without_a_volume_nothing_changes(hub_cache: ModuleType, tmp_path: Path) -> None:
+    environ = {"MODEL_NAME": "org/model", "HF_HOME": hub_cache.IMAGE_HF_HOME}
+    assert hub_cache.cache_environment(environ, volume=str(tmp_path / "no-volume")) == {}
 
 
-def test_with_a_volume_and_no_baked_model_the_cache_moves_onto_it(startup: ModuleType, tmp_path: Path) -> None:
+def test_with_a_volume_and_no_baked_model_the_cache_moves_onto_it(hub_cache: ModuleType, tmp_path: Path) -> None:
     volume = tmp_path / "runpod-volume"
     volume.mkdir()
-    for hf_home in (startup.IMAGE_HF_HOME, None):
+    for hf_home in (hub_cache.IMAGE_HF_HOME, None):
         environ = {"MODEL_NAME": "org/model", **({"HF_HOME": hf_home} if hf_home else {})}
-        changes = startup.cache_environment(environ, volume=str(volume))
+        changes = hub_cache.cache_environment(environ, volume=str(volume))
         assert changes == {"HF_HOME": str(volume / "huggingface")}
         assert "huggingface-cache" not in changes["HF_HOME"]  # Runpod's cached models are never written
 
 
-def test_a_cache_the_user_chose_stays_where_it_is(startup: ModuleType, tmp_path: Path) -> None:
+def test_a_cache_the_user_chose_stays_where_it_is(hub_cache: ModuleType, tmp_path: Path) -> None:
     (tmp_path / "volume").mkdir()
     for chosen in ({"HF_HOME": "/data/hf"}, {"HF_HUB_CACHE": "/data/hub"}):
-        assert startup.cache_environment({"MODEL_NAME": "org/model", **chosen}, volume=str(tmp_path / "volume")) == {}
+        assert hub_cache.cache_environment({"MODEL_NAME": "org/model", **chosen}, volume=str(tmp_path / "volume")) == {}
 
 
-def test_runpods_cached_models_are_loaded_offline_never_written(startup: ModuleType, tmp_path: Path) -> None:
+def test_runpods_cached_models_are_loaded_offline_never_written(hub_cache: ModuleType, tmp_path: Path) -> None:
     volume = tmp_path / "runpod-volume"
     snapshot = hub_snapshot(volume / "huggingface-cache" / "hub", "org/model", SHA_BAKED, {"config.json": "{}"})
-    environ = {"MODEL_NAME": "org/model", "HF_HOME": startup.IMAGE_HF_HOME}
+    environ = {"MODEL_NAME": "org/model", "HF_HOME": hub_cache.IMAGE_HF_HOME}
     expected = {"HF_HUB_OFFLINE": "1", "MODEL_REVISION": SHA_BAKED}
-    assert startup.cache_environment(environ, volume=str(volume)) == expected
-    assert startup.LocalModels.find(environ, str(volume)).folder("org/model") == str(snapshot)
+    assert hub_cache.cache_environment(environ, volume=str(volume)) == expected
+    assert hub_cache.LocalModels.find(environ, str(volume)).folder("org/model") == str(snapshot)
     # A second model that is not cached there: online, into our own cache on the volume; the cached
     # one stays at its commit, so a newer main on the Hub is never written into Runpod's folder.
-    changes = startup.cache_environment({**environ, "RERANK_MODEL_NAME": "org/other"}, volume=str(volume))
+    changes = hub_cache.cache_environment({**environ, "RERANK_MODEL_NAME": "org/other"}, volume=str(volume))
     assert changes == {"HF_HOME": str(volume / "huggingface"), "MODEL_REVISION": SHA_BAKED}
 
 
-def bake_into(startup: ModuleType, hf_home: Path, environ: Mapping[str, str]) -> dict[str, Any]:
+def bake_into(hub_cache: ModuleType, hf_home: Path, environ: Mapping[str, str]) -> dict[str, Any]:
     """The bake step with a stand-in for the Hub: each model lands in HF_HOME's cache as a download would."""
 
     def fetch(repo: str, revision: str | None, **options: Any) -> str:
@@ -210,11 +98,11 @@ def bake_into(startup: ModuleType, hf_home: Path, environ: Mapping[str, str]) ->
         hub_snapshot(hf_home / "hub", repo, commit, {"config.json": "{}"}, ref=None)
         return commit
 
-    return startup.bake({"HF_HOME": str(hf_home), **environ}, fetch=fetch)
+    return hub_cache.bake({"HF_HOME": str(hf_home), **environ}, fetch=fetch)
 
 
-def test_a_baked_model_loads_offline_at_the_baked_commit(startup: ModuleType, tmp_path: Path) -> None:
-    record = bake_into(startup, tmp_path, {"MODEL_NAME": "org/model", "RERANK_MODEL_NAME": "org/reranker"})
+def test_a_baked_model_loads_offline_at_the_baked_commit(hub_cache: ModuleType, tmp_path: Path) -> None:
+    record = bake_into(hub_cache, tmp_path, {"MODEL_NAME": "org/model", "RERANK_MODEL_NAME": "org/reranker"})
     assert record == {
         "MODEL_NAME": {"repo": "org/model", "revision": SHA_BAKED},
         "RERANK_MODEL_NAME": {"repo": "org/reranker", "revision": SHA_BAKED},
@@ -222,36 +110,36 @@ def test_a_baked_model_loads_offline_at_the_baked_commit(startup: ModuleType, tm
     (tmp_path / "volume").mkdir()
     environ = {"HF_HOME": str(tmp_path), "MODEL_NAME": "org/model", "RERANK_MODEL_NAME": "org/reranker"}
     expected = {"HF_HUB_OFFLINE": "1", "MODEL_REVISION": SHA_BAKED}
-    assert startup.cache_environment(environ, volume=str(tmp_path / "volume")) == expected
-    local = startup.LocalModels.find(environ, str(tmp_path / "volume"))
+    assert hub_cache.cache_environment(environ, volume=str(tmp_path / "volume")) == expected
+    local = hub_cache.LocalModels.find(environ, str(tmp_path / "volume"))
     snapshots = tmp_path / "hub" / "models--org--model" / "snapshots"
     assert local.folder("org/model") == local.folder("org/model", SHA_BAKED) == str(snapshots / SHA_BAKED)
     # An explicit HF_HUB_OFFLINE is the deployment's (or the worker's: 02 keeps the Hub on).
     online = {**environ, "HF_HUB_OFFLINE": "0"}
-    assert startup.cache_environment(online, volume=str(tmp_path / "volume")) == {"MODEL_REVISION": SHA_BAKED}
+    assert hub_cache.cache_environment(online, volume=str(tmp_path / "volume")) == {"MODEL_REVISION": SHA_BAKED}
     # A revision the deployment names is the deployment's: that one comes from the Hub.
     pinned = {**environ, "MODEL_REVISION": "v2"}
     assert local.folder("org/model", "v2") is None
-    assert startup.cache_environment(pinned, volume=str(tmp_path / "volume")) == {}
+    assert hub_cache.cache_environment(pinned, volume=str(tmp_path / "volume")) == {}
     # A record whose snapshot is gone promises nothing.
     shutil.rmtree(snapshots)
-    assert startup.LocalModels.find(environ, str(tmp_path / "volume")).folder("org/model") is None
+    assert hub_cache.LocalModels.find(environ, str(tmp_path / "volume")).folder("org/model") is None
 
 
-def test_a_model_other_than_the_baked_one_goes_online(startup: ModuleType, tmp_path: Path) -> None:
-    bake_into(startup, tmp_path, {"MODEL_NAME": "org/model"})
+def test_a_model_other_than_the_baked_one_goes_online(hub_cache: ModuleType, tmp_path: Path) -> None:
+    bake_into(hub_cache, tmp_path, {"MODEL_NAME": "org/model"})
     (tmp_path / "volume").mkdir()
     volume = str(tmp_path / "volume")
     # Another model: not the baked commit, and from the Hub (into the HF_HOME the user chose).
-    assert startup.cache_environment({"HF_HOME": str(tmp_path), "MODEL_NAME": "org/another"}, volume) == {}
+    assert hub_cache.cache_environment({"HF_HOME": str(tmp_path), "MODEL_NAME": "org/another"}, volume) == {}
     environ = {"HF_HOME": str(tmp_path), "MODEL_NAME": "org/model", "RERANK_MODEL_NAME": "org/reranker"}
-    assert startup.cache_environment(environ, volume) == {"MODEL_REVISION": SHA_BAKED}  # HF_HOME is the user's
-    local = startup.LocalModels.find(environ, volume)
+    assert hub_cache.cache_environment(environ, volume) == {"MODEL_REVISION": SHA_BAKED}  # HF_HOME is the user's
+    local = hub_cache.LocalModels.find(environ, volume)
     assert local.folder("org/model") and local.folder("org/reranker") is None
 
 
 def test_baked_models_load_from_the_image_and_the_hub_stays_on_for_the_rest(
-    startup: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    hub_cache: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """02 baked with its ControlNet; the endpoint adds a VAE that was not baked. The baked models
     resolve to their snapshots and are not downloaded; the VAE goes to the Hub, which stays on.
@@ -259,7 +147,7 @@ def test_baked_models_load_from_the_image_and_the_hub_stays_on_for_the_rest(
     from huggingface_hub import constants
 
     hf_home = tmp_path / "hf"
-    bake_into(startup, hf_home, {"MODEL_NAME": "acme/pipe", "CONTROLNET_MODEL": "acme/controlnet"})
+    bake_into(hub_cache, hf_home, {"MODEL_NAME": "acme/pipe", "CONTROLNET_MODEL": "acme/controlnet"})
     vae = "madebyollin/sdxl-vae-fp16-fix"
     environ = {
         "HF_HOME": str(hf_home),
@@ -267,30 +155,30 @@ def test_baked_models_load_from_the_image_and_the_hub_stays_on_for_the_rest(
         "CONTROLNET_MODEL": "acme/controlnet",
         "VAE_NAME": vae,
     }
-    changes = startup.cache_environment(environ, volume=str(tmp_path / "no-volume"))
+    changes = hub_cache.cache_environment(environ, volume=str(tmp_path / "no-volume"))
     assert changes == {"MODEL_REVISION": SHA_BAKED}  # and no HF_HUB_OFFLINE: the VAE must download
     # MODEL_CONFIG likewise.
     with_config = {**environ, "VAE_NAME": "", "MODEL_CONFIG": "stabilityai/stable-diffusion-xl-base-1.0"}
-    assert "HF_HUB_OFFLINE" not in startup.cache_environment(with_config, volume=str(tmp_path / "no-volume"))
-    local = startup.LocalModels.find(environ, str(tmp_path / "no-volume"))
+    assert "HF_HUB_OFFLINE" not in hub_cache.cache_environment(with_config, volume=str(tmp_path / "no-volume"))
+    local = hub_cache.LocalModels.find(environ, str(tmp_path / "no-volume"))
     pipe = str(hf_home / "hub" / "models--acme--pipe" / "snapshots" / SHA_BAKED)
     assert local.folder("acme/pipe", SHA_BAKED) == pipe
     assert local.folder(vae) is None
 
     fetched: list[tuple[str, str | None]] = []
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # as on Runpod, not as in this suite
-    monkeypatch.setattr(startup, "LOCAL_MODELS", local)
-    monkeypatch.setattr(startup, "download", lambda repo, revision, **options: fetched.append((repo, revision)))
-    startup.prefetch("acme/pipe", "acme/controlnet", vae, revision=SHA_BAKED, variant="fp16")
+    monkeypatch.setattr(hub_cache, "LOCAL_MODELS", local)
+    monkeypatch.setattr(hub_cache, "download", lambda repo, revision, **options: fetched.append((repo, revision)))
+    hub_cache.prefetch("acme/pipe", "acme/controlnet", vae, revision=SHA_BAKED, variant="fp16")
     assert fetched == [(vae, None)]
-    assert startup.local_model("acme/pipe", SHA_BAKED) == pipe and startup.local_model(vae) is None
+    assert hub_cache.local_model("acme/pipe", SHA_BAKED) == pipe and hub_cache.local_model(vae) is None
     # A VAE baked too (VAE_NAME as a build arg) is local like the rest: nothing left to download.
-    bake_into(startup, hf_home, {"MODEL_NAME": "acme/pipe", "CONTROLNET_MODEL": "acme/controlnet", "VAE_NAME": vae})
-    assert startup.LocalModels.find(environ, str(tmp_path / "no-volume")).folder(vae)
-    assert startup.cache_environment(environ, volume=str(tmp_path / "no-volume"))["HF_HUB_OFFLINE"] == "1"
+    bake_into(hub_cache, hf_home, {"MODEL_NAME": "acme/pipe", "CONTROLNET_MODEL": "acme/controlnet", "VAE_NAME": vae})
+    assert hub_cache.LocalModels.find(environ, str(tmp_path / "no-volume")).folder(vae)
+    assert hub_cache.cache_environment(environ, volume=str(tmp_path / "no-volume"))["HF_HUB_OFFLINE"] == "1"
 
 
-def test_the_bake_passes_revision_token_remote_code_and_variant(startup: ModuleType, tmp_path: Path) -> None:
+def test_the_bake_passes_revision_token_remote_code_and_variant(hub_cache: ModuleType, tmp_path: Path) -> None:
     calls = []
 
     def fetch(repo: str, revision: str | None, **options: Any) -> str:
@@ -306,22 +194,22 @@ def test_the_bake_passes_revision_token_remote_code_and_variant(startup: ModuleT
         "HF_TOKEN": "hf_secret",
         "BAKE_VARIANT": "fp16",
     }
-    startup.bake(build_args, fetch=fetch)
+    hub_cache.bake(build_args, fetch=fetch)
     options = {"remote_code": True, "variant": "fp16", "runtime_file": None, "weights": True, "token": "hf_secret"}
     assert calls == [("org/model", "v1", options), ("org/tokenizer", None, options)]
     # 02's VAE_NAME is baked with its weights; MODEL_CONFIG (a single file's configs) without.
     calls.clear()
-    startup.bake({**build_args, "VAE_NAME": "org/vae", "MODEL_CONFIG": "org/base"}, fetch=fetch)
+    hub_cache.bake({**build_args, "VAE_NAME": "org/vae", "MODEL_CONFIG": "org/base"}, fetch=fetch)
     assert [(call[0], call[2]["weights"]) for call in calls[2:]] == [("org/vae", True), ("org/base", False)]
     # 03's CPU image bakes its BACKEND's export of the model (only the model's: not the tokenizer's repo).
     calls.clear()
-    startup.bake({**build_args, "BACKEND": "openvino"}, fetch=fetch)
+    hub_cache.bake({**build_args, "BACKEND": "openvino"}, fetch=fetch)
     assert [call[2]["runtime_file"] for call in calls] == ["openvino/openvino_model.xml", None]
     calls.clear()
-    startup.bake({**build_args, "BACKEND": "openvino", "BACKEND_FILE": "openvino/int8.xml"}, fetch=fetch)
+    hub_cache.bake({**build_args, "BACKEND": "openvino", "BACKEND_FILE": "openvino/int8.xml"}, fetch=fetch)
     assert calls[0][2]["runtime_file"] == "openvino/int8.xml"
-    assert "hf_secret" not in (tmp_path / startup.BAKED_RECORD).read_text()
-    assert startup.bake({"HF_HOME": str(tmp_path / "none")}, fetch=fetch) == {}  # no MODEL_NAME: nothing baked
+    assert "hf_secret" not in (tmp_path / hub_cache.BAKED_RECORD).read_text()
+    assert hub_cache.bake({"HF_HOME": str(tmp_path / "none")}, fetch=fetch) == {}  # no MODEL_NAME: nothing baked
     assert not (tmp_path / "none").exists()
 
 
@@ -342,7 +230,7 @@ def weight_map(*shards: str) -> dict[str, Any]:
     return {"metadata": {"total_size": 2 * len(shards)}, "weight_map": tensors}
 
 
-def test_safetensors_configs_and_tokenizer_files_not_duplicates_or_exports(startup: ModuleType) -> None:
+def test_safetensors_configs_and_tokenizer_files_not_duplicates_or_exports(hub_cache: ModuleType) -> None:
     repo = [
         "config.json", "generation_config.json", "model-00001-of-00002.safetensors",
         "model-00002-of-00002.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -357,15 +245,15 @@ def test_safetensors_configs_and_tokenizer_files_not_duplicates_or_exports(start
             )
         }
     )
-    assert startup.files_to_fetch(repo, remote_code=False, read=read) == [
+    assert hub_cache.files_to_fetch(repo, remote_code=False, read=read) == [
         "1_Pooling/config.json", "2_Dense/pytorch_model.bin", "chat_template.jinja", "config.json",
         "generation_config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
         "model.safetensors.index.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
     ]  # fmt: skip
-    assert "modeling_custom.py" in startup.files_to_fetch(repo, remote_code=True, read=read)
+    assert "modeling_custom.py" in hub_cache.files_to_fetch(repo, remote_code=True, read=read)
 
 
-def test_the_backend_export_comes_with_its_weights_and_no_other_export(startup: ModuleType) -> None:
+def test_the_backend_export_comes_with_its_weights_and_no_other_export(hub_cache: ModuleType) -> None:
     repo = [
         "config.json", "model.safetensors", "tokenizer.json", "onnx/model.onnx", "onnx/model.onnx_data",
         "onnx/model_qint8_avx512.onnx", "openvino/openvino_model.xml", "openvino/openvino_model.bin",
@@ -374,7 +262,7 @@ def test_the_backend_export_comes_with_its_weights_and_no_other_export(startup: 
     plain = ["config.json", "model.safetensors", "tokenizer.json"]
 
     def fetch(files: list[str], runtime_file: str) -> list[str]:
-        return startup.files_to_fetch(files, remote_code=False, read=NO_READS, runtime_file=runtime_file)
+        return hub_cache.files_to_fetch(files, remote_code=False, read=NO_READS, runtime_file=runtime_file)
 
     openvino = fetch(repo, "openvino/openvino_model.xml")
     assert openvino == sorted([*plain, "openvino/openvino_model.bin", "openvino/openvino_model.xml"])
@@ -382,16 +270,16 @@ def test_the_backend_export_comes_with_its_weights_and_no_other_export(startup: 
     assert int8 == sorted(
         [*plain, "openvino/openvino_model_qint8_quantized.bin", "openvino/openvino_model_qint8_quantized.xml"]
     )
-    onnx = fetch(repo, startup.BACKEND_FILES["onnx"])
+    onnx = fetch(repo, hub_cache.BACKEND_FILES["onnx"])
     assert onnx == sorted([*plain, "onnx/model.onnx", "onnx/model.onnx_data"])
     # A repo without the export: the PyTorch weights, which the backend exports at load.
     assert fetch(plain, "openvino/openvino_model.xml") == plain
-    assert startup.backend_file({}) is None and startup.backend_file({"BACKEND": "torch"}) is None
+    assert hub_cache.backend_file({}) is None and hub_cache.backend_file({"BACKEND": "torch"}) is None
 
 
-def test_bin_only_checkpoints_and_the_fp16_variant_per_folder(startup: ModuleType) -> None:
+def test_bin_only_checkpoints_and_the_fp16_variant_per_folder(hub_cache: ModuleType) -> None:
     bin_only = ["config.json", "pytorch_model.bin", "training_args.bin"]
-    assert startup.files_to_fetch(bin_only, remote_code=False, read=NO_READS) == ["config.json", "pytorch_model.bin"]
+    assert hub_cache.files_to_fetch(bin_only, remote_code=False, read=NO_READS) == ["config.json", "pytorch_model.bin"]
     diffusers = [
         "model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
         "unet/diffusion_pytorch_model.fp16.safetensors", "vae/diffusion_pytorch_model.safetensors",
@@ -402,12 +290,13 @@ def test_bin_only_checkpoints_and_the_fp16_variant_per_folder(startup: ModuleTyp
     read = reader(
         {"model_index.json": {"_class_name": "StableDiffusionPipeline", **{part: ["x", "X"] for part in parts}}}
     )
-    assert startup.files_to_fetch(diffusers, remote_code=False, read=read, variant="fp16") == [
+    assert hub_cache.files_to_fetch(diffusers, remote_code=False, read=read, variant="fp16") == [
         "model_index.json", "text_encoder/model.fp16.safetensors", "tokenizer/merges.txt", "tokenizer/vocab.json",
         "unet/config.json", "unet/diffusion_pytorch_model.fp16.safetensors",
         "vae/diffusion_pytorch_model.safetensors",  # no fp16 file in this folder: the full one
     ]  # fmt: skip
-    assert "unet/diffusion_pytorch_model.safetensors" in startup.files_to_fetch(diffusers, remote_code=False, read=read)
+    fetched = hub_cache.files_to_fetch(diffusers, remote_code=False, read=read)
+    assert "unet/diffusion_pytorch_model.safetensors" in fetched
 
 
 # stabilityai/stable-diffusion-xl-base-1.0 as the Hub lists it: the diffusers folders (with fp16
@@ -460,20 +349,20 @@ SDXL_CONFIGS = [
 ]  # fmt: skip
 
 
-def test_a_diffusers_pipeline_is_its_components_not_the_single_files_beside_them(startup: ModuleType) -> None:
+def test_a_diffusers_pipeline_is_its_components_not_the_single_files_beside_them(hub_cache: ModuleType) -> None:
     read = reader({"model_index.json": SDXL_INDEX})
-    fp16 = startup.files_to_fetch(SDXL_BASE, remote_code=False, read=read, variant="fp16")
+    fp16 = hub_cache.files_to_fetch(SDXL_BASE, remote_code=False, read=read, variant="fp16")
     assert fp16 == sorted([
         *SDXL_CONFIGS, "text_encoder/model.fp16.safetensors", "text_encoder_2/model.fp16.safetensors",
         "unet/diffusion_pytorch_model.fp16.safetensors", "vae/diffusion_pytorch_model.fp16.safetensors",
     ])  # fmt: skip
-    full = startup.files_to_fetch(SDXL_BASE, remote_code=False, read=read)
+    full = hub_cache.files_to_fetch(SDXL_BASE, remote_code=False, read=read)
     assert full == sorted([
         *SDXL_CONFIGS, "text_encoder/model.safetensors", "text_encoder_2/model.safetensors",
         "unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
     ])  # fmt: skip
     # MODEL_CONFIG, the configs a single-file SDXL checkpoint lacks: no weights at all.
-    assert startup.files_to_fetch(SDXL_BASE, remote_code=False, read=read, weights=False) == SDXL_CONFIGS
+    assert hub_cache.files_to_fetch(SDXL_BASE, remote_code=False, read=read, weights=False) == SDXL_CONFIGS
 
 
 # black-forest-labs/FLUX.1-dev: the diffusers folders (the transformer and T5 sharded), and at the
@@ -496,7 +385,7 @@ FLUX_DEV = [
 ]  # fmt: skip
 
 
-def test_flux_is_its_components_with_the_shards_their_indexes_name(startup: ModuleType) -> None:
+def test_flux_is_its_components_with_the_shards_their_indexes_name(hub_cache: ModuleType) -> None:
     flux_index = {
         "_class_name": "FluxPipeline",
         "_diffusers_version": "0.30.0.dev0",
@@ -518,7 +407,7 @@ def test_flux_is_its_components_with_the_shards_their_indexes_name(startup: Modu
         ),
         "transformer/diffusion_pytorch_model.safetensors.index.json": weight_map(*transformer),
     })  # fmt: skip
-    chosen = startup.files_to_fetch(FLUX_DEV, remote_code=False, read=read, variant="fp16")  # no fp16 files: full
+    chosen = hub_cache.files_to_fetch(FLUX_DEV, remote_code=False, read=read, variant="fp16")  # no fp16 files: full
     skipped = {".gitattributes", "LICENSE.md", "README.md", "dev_grid.jpg", "ae.safetensors", "flux1-dev.safetensors"}
     assert chosen == sorted(set(FLUX_DEV) - skipped)
 
@@ -533,7 +422,7 @@ MISTRAL_7B = [
 ]  # fmt: skip
 
 
-def test_a_sharded_checkpoint_is_the_shards_its_index_names_never_the_consolidated_copy(startup: ModuleType) -> None:
+def test_a_sharded_checkpoint_is_the_shards_its_index_names_never_the_consolidated_copy(hub_cache: ModuleType) -> None:
     shards = [f"model-0000{shard}-of-00003.safetensors" for shard in (1, 2, 3)]
     reads: list[str] = []
 
@@ -541,16 +430,16 @@ def test_a_sharded_checkpoint_is_the_shards_its_index_names_never_the_consolidat
         reads.append(name)
         return json.dumps(weight_map(*shards))
 
-    chosen = startup.files_to_fetch(MISTRAL_7B, remote_code=False, read=read)
+    chosen = hub_cache.files_to_fetch(MISTRAL_7B, remote_code=False, read=read)
     assert reads == ["model.safetensors.index.json"]
     assert "consolidated.safetensors" not in chosen
     assert [name for name in chosen if name.endswith(".safetensors")] == shards
     # Exactly what the index names: a shard it does not name is not fetched either.
-    two = startup.files_to_fetch(MISTRAL_7B, remote_code=False, read=reader({reads[0]: weight_map(*shards[:2])}))
+    two = hub_cache.files_to_fetch(MISTRAL_7B, remote_code=False, read=reader({reads[0]: weight_map(*shards[:2])}))
     assert [name for name in two if name.endswith(".safetensors")] == shards[:2]
 
 
-def test_a_variants_shards_come_from_its_own_index(startup: ModuleType) -> None:
+def test_a_variants_shards_come_from_its_own_index(hub_cache: ModuleType) -> None:
     """SD3's T5 encoder: full-precision shards and fp16 ones, each set with its index; the fp16
     shards in diffusers' older naming (model.fp16-00001-of-00002), which only the index tells."""
     folder = [
@@ -566,28 +455,28 @@ def test_a_variants_shards_come_from_its_own_index(startup: ModuleType) -> None:
         "text_encoder_3/model.safetensors.index.fp16.json": weight_map(*half),
     })  # fmt: skip
     for variant, shards in (("fp16", half), (None, full)):
-        chosen = startup.files_to_fetch(folder, remote_code=False, read=read, variant=variant)
+        chosen = hub_cache.files_to_fetch(folder, remote_code=False, read=read, variant=variant)
         assert [name for name in chosen if name.endswith(".safetensors")] == [f"text_encoder_3/{s}" for s in shards]
 
 
-def test_a_single_file_repo_still_gets_its_checkpoint_and_a_vae_repo_one_copy(startup: ModuleType) -> None:
+def test_a_single_file_repo_still_gets_its_checkpoint_and_a_vae_repo_one_copy(hub_cache: ModuleType) -> None:
     # No model_index.json: the root checkpoint is the model (a Civitai-style single-file repo).
     for checkpoint in ("dreamshaper_8.safetensors", "sd_xl_base_1.0.safetensors"):
         repo = [".gitattributes", "README.md", checkpoint]
-        assert startup.files_to_fetch(repo, remote_code=False, read=NO_READS, variant="fp16") == [checkpoint]
+        assert hub_cache.files_to_fetch(repo, remote_code=False, read=NO_READS, variant="fp16") == [checkpoint]
     # madebyollin/sdxl-vae-fp16-fix, a VAE_NAME: diffusers' file, not its copies for other UIs.
     vae = [
         ".gitattributes", "README.md", "config.json", "diffusion_pytorch_model.bin",
         "diffusion_pytorch_model.safetensors", "images/activation-magnitudes.jpg", "sdxl.vae.safetensors",
         "sdxl_vae.safetensors",
     ]  # fmt: skip
-    assert startup.files_to_fetch(vae, remote_code=False, read=NO_READS, variant="fp16") == [
+    assert hub_cache.files_to_fetch(vae, remote_code=False, read=NO_READS, variant="fp16") == [
         "config.json",
         "diffusion_pytorch_model.safetensors",
     ]
 
 
-def test_remote_code_in_other_repos_is_found(startup: ModuleType) -> None:
+def test_remote_code_in_other_repos_is_found(hub_cache: ModuleType) -> None:
     config = {
         "auto_map": {
             "AutoConfig": "nomic-ai/nomic-bert-2048--configuration_hf_nomic_bert.NomicBertConfig",
@@ -595,58 +484,13 @@ def test_remote_code_in_other_repos_is_found(startup: ModuleType) -> None:
             "AutoTokenizer": ["tokenization_own.OwnTokenizer", None],
         }
     }
-    assert startup.code_repos(config) == {"nomic-ai/nomic-bert-2048"}
-    assert startup.code_repos({}) == set()
-
-
-# ---------------------------------------------------------------------------------------------
-# The cold start, in parts
-# ---------------------------------------------------------------------------------------------
-def test_cold_start_phases_add_up(startup: ModuleType) -> None:
-    ticks = iter([104.0, 104.5, 110.0, 111.25])
-    cold = startup.ColdStart(started=100.0, clock=lambda: next(ticks))
-    for phase in ("imports", "download", "load to cuda", "warm-up"):
-        cold.done(phase)
-    assert cold.summary() == "Cold start 11.2s: imports 4.0s, download 0.5s, load to cuda 5.5s, warm-up 1.2s"
-
-
-# ---------------------------------------------------------------------------------------------
-# The workers, started as Runpod starts them
-# ---------------------------------------------------------------------------------------------
-def logged(text: str) -> list[str]:
-    """Log messages of a worker's output: the SDK writes JSON lines on Runpod, `LEVEL | msg` locally."""
-    lines = [line["message"] for line in json_lines(text) if isinstance(line, dict) and "message" in line]
-    return lines + [line.split("|", 1)[1].strip() for line in text.splitlines() if "|" in line]
-
-
-@pytest.mark.parametrize("example", EXAMPLES)
-def test_on_runpod_without_a_gpu_every_worker_stops_before_its_first_job(example: str) -> None:
-    # No model exists at this path: a worker that went on would fail loading it, not with this line.
-    run = run_local(example, {"RUNPOD_ENDPOINT_ID": "ep-123", "MODEL_NAME": "/nonexistent"}, timeout=180)
-    stops = [line for line in logged(run.stdout + run.stderr) if line.startswith("No usable CUDA device")]
-    assert run.returncode == 1, run.stdout[-2000:] + run.stderr[-2000:]
-    assert len(stops) == 1, run.stdout + run.stderr
-    # This machine's torch is the CPU build: that is what it found; the fix and DEVICE=cpu follow.
-    assert "(on Runpod): torch 2.13.0+cpu is a CPU build. Fix:" in stops[0] and "DEVICE=cpu" in stops[0]
-    assert "Traceback" not in run.stderr and "Loaded" not in run.stdout
+    assert hub_cache.code_repos(config) == {"nomic-ai/nomic-bert-2048"}
+    assert hub_cache.code_repos({}) == set()
 
 
 @pytest.fixture(scope="module")
 def embedder(tiny_model: Callable[[str], Path]) -> Path:
     return tiny_model("sentence-transformer")
-
-
-def test_off_runpod_and_with_device_cpu_the_worker_serves_on_the_cpu(embedder: Path) -> None:
-    for env, expected in (
-        ({}, "No usable CUDA device: torch 2.13.0+cpu is a CPU build. Running on the CPU (slow)"),
-        ({"RUNPOD_ENDPOINT_ID": "ep-123", "DEVICE": "cpu"}, "DEVICE=cpu: running on the CPU on purpose"),
-    ):
-        run = run_local("03_embeddings", {"MODEL_NAME": str(embedder), **env})
-        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-        lines = logged(run.stdout + run.stderr)
-        assert any(line.startswith(expected) for line in lines), lines
-        cold = [line for line in lines if line.startswith("Cold start ")]
-        assert len(cold) == 1 and all(f" {phase} " in cold[0] for phase in ("imports", "download", "load to cpu"))
 
 
 def test_a_baked_model_is_loaded_offline_at_the_commit_the_build_recorded(embedder: Path, tmp_path: Path) -> None:
