@@ -69,6 +69,24 @@ def test_output_production_cannot_send_fails_the_test() -> None:
         run_job(streaming, {})
 
 
+@pytest.mark.parametrize("number", [float("nan"), float("inf"), float("-inf")])
+def test_nan_or_infinity_in_an_output_fails_the_test(number: float) -> None:
+    """json.dumps would write them as NaN/Infinity, which no strict JSON parser reads."""
+
+    def handler(job: dict[str, Any]) -> dict[str, Any]:
+        return {"embedding": [0.5, number]}
+
+    with pytest.raises(AssertionError, match="not plain JSON: Out of range float values"):
+        run_job(handler, {})
+
+    def streaming(job: dict[str, Any]) -> Any:
+        yield {"score": 1.0}
+        yield {"score": number}
+
+    with pytest.raises(AssertionError, match="not plain JSON"):
+        run_job(streaming, {})
+
+
 def test_json_lines_keeps_only_json_documents() -> None:
     text = 'INFO   | Started.\n{"text": "a"}\n--- Starting Serverless Worker ---\n[1, 2]\n{broken\n'
     assert json_lines(text) == [{"text": "a"}, [1, 2]]

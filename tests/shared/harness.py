@@ -5,7 +5,7 @@
 * `run_job` pushes one job through the runpod SDK's own job runners (`run_job` for plain and
   async handlers, `run_job_generator` for sync and async generators), shaped as the SDK's
   `handle_job` shapes it, and checks every output with `json.dumps`: production silently drops
-  anything it cannot encode.
+  anything it cannot encode, and sends NaN or Infinity as tokens strict JSON parsers refuse.
 * `run_local` runs `python handler.py` in the example's folder, as a user does.
 * `DevServer` starts `python handler.py --rp_serve_api` on a free port and stops it by its pid.
 """
@@ -136,9 +136,11 @@ def load_copy(path: Path) -> ModuleType:
 
 
 def assert_json(value: Any) -> None:
-    """Fail the test exactly where production would lose a result: json.dumps raising TypeError."""
+    """Fail the test where production would lose a result (json.dumps raising TypeError) or send
+    one no strict JSON parser reads: NaN and Infinity, which json.dumps writes by default as bare
+    NaN/Infinity tokens that JSON has not got (JavaScript's JSON.parse and most clients refuse them)."""
     try:
-        json.dumps(value, ensure_ascii=False)
+        json.dumps(value, ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError) as error:
         raise AssertionError(f"handler output is not plain JSON: {error}") from error
 
