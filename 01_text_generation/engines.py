@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
+
 from textstream import Delta, SamplingParams, StreamingGenerator, recommended_sampling, special_tokens_only
 
 

@@ -30,20 +30,18 @@ import device  # then the CUDA contract: DEVICE, or the worker stops here (devic
 
 import runpod
 import torch
-from coalesce import ResultTooLarge, coalesced, merge_text, within_result_budget
-from cold_start import COLD_START
 from jinja2 import TemplateError
-from openai_tools import REASONING_PARSERS, parse_choices, prompt_opens_thinking
 from pydantic import BaseModel
-from response_shapes import OpenAIShape, logprobs_floor_bytes, native_responses, openai_responses
-from textstream import ContextLengthError, Delta, GenerationTimeout, Usage, resolve_sampling
-from vllm_launch import vllm_installed
-from vllm_server import VLLMServer, server_environment, start_vllm_server
 
 import schema
+from coalesce import ResultTooLarge, coalesced, merge_text, within_result_budget
+from cold_start import COLD_START
 from engines import Engine, load_transformers_engine
+from errors import RequestError, failed, gpu_lost, out_of_memory, rejected
 from local_run import for_local_run
+from openai_tools import REASONING_PARSERS, parse_choices, prompt_opens_thinking
 from planning import Plan, Prompt, chat_turn, checked_grammar
+from response_shapes import OpenAIShape, logprobs_floor_bytes, native_responses, openai_responses
 from schema import (
     CHARS_PER_TOKEN_BOUND,
     CHAT_ROUTE,
@@ -52,9 +50,11 @@ from schema import (
     ChatCompletionRequest,
     GenerateRequest,
     ModelLimits,
-    RequestError,
     Sampling,
 )
+from textstream import ContextLengthError, Delta, GenerationTimeout, Usage, resolve_sampling
+from vllm_launch import vllm_installed
+from vllm_server import VLLMServer, server_environment, start_vllm_server
 
 log = runpod.RunPodLogger()
 
@@ -339,8 +339,7 @@ async def handler(job: dict[str, Any]) -> AsyncIterator[Any]:
             return
         planned = await asyncio.to_thread(plan, route, request)
     except (RequestError, ContextLengthError) as error:
-        log.warn(f"Rejected request: {error}", job_id)
-        yield {"error": str(error)}
+        yield rejected(error, job_id)
         return
     except Exception as error:  # noqa: BLE001 - its message may quote the prompt: the type only, anywhere
         log.error(f"Preparing the request failed: {type(error).__name__}", job_id)
@@ -374,22 +373,15 @@ async def handler(job: dict[str, Any]) -> AsyncIterator[Any]:
         log.warn(f"{error} (MAX_GENERATION_SECONDS)", job_id)
         yield {"error": f"{error} (MAX_GENERATION_SECONDS): lower max_tokens, or raise the limit on the endpoint"}
         return
-    except torch.cuda.OutOfMemoryError:
-        torch.cuda.empty_cache()  # give the memory back so the next job can run
-        log.error(f"Out of GPU memory ({prompt.tokens} prompt tokens, max_tokens {params.max_tokens})", job_id)
-        yield {"error": "out of GPU memory for this request; lower max_tokens or shorten the prompt"}
+    except torch.cuda.OutOfMemoryError:  # this job fails, the memory goes back, the next job runs
+        oom = f"Out of GPU memory ({prompt.tokens} prompt tokens, max_tokens {params.max_tokens})"
+        yield out_of_memory(oom, "out of GPU memory for this request; lower max_tokens or shorten the prompt", job_id)
         return
-    except torch.AcceleratorError:
-        # The CUDA context is gone (device-side assert, ECC error): only a fresh worker recovers.
-        # A generator cannot return refresh_worker, but the SDK reads the flag from this config
-        # after every job, so setting it here retires the worker once this error is delivered.
-        WORKER_CONFIG["refresh_worker"] = True
-        log.error("Unrecoverable GPU error; asking Runpod for a fresh worker", job_id)
-        yield {"error": "the GPU failed during generation; retry the request"}
+    except torch.AcceleratorError:  # the GPU is lost: this worker retires once the error is delivered
+        yield gpu_lost("the GPU failed during generation; retry the request", job_id, WORKER_CONFIG)
         return
     except Exception as error:  # noqa: BLE001 - the caller gets a message, the log gets the details
-        log.error(f"Generation failed: {type(error).__name__}: {error}", job_id)
-        yield {"error": "generation failed inside the worker; see the worker logs"}
+        yield failed("Generation", error, "generation failed inside the worker; see the worker logs", job_id)
         return
 
     if usage is not None:

@@ -12,12 +12,13 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from openai_tools import tool_call_grammar
 from pydantic import BaseModel
+
+from errors import RequestError
+from openai_tools import tool_call_grammar
+from schema import Message, NamedToolChoice
 from structured_output import grammar_error, grammar_tokenizer, json_schema_grammar
 from textstream import SamplingParams
-
-from schema import Message, NamedToolChoice, RequestError
 
 
 @dataclass(frozen=True)

@@ -22,12 +22,13 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
 from pydantic_core import PydanticCustomError, PydanticKnownError
+
+from errors import RequestError, validated
 from structured_output import grammar_from, json_schema_grammar
 
 # Limits of the request schema (OpenAI's own where it has one).
@@ -82,10 +83,6 @@ def _can_fit_context(value: str, info: ValidationInfo) -> str:
     if (limits := _limits(info)) and len(value) > (most := limits.context_len * CHARS_PER_TOKEN_BOUND):
         raise PydanticKnownError("string_too_long", {"max_length": most})
     return value
-
-
-class RequestError(ValueError):
-    """A request the caller must fix; its message is returned to them as is."""
 
 
 def unsupported(feature: str, hint: str = "") -> PydanticCustomError:
@@ -451,25 +448,12 @@ MODELS_ROUTE = "/v1/models"
 OPENAI_ROUTES = {CHAT_ROUTE: ChatCompletionRequest, COMPLETIONS_ROUTE: CompletionRequest, MODELS_ROUTE: None}
 
 
-def describe_validation_error(error: ValidationError, prefix: str = "") -> str:
-    """One line per problem, each naming the field: "sampling_params.top_p: Input should be ..."."""
-    problems = []
-    for item in error.errors(include_url=False):
-        field = ".".join(str(part) for part in item["loc"])
-        location = f"{prefix}.{field}" if prefix and field else prefix or field or "input"
-        problems.append(f"{location}: {item['msg']}")
-    return "; ".join(problems)
-
-
 def parse_request(job_input: Any, limits: ModelLimits | None) -> tuple[str, BaseModel | None]:
     """Turn a job's input into (route, validated request) within the model's `limits`. Pure: no model, no I/O."""
     if not isinstance(job_input, dict):
         raise RequestError(f"input must be a JSON object, got {type(job_input).__name__}")
     if "openai_route" not in job_input:
-        try:
-            return NATIVE, GenerateRequest.model_validate(job_input, context=limits)
-        except ValidationError as error:
-            raise RequestError(describe_validation_error(error)) from None
+        return NATIVE, validated(GenerateRequest, job_input, limits)
 
     route = job_input["openai_route"]
     if not isinstance(route, str) or route not in OPENAI_ROUTES:
@@ -480,7 +464,4 @@ def parse_request(job_input: Any, limits: ModelLimits | None) -> tuple[str, Base
     body = job_input.get("openai_input")
     if not isinstance(body, dict):
         raise RequestError(f"openai_input must be a JSON object with the {route} request body")
-    try:
-        return route, model.model_validate(body, context=limits)
-    except ValidationError as error:
-        raise RequestError(describe_validation_error(error, prefix="openai_input")) from None
+    return route, validated(model, body, limits, prefix="openai_input")

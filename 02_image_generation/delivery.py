@@ -15,11 +15,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import runpod
-from images import data_uri, encode_image
 from runpod.serverless.utils import rp_upload
 
+from errors import RequestError
+from images import data_uri, encode_image
 from planning import Generated, Job
-from schema import ImageRequest, RequestError
+from schema import ImageRequest
 
 log = runpod.RunPodLogger()
 

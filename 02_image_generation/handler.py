@@ -39,17 +39,17 @@ import device  # then the CUDA contract: DEVICE, or the worker stops here (devic
 import diffusers
 import runpod
 import torch
+from PIL import Image
+
 from checkpoints import is_single_file
 from coalesce import coalesced, keep_latest
 from cold_start import COLD_START
+from delivery import Bucket, DeliveryError, deliver, refuse_what_cannot_fit
+from errors import RequestError, failed, gpu_lost, out_of_memory, rejected, validated
 from families import FAMILIES, Family, detect_family, unsupported, with_overrides
 from images import ImageInputError, ImageLimits
-from loras import LoraError, default_cache_dir, load_endpoint_loras, resolve_requested
-from PIL import Image
-from pydantic import ValidationError
-
-from delivery import Bucket, DeliveryError, deliver, refuse_what_cannot_fit
 from local_run import for_local_run
+from loras import LoraError, default_cache_dir, load_endpoint_loras, resolve_requested
 from pipelines import (
     DTYPES,
     SCHEDULERS,
@@ -63,7 +63,7 @@ from pipelines import (
 )
 from planning import DEFAULT_STRENGTH, Generated, Job, canny_edges, default_steps, image_seeds, load_inputs, output_size
 from progress import ThreadRun, TimeLimitExceeded
-from schema import ImageRequest, RequestError, RequestLimits, describe_validation_error
+from schema import ImageRequest, RequestLimits
 
 # Re-exported (an `as` alias says so): tests and benchmarks reach these as this module's attributes.
 from images import data_uri as data_uri, encode_image as encode_image  # isort: skip
@@ -241,10 +241,7 @@ def parse_request(job_input: Any) -> ImageRequest:
     """Validate a job's input. Pure: no model, no I/O (images are fetched later)."""
     if not isinstance(job_input, dict):
         raise RequestError(f"input must be a JSON object, got {type(job_input).__name__}")
-    try:
-        request = ImageRequest.model_validate(job_input, context=REQUEST_LIMITS)
-    except ValidationError as error:
-        raise RequestError(describe_validation_error(error)) from None
+    request = validated(ImageRequest, job_input, REQUEST_LIMITS)
     if request.control_image is not None and CONTROLNET is None:
         raise RequestError("control_image needs a ControlNet: set CONTROLNET_MODEL on the endpoint")
     if problem := unsupported(FAMILY, bool(request.negative_prompt), request.guidance_scale, request.scheduler):
@@ -375,8 +372,7 @@ async def image_stream(job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         request = parse_request(job.get("input"))
         prepared = await loop.run_in_executor(None, prepare, request)
     except (RequestError, ImageInputError, LoraError) as error:
-        log.warn(f"Rejected request: {error}", job_id)
-        yield {"error": str(error)}
+        yield rejected(error, job_id)
         return
 
     # Denoising on its own thread (progress.py): only the newest step waits to be streamed, a step
@@ -411,20 +407,15 @@ async def image_stream(job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
             " lower num_inference_steps, num_images or the size, or raise the limit on the endpoint"
         }
         return
-    except torch.cuda.OutOfMemoryError:
-        torch.cuda.empty_cache()  # give the memory back so the next job can run
-        log.error(f"Out of GPU memory at {prepared.width}x{prepared.height}", job_id)
-        yield {"error": "out of GPU memory for this size: lower width and height or num_images"}
+    except torch.cuda.OutOfMemoryError:  # this job fails, the memory goes back, the next job runs
+        oom = f"Out of GPU memory at {prepared.width}x{prepared.height}"
+        yield out_of_memory(oom, "out of GPU memory for this size: lower width and height or num_images", job_id)
         return
-    except torch.AcceleratorError:
-        # The CUDA context is gone (device-side assert, ECC error): only a fresh worker recovers.
-        WORKER_CONFIG["refresh_worker"] = True
-        log.error("Unrecoverable GPU error; asking Runpod for a fresh worker", job_id)
-        yield {"error": "the GPU failed while generating; retry the request"}
+    except torch.AcceleratorError:  # the GPU is lost: this worker retires once the error is delivered
+        yield gpu_lost("the GPU failed while generating; retry the request", job_id, WORKER_CONFIG)
         return
     except Exception as error:  # noqa: BLE001 - the caller gets a message, the log gets the details
-        log.error(f"Generation failed: {type(error).__name__}: {error}", job_id)
-        yield {"error": "image generation failed inside the worker; see the worker logs"}
+        yield failed("Generation", error, "image generation failed inside the worker; see the worker logs", job_id)
         return
     finally:
         # Reached when the job is cancelled or its consumer leaves too: stop at the next step.

@@ -26,7 +26,6 @@ import hub_cache  # before every library: settles the Hugging Face cache (hub_ca
 import diffusers
 import runpod
 import torch
-from checkpoints import BASES, checkpoint_family, local_file
 from diffusers import (
     AutoencoderKL,
     AutoPipelineForImage2Image,
@@ -44,8 +43,9 @@ from diffusers import (
     SD3ControlNetModel,
     UniPCMultistepScheduler,
 )
-from families import Family
 
+from checkpoints import BASES, checkpoint_family, local_file
+from families import Family
 from planning import Job
 
 log = runpod.RunPodLogger()

@@ -14,12 +14,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from PIL import Image
+
+from errors import RequestError
 from families import Family
 from images import ImageLimits, load_image
 from loras import AdapterSet
-from PIL import Image
-
-from schema import MAX_SIDE, MAX_STEPS, MIN_SIDE, ImageRequest, RequestError
+from schema import MAX_SIDE, MAX_STEPS, MIN_SIDE, ImageRequest
 
 DEFAULT_STRENGTH = 0.8  # diffusers' own default: keeps the input's layout, repaints its details
 RANDOM_SEED_BOUND = 2**53  # drawn seeds stay exact in JavaScript's JSON numbers too

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 MAX_SIDE = 2048  # longest side, so the pixel budget cannot be spent on a 8x2048 sliver
@@ -23,10 +23,6 @@ MAX_PROMPT_CHARS = 2000  # CLIP reads 77 tokens; the cap only bounds nonsense
 MAX_SEED = 2**63 - 1  # torch.Generator takes a signed 64-bit seed
 MAX_LORAS_PER_REQUEST = 4  # each one adds its layers' work to every UNet call
 MAX_LORA_WEIGHT = 4.0  # weights past this only burn the image
-
-
-class RequestError(ValueError):
-    """A request the caller must fix; its message is returned to them as is."""
 
 
 @dataclass(frozen=True)
@@ -117,12 +113,3 @@ class ImageRequest(BaseModel):
         if self.seed is not None and self.seed + self.num_images - 1 > MAX_SEED:
             raise PydanticCustomError("seed", f"seed + num_images - 1 must be at most {MAX_SEED}")
         return self
-
-
-def describe_validation_error(error: ValidationError) -> str:
-    """One line per problem, each naming the field: "width: Input should be a multiple of 8"."""
-    problems = []
-    for item in error.errors(include_url=False):
-        field = ".".join(str(part) for part in item["loc"]) or "input"
-        problems.append(f"{field}: {item['msg']}")
-    return "; ".join(problems)

@@ -27,13 +27,14 @@ import device  # then the CUDA contract: DEVICE, or the worker stops here (devic
 import numpy as np
 import runpod
 import torch
-from cold_start import COLD_START
 from pydantic import BaseModel
 from sentence_transformers import CrossEncoder, SentenceTransformer, SparseEncoder
 
 import schema
+from cold_start import COLD_START
 from dense import encode_vector, quantize, shape_embeddings
 from encoder import Encoder, ToEncode, Tokenized, tokenize_within
+from errors import RequestError, failed, gpu_lost, out_of_memory, rejected
 from loading import cached_hub_folder, model_options, model_source, openvino_precision
 from local_run import for_local_run
 from rerank import rerank, rerank_response
@@ -50,7 +51,6 @@ from schema import (
     EmbeddingOptions,
     EmbedRequest,
     OpenAIEmbeddingRequest,
-    RequestError,
     RequestLimits,
     SparseEmbedRequest,
     decode_token_ids,
@@ -411,22 +411,15 @@ async def handler(job: dict[str, Any]) -> dict[str, Any] | list[dict[str, Any]]:
             texts = await asyncio.get_running_loop().run_in_executor(TOKENIZE_THREAD, decode_token_ids, texts)
         vectors, counts = await embed_texts(texts, request.resolved_prompt(REQUEST_LIMITS), request.input_type)
     except RequestError as error:
-        log.warn(f"Rejected request: {error}", job_id)
-        return {"error": str(error)}
-    except torch.cuda.OutOfMemoryError:
-        # The batcher already retried the texts in smaller batches, down to one at a time.
-        log.error(f"Out of GPU memory on a text of a request of {len(texts)} inputs", job_id)
-        return {
-            "error": "out of GPU memory on a text of this request even in a batch of its own; "
-            "send shorter texts, or lower MAX_BATCH_TOKENS"
-        }
-    except torch.AcceleratorError:
-        # The CUDA context is gone (device-side assert, ECC error): only a fresh worker recovers.
-        log.error("Unrecoverable GPU error; asking Runpod for a fresh worker", job_id)
-        return {"error": "the GPU failed while embedding; retry the request", "refresh_worker": True}
+        return rejected(error, job_id)
+    except torch.cuda.OutOfMemoryError:  # the batcher already freed the cache and retried, down to one text
+        oom = f"Out of GPU memory on a text of a request of {len(texts)} inputs"
+        why = "out of GPU memory on a text of this request even in a batch of its own; "
+        return out_of_memory(oom, why + "send shorter texts, or lower MAX_BATCH_TOKENS", job_id, free_cache=False)
+    except torch.AcceleratorError:  # the GPU is lost: refresh_worker in the result retires this worker
+        return gpu_lost("the GPU failed while embedding; retry the request", job_id)
     except Exception as error:  # noqa: BLE001 - the caller gets a message, the log gets the details
-        log.error(f"Embedding failed: {type(error).__name__}: {error}", job_id)
-        return {"error": "embedding failed inside the worker; see the worker logs"}
+        return failed("Embedding", error, "embedding failed inside the worker; see the worker logs", job_id)
 
     log.info(
         f"Embedded {len(texts)} inputs ({usage(counts)['prompt_tokens']} tokens, "

@@ -27,19 +27,16 @@ from pydantic import (
     Field,
     PrivateAttr,
     Tag,
-    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
 from pydantic_core import PydanticCustomError, PydanticKnownError
 
+from errors import RequestError, validated
+
 # An instruction is a sentence or two; the cap keeps it from eating the model's window.
 MAX_PROMPT_CHARS = 2000
-
-
-class RequestError(ValueError):
-    """A request the caller must fix; its message is returned to them as is."""
 
 
 @dataclass(frozen=True)
@@ -297,23 +294,6 @@ def rerank_shape(route: str, body: dict[str, Any]) -> RerankShape:
     if "texts" in body:
         return "tei"
     return "cohere" if route in ("/v1/rerank", "/v2/rerank") else "infinity"
-
-
-def describe_validation_error(error: ValidationError, prefix: str = "") -> str:
-    """One line per problem, each naming the field: "texts.2: String should have at most 50000 characters"."""
-    problems = []
-    for item in error.errors(include_url=False):
-        field = ".".join(str(part) for part in item["loc"])
-        location = f"{prefix}.{field}" if prefix and field else prefix or field or "input"
-        problems.append(f"{location}: {item['msg']}")
-    return "; ".join(problems)
-
-
-def validated(schema: type[BaseModel], body: dict[str, Any], limits: RequestLimits, prefix: str = "") -> BaseModel:
-    try:
-        return schema.model_validate(body, context=limits)
-    except ValidationError as error:
-        raise RequestError(describe_validation_error(error, prefix=prefix)) from None
 
 
 def rerank_request(body: dict[str, Any], route: str, limits: RequestLimits, prefix: str = "") -> RerankRequest:

@@ -16,12 +16,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from clip_batcher import EncodeBatcher
-from contrastive import ContrastiveModel
-from image_fetcher import ImageFetcher
 from PIL import Image
 
-from schema import ClassifyRequest, EmbedRequest, OpenAIEmbeddingRequest, RequestError
+from clip_batcher import EncodeBatcher
+from contrastive import ContrastiveModel
+from errors import RequestError
+from image_fetcher import ImageFetcher
+from schema import ClassifyRequest, EmbedRequest, OpenAIEmbeddingRequest
 
 # A float32 of a unit vector prints as about 20 characters in JSON ("-0.012706473283469677, ");
 # 10 is a floor no real embedding goes under, so a result estimated with it is certainly too big.

@@ -19,8 +19,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from families import model_inputs
 from PIL import Image
+
+from families import model_inputs
 from textstream import Delta, SamplingParams, StreamingGenerator
 
 

@@ -37,26 +37,27 @@ import device  # then the CUDA contract: DEVICE, or the worker stops here (devic
 
 import runpod
 import torch
-from clip_batcher import EncodeBatcher
-from coalesce import ResultTooLarge, coalesced, merge_text, within_result_budget
-from cold_start import COLD_START
-from contrastive import CONTRASTIVE_FAMILIES, ContrastiveModel
-from families import VLM_FAMILIES, image_token_bounds, load_processor
-from image_fetcher import ImageFetcher
-from images import ImageInputError, ImageLimits
 from PIL import Image
 from pydantic import BaseModel
-from response_shapes import OpenAIShape, native_responses, openai_responses
-from textstream import ContextLengthError, Delta, GenerationTimeout, Usage, recommended_sampling, resolve_sampling
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
 
 import planning
 import schema
+from clip_batcher import EncodeBatcher
+from coalesce import ResultTooLarge, coalesced, merge_text, within_result_budget
+from cold_start import COLD_START
+from contrastive import CONTRASTIVE_FAMILIES, ContrastiveModel
 from contrastive_tasks import ContrastiveTasks
 from engines import Prepared, TransformersVisionEngine
+from errors import RequestError, failed, gpu_lost, out_of_memory, rejected
+from families import VLM_FAMILIES, image_token_bounds, load_processor
+from image_fetcher import ImageFetcher
+from images import ImageInputError, ImageLimits
 from local_run import for_local_run
 from planning import generation_prompt, sampling_of
-from schema import EMBEDDINGS_ROUTE, MODELS_ROUTE, OpenAIChatRequest, RequestError, RequestLimits
+from response_shapes import OpenAIShape, native_responses, openai_responses
+from schema import EMBEDDINGS_ROUTE, MODELS_ROUTE, OpenAIChatRequest, RequestLimits
+from textstream import ContextLengthError, Delta, GenerationTimeout, Usage, recommended_sampling, resolve_sampling
 
 # Re-exported (an `as` alias says so): tests and benchmarks reach these as this module's attributes.
 from schema import ClassifyRequest as ClassifyRequest  # isort: skip
@@ -385,27 +386,24 @@ async def handler(job: dict[str, Any]) -> AsyncIterator[Any]:
         yield {"error": TOO_LARGE}
         return
     except (RequestError, ImageInputError, ContextLengthError) as error:
-        log.warn(f"Rejected request: {error}", job_id)
-        yield {"error": str(error)}
+        yield rejected(error, job_id)
         return
     except GenerationTimeout as error:
         log.warn(f"{error} (MAX_GENERATION_SECONDS)", job_id)
         yield {"error": f"{error} (MAX_GENERATION_SECONDS): lower max_tokens, or raise the limit on the endpoint"}
         return
-    except torch.cuda.OutOfMemoryError:
-        torch.cuda.empty_cache()  # give the memory back so the next job can run
-        log.error("Out of GPU memory", job_id)
-        yield {"error": "out of GPU memory for this request; lower max_tokens or send fewer images"}
+    except torch.cuda.OutOfMemoryError:  # this job fails, the memory goes back, the next job runs
+        yield out_of_memory(
+            "Out of GPU memory", "out of GPU memory for this request; lower max_tokens or send fewer images", job_id
+        )
         return
-    except torch.AcceleratorError:
-        # The CUDA context is gone (device-side assert, ECC error): only a fresh worker recovers.
-        WORKER_CONFIG["refresh_worker"] = True
-        log.error("Unrecoverable GPU error; asking Runpod for a fresh worker", job_id)
-        yield {"error": "the GPU failed on this request; retry it"}
+    except torch.AcceleratorError:  # the GPU is lost: this worker retires once the error is delivered
+        yield gpu_lost("the GPU failed on this request; retry it", job_id, WORKER_CONFIG)
         return
     except Exception as error:  # noqa: BLE001 - the caller gets a message, the log gets the details
-        log.error(f"Request failed: {type(error).__name__}: {error}", job_id)
-        yield {"error": "the model failed on this request inside the worker; see the worker logs"}
+        yield failed(
+            "Request", error, "the model failed on this request inside the worker; see the worker logs", job_id
+        )
         return
 
     if usage is not None:

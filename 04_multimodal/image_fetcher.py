@@ -25,8 +25,9 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
-from images import ImageInputError, ImageLimits, decode_image, read_image_bytes
 from PIL import Image, UnidentifiedImageError
+
+from images import ImageInputError, ImageLimits, decode_image, read_image_bytes
 
 
 class RequestDeadlineError(ImageInputError):

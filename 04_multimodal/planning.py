@@ -12,9 +12,10 @@ from __future__ import annotations
 from typing import Any
 
 from pydantic import BaseModel
-from structured_output import grammar_error, grammar_tokenizer, json_schema_grammar
 
-from schema import AnswerRequest, CaptionRequest, ChatRequest, Message, OpenAIChatRequest, Part, RequestError, Sampling
+from errors import RequestError
+from schema import AnswerRequest, CaptionRequest, ChatRequest, Message, OpenAIChatRequest, Part, Sampling
+from structured_output import grammar_error, grammar_tokenizer, json_schema_grammar
 
 BLIP2_QUESTION = "Question: {} Answer:"  # the prompt format BLIP-2 was fine-tuned on for VQA
 CAPTION_INSTRUCTION = "Describe this image in one sentence."  # caption, for the families that chat

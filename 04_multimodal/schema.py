@@ -22,12 +22,13 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
-    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
 from pydantic_core import PydanticCustomError, PydanticKnownError
+
+from errors import RequestError, validated
 
 MAX_LABEL_CHARS = 200  # CLIP reads 77 tokens of a label's caption; longer is a mistake
 MAX_TEXT_CHARS = 4000  # one label, question or message: far beyond any model's window
@@ -40,10 +41,6 @@ MAX_PENALTY = 2.0  # OpenAI's range for presence_penalty and frequency_penalty i
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range is [-100, 100]
 MAX_LOGIT_BIAS_TOKENS = 300  # OpenAI's limit on entries
-
-
-class RequestError(ValueError):
-    """A request the caller must fix; its message is returned to them as is."""
 
 
 @dataclass(frozen=True)
@@ -314,16 +311,6 @@ MODELS_ROUTE = "/v1/models"
 OPENAI_ROUTES = (CHAT_ROUTE, EMBEDDINGS_ROUTE, MODELS_ROUTE)
 
 
-def describe_validation_error(error: ValidationError, prefix: str = "") -> str:
-    """One line per problem, each naming the field: "labels: List should have at least 2 items"."""
-    problems = []
-    for item in error.errors(include_url=False):
-        field = ".".join(str(part) for part in item["loc"])
-        location = f"{prefix}.{field}" if prefix and field else prefix or field or "input"
-        problems.append(f"{location}: {item['msg']}")
-    return "; ".join(problems)
-
-
 def parse_request(
     job_input: Any, family: str, tasks: tuple[str, ...], limits: RequestLimits
 ) -> tuple[str, BaseModel | None]:
@@ -345,17 +332,11 @@ def parse_request(
         if not isinstance(body, dict):
             raise RequestError(f"openai_input must be a JSON object with the {route} request body")
         schema = OpenAIChatRequest if route == CHAT_ROUTE else OpenAIEmbeddingRequest
-        try:
-            return route, schema.model_validate(body, context=limits)
-        except ValidationError as error:
-            raise RequestError(describe_validation_error(error, prefix="openai_input")) from None
+        return route, validated(schema, body, limits, prefix="openai_input")
 
     task = job_input.get("task")
     if not isinstance(task, str) or task not in NATIVE_REQUESTS:
         raise RequestError(f"task must be one of {', '.join(tasks)} (what this {family} model can do), got {task!r}")
     if task not in tasks:
         raise RequestError(f"task: a {family} model cannot {task}; it can do: {', '.join(tasks)}")
-    try:
-        return task, NATIVE_REQUESTS[task].model_validate(job_input, context=limits)
-    except ValidationError as error:
-        raise RequestError(describe_validation_error(error)) from None
+    return task, validated(NATIVE_REQUESTS[task], job_input, limits)

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
 from structured_output import grammar_constraint
 
 # Tokens of the prompt's end kept as decoding context: some tokenizers (SentencePiece) drop a

@@ -492,9 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=3, help="CLIP jobs per timed sample (default 3)")
     parser.add_argument("--max-tokens", type=int, default=16, help="LLaVA max_tokens per answer (default 16)")
     parser.add_argument("--repeats", type=int, default=7, help="timed samples per measurement, median (default 7)")
-    parser.add_argument(
-        "--tiny", action="store_true", help="the tiny models of tests/shared/tiny_models/ as they are"
-    )
+    parser.add_argument("--tiny", action="store_true", help="the tiny models of tests/shared/tiny_models/ as they are")
     parser.add_argument("--skip-clip", action="store_true")
     parser.add_argument("--skip-llava", action="store_true")
     parser.add_argument("--jobs", type=int, default=32, help="concurrent CLIP jobs in the batching run (default 32)")

@@ -15,6 +15,7 @@ COPIED = {
     "hub_cache.py": EXAMPLES,  # where the Hugging Face cache lives, what a model loads, the bake step
     "device.py": EXAMPLES,  # the CUDA contract: DEVICE, or the worker stops before its first job
     "cold_start.py": EXAMPLES,  # the cold start's seconds, per phase
+    "errors.py": EXAMPLES,  # the error contract: request errors, out of memory, a lost GPU, other failures
     "local_run.py": EXAMPLES,  # `python handler.py` prints a job's real output
     "coalesce.py": STREAMING,  # streaming at the network's pace
     "images.py": ("02_image_generation", "04_multimodal"),  # images in and out

@@ -1,0 +1,84 @@
+"""The error contract the four workers share: one shape for every failure. A job fails with
+`{"error": message}`, a message the caller can act on, never a traceback, an internal path or a
+secret; the details go to the worker log. One identical copy per example (each folder is its own
+Docker build context).
+
+* A request the caller must fix raises `RequestError`; its message goes back as it is.
+  `validated` checks a request against its pydantic schema, and `describe_validation_error` turns
+  pydantic's errors into one line that names each field.
+* Out of GPU memory answers only the job that hit it, and gives the cached memory back so the
+  next job can run (`out_of_memory`).
+* A lost GPU (torch.AcceleratorError: a device-side assert, an ECC error) is the one failure only
+  a fresh worker recovers from: `gpu_lost` asks Runpod for one. Deciding on the exception type, not
+  on "cuda" in a message, keeps every other job's worker alive.
+* Anything else fails that job with a generic message and logs the exception (`failed`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import MutableMapping
+from typing import Any, TypeVar
+
+import runpod
+from pydantic import BaseModel, ValidationError
+
+log = runpod.RunPodLogger()
+Request = TypeVar("Request", bound=BaseModel)
+
+
+class RequestError(ValueError):
+    """A request the caller must fix; its message is returned to them as is."""
+
+
+def describe_validation_error(error: ValidationError, prefix: str = "") -> str:
+    """One line per problem, each naming the field: "sampling_params.top_p: Input should be ..."."""
+    problems = []
+    for item in error.errors(include_url=False):
+        field = ".".join(str(part) for part in item["loc"])
+        location = f"{prefix}.{field}" if prefix and field else prefix or field or "input"
+        problems.append(f"{location}: {item['msg']}")
+    return "; ".join(problems)
+
+
+def validated(schema: type[Request], body: Any, context: Any = None, prefix: str = "") -> Request:
+    """`body` as a `schema` request, validated with `context` (the endpoint's limits); a
+    RequestError naming each field (under `prefix`, e.g. "openai_input") when it is not one."""
+    try:
+        return schema.model_validate(body, context=context)
+    except ValidationError as error:
+        raise RequestError(describe_validation_error(error, prefix=prefix)) from None
+
+
+def rejected(error: Exception, job_id: Any) -> dict[str, str]:
+    """A request refused before (or while) it ran: its message, to the caller and the log."""
+    log.warn(f"Rejected request: {error}", job_id)
+    return {"error": str(error)}
+
+
+def out_of_memory(logged: str, message: str, job_id: Any, *, free_cache: bool = True) -> dict[str, str]:
+    """CUDA ran out of memory on this job: only it fails. The cache is given back (unless the
+    caller already did) so the next job can run; `logged` says what the job asked for."""
+    if free_cache:
+        import torch  # here: this module is imported by schemas that need no torch
+
+        torch.cuda.empty_cache()
+    log.error(logged, job_id)
+    return {"error": message}
+
+
+def gpu_lost(message: str, job_id: Any, worker_config: MutableMapping[str, Any] | None = None) -> dict[str, Any]:
+    """The CUDA context is gone (device-side assert, ECC error): only a fresh worker recovers. A
+    generator handler cannot return refresh_worker, but the SDK reads the flag from its config
+    (`worker_config`) after every job, so setting it there retires the worker once this error is
+    delivered; a plain handler returns it with the error."""
+    log.error("Unrecoverable GPU error; asking Runpod for a fresh worker", job_id)
+    if worker_config is not None:
+        worker_config["refresh_worker"] = True
+        return {"error": message}
+    return {"error": message, "refresh_worker": True}
+
+
+def failed(what: str, error: Exception, message: str, job_id: Any) -> dict[str, str]:
+    """Any other exception: the caller gets `message`, the log gets `what` failed, and why."""
+    log.error(f"{what} failed: {type(error).__name__}: {error}", job_id)
+    return {"error": message}
