@@ -206,7 +206,7 @@ def test_the_repos_export_is_loaded_and_backend_file_picks_a_variant(
 def test_a_hub_id_loads_its_baked_export_offline(
     exported: Path, torch_vectors: np.ndarray, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A baked image: the snapshot (with the export startup.py fetched) in the Hugging Face cache,
+    """A baked image: the snapshot (with the export hub_cache.py fetched) in the Hugging Face cache,
     HF_HUB_OFFLINE=1. sentence-transformers would list the repo's files online for a Hub id; the
     worker hands it the snapshot's folder instead."""
     from huggingface_hub import constants
