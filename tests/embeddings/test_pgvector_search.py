@@ -15,8 +15,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.embeddings.test_qdrant_search import CORPUS, DEMO_ANSWERS, QUERIES, first_results
 from tests.shared.harness import REPO, DevServer, base_env
+from tests.shared.search_corpus import CORPUS, DEMO_ANSWERS, QUERIES, first_results
 
 pytestmark = pytest.mark.slow  # starts PostgreSQL and a dev server with a real model
 

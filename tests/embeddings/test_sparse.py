@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from tests.shared.harness import REPO, load_copy, load_handler, run_job, run_job_async
+from tests.shared.harness import ok as output_of
 
 EXAMPLE = "03_embeddings"
 TEXTS = ["The cat sat on the mat.", "Paris is the capital of France.", "How do I reset my password?"]
@@ -32,11 +33,6 @@ def sparse(splade_path: Path) -> ModuleType:
 @pytest.fixture(scope="module")
 def vectors() -> ModuleType:
     return load_copy(REPO / EXAMPLE / "sparse.py")
-
-
-def output_of(result: dict[str, Any]) -> dict[str, Any]:
-    assert "error" not in result, result
-    return result["output"]
 
 
 def error_of(result: dict[str, Any]) -> str:

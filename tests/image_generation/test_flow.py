@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from tests.image_generation.test_handler import EXAMPLE, SMALL, assert_progress, decode, generate, pixels, png_data_uri
-from tests.image_generation.test_models import mask_data_uri
 from tests.shared.harness import lazy_handlers, load_handler, run_job
+from tests.shared.image_generation import EXAMPLE, SMALL, assert_progress, generate
+from tests.shared.images import decode, mask_data_uri, pixels, png_data_uri
 
 FLOW_FAMILIES = [
     ("flux-schnell", "FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline"),

@@ -28,11 +28,12 @@ from tests.shared.harness import (
     run_job_async,
     run_local,
 )
-from tests.shared.runpod_api import Job, JobAPI, Worker
+from tests.shared.image_generation import SMALL, assert_progress, generate
+from tests.shared.images import decode, pixels, png_data_uri
+from tests.shared.runpod_api import JobAPI, Worker, run_with_delay
 from tests.shared.servers import http_server, s3_server
 
 EXAMPLE = "02_image_generation"
-SMALL = {"width": 64, "height": 64, "num_inference_steps": 2}
 
 
 @pytest.fixture(scope="module")
@@ -50,40 +51,6 @@ def sd15(handlers) -> ModuleType:
 def controlnet(tiny_model) -> ModuleType:
     env = {"MODEL_NAME": str(tiny_model("sd15")), "CONTROLNET_MODEL": str(tiny_model("controlnet-sd15"))}
     return load_handler(EXAMPLE, env)
-
-
-def generate(module: ModuleType, **request: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Run one job; return (progress chunks, final chunk)."""
-    result = run_job(module.handler, request)
-    assert "error" not in result, result
-    *progress, final = result["output"]
-    return progress, final
-
-
-def assert_progress(progress: list[dict[str, Any]], total: int | None = None) -> None:
-    """Progress chunks count up (a step overtaken by a newer one before it was sent is dropped, so
-    steps may be skipped, never repeated or reordered) to one fixed total."""
-    steps = [chunk["step"] for chunk in progress]
-    assert progress and all(chunk["status"] == "progress" for chunk in progress), progress
-    assert steps == sorted(set(steps)) and steps[0] >= 1, steps
-    totals = {chunk["total"] for chunk in progress}
-    assert len(totals) == 1 and steps[-1] <= totals.pop() == (total or progress[0]["total"]), progress
-
-
-def decode(image: str) -> Image.Image:
-    _, data = image.split(",", 1)
-    return Image.open(io.BytesIO(base64.b64decode(data)))
-
-
-def pixels(image: str) -> np.ndarray:
-    return np.asarray(decode(image).convert("RGB"))
-
-
-def png_data_uri(width: int, height: int, seed: int = 0) -> str:
-    rng = np.random.default_rng(seed)
-    buffer = io.BytesIO()
-    Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 # ---- every family ---------------------------------------------------------------------------
@@ -845,14 +812,6 @@ def test_what_a_family_cannot_honour_is_a_clear_error(sd15, family: str, request
 # ---- through Runpod's real job loop -----------------------------------------------------------
 
 NETWORK_S = 0.05  # a 50 ms round trip per POST, as between a worker and Runpod
-
-
-def run_with_delay(api: JobAPI, job_input: Any, delay_s: float) -> Job:
-    api.post_delay_s = delay_s
-    try:
-        return api.run(job_input)
-    finally:
-        api.post_delay_s = 0.0
 
 
 def test_progress_over_a_slow_network_is_dropped_not_queued(tiny_model) -> None:

@@ -3,8 +3,6 @@ on tiny random-weight SD 1.5 and SDXL pipelines through the handler."""
 
 from __future__ import annotations
 
-import base64
-import io
 import threading
 from types import ModuleType
 from typing import Any
@@ -12,29 +10,16 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from tests.image_generation.test_handler import EXAMPLE, SMALL, assert_progress, decode, generate, pixels, png_data_uri
 from tests.shared.harness import lazy_handlers, load_handler, run_job
+from tests.shared.image_generation import EXAMPLE, SMALL, assert_progress, generate
+from tests.shared.images import decode, mask_data_uri, pixels, png_data_uri
 
 
 @pytest.fixture(scope="module")
 def handlers(tiny_model) -> dict[str, ModuleType]:
     """One loaded handler per tiny model, built on first use and shared by the module's tests."""
     return lazy_handlers(EXAMPLE, lambda kind: {"MODEL_NAME": str(tiny_model(kind))})
-
-
-def mask_data_uri(width: int, height: int, box: tuple[int, int, int, int]) -> str:
-    """Black (keep) with a white (repaint) box, as inpainting masks are drawn."""
-    mask = Image.new("L", (width, height), 0)
-    mask.paste(255, box)
-    buffer = io.BytesIO()
-    mask.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
-def as_image(uri: str) -> Image.Image:
-    return Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])))
 
 
 # ---- inpainting -------------------------------------------------------------------------------
@@ -53,8 +38,8 @@ def test_inpainting_matches_the_raw_inpainting_pipeline(handlers, tiny_model) ->
     raw.set_progress_bar_config(disable=True)
     expected = raw(
         "a window",
-        image=as_image(source).convert("RGB"),
-        mask_image=as_image(mask).convert("L"),
+        image=decode(source).convert("RGB"),
+        mask_image=decode(mask).convert("L"),
         strength=0.9,
         width=64,
         height=64,

@@ -6,8 +6,6 @@ Fuzzed requests, 200 concurrent jobs, a soak, secrets and prompts kept out of th
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import secrets
 import time
@@ -18,9 +16,9 @@ import boto3
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from PIL import Image
 
 from tests.shared.harness import DevServer, json_lines, load_handler, run_job, run_local
+from tests.shared.images import decode, png_data_uri
 from tests.shared.reliability import (
     FUZZ,
     JUNK,
@@ -36,7 +34,6 @@ from tests.shared.reliability import (
     mutated,
     not_costly_int,
     payload_fingerprint,
-    png_data_uri,
     quiet_logs,
     report_load,
     run_load,
@@ -101,10 +98,6 @@ def image_answer(result: dict[str, Any]) -> Any:
     *progress, final = result["output"]
     assert all(chunk.get("status") == "progress" for chunk in progress), progress
     return answer({"output": [final]})
-
-
-def decode(data_uri: str) -> Image.Image:
-    return Image.open(io.BytesIO(base64.b64decode(data_uri.split(",", 1)[1])))
 
 
 # ---- fuzzing ----------------------------------------------------------------------------------

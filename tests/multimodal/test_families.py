@@ -24,13 +24,11 @@ from tests.multimodal.test_handler import (
     GREEDY,
     image_question,
     image_uri,
-    ok,
     one,
-    openai_chat,
     prepare,
     reference_answer,
 )
-from tests.shared.harness import lazy_handlers, load_handler, run_job
+from tests.shared.harness import lazy_handlers, load_handler, ok, openai_chat, run_job
 
 # tiny model kind → (family the handler reports, model class, processor class, default max images)
 FAMILIES: dict[str, tuple[str, str, str, int]] = {

@@ -25,6 +25,8 @@ from tests.shared.harness import (
     json_lines,
     lazy_handlers,
     load_handler,
+    ok,
+    openai_chat,
     run_job,
     run_job_async,
     run_local,
@@ -56,11 +58,6 @@ def image_uri(width: int = 80, height: int = 48, seed: int = 0) -> str:
     buffer = io.BytesIO()
     Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(buffer, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
-def ok(result: dict[str, Any]) -> list[Any]:
-    assert "error" not in result, result
-    return result["output"]
 
 
 def one(module: ModuleType, **request: Any) -> Any:
@@ -538,10 +535,6 @@ def test_native_chat_with_several_images(llava) -> None:
     prepared = prepare(llava, {"task": "chat", "messages": messages})
     assert int(prepared.inputs["pixel_values"].shape[0]) == 2
     assert whole["text"] == reference_answer(llava, prepared.inputs, GREEDY["max_tokens"])
-
-
-def openai_chat(body: dict[str, Any]) -> dict[str, Any]:
-    return {"openai_route": "/v1/chat/completions", "openai_input": body}
 
 
 def image_question(url: str) -> list[dict[str, Any]]:

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from openai.types.chat import ChatCompletion
 
 from tests.shared.harness import DevServer, json_lines, load_handler, run_job, run_local
+from tests.shared.images import png_data_uri
 from tests.shared.reliability import (
     FUZZ,
     JUNK,
@@ -34,7 +35,6 @@ from tests.shared.reliability import (
     mutated,
     not_costly_int,
     payload_fingerprint,
-    png_data_uri,
     quiet_logs,
     report_load,
     run_load,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.repository.test_locks import DOCKERFILES, cpu_image, dockerfile_id, instructions
+from tests.shared.dockerfiles import DOCKERFILES, cpu_image, dockerfile_id, instructions
 from tests.shared.harness import REPO, load_copy, shared_copies
 
 HUB_CACHE = load_copy(shared_copies("hub_cache.py")[0])

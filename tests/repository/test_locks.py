@@ -17,7 +17,7 @@ import pytest
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
-from tests.repository.test_repository import pins
+from tests.shared.dockerfiles import DOCKERFILES, cpu_image, dockerfile_id, instructions, pins
 from tests.shared.harness import EXAMPLES, REPO
 
 # Every lock, and the requirements files it is made from (in .ci/lock's order).
@@ -81,18 +81,7 @@ FEATURE_DEPENDENCIES = {
         "sentencepiece": "SigLIP's tokenizer",
     },
 }
-DOCKERFILES = sorted(path for example in EXAMPLES for path in (REPO / example).glob("Dockerfile*"))
 LOCK_ENTRY = re.compile(r"^([A-Za-z0-9_.\-]+)==(\S+)")
-
-
-def dockerfile_id(path: Path) -> str:
-    return f"{path.parent.name}/{path.name}"
-
-
-def instructions(dockerfile: Path) -> list[str]:
-    """The Dockerfile's instructions, continuation lines joined, comments dropped."""
-    joined = re.sub(r"\\\n", " ", dockerfile.read_text())
-    return [line.strip() for line in joined.splitlines() if line.strip() and not line.lstrip().startswith("#")]
 
 
 def pip_installs(dockerfile: Path) -> list[tuple[str, list[str]]]:
@@ -111,11 +100,6 @@ def pip_installs(dockerfile: Path) -> list[tuple[str, list[str]]]:
                     args.append(arg)
                 found.append((word, args))
     return found
-
-
-def cpu_image(dockerfile: Path) -> bool:
-    """An image built for CPU endpoints (DEVICE=cpu): no CUDA contract, no Triton."""
-    return any(line.startswith("ENV ") and "DEVICE=cpu" in line.split() for line in instructions(dockerfile))
 
 
 def read_lock(lock: str) -> dict[str, dict[str, object]]:

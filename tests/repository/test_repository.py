@@ -11,19 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.shared.dockerfiles import pins
 from tests.shared.harness import EXAMPLES, REPO
 
 PRESENT = [example for example in EXAMPLES if (REPO / example).is_dir()]
 EXAMPLE_FILES = ("handler.py", "Dockerfile", "requirements.txt", "test_input.json", "README.md", "local_run.py")
-
-
-def pins(requirements: Path) -> dict[str, str]:
-    found = {}
-    for line in requirements.read_text().splitlines():
-        line = line.split("#", 1)[0].strip()
-        if match := re.fullmatch(r"([A-Za-z0-9_.\-\[\]]+)==([^\s;]+)", line):
-            found[re.sub(r"\[.*\]", "", match[1]).lower().replace("_", "-")] = match[2]
-    return found
 
 
 def env_vars_read(handler: Path) -> set[str]:

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from tests.shared.harness import REPO
-from tests.shared.runpod_api import Job, JobAPI, Worker
+from tests.shared.runpod_api import Job, JobAPI, Worker, run_with_delay
 
 NETWORK_S = 0.05  # a 50 ms round trip per POST, as between a worker and Runpod
 
@@ -28,14 +28,6 @@ def serving(example: str, env: dict[str, str]) -> Iterator[Worker]:
     """A worker of its own job API: two workers on one queue would take each other's jobs."""
     with JobAPI() as api, Worker(example, api, env) as worker:
         yield worker
-
-
-def run_with_delay(api: JobAPI, job_input: Any, delay_s: float) -> Job:
-    api.post_delay_s = delay_s
-    try:
-        return api.run(job_input)
-    finally:
-        api.post_delay_s = 0.0
 
 
 def sse_events(chunks: list[str]) -> list[Any]:

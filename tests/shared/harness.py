@@ -177,6 +177,17 @@ def run_job(handler: Any, job_input: Any, **kwargs: Any) -> dict[str, Any]:
     return asyncio.run(run_job_async(handler, {"input": job_input}, **kwargs))
 
 
+def ok(result: dict[str, Any]) -> Any:
+    """A job's output, failing the test (with the result) if the job failed."""
+    assert "error" not in result, result
+    return result["output"]
+
+
+def openai_chat(body: dict[str, Any]) -> dict[str, Any]:
+    """The job input that Runpod's OpenAI gateway makes of a POST /v1/chat/completions `body`."""
+    return {"openai_route": "/v1/chat/completions", "openai_input": body}
+
+
 def base_env(**env: str) -> dict[str, str]:
     """The current environment without Runpod's serving variables, plus `env`."""
     clean = {k: v for k, v in os.environ.items() if k not in _RUNPOD_SERVING_VARS}

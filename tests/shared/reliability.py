@@ -18,7 +18,6 @@ import base64
 import contextlib
 import copy
 import gc
-import io
 import json
 import os
 import secrets
@@ -35,7 +34,6 @@ import runpod
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.strategies import SearchStrategy
-from PIL import Image
 
 from tests.shared.harness import DevServer, json_lines, run_job_async
 
@@ -251,14 +249,6 @@ def assert_close(got: Any, want: Any, atol: float = 1e-5, where: str = "output")
         np.testing.assert_allclose(vectors[0], vectors[1], atol=atol, err_msg=where)
     else:
         assert got == want, f"{where}: {got!r:.300} != {want!r:.300}"
-
-
-def png_data_uri(width: int, height: int, seed: int = 0, image_format: str = "PNG") -> str:
-    """An image of random pixels as a data URI: every payload distinct, none of it repeated in an output."""
-    rng = np.random.default_rng(seed)
-    buffer = io.BytesIO()
-    Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(buffer, format=image_format)
-    return f"data:image/{image_format.lower()};base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 # ---- load ---------------------------------------------------------------------------------------

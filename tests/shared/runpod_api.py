@@ -301,3 +301,12 @@ class Worker:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def run_with_delay(api: JobAPI, job_input: Any, delay_s: float) -> Job:
+    """One job with every POST of the worker held `delay_s` (a slow network), then none again."""
+    api.post_delay_s = delay_s
+    try:
+        return api.run(job_input)
+    finally:
+        api.post_delay_s = 0.0

@@ -26,10 +26,13 @@ from tests.shared.harness import (
     lazy_handlers,
     load_copy,
     load_handler,
+    ok,
+    openai_chat,
     run_job,
     run_job_async,
     run_local,
 )
+from tests.shared.openai_gateway import runpod_gateway
 
 EXAMPLE = "01_text_generation"
 FAMILIES = ["llama", "mistral", "mixtral", "qwen3", "phi3", "gemma3"]
@@ -49,11 +52,6 @@ def handlers(tiny_model) -> dict[str, ModuleType]:
 @pytest.fixture(scope="module")
 def qwen(handlers) -> ModuleType:
     return handlers["qwen3"]
-
-
-def ok(result: dict[str, Any]) -> list[Any]:
-    assert "error" not in result, result
-    return result["output"]
 
 
 def native(handler_module: ModuleType, **request: Any) -> list[Any]:
@@ -282,10 +280,6 @@ def engines_module(module: ModuleType) -> ModuleType:
 # ---- OpenAI compatibility --------------------------------------------------------------------
 
 
-def openai_chat(body: dict[str, Any]) -> dict[str, Any]:
-    return {"openai_route": "/v1/chat/completions", "openai_input": body}
-
-
 def openai_text(body: dict[str, Any]) -> dict[str, Any]:
     return {"openai_route": "/v1/completions", "openai_input": body}
 
@@ -356,25 +350,6 @@ def test_harmless_openai_fields_are_accepted_and_unknown_ones_refused(qwen) -> N
     assert ChatCompletion.model_validate(response).choices[0].message.role == "assistant"
     unknown = run_job(qwen.handler, openai_chat({"messages": CHAT, "frobnicate": 1}))
     assert unknown["error"] == "openai_input.frobnicate: Extra inputs are not permitted"
-
-
-def runpod_gateway(handler: Any) -> httpx.MockTransport:
-    """Stand-in for Runpod's OpenAI gateway: requests to .../openai/v1/<route> become jobs; a
-    streamed job's SSE chunks are written out in order as the response body."""
-
-    def respond(request: httpx.Request) -> httpx.Response:
-        job: dict[str, Any] = {"openai_route": "/v1/" + request.url.path.split("/v1/", 1)[1]}
-        if request.method == "POST":
-            job["openai_input"] = json.loads(request.content)
-        result = run_job(handler, job)
-        if "error" in result:
-            return httpx.Response(400, json={"error": {"message": result["error"]}})
-        output = result["output"]
-        if output and isinstance(output[0], str):
-            return httpx.Response(200, content="".join(output).encode(), headers={"content-type": "text/event-stream"})
-        return httpx.Response(200, json=output[0])
-
-    return httpx.MockTransport(respond)
 
 
 def test_the_official_openai_client_end_to_end(qwen) -> None:
