@@ -36,7 +36,65 @@ ENV_ALIASES = {
     "MODEL_REVISION": "REVISION",
     "TOKENIZER_NAME": "TOKENIZER",
     "CUSTOM_CHAT_TEMPLATE": "CHAT_TEMPLATE",
+    # worker-vllm's names, so its endpoint templates work unchanged.
+    "OPENAI_SERVED_MODEL_NAME_OVERRIDE": "SERVED_MODEL_NAME",
+    "VLLM_CONFIG_FILE": "CONFIG",  # a YAML file of flags; the other settings win over it, as in `vllm serve`
 }
+# Raw server arguments appended after all the others (so they win), checked by vLLM's parser like
+# the rest: for a flag that has no environment form, or one a template cannot express.
+EXTRA_ARGS = "VLLM_EXTRA_ARGS"
+# Settings where 0 means "unset": vLLM refuses 0, and endpoint templates (worker-vllm's among
+# them) carry MAX_NUM_BATCHED_TOKENS=0 for "let vLLM choose". A 0 elsewhere (SEED, CPU_OFFLOAD_GB)
+# is a real value.
+ZERO_MEANS_UNSET = frozenset({"MAX_NUM_BATCHED_TOKENS"})
+# Settings of earlier vLLM releases that 0.32's server no longer has, still set by older endpoint
+# templates: ignored with a warning that says what took their place, instead of a start that dies
+# on an unknown flag. (tests/text_generation/test_vllm_engine.py checks none of them is a flag.)
+REMOVED_SETTINGS = {
+    "SWAP_SPACE": "removed from vLLM: its V1 engine has no CPU swap space",
+    "DISABLE_LOG_REQUESTS": "removed from vLLM: requests are not logged unless ENABLE_LOG_REQUESTS=true",
+    "GUIDED_DECODING_BACKEND": 'removed from vLLM: set STRUCTURED_OUTPUTS_CONFIG, e.g. {"backend": "xgrammar"}',
+    "GUIDED_DECODING_DISABLE_FALLBACK": "removed from vLLM: set STRUCTURED_OUTPUTS_CONFIG",
+    "GUIDED_DECODING_DISABLE_ANY_WHITESPACE": "removed from vLLM: set STRUCTURED_OUTPUTS_CONFIG",
+    "GUIDED_DECODING_DISABLE_ADDITIONAL_PROPERTIES": "removed from vLLM: set STRUCTURED_OUTPUTS_CONFIG",
+    "TASK": "removed from vLLM: set RUNNER and CONVERT",
+    "ROPE_SCALING": 'removed from vLLM: set HF_OVERRIDES, e.g. {"rope_scaling": {...}}',
+    "ROPE_THETA": 'removed from vLLM: set HF_OVERRIDES, e.g. {"rope_theta": 1000000}',
+    "NUM_LOOKAHEAD_SLOTS": "removed from vLLM: speculative decoding is set by SPECULATIVE_CONFIG",
+    "CUDA_GRAPH_SIZES": "removed from vLLM: set COMPILATION_CONFIG's cudagraph_capture_sizes",
+    "MAX_SEQ_LEN_TO_CAPTURE": "removed from vLLM: set COMPILATION_CONFIG",
+    "MAX_CONTEXT_LEN_TO_CAPTURE": "removed from vLLM: set COMPILATION_CONFIG",
+    "DISABLE_FRONTEND_MULTIPROCESSING": "removed from vLLM",
+    "ENABLE_LORA_BIAS": "removed from vLLM",
+    "LORA_EXTRA_VOCAB_SIZE": "removed from vLLM",
+    "MAX_NUM_PARTIAL_PREFILLS": "removed from vLLM",
+    "MAX_LONG_PARTIAL_PREFILLS": "removed from vLLM",
+    "OVERRIDE_POOLER_CONFIG": "removed from vLLM: set POOLER_CONFIG",
+    "TOKENIZER_POOL_SIZE": "removed from vLLM",
+    "TOKENIZER_POOL_TYPE": "removed from vLLM",
+    "TOKENIZER_POOL_EXTRA_CONFIG": "removed from vLLM",
+    "DISABLE_MM_PREPROCESSOR_CACHE": "removed from vLLM: set MM_PROCESSOR_CACHE_GB=0",
+    "ENABLE_MULTIMODAL_ENCODER_DATA_PARALLEL": "removed from vLLM: set MM_ENCODER_TP_MODE=data",
+    "NUM_REDUNDANT_EXPERTS": "removed from vLLM: set EPLB_CONFIG",
+    "EPLB_WINDOW_SIZE": "removed from vLLM: set EPLB_CONFIG",
+    "EPLB_STEP_INTERVAL": "removed from vLLM: set EPLB_CONFIG",
+    "EPLB_LOG_BALANCEDNESS": "removed from vLLM: set EPLB_CONFIG",
+    "LOGITS_PROCESSOR_PATTERN": "removed from vLLM: set LOGITS_PROCESSORS",
+    "USE_V2_BLOCK_MANAGER": "removed from vLLM: it is the only block manager",
+    "PREEMPTION_MODE": "removed from vLLM",
+    "SCHEDULER_DELAY_FACTOR": "removed from vLLM",
+    "NUM_SCHEDULER_STEPS": "removed from vLLM",
+    "MULTI_STEP_STREAM_OUTPUTS": "removed from vLLM",
+    "DISABLE_ASYNC_OUTPUT_PROC": "removed from vLLM",
+    # worker-vllm's own settings of earlier releases.
+    "DEFAULT_BATCH_SIZE": "streamed tokens are sent as fast as the network takes them (coalesce.py)",
+    "DEFAULT_MIN_BATCH_SIZE": "streamed tokens are sent as fast as the network takes them (coalesce.py)",
+    "DEFAULT_BATCH_SIZE_GROWTH_FACTOR": "streamed tokens are sent as fast as the network takes them (coalesce.py)",
+    "RAW_OPENAI_OUTPUT": "OpenAI routes always stream vLLM's own server-sent events",
+}
+# Any of these set (by variable, config file or extra arguments) leaves parallelism to the user;
+# otherwise a worker with several GPUs splits the model over all of them (see default_parallelism).
+PARALLELISM_SETTINGS = ("TENSOR_PARALLEL_SIZE", "PIPELINE_PARALLEL_SIZE", "DATA_PARALLEL_SIZE")
 # Flags never taken from the environment: the worker sets the address itself (HOST, PORT, UDS),
 # MODEL is spelt MODEL_NAME, a config file or --help would bypass the checks, and HF_TOKEN must
 # not appear on a command line (vLLM reads it from the environment anyway). API_KEY: Runpod
@@ -47,7 +105,15 @@ QUANTIZATION_NAMES = {"bnb-4bit": "bitsandbytes"}
 TRANSFORMERS_ONLY_QUANTIZATION = ("bnb-8bit",)
 # Names this worker reads for itself, never mistaken for misspelt vLLM flags.
 WORKER_ENV = frozenset(
-    {"ENGINE", "MAX_CONCURRENCY", "DEFAULT_MAX_TOKENS", "MAX_GENERATION_SECONDS", "SERVED_MODEL_NAME", "VLLM_PYTHON"}
+    {
+        "ENGINE",
+        "MAX_CONCURRENCY",
+        "DEFAULT_MAX_TOKENS",
+        "MAX_GENERATION_SECONDS",
+        "SERVED_MODEL_NAME",
+        "VLLM_PYTHON",
+        EXTRA_ARGS,
+    }
 )
 NEAR_MISS_CUTOFF = 0.9  # difflib similarity above which an unknown name is reported as a likely typo
 
@@ -78,13 +144,15 @@ def parse_bool(name: str, value: str) -> bool:
 
 
 def list_values(name: str, value: str) -> list[str]:
-    """A list flag's values: a JSON list (objects become JSON strings, as vLLM's --lora-modules
-    takes them) or, otherwise, shell words (`a=/path b=/path`)."""
-    if value.lstrip().startswith("["):
+    """A list flag's values: a JSON list or one JSON object (objects become JSON strings, as
+    vLLM's --lora-modules takes them: worker-vllm's `{"name": ..., "path": ...}` form) or, otherwise,
+    shell words (`a=/path b=/path`)."""
+    if value.lstrip().startswith(("[", "{")):
         try:
             items = json.loads(value)
         except json.JSONDecodeError as error:
-            raise SettingsError(f"{name}: not a valid JSON list ({error})") from None
+            raise SettingsError(f"{name}: not valid JSON ({error})") from None
+        items = items if isinstance(items, list) else [items]
         return [item if isinstance(item, str) else json.dumps(item) for item in items]
     try:
         return shlex.split(value)
@@ -92,17 +160,36 @@ def list_values(name: str, value: str) -> list[str]:
         raise SettingsError(f"{name}: {error}") from None
 
 
-def server_argv(environ: Mapping[str, str], flags: Mapping[str, Flag]) -> tuple[list[str], list[str]]:
+def default_parallelism(gpus: int, configured: bool) -> list[str]:
+    """Tensor parallelism over every GPU the worker has, unless the user configured any. Pure.
+
+    A Runpod endpoint with 2 GPUs per worker is chosen for a model that needs both (a 70B model on
+    2x80 GB); vLLM alone would load it on one GPU and fail. vLLM refuses at start, with its reason,
+    a model whose attention heads do not divide by the count."""
+    return ["--tensor-parallel-size", str(gpus)] if gpus > 1 and not configured else []
+
+
+def server_argv(
+    environ: Mapping[str, str], flags: Mapping[str, Flag], gpus: int = 0, config_keys: frozenset[str] = frozenset()
+) -> tuple[list[str], list[str]]:
     """(vLLM server arguments, warnings) for the settings in `environ`. Pure.
 
-    `flags` maps each flag's environment name to the flag (see `flag_table`). Unset or empty
-    variables are left to vLLM's defaults. A value this function can already tell is wrong (a
-    boolean that is not one, a quantization only the other engine has) raises `SettingsError`;
-    vLLM's parser checks the rest.
+    `flags` maps each flag's environment name to the flag (see `flag_table`); `gpus` is how many
+    the worker sees and `config_keys` the environment names of the settings in VLLM_CONFIG_FILE.
+    Unset or empty variables are left to vLLM's defaults. A value this function can already tell
+    is wrong (a boolean that is not one, a quantization only the other engine has) raises
+    `SettingsError`; vLLM's parser checks the rest.
     """
+    warnings = []
     settings: dict[str, tuple[str, str]] = {}  # flag env name -> (the variable it came from, value)
-    for name, value in environ.items():
+    for name, value in sorted(environ.items()):
         if not value:
+            continue
+        if name in ZERO_MEANS_UNSET and value.strip() == "0":
+            warnings.append(f"{name}=0 means unset: vLLM chooses it")
+            continue
+        if name in REMOVED_SETTINGS and name not in flags:
+            warnings.append(f"{name} is ignored: {REMOVED_SETTINGS[name]}")
             continue
         target = ENV_ALIASES.get(name, name)
         if target in NOT_FROM_ENV and name not in ENV_ALIASES:
@@ -141,8 +228,15 @@ def server_argv(environ: Mapping[str, str], flags: Mapping[str, Flag]) -> tuple[
         else:
             argv += [flag.option, value]
 
-    known = set(flags) | set(ENV_ALIASES) | WORKER_ENV
-    warnings = []
+    try:
+        extra = shlex.split(environ.get(EXTRA_ARGS, ""))
+    except ValueError as error:
+        raise SettingsError(f"{EXTRA_ARGS}: {error}") from None
+    extra_keys = {env_name(word.split("=", 1)[0]) for word in extra if word.startswith("--")}
+    configured = any(key in settings or key in config_keys or key in extra_keys for key in PARALLELISM_SETTINGS)
+    argv += default_parallelism(gpus, configured) + extra
+
+    known = set(flags) | set(ENV_ALIASES) | WORKER_ENV | set(REMOVED_SETTINGS)
     for name in sorted(environ):
         if name in known or not environ[name] or not name.isupper():
             continue
@@ -187,15 +281,33 @@ def vllm_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def config_keys(path: str | None) -> frozenset[str]:
+    """The environment names of the settings in a `vllm serve` YAML config file."""
+    if not path:
+        return frozenset()
+    import yaml
+
+    try:
+        with open(path) as file:
+            settings = yaml.safe_load(file) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise SettingsError(f"VLLM_CONFIG_FILE={path}: {error}") from None
+    if not isinstance(settings, dict):
+        raise SettingsError(f"VLLM_CONFIG_FILE={path}: expected a mapping of vLLM settings")
+    return frozenset(env_name(str(key)) for key in settings)
+
+
 def checked_argv(environ: Mapping[str, str]) -> list[str]:
     """The server's arguments, parsed and checked by vLLM exactly as its server does at start."""
+    import torch
     from vllm.entrypoints.launchers.cli_args import validate_parsed_serve_args
     from vllm.entrypoints.launchers.launcher import validate_api_server_args
     from vllm.reasoning import ReasoningParserManager
 
     parser = vllm_parser()
     flags = flag_table(parser)
-    argv, warnings = server_argv(environ, flags)
+    gpus = torch.cuda.device_count()  # 0 on vLLM's CPU build
+    argv, warnings = server_argv(environ, flags, gpus, config_keys(environ.get("VLLM_CONFIG_FILE")))
     for warning in warnings:
         print(f"WARNING: {warning}", file=sys.stderr, flush=True)
     try:

@@ -81,6 +81,13 @@ MODELS_ROUTE = "/v1/models"
 RESPONSES_ROUTE = "/v1/responses"
 ROUTES = (CHAT_ROUTE, COMPLETIONS_ROUTE, MODELS_ROUTE, RESPONSES_ROUTE)
 GET_ROUTES = (MODELS_ROUTE,)
+# worker-vllm's generic shape (`route` + `body` + `method`) also reaches vLLM's token utilities and
+# version; never its admin routes (sleep, reset, RPC), which a caller has no business reaching.
+GENERIC_ROUTES = (*ROUTES, "/tokenize", "/detokenize", "/version")
+GENERIC_GET_ROUTES = (MODELS_ROUTE, "/version")
+METHODS = ("GET", "POST")
+# The routes whose requests get DEFAULT_MAX_TOKENS when they name no limit of their own.
+GENERATION_ROUTES = (CHAT_ROUTE, COMPLETIONS_ROUTE)
 
 
 def default_concurrency(environ: Mapping[str, str]) -> int:
@@ -131,6 +138,25 @@ class RequestError(ValueError):
     """A request the caller must fix; the message goes back as the job's error."""
 
 
+def with_default_max_tokens(
+    route: str, body: dict[str, Any], default_max_tokens: int | None, max_model_len: int | None
+) -> dict[str, Any]:
+    """`body` with this worker's completion length when it names none. Pure.
+
+    vLLM's completions route would stop at 16 tokens (OpenAI's old default) and its chat route
+    runs to the end of the context; this worker's DEFAULT_MAX_TOKENS applies on every route and
+    engine instead. Without one (a reasoning model), completions get the whole context too:
+    vLLM shortens a max_tokens of max_model_len to what the prompt leaves."""
+    if route not in GENERATION_ROUTES or "max_tokens" in body or "max_completion_tokens" in body:
+        return body
+    limit = default_max_tokens
+    if limit is None and route == COMPLETIONS_ROUTE:
+        limit = max_model_len
+    if limit is None:
+        return body
+    return {**body, "max_tokens": min(limit, max_model_len) if max_model_len else limit}
+
+
 def native_request(job_input: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     """The OpenAI (route, body) for a native request. Pure.
 
@@ -169,6 +195,28 @@ def native_request(job_input: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
     return route, body
+
+
+def generic_request(job_input: Mapping[str, Any]) -> tuple[str, str, dict[str, Any] | None, bool]:
+    """worker-vllm's generic shape, `{"route", "body", "method"}`, as (route, method, body, native?).
+    Pure. The method defaults to POST with a body and GET without one, as in worker-vllm."""
+    unknown = sorted(set(job_input) - {"route", "body", "method"})
+    if unknown:
+        raise RequestError(f"unknown field(s) {', '.join(unknown)} beside route; send route, body and method")
+    route, body = job_input["route"], job_input.get("body")
+    if route not in GENERIC_ROUTES:
+        raise RequestError(f"route must be one of {', '.join(GENERIC_ROUTES)}, got {route!r}")
+    if body is not None and not isinstance(body, dict):
+        raise RequestError(f"body must be a JSON object with the {route} request body")
+    method = job_input.get("method") or ("POST" if body is not None else "GET")
+    if not isinstance(method, str) or method.upper() not in METHODS:
+        raise RequestError(f"method must be GET or POST, got {method!r}")
+    method = method.upper()
+    if method == "GET" and (body is not None or route not in GENERIC_GET_ROUTES):
+        raise RequestError(f"GET takes no body and reaches only {', '.join(GENERIC_GET_ROUTES)}; {route} takes POST")
+    if method == "POST" and route in GENERIC_GET_ROUTES:
+        raise RequestError(f"{route} takes GET, without a body")
+    return route, method, body if method == "POST" else None, False
 
 
 def native_chunks(route: str, response: dict[str, Any]) -> list[dict[str, Any]]:
@@ -277,8 +325,12 @@ def free_port() -> int:
 class VLLMServer:
     """vLLM's OpenAI server as a child process, and the relay of jobs to it."""
 
-    def __init__(self, environ: Mapping[str, str], time_limit_s: float | None, python: str) -> None:
+    def __init__(
+        self, environ: Mapping[str, str], time_limit_s: float | None, python: str, default_max_tokens: int | None
+    ) -> None:
         self.port = free_port()
+        self.default_max_tokens = default_max_tokens
+        self.max_model_len: int | None = None  # read from /v1/models once the server is up
         self.url = f"http://{HOST}:{self.port}"
         self.time_limit_s = time_limit_s
         self.max_concurrency = default_concurrency(environ)
@@ -338,10 +390,19 @@ class VLLMServer:
                 with urllib.request.urlopen(f"{self.url}/health", timeout=HEALTH_TIMEOUT_S) as answer:
                     if answer.status == 200:
                         self.healthy_once = True
+                        self.max_model_len = self._served_max_model_len()
                         return
             time.sleep(HEALTH_POLL_S)
         self.shutdown()
         raise RuntimeError(f"vLLM's server was not ready after {timeout_s:g}s")
+
+    def _served_max_model_len(self) -> int | None:
+        """The context length vLLM serves the model with (its /v1/models lists it)."""
+        import urllib.request
+
+        with urllib.request.urlopen(self.url + MODELS_ROUTE, timeout=HEALTH_TIMEOUT_S) as answer:
+            models = json.loads(answer.read())["data"]
+        return next((model["max_model_len"] for model in models if model.get("max_model_len")), None)
 
     def shutdown(self) -> None:
         """Stop the server and its engine process (tests, and the worker's exit). SIGTERM lets vLLM
@@ -385,6 +446,8 @@ class VLLMServer:
             worker_config["refresh_worker"] = True
             yield {"error": "vLLM's engine has stopped on this worker; retry the request"}
             return
+        if body is not None:
+            body = with_default_max_tokens(route, body, self.default_max_tokens, self.max_model_len)
         chunks = self.relay(route, method, body, native, worker_config, job.get("id"))
         # Whatever piled up while the SDK was POSTing the last chunk goes out together.
         async with contextlib.aclosing(coalesced(chunks, merge_text)) as merged:
@@ -396,6 +459,8 @@ class VLLMServer:
         """(route, method, body, native?) for a job's input."""
         if not isinstance(job_input, dict):
             raise RequestError(f"input must be a JSON object, got {type(job_input).__name__}")
+        if "route" in job_input:
+            return generic_request(job_input)
         if "openai_route" not in job_input:
             route, body = native_request(job_input)
             return route, "POST", body, True
@@ -493,10 +558,12 @@ def server_environment(environ: Mapping[str, str], model_name: str, hub_cache: s
     return environment
 
 
-def start_vllm_server(time_limit_s: float | None, python: str, environ: Mapping[str, str]) -> VLLMServer:
+def start_vllm_server(
+    time_limit_s: float | None, python: str, environ: Mapping[str, str], default_max_tokens: int | None
+) -> VLLMServer:
     """Start vLLM's server on `python` with the settings in `environ` and wait until it serves."""
     started = time.perf_counter()
-    server = VLLMServer(environ, time_limit_s, python)
+    server = VLLMServer(environ, time_limit_s, python, default_max_tokens)
     try:
         server.wait_healthy()
     except BaseException:

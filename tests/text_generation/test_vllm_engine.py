@@ -257,12 +257,40 @@ def stable(value: Any) -> Any:
     return value
 
 
+def replay(events: list[str]) -> dict[str, Any]:
+    """What a client rebuilds from a stream: per choice, its text, reasoning, tool calls (by index,
+    arguments joined), logprobs and finish reason; then the usage. How vLLM groups tokens into
+    events depends on how fast its client reads (its output collector merges what waits), so two
+    servers under different load send the same answer in different events."""
+    choices: dict[int, dict[str, Any]] = {}
+    usage = None
+    for event in events:
+        if event == "data: [DONE]\n\n":
+            continue
+        data = json.loads(event[len("data: ") :])
+        usage = data.get("usage") or usage
+        for choice in data.get("choices") or ():
+            state = choices.setdefault(choice["index"], {"text": "", "reasoning": "", "tools": {}, "logprobs": {}})
+            delta = choice.get("delta") or {}
+            state["text"] += (delta.get("content") if "delta" in choice else choice.get("text")) or ""
+            state["reasoning"] += delta.get("reasoning") or ""
+            for call in delta.get("tool_calls") or ():
+                tool = state["tools"].setdefault(call["index"], {"name": "", "arguments": ""})
+                tool["name"] += call.get("function", {}).get("name") or ""
+                tool["arguments"] += call.get("function", {}).get("arguments") or ""
+            for key, values in (choice.get("logprobs") or {}).items():  # chat: content; completions: tokens, ...
+                state["logprobs"].setdefault(key, []).extend(values or [])
+            if choice.get("finish_reason"):
+                state["finish_reason"] = choice["finish_reason"]
+    return {"choices": choices, "usage": usage}
+
+
 def parity(worker: ModuleType, reference: str, route: str, body: dict[str, Any]) -> Any:
     """Send `body` to both, streamed and not; assert identical answers; return the worker's."""
     streamed = {**body, "stream": True, "stream_options": {"include_usage": True}}
     whole, events = via_worker(worker, route, body), via_worker(worker, route, streamed)
     assert stable(whole) == stable(direct(reference, route, body))
-    assert stable(events) == stable(direct(reference, route, streamed))
+    assert replay(events) == replay(direct(reference, route, streamed))
     assert events[-1] == "data: [DONE]\n\n"
     return whole, events
 
@@ -632,3 +660,75 @@ def test_a_dead_engine_fails_its_job_and_retires_the_worker(model: Path, lora: P
         result = api.wait(job_id, timeout=120)
         assert result.status == "FAILED" and "vLLM's engine stopped" in result.error, (result.error, result.output)
         assert w.exited(timeout=60) is not None, "the worker kept running after its engine died"
+
+
+# ---- a drop-in for worker-vllm ----------------------------------------------------------------
+HUB_TESTS = json.loads((REPO / "tests" / "shared" / "worker_vllm_hub_tests.json").read_text())["tests"]
+
+
+def test_worker_vllms_hub_tests_pass_unchanged(worker: ModuleType) -> None:
+    """worker-vllm's own Runpod Hub test inputs, as they are. Its first stopped at 16 tokens there
+    (vLLM's completions default); here DEFAULT_MAX_TOKENS applies, so the poem ends where the model
+    ends it or at the context's end, never at 16."""
+    basic, messages = (test["input"] for test in HUB_TESTS)
+    [poem] = native(worker, **basic)
+    assert poem["finish_reason"] == "stop" or poem["usage"]["completion_tokens"] > 16, poem
+    answer = ChatCompletion.model_validate(via_worker(worker, messages["openai_route"], messages["openai_input"]))
+    assert answer.model == SERVED and 0 < answer.usage.completion_tokens <= 200
+
+
+def test_default_max_tokens_on_the_native_and_completions_routes(worker: ModuleType) -> None:
+    """No limit named: DEFAULT_MAX_TOKENS (512 here), which MAX_MODEL_LEN=512 shortens to what the
+    prompt leaves; vLLM's own default would be 16 on both."""
+    endless = {"ignore_eos": True, "temperature": 0}
+    [whole] = native(worker, prompt="Once upon", sampling_params=endless)
+    assert whole["usage"]["completion_tokens"] == 512 - whole["usage"]["prompt_tokens"]
+    answer = via_worker(worker, "/v1/completions", {"prompt": "Once upon", **endless})
+    assert answer["usage"]["completion_tokens"] == 512 - answer["usage"]["prompt_tokens"]
+    named = via_worker(worker, "/v1/completions", {"prompt": "Once upon", **endless, "max_tokens": 5})
+    assert named["usage"]["completion_tokens"] == 5
+
+
+def test_worker_vllms_generic_route_shape(worker: ModuleType) -> None:
+    assert stable(ok(run_job(worker.handler, {"route": "/v1/models"}))[0]) == stable(
+        via_worker(worker, "/v1/models", None)
+    )
+    body = {"messages": CHAT, **GREEDY}
+    [generic] = ok(run_job(worker.handler, {"route": "/v1/chat/completions", "body": body, "method": "POST"}))
+    assert stable(generic) == stable(via_worker(worker, "/v1/chat/completions", body))
+    [tokens] = ok(run_job(worker.handler, {"route": "/tokenize", "body": {"prompt": "Once upon"}}))
+    assert tokens["count"] == len(tokens["tokens"]) > 0
+    refused = run_job(worker.handler, {"route": "/collective_rpc", "body": {"method": "x"}})["error"]
+    assert refused.startswith("route must be one of")
+
+
+def test_worker_vllms_settings_give_the_same_server(model: Path, lora: Path, rpc: Path, tmp_path: Path) -> None:
+    """An endpoint template written for worker-vllm: its LoRA JSON, its served-name and config-file
+    names, a stray MAX_NUM_BATCHED_TOKENS=0, a removed flag and VLLM_EXTRA_ARGS, checked by vLLM's own
+    parser, equal the flags a vLLM user would pass."""
+    config = tmp_path / "vllm.yaml"
+    config.write_text("max-num-seqs: 4\nenforce-eager: true\n")
+    worker_vllm = {
+        "MODEL_NAME": str(model),
+        "OPENAI_SERVED_MODEL_NAME_OVERRIDE": SERVED,
+        "LORA_MODULES": json.dumps([{"name": LORA, "path": str(lora)}]),
+        "MAX_NUM_BATCHED_TOKENS": "0",
+        "SWAP_SPACE": "4",
+        "VLLM_CONFIG_FILE": str(config),
+        "VLLM_EXTRA_ARGS": "--max-model-len 512 --dtype float32",
+    }
+    flags = [
+        "--model", str(model), "--served-model-name", SERVED, "--enable-lora",
+        "--lora-modules", json.dumps({"name": LORA, "path": str(lora)}),
+        "--max-num-seqs", "4", "--enforce-eager", "--max-model-len", "512", "--dtype", "float32",
+    ]  # fmt: skip
+    same, removed_flags = in_vllm(
+        "import vllm_launch\n"
+        "parser = vllm_launch.vllm_parser()\n"
+        f"argv = vllm_launch.checked_argv({worker_vllm!r})\n"
+        f"same = vars(parser.parse_args(argv)) == vars(parser.parse_args({flags!r}))\n"
+        "table = vllm_launch.flag_table(parser)\n"
+        "print(json.dumps([same, sorted(set(vllm_launch.REMOVED_SETTINGS) & set(table))]))"
+    )
+    assert same
+    assert removed_flags == [], "a setting listed as removed is still one of vLLM's flags"

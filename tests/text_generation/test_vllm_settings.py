@@ -1,0 +1,177 @@
+"""ENGINE=vllm without vLLM: the pure parts of the relay and the launcher, against worker-vllm's
+settings and request shapes. (tests/text_generation/test_vllm_engine.py runs them on vLLM's real
+engine and its own parser.)"""
+
+from __future__ import annotations
+
+import sys
+from types import ModuleType
+
+import pytest
+
+from tests.shared.harness import REPO, load_copy
+
+EXAMPLE = "01_text_generation"
+
+
+@pytest.fixture(scope="module")
+def launch() -> ModuleType:
+    return load_copy(REPO / EXAMPLE / "vllm_launch.py")
+
+
+@pytest.fixture(scope="module")
+def relay() -> ModuleType:
+    """vllm_server.py, imported beside its sibling modules (coalesce, vllm_launch)."""
+    sys.path.insert(0, str(REPO / EXAMPLE))
+    try:
+        return load_copy(REPO / EXAMPLE / "vllm_server.py")
+    finally:
+        sys.path.remove(str(REPO / EXAMPLE))
+
+
+@pytest.fixture(scope="module")
+def flags(launch: ModuleType) -> dict:
+    """A few of vLLM 0.32's flags, as `flag_table` reads them from its parser."""
+    Flag = launch.Flag
+    return {
+        "MODEL": Flag("--model", "value"),
+        "SERVED_MODEL_NAME": Flag("--served-model-name", "list"),
+        "CONFIG": Flag("--config", "value"),
+        "MAX_NUM_BATCHED_TOKENS": Flag("--max-num-batched-tokens", "value"),
+        "MAX_NUM_SEQS": Flag("--max-num-seqs", "value"),
+        "SEED": Flag("--seed", "value"),
+        "ENABLE_LORA": Flag("--enable-lora", "paired"),
+        "LORA_MODULES": Flag("--lora-modules", "list"),
+        "TENSOR_PARALLEL_SIZE": Flag("--tensor-parallel-size", "value"),
+        "PIPELINE_PARALLEL_SIZE": Flag("--pipeline-parallel-size", "value"),
+    }
+
+
+# ---- worker-vllm's settings -------------------------------------------------------------------
+def test_max_num_batched_tokens_zero_means_unset_with_a_warning(launch: ModuleType, flags: dict) -> None:
+    argv, warnings = launch.server_argv({"MODEL_NAME": "m", "MAX_NUM_BATCHED_TOKENS": "0", "SEED": "0"}, flags)
+    assert argv == ["--model", "m", "--seed", "0"]  # a 0 seed is a real value
+    assert warnings == ["MAX_NUM_BATCHED_TOKENS=0 means unset: vLLM chooses it"]
+    assert launch.server_argv({"MAX_NUM_BATCHED_TOKENS": "8192"}, flags)[0] == ["--max-num-batched-tokens", "8192"]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        '[{"name": "sql", "path": "org/sql-lora"}, {"name": "chat", "path": "/loras/chat"}]',  # worker-vllm's docs
+        '\n  [ {"name": "sql", "path": "org/sql-lora"},\n {"name": "chat", "path": "/loras/chat"} ]\n',
+    ],
+)
+def test_lora_modules_in_worker_vllms_json_list(launch: ModuleType, flags: dict, value: str) -> None:
+    argv, _ = launch.server_argv({"LORA_MODULES": value}, flags)
+    assert argv == [
+        "--enable-lora",
+        "--lora-modules",
+        '{"name": "sql", "path": "org/sql-lora"}',
+        '{"name": "chat", "path": "/loras/chat"}',
+    ]
+
+
+def test_lora_modules_as_one_json_object_or_shell_words(launch: ModuleType, flags: dict) -> None:
+    one = '{"name": "sql", "path": "org/sql-lora", "base_model_name": "org/base"}'  # worker-vllm's older form
+    argv, _ = launch.server_argv({"LORA_MODULES": one}, flags)
+    assert argv == ["--enable-lora", "--lora-modules", one]
+    argv, _ = launch.server_argv({"LORA_MODULES": "sql=org/sql-lora chat=/loras/chat"}, flags)
+    assert argv == ["--enable-lora", "--lora-modules", "sql=org/sql-lora", "chat=/loras/chat"]
+    with pytest.raises(launch.SettingsError, match="LORA_MODULES: not valid JSON"):
+        launch.server_argv({"LORA_MODULES": '{"name": "sql",'}, flags)
+
+
+def test_worker_vllms_names_for_the_served_name_and_the_config_file(launch: ModuleType, flags: dict) -> None:
+    argv, _ = launch.server_argv(
+        {"OPENAI_SERVED_MODEL_NAME_OVERRIDE": "my-model", "VLLM_CONFIG_FILE": "/c.yaml"}, flags
+    )
+    assert argv == ["--config", "/c.yaml", "--served-model-name", "my-model"]
+    with pytest.raises(launch.SettingsError, match="OPENAI_SERVED_MODEL_NAME_OVERRIDE and SERVED_MODEL_NAME both set"):
+        launch.server_argv({"OPENAI_SERVED_MODEL_NAME_OVERRIDE": "a", "SERVED_MODEL_NAME": "b"}, flags)
+
+
+def test_vllm_extra_args_come_last_so_they_win(launch: ModuleType, flags: dict) -> None:
+    env = {"MAX_NUM_SEQS": "8", "VLLM_EXTRA_ARGS": "--max-num-seqs 16 --override-generation-config '{\"a\": 1}'"}
+    argv, warnings = launch.server_argv(env, flags)
+    assert argv == ["--max-num-seqs", "8", "--max-num-seqs", "16", "--override-generation-config", '{"a": 1}']
+    assert warnings == []
+    with pytest.raises(launch.SettingsError, match="VLLM_EXTRA_ARGS: No closing quotation"):
+        launch.server_argv({"VLLM_EXTRA_ARGS": "--chat-template '{{"}, flags)
+
+
+def test_settings_vllm_removed_are_ignored_with_what_replaced_them(launch: ModuleType, flags: dict) -> None:
+    env = {"MODEL_NAME": "m", "SWAP_SPACE": "4", "GUIDED_DECODING_BACKEND": "outlines", "DEFAULT_BATCH_SIZE": "50"}
+    argv, warnings = launch.server_argv(env, flags)
+    assert argv == ["--model", "m"]
+    assert warnings == [
+        "DEFAULT_BATCH_SIZE is ignored: streamed tokens are sent as fast as the network takes them (coalesce.py)",
+        "GUIDED_DECODING_BACKEND is ignored: removed from vLLM: set STRUCTURED_OUTPUTS_CONFIG, e.g. "
+        '{"backend": "xgrammar"}',
+        "SWAP_SPACE is ignored: removed from vLLM: its V1 engine has no CPU swap space",
+    ]
+
+
+# ---- tensor parallelism from the worker's GPUs ----------------------------------------------------
+def test_tensor_parallelism_spans_every_gpu_unless_configured(launch: ModuleType, flags: dict) -> None:
+    assert launch.server_argv({"MODEL_NAME": "m"}, flags, gpus=1)[0] == ["--model", "m"]
+    assert launch.server_argv({"MODEL_NAME": "m"}, flags, gpus=0)[0] == ["--model", "m"]  # vLLM's CPU build
+    assert launch.server_argv({"MODEL_NAME": "m"}, flags, gpus=2)[0] == ["--model", "m", "--tensor-parallel-size", "2"]
+    # Any parallelism the user set, wherever they set it, is theirs: no default beside it.
+    for env, keys, expected in [
+        ({"TENSOR_PARALLEL_SIZE": "1"}, frozenset(), ["--tensor-parallel-size", "1"]),
+        ({"PIPELINE_PARALLEL_SIZE": "2"}, frozenset(), ["--pipeline-parallel-size", "2"]),
+        ({"VLLM_EXTRA_ARGS": "--tensor-parallel-size=4"}, frozenset(), ["--tensor-parallel-size=4"]),
+        ({"VLLM_CONFIG_FILE": "/c.yaml"}, frozenset({"TENSOR_PARALLEL_SIZE"}), ["--config", "/c.yaml"]),
+    ]:
+        assert launch.server_argv(env, flags, gpus=8, config_keys=keys)[0] == expected, env
+
+
+def test_config_file_keys_in_either_spelling(launch: ModuleType, tmp_path) -> None:
+    config = tmp_path / "vllm.yaml"
+    config.write_text("tensor-parallel-size: 2\nmax_num_seqs: 8\n")
+    pytest.importorskip("yaml")
+    assert launch.config_keys(str(config)) == {"TENSOR_PARALLEL_SIZE", "MAX_NUM_SEQS"}
+    assert launch.config_keys(None) == frozenset()
+    with pytest.raises(launch.SettingsError, match=r"VLLM_CONFIG_FILE=.*missing\.yaml"):
+        launch.config_keys(str(tmp_path / "missing.yaml"))
+    config.write_text("- a list\n")
+    with pytest.raises(launch.SettingsError, match="expected a mapping"):
+        launch.config_keys(str(config))
+
+
+# ---- DEFAULT_MAX_TOKENS on vLLM's routes ----------------------------------------------------------
+def test_default_max_tokens_applies_where_the_request_names_no_limit(relay: ModuleType) -> None:
+    default = relay.with_default_max_tokens
+    # worker-vllm's first Hub test: vLLM alone would stop it at 16 tokens.
+    assert default("/v1/completions", {"prompt": "Write"}, 512, 4096) == {"prompt": "Write", "max_tokens": 512}
+    assert default("/v1/chat/completions", {"messages": []}, 512, 4096)["max_tokens"] == 512
+    assert default("/v1/chat/completions", {"max_completion_tokens": 9}, 512, 4096) == {"max_completion_tokens": 9}
+    assert default("/v1/completions", {"max_tokens": 3}, 512, 4096) == {"max_tokens": 3}
+    assert default("/v1/completions", {}, 512, 256) == {"max_tokens": 256}  # vLLM refuses more than the context
+    assert default("/v1/responses", {"input": "x"}, 512, 4096) == {"input": "x"}
+    # No default (a reasoning model): the whole context, which vLLM shortens to what the prompt leaves;
+    # on chat that is already vLLM's own default.
+    assert default("/v1/completions", {}, None, 4096) == {"max_tokens": 4096}
+    assert default("/v1/chat/completions", {}, None, 4096) == {}
+
+
+# ---- worker-vllm's generic request shape -----------------------------------------------------------
+def test_route_body_and_method_as_worker_vllm_takes_them(relay: ModuleType) -> None:
+    parse = relay.VLLMServer.parse
+    assert parse({"route": "/v1/models"}) == ("/v1/models", "GET", None, False)
+    body = {"messages": [{"role": "user", "content": "hi"}]}
+    assert parse({"route": "/v1/chat/completions", "body": body}) == ("/v1/chat/completions", "POST", body, False)
+    assert parse({"route": "/tokenize", "body": {"prompt": "hi"}, "method": "post"})[1] == "POST"
+    refused = {
+        "route must be one of": {"route": "/collective_rpc", "body": {}},
+        "method must be GET or POST": {"route": "/v1/completions", "body": {}, "method": "DELETE"},
+        "body must be a JSON object": {"route": "/v1/completions", "body": "prompt"},
+        "/v1/models takes GET": {"route": "/v1/models", "body": {}},
+        "/v1/completions takes POST": {"route": "/v1/completions", "method": "GET"},
+        "unknown field(s) prompt beside route": {"route": "/v1/completions", "prompt": "x"},
+    }
+    for message, job_input in refused.items():
+        with pytest.raises(relay.RequestError) as error:
+            parse(job_input)
+        assert message in str(error.value), (message, error.value)
