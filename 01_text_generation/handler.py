@@ -41,7 +41,7 @@ from errors import RequestError, failed, gpu_lost, out_of_memory, rejected
 from local_run import for_local_run
 from openai_tools import REASONING_PARSERS, parse_choices, prompt_opens_thinking
 from planning import Plan, Prompt, chat_turn, checked_grammar
-from response_shapes import OpenAIShape, logprobs_floor_bytes, native_responses, openai_responses
+from response_shapes import OpenAIShape, closing_chunks, logprobs_floor_bytes, native_responses, openai_responses
 from schema import (
     CHARS_PER_TOKEN_BOUND,
     CHAT_ROUTE,
@@ -107,9 +107,11 @@ REASONING_PARSER = env_str("REASONING_PARSER", None)
 # A reasoning model thinks for thousands of tokens before it answers, so with REASONING_PARSER
 # set the default is what the context has left after the prompt (as vLLM does), not 512.
 DEFAULT_MAX_TOKENS = env_int("DEFAULT_MAX_TOKENS", None if REASONING_PARSER else 512)
-# Seconds one generation may run: well under Runpod's default execution timeout (600 s), so a
-# runaway request ends with an answer instead of a killed job. 0 turns the limit off.
-MAX_GENERATION_SECONDS = env_float("MAX_GENERATION_SECONDS", 300.0)
+# Seconds one generation may run. Runpod fails a job that passes the endpoint's execution timeout
+# (600 s by default) and stops its worker; this ends the answer 30 s before, with what was
+# generated and finish_reason "length", leaving time to deliver it. Raise both together (a
+# reasoning model's long answers): this = execution timeout - 30. 0 turns the limit off.
+MAX_GENERATION_SECONDS = env_float("MAX_GENERATION_SECONDS", 570.0)
 # Runpod's limit on a job's result (20 MB on /runsync; 10 MB on /run), and with
 # return_aggregate_stream the result holds every streamed chunk. Past it the caller would get
 # nothing, so a request certain to exceed it (logprobs of n long choices) is refused before the
@@ -301,7 +303,14 @@ def models_response() -> dict[str, Any]:
     return {"object": "list", "data": [model]}
 
 
-def respond(route: str, request: BaseModel, job: Plan, deltas: AsyncIterator[Delta]) -> AsyncIterator[Any]:
+def openai_shape(route: str, job: Plan) -> OpenAIShape:
+    """The OpenAI object one job's chunks share (its id, creation time and model)."""
+    return OpenAIShape.new(chat=route == CHAT_ROUTE, model=SERVED_MODEL_NAME, logprobs=job.params.logprobs is not None)
+
+
+def respond(
+    route: str, request: BaseModel, job: Plan, shape: OpenAIShape, deltas: AsyncIterator[Delta]
+) -> AsyncIterator[Any]:
     """The chunks this route sends: native ones, or OpenAI's objects (SSE events when streamed)."""
     if route == NATIVE:
         return native_responses(deltas, request.stream)
@@ -314,7 +323,6 @@ def respond(route: str, request: BaseModel, job: Plan, deltas: AsyncIterator[Del
             include_reasoning=job.include_reasoning,
         )
     include_usage = bool(request.stream_options and request.stream_options.include_usage)
-    shape = OpenAIShape.new(chat=route == CHAT_ROUTE, model=SERVED_MODEL_NAME, logprobs=job.params.logprobs is not None)
     return openai_responses(shape, deltas, bool(request.stream), include_usage)
 
 
@@ -347,8 +355,11 @@ async def handler(job: dict[str, Any]) -> AsyncIterator[Any]:
         return
 
     prompt, params = planned.prompt, planned.params
+    shape = openai_shape(route, planned)
     started = time.perf_counter()
     usage: Usage | None = None
+    finished: set[int] = set()  # the choices that ended
+    sent = False  # whether a chunk reached the caller: then a limit ends the answer, not the job
     try:
         # aclosing: if the job is cancelled or its consumer leaves, generation stops at once.
         async with contextlib.aclosing(ENGINE.generate(prompt.ids, params)) as deltas:
@@ -357,17 +368,27 @@ async def handler(job: dict[str, Any]) -> AsyncIterator[Any]:
                 nonlocal usage
                 async for delta in deltas:
                     usage = delta.usage or usage
+                    if delta.finish_reason:
+                        finished.add(delta.index)
                     yield delta
 
             # coalesced: the tokens made while the SDK POSTs one chunk go out together in the next.
             # Closed first (aclosing) when the job ends early: its task stops reading `deltas`,
             # which can then be closed too (a generator still being read cannot).
-            async with contextlib.aclosing(coalesced(respond(route, request, planned, observed()), merge_text)) as out:
+            chunks = respond(route, request, planned, shape, observed())
+            async with contextlib.aclosing(coalesced(chunks, merge_text)) as out:
                 async for chunk in within_result_budget(out, MAX_RESULT_BYTES - RESULT_ENVELOPE_BYTES):
+                    sent = True
                     yield chunk
     except ResultTooLarge:
         log.warn(f"Stopped a result at MAX_RESULT_BYTES ({prompt.tokens} prompt tokens)", job_id)
-        yield {"error": TOO_LARGE}
+        if not sent:  # one whole answer that cannot be delivered
+            yield {"error": TOO_LARGE}
+            return
+        # A stream keeps what it sent and ends as max_tokens would end it, naming the limit.
+        unfinished = [index for index in range(params.n) if index not in finished]
+        for chunk in closing_chunks(None if route == NATIVE else shape, unfinished, "MAX_RESULT_BYTES"):
+            yield chunk
         return
     except GenerationTimeout as error:
         log.warn(f"{error} (MAX_GENERATION_SECONDS)", job_id)

@@ -26,11 +26,17 @@ def usage_json(usage: Usage) -> dict[str, int]:
     }
 
 
+def limited(fields: dict[str, Any], limit: str | None) -> dict[str, Any]:
+    """`fields` with the setting that ended the answer early (`"limit": "MAX_GENERATION_SECONDS"`)
+    beside its finish_reason "length", when one did: the caller keeps the text and knows why it ends."""
+    return {**fields, "limit": limit} if limit else fields
+
+
 def native_chunk(delta: Delta) -> dict[str, Any]:
     """A streamed chunk: {"text": "..."} (never empty), then {"finish_reason": ..., "usage": ...}."""
     if delta.finish_reason is None:
         return {"text": delta.text}
-    return {"finish_reason": delta.finish_reason, "usage": usage_json(delta.usage)}
+    return limited({"finish_reason": delta.finish_reason, "usage": usage_json(delta.usage)}, delta.limit)
 
 
 def sse(payload: dict[str, Any] | str) -> str:
@@ -150,9 +156,9 @@ class OpenAIShape:
                 "logprobs": logprobs,
                 "finish_reason": delta.finish_reason,
             }
-            return self._envelope("chat.completion.chunk", [choice], **extra)
+            return self._envelope("chat.completion.chunk", [limited(choice, delta.limit)], **extra)
         choice = {"index": delta.index, "text": delta.text, "logprobs": logprobs, "finish_reason": delta.finish_reason}
-        return self._envelope("text_completion", [choice], **extra)
+        return self._envelope("text_completion", [limited(choice, delta.limit)], **extra)
 
     def usage_chunk(self, usage: Usage) -> dict[str, Any]:
         obj = "chat.completion.chunk" if self.chat else "text_completion"
@@ -171,17 +177,24 @@ class OpenAIShape:
                     message["reasoning"] = c.reasoning
                 if c.tool_calls:
                     message["tool_calls"] = c.tool_calls
-                bodies.append(
-                    {
-                        "index": c.index,
-                        "message": message,
-                        "logprobs": self._logprobs(c.logprobs),
-                        "finish_reason": c.finish_reason,
-                    }
-                )
+                body = {
+                    "index": c.index,
+                    "message": message,
+                    "logprobs": self._logprobs(c.logprobs),
+                    "finish_reason": c.finish_reason,
+                }
+                bodies.append(limited(body, c.limit))
             return self._envelope("chat.completion", bodies, usage=usage_json(usage))
         bodies = [
-            {"index": c.index, "text": c.text, "logprobs": self._logprobs(c.logprobs), "finish_reason": c.finish_reason}
+            limited(
+                {
+                    "index": c.index,
+                    "text": c.text,
+                    "logprobs": self._logprobs(c.logprobs),
+                    "finish_reason": c.finish_reason,
+                },
+                c.limit,
+            )
             for c in choices
         ]
         return self._envelope("text_completion", bodies, usage=usage_json(usage))
@@ -214,6 +227,7 @@ class Collected:
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
+    limit: str | None = None
 
 
 async def collect_choices(deltas: AsyncIterator[Delta]) -> tuple[list[Collected], Usage | None]:
@@ -227,6 +241,7 @@ async def collect_choices(deltas: AsyncIterator[Delta]) -> tuple[list[Collected]
         choice.tool_calls.extend(delta.tool_calls)
         choice.logprobs.extend(delta.logprobs)
         choice.finish_reason = delta.finish_reason or choice.finish_reason
+        choice.limit = delta.limit or choice.limit
         usage = delta.usage or usage
     return [choices[index] for index in sorted(choices)], usage
 
@@ -238,7 +253,9 @@ async def native_responses(deltas: AsyncIterator[Delta], stream: bool) -> AsyncI
             yield native_chunk(delta)
     else:
         [choice], usage = await collect_choices(deltas)
-        yield {"text": choice.text, "finish_reason": choice.finish_reason, "usage": usage_json(usage)}
+        yield limited(
+            {"text": choice.text, "finish_reason": choice.finish_reason, "usage": usage_json(usage)}, choice.limit
+        )
 
 
 async def openai_responses(
@@ -251,3 +268,13 @@ async def openai_responses(
     else:
         choices, usage = await collect_choices(deltas)
         yield shape.complete(choices, usage)
+
+
+def closing_chunks(shape: OpenAIShape | None, unfinished: Sequence[int], limit: str) -> list[Any]:
+    """The end of a stream a limit stopped after it sent text (`shape`: the OpenAI stream's, None
+    for a native one): each unfinished choice ends with finish_reason "length" and the limit's
+    name, as max_tokens would end it; an OpenAI stream then sends [DONE]."""
+    ends = [Delta(finish_reason="length", index=index, limit=limit) for index in unfinished]
+    if shape is None:
+        return [{"finish_reason": end.finish_reason, "limit": limit} for end in ends]
+    return ["".join(sse(shape.chunk(end)) for end in ends) + SSE_DONE]

@@ -55,7 +55,7 @@ from image_fetcher import ImageFetcher
 from images import ImageInputError, ImageLimits
 from local_run import for_local_run
 from planning import generation_prompt, sampling_of
-from response_shapes import OpenAIShape, native_responses, openai_responses
+from response_shapes import OpenAIShape, closing_chunks, native_responses, openai_responses
 from schema import EMBEDDINGS_ROUTE, MODELS_ROUTE, OpenAIChatRequest, RequestLimits
 from textstream import ContextLengthError, Delta, GenerationTimeout, Usage, recommended_sampling, resolve_sampling
 
@@ -91,9 +91,11 @@ QUANTIZATION = env_str("QUANTIZATION", None)  # bnb-8bit | bnb-4bit, for LLaVA a
 # Jobs one worker runs at once; LLaVA and BLIP-2 generate on a thread each, CLIP queues for one.
 MAX_CONCURRENCY = env_int("MAX_CONCURRENCY", 4)
 DEFAULT_MAX_TOKENS = env_int("DEFAULT_MAX_TOKENS", 256)  # a full answer about an image, not an essay
-# Seconds one generation may run: well under Runpod's default execution timeout (600 s), so a
-# runaway request ends with an answer instead of a killed job. 0 turns the limit off.
-MAX_GENERATION_SECONDS = env_float("MAX_GENERATION_SECONDS", 300.0)
+# Seconds one generation may run. Runpod fails a job that passes the endpoint's execution timeout
+# (600 s by default) and stops its worker; this ends the answer 30 s before, with what was
+# generated and finish_reason "length", leaving time to deliver it. Raise both together
+# (this = execution timeout - 30). 0 turns the limit off.
+MAX_GENERATION_SECONDS = env_float("MAX_GENERATION_SECONDS", 570.0)
 
 # Request limits the endpoint sets; the fixed ones (MAX_TEXT_CHARS, MAX_MESSAGES, MAX_SEED, ...) are
 # in schema.py, beside the fields they bound.
@@ -328,6 +330,9 @@ async def handler(job: dict[str, Any]) -> AsyncIterator[Any]:
     loop = asyncio.get_running_loop()
     started = time.perf_counter()
     usage: Usage | None = None
+    shape: OpenAIShape | None = None  # an OpenAI chat's (None: a native answer)
+    finished = False  # whether the answer ended by itself
+    sent = False  # whether a chunk reached the caller: then a limit ends the answer, not the job
     try:
         task, request = parse_request(job.get("input"), FAMILY)
         if task == MODELS_ROUTE:
@@ -364,9 +369,10 @@ async def handler(job: dict[str, Any]) -> AsyncIterator[Any]:
         async with contextlib.aclosing(ENGINE.generate(prepared, params)) as deltas:
 
             async def observed() -> AsyncIterator[Delta]:
-                nonlocal usage
+                nonlocal usage, finished
                 async for delta in deltas:
                     usage = delta.usage or usage
+                    finished = finished or delta.finish_reason is not None
                     yield delta
 
             if isinstance(request, OpenAIChatRequest):
@@ -380,10 +386,16 @@ async def handler(job: dict[str, Any]) -> AsyncIterator[Any]:
             # which can then be closed too (a generator still being read cannot).
             async with contextlib.aclosing(coalesced(chunks, merge_text)) as out:
                 async for chunk in within_result_budget(out, MAX_RESULT_BYTES - RESULT_ENVELOPE_BYTES):
+                    sent = True
                     yield chunk
     except ResultTooLarge:
         log.warn("Stopped a result at MAX_RESULT_BYTES", job_id)
-        yield {"error": TOO_LARGE}
+        if not sent:  # one whole answer that cannot be delivered
+            yield {"error": TOO_LARGE}
+            return
+        # A stream keeps what it sent and ends as max_tokens would end it, naming the limit.
+        for chunk in closing_chunks(shape, [] if finished else [0], "MAX_RESULT_BYTES"):
+            yield chunk
         return
     except (RequestError, ImageInputError, ContextLengthError) as error:
         yield rejected(error, job_id)

@@ -91,6 +91,8 @@ class Delta:
     logprobs: tuple[TokenLogprob, ...] = ()
     reasoning: str = ""
     tool_calls: tuple[dict[str, Any], ...] = ()  # complete OpenAI tool_calls entries
+    # With finish_reason "length": the worker's setting that ended the choice before max_tokens did.
+    limit: str | None = None
 
 
 class IncrementalDecoder:
@@ -391,7 +393,12 @@ def resolve_sampling(
 
 
 class GenerationTimeout(TimeoutError):
-    """A generation ran past its time limit; it was stopped."""
+    """A generation reached its time limit before it produced any token; it was stopped."""
+
+
+# The setting behind `time_limit_s` in every example: a generation it ends after some tokens keeps
+# them, as `max_tokens` would, with finish_reason "length" and this name in the Delta's `limit`.
+TIME_LIMIT_SETTING = "MAX_GENERATION_SECONDS"
 
 
 @dataclass
@@ -516,11 +523,13 @@ class StreamingGenerator:
         ]
         running = loop.run_in_executor(self.pool, self._run, kwargs)
         deadline = loop.time() + self.time_limit_s if self.time_limit_s else None
+        timed_out = False
 
         async def next_step() -> list[tuple[int, TokenLogprob | None]] | None:
             # What is already queued is taken at once: on Python 3.11, wait_for(get(), 0) raises
             # TimeoutError even when an item is waiting, and a generation that finished in time
             # must never report the time limit.
+            nonlocal timed_out
             if not stream.queue.empty():
                 return stream.queue.get_nowait()
             if deadline is None:
@@ -531,7 +540,11 @@ class StreamingGenerator:
                     raise TimeoutError
                 return await asyncio.wait_for(stream.queue.get(), remaining)
             except TimeoutError:
-                raise GenerationTimeout(f"generation stopped at its {self.time_limit_s:g}-second limit") from None
+                if not any(choice.tokens for choice in choices):  # nothing to keep: the job fails
+                    raise GenerationTimeout(f"generation stopped at its {self.time_limit_s:g}-second limit") from None
+                timed_out = True
+                stream.stop.set()  # the thread ends at its next token; what it made so far is kept
+                return None
 
         def finish(index: int, reason: str) -> None:
             choices[index].finish_reason = reason
@@ -570,6 +583,7 @@ class StreamingGenerator:
                     usage=usage if last else None,
                     index=index,
                     logprobs=tuple(choice.logprobs),
+                    limit=TIME_LIMIT_SETTING if timed_out and not choice.finish_reason else None,
                 )
         finally:
             # Reached on completion, on error, and when the job is cancelled or its consumer goes

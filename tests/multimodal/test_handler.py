@@ -783,12 +783,38 @@ def test_an_abandoned_stream_stops_generating(llava, monkeypatch) -> None:
     assert llava.GENERATOR.active == 0 and len(calls) < 100
 
 
-def test_a_generation_past_its_time_limit_is_stopped(tiny_model) -> None:
+def stall_at(model: Any, forward_call: int, seconds_after_first: float) -> Any:
+    """A forward hook that holds the `forward_call`-th forward pass (1: the prompt's) until
+    `seconds_after_first` have passed since the first: past a time limit of fewer seconds, the
+    tokens made before it are all queued and none comes after, whatever the machine's speed."""
+    calls: list[float] = []
+
+    def hook(*args: Any) -> None:
+        calls.append(time.monotonic())
+        if len(calls) == forward_call:
+            time.sleep(max(0.0, calls[0] + seconds_after_first - time.monotonic()))
+
+    return model.register_forward_hook(hook)
+
+
+def test_a_time_limit_mid_answer_keeps_what_was_generated(tiny_model) -> None:
     module = load_handler(EXAMPLE, {"MODEL_NAME": str(tiny_model("llava")), "MAX_GENERATION_SECONDS": "0.3"})
     module.GENERATOR.eos_token_ids = set()  # a random model may end its turn early; this one cannot
     module.MODEL.generation_config.eos_token_id = None
-    request = {"task": "caption", "image": image_uri(), "sampling_params": {"temperature": 1.0, "max_tokens": 1900}}
-    result = run_job(module.handler, request)
+    request = {"task": "caption", "image": image_uri(), "sampling_params": {"temperature": 0, "max_tokens": 1900}}
+    hook = stall_at(module.MODEL, forward_call=4, seconds_after_first=0.6)
+    try:
+        [answer] = ok(run_job(module.handler, request))
+    finally:
+        hook.remove()
+    assert (answer["finish_reason"], answer["limit"]) == ("length", "MAX_GENERATION_SECONDS")
+    assert answer["usage"]["completion_tokens"] == 3 and answer["text"]
+    # Before the first token, there is nothing to keep: the job fails, saying why.
+    hook = stall_at(module.MODEL, forward_call=1, seconds_after_first=0.6)
+    try:
+        result = run_job(module.handler, request)
+    finally:
+        hook.remove()
     assert result["error"].startswith("generation stopped at its 0.3-second limit (MAX_GENERATION_SECONDS)")
 
 
@@ -843,7 +869,7 @@ def test_dev_server_runsync(tiny_model) -> None:
     assert body["output"][0]["usage"]["completion_tokens"] >= 1
 
 
-def test_an_answer_stream_that_reaches_the_result_limit_stops_with_a_clear_error(tiny_model, llava) -> None:
+def test_an_answer_stream_that_reaches_the_result_limit_keeps_what_it_sent(tiny_model, llava) -> None:
     module = load_handler(EXAMPLE, {"MODEL_NAME": str(tiny_model("llava")), "MAX_RESULT_BYTES": "8192"})
     body = {
         "model": "m",
@@ -855,11 +881,13 @@ def test_an_answer_stream_that_reaches_the_result_limit_stops_with_a_clear_error
         "stream": True,
     }
     result = run_job(module.handler, openai_chat(body))
-    assert result["error"] == (
-        "the result would pass MAX_RESULT_BYTES (8,192 bytes, Runpod's limit for a job's result):"
-        " lower max_tokens or top_logprobs"
-    )
-    assert len(json.dumps(result["stream"], ensure_ascii=False).encode()) <= 8192 - 4096
+    assert "error" not in result, result
+    assert len(json.dumps(result["output"], ensure_ascii=False).encode()) <= 8192
+    *sent, closing = result["output"]
+    *_, last, done = closing.split("\n\n")[:-1]
+    assert done == "data: [DONE]"
+    [choice] = json.loads(last.removeprefix("data: "))["choices"]
+    assert (choice["finish_reason"], choice["limit"]) == ("length", "MAX_RESULT_BYTES")
     # The same request with the default limit streams to its end; what was sent is its start.
     whole = ok(run_job(llava.handler, openai_chat(body)))
 
@@ -868,7 +896,7 @@ def test_an_answer_stream_that_reaches_the_result_limit_stops_with_a_clear_error
         events = [json.loads(e) for e in data if e != "[DONE]"]
         return "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"])
 
-    assert "".join(whole).endswith("data: [DONE]\n\n") and content(whole).startswith(content(result["stream"]))
+    assert "".join(whole).endswith("data: [DONE]\n\n") and content(whole).startswith(content(sent))
     assert len(json.dumps(whole).encode()) > 8192 - 4096
     [short] = ok(run_job(module.handler, openai_chat({**body, "max_tokens": 2, "stream": False})))
     assert short["usage"]["completion_tokens"] >= 1

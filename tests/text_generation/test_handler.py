@@ -8,6 +8,7 @@ import json
 import re
 import shutil
 import sys
+import time
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 from typing import Any
@@ -1115,20 +1116,70 @@ def test_a_cancelled_job_stops_generating(qwen, monkeypatch) -> None:
     assert len(calls) < 100
 
 
-def test_a_generation_past_its_time_limit_is_stopped_with_a_clear_error(tiny_model, monkeypatch) -> None:
-    module = load_handler(EXAMPLE, {"MODEL_NAME": str(tiny_model("qwen3")), "MAX_GENERATION_SECONDS": "0.5"})
-    never_ending(module, monkeypatch)
-    calls, hook = count_forward_calls(module)
+def stall_at(module: ModuleType, forward_call: int, seconds_after_first: float) -> Any:
+    """A forward hook that holds the `forward_call`-th forward pass (1: the prompt's) until
+    `seconds_after_first` have passed since the first: past a time limit of fewer seconds, the
+    tokens made before it are all queued and none comes after, whatever the machine's speed."""
+    calls: list[float] = []
+
+    def hook(*args: Any) -> None:
+        calls.append(time.monotonic())
+        if len(calls) == forward_call:
+            time.sleep(max(0.0, calls[0] + seconds_after_first - time.monotonic()))
+
+    return module.ENGINE.model.register_forward_hook(hook)
+
+
+@pytest.fixture(scope="module")
+def short_lived(tiny_model) -> ModuleType:
+    return load_handler(EXAMPLE, {"MODEL_NAME": str(tiny_model("qwen3")), "MAX_GENERATION_SECONDS": "0.5"})
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_time_limit_mid_answer_keeps_what_was_generated(short_lived, monkeypatch, stream: bool) -> None:
+    """MAX_GENERATION_SECONDS reached after 3 tokens: the answer ends there, as max_tokens would
+    end it, with finish_reason "length" and the limit named; /runsync keeps the text."""
+    never_ending(short_lived, monkeypatch)
+    hook = stall_at(short_lived, forward_call=4, seconds_after_first=0.8)
+    request = {"prompt": "Once", "sampling_params": {"temperature": 0, "max_tokens": 2000}, "stream": stream}
+    try:
+        result = run_job(short_lived.handler, request)
+    finally:
+        hook.remove()
+    assert "error" not in result, result
+    *texts, last = result["output"]
+    assert last["finish_reason"] == "length" and last["limit"] == "MAX_GENERATION_SECONDS"
+    assert last["usage"]["completion_tokens"] == 3
+    text = streamed_text(texts) if stream else last["text"]
+    assert text and raw_greedy(short_lived, "Once", False, 3)[0] == text
+
+
+def test_the_openai_routes_name_the_time_limit_on_the_choice(short_lived, monkeypatch) -> None:
+    never_ending(short_lived, monkeypatch)
+    hook = stall_at(short_lived, forward_call=4, seconds_after_first=0.8)
+    body = {"messages": CHAT, "temperature": 0, "max_tokens": 2000}
+    try:
+        [answer] = ok(run_job(short_lived.handler, openai_chat(body)))
+    finally:
+        hook.remove()
+    completion = ChatCompletion.model_validate(answer)
+    assert completion.choices[0].finish_reason == "length" and completion.usage.completion_tokens == 3
+    assert answer["choices"][0]["limit"] == "MAX_GENERATION_SECONDS"
+
+
+def test_a_time_limit_before_the_first_token_fails_the_job_clearly(short_lived, monkeypatch) -> None:
+    never_ending(short_lived, monkeypatch)
+    hook = stall_at(short_lived, forward_call=1, seconds_after_first=0.8)  # the prompt's pass
     request = {"prompt": "Once", "sampling_params": {"temperature": 1.0, "max_tokens": 2000}, "stream": True}
     try:
-        result = run_job(module.handler, request)
+        result = run_job(short_lived.handler, request)
     finally:
         hook.remove()
     assert result["error"] == (
         "generation stopped at its 0.5-second limit (MAX_GENERATION_SECONDS): lower max_tokens, or raise the limit"
         " on the endpoint"
     )
-    assert len(calls) < 2000, "the generation was stopped, not finished"
+    module = short_lived
 
     async def idle() -> None:
         await wait_until_idle(module)
@@ -1272,29 +1323,39 @@ def test_logprobs_certain_to_pass_the_result_limit_are_refused_before_any_work(s
     assert result["error"].startswith("the result would pass MAX_RESULT_BYTES (8,192 bytes")
     assert "lower max_tokens, n or top_logprobs" in result["error"]
     assert "its logprobs alone take at least" in result["error"]
-    # Without ignore_eos the model may stop early, so the request runs, and stops at the limit.
-    body["ignore_eos"] = False
-    body["min_tokens"] = 0
+    # Without ignore_eos the model may stop early, so the request runs: whether it ends by itself or
+    # at the limit, the stream keeps what it sent and every choice ends with a finish_reason.
+    body.update(ignore_eos=False, min_tokens=0, seed=3)
     result = run_job(small_results.handler, {"openai_route": "/v1/chat/completions", "openai_input": body})
-    if "error" in result:  # the tiny model did not end its choices early
-        assert result["error"].startswith("the result would pass MAX_RESULT_BYTES")
-        assert aggregated_bytes(result["stream"]) <= RESULT_LIMIT - 4096
+    assert "error" not in result, result
+    raw = "".join(result["output"]).split("\n\n")
+    events = [json.loads(e[len("data: ") :]) for e in raw if e and e != "data: [DONE]"]
+    assert "".join(result["output"]).endswith("data: [DONE]\n\n")
+    ends = {c["index"]: c for e in events for c in e["choices"] if c["finish_reason"]}
+    assert set(ends) == {0, 1}
+    assert all(c["finish_reason"] != "length" or c.get("limit") == "MAX_RESULT_BYTES" for c in ends.values())
+    assert aggregated_bytes(result["output"]) <= RESULT_LIMIT
 
 
-def test_a_stream_that_reaches_the_result_limit_stops_with_a_clear_error(small_results, qwen) -> None:
+def test_a_stream_that_reaches_the_result_limit_keeps_what_it_sent(small_results, qwen) -> None:
     request = {"prompt": "Once upon a time", "sampling_params": {"max_tokens": 400, "ignore_eos": True, "seed": 5}}
     result = run_job(small_results.handler, {**request, "stream": True})
-    assert result["error"] == (
-        "the result would pass MAX_RESULT_BYTES (8,192 bytes, Runpod's limit for a job's result):"
-        " lower max_tokens, n or top_logprobs"
-    )
-    sent = result["stream"]
+    assert "error" not in result, result
+    *sent, last = result["output"]
+    assert last == {"finish_reason": "length", "limit": "MAX_RESULT_BYTES"}
     assert sent and all("text" in chunk for chunk in sent)
-    assert aggregated_bytes(sent) <= RESULT_LIMIT - 4096
+    assert aggregated_bytes(result["output"]) <= RESULT_LIMIT
     # What was sent is the start of the same generation with no limit: nothing garbled or lost.
     whole = native(qwen, **request, stream=True)
     assert streamed_text(whole).startswith(streamed_text(sent))
     assert aggregated_bytes(whole) > RESULT_LIMIT - 4096
+    # The OpenAI stream ends the same way: the choice names the limit, then [DONE].
+    body = {"prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": True, "seed": 5, "stream": True}
+    events = "".join(ok(run_job(small_results.handler, {"openai_route": "/v1/completions", "openai_input": body})))
+    *_, closing, done = events.split("\n\n")[:-1]
+    assert done == "data: [DONE]"
+    [choice] = json.loads(closing[len("data: ") :])["choices"]
+    assert (choice["finish_reason"], choice["limit"]) == ("length", "MAX_RESULT_BYTES")
     # A non-streamed answer over the limit is the same error, and the worker keeps serving.
     long = {**request, "sampling_params": {**request["sampling_params"], "max_tokens": 1500}}
     assert run_job(small_results.handler, long)["error"].startswith("the result would pass MAX_RESULT_BYTES")
