@@ -22,6 +22,8 @@ COPIED = {
     "textstream.py": TEXT,  # streamed generation with transformers
     "structured_output.py": TEXT,  # llguidance grammars and their logits processor
     "response_shapes.py": TEXT,  # deltas into native chunks and OpenAI objects
+    # the OpenAI routes over local HTTP (`python openai_endpoint.py`): the examples with OpenAI routes
+    "openai_endpoint.py": ("01_text_generation", "03_embeddings", "04_multimodal"),
 }
 
 
