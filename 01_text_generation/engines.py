@@ -9,6 +9,7 @@ those jobs, see vllm_server.py.)
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -156,6 +157,16 @@ def load_tokenizer(
     )
 
 
+def read_chat_template(value: str) -> str:
+    """CUSTOM_CHAT_TEMPLATE as vLLM's --chat-template takes it: a file's path, or the Jinja itself."""
+    if os.path.isfile(value):
+        with open(value, encoding="utf-8") as file:
+            return file.read()
+    if "{" not in value:  # neither a file nor a template: most likely a path that does not exist
+        raise ValueError(f"CUSTOM_CHAT_TEMPLATE={value!r} is neither a file nor a Jinja chat template")
+    return value
+
+
 def load_transformers_engine(
     model_name: str,
     *,
@@ -169,6 +180,7 @@ def load_transformers_engine(
     trust_remote_code: bool,
     cache_dir: str | None,
     tokenizer_cache_dir: str | None,
+    chat_template: str | None = None,
 ) -> TransformersEngine:
     from transformers import AutoModelForCausalLM
 
@@ -176,6 +188,8 @@ def load_transformers_engine(
     compute_dtype = torch_dtype(dtype, cuda)
     common = {"revision": revision, "trust_remote_code": trust_remote_code, "cache_dir": cache_dir}
     tokenizer = load_tokenizer(model_name, tokenizer_name, revision, trust_remote_code, tokenizer_cache_dir)
+    if chat_template:
+        tokenizer.chat_template = read_chat_template(chat_template)
     model = AutoModelForCausalLM.from_pretrained(
         model_name,
         dtype=compute_dtype,

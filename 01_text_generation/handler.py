@@ -21,7 +21,7 @@ import contextlib
 import os
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import hub_cache  # first, before every library: settles the Hugging Face cache (hub_cache.py)
@@ -37,7 +37,17 @@ import schema
 from coalesce import ResultTooLarge, coalesced, merge_text, within_result_budget
 from cold_start import COLD_START
 from engines import Engine, load_transformers_engine
-from errors import RequestError, failed, gpu_lost, out_of_memory, rejected
+from errors import (
+    BAD_REQUEST,
+    INTERNAL,
+    UNAVAILABLE,
+    RequestError,
+    failed,
+    gpu_lost,
+    openai_error,
+    out_of_memory,
+    rejected,
+)
 from local_run import for_local_run
 from openai_tools import REASONING_PARSERS, parse_choices, prompt_opens_thinking
 from planning import Plan, Prompt, chat_turn, checked_grammar
@@ -81,7 +91,12 @@ DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
 MODEL_NAME = env_str("MODEL_NAME", DEFAULT_MODEL)  # a Hub id or a local folder
 MODEL_REVISION = env_str("MODEL_REVISION", None)  # a commit hash makes deployments reproducible
 TOKENIZER_NAME = env_str("TOKENIZER_NAME", None)  # when the tokenizer lives in another repo
-SERVED_MODEL_NAME = env_str("SERVED_MODEL_NAME", MODEL_NAME)  # the id /v1/models lists
+# The id /v1/models lists; OPENAI_SERVED_MODEL_NAME_OVERRIDE is worker-vllm's name for it.
+if env_str("OPENAI_SERVED_MODEL_NAME_OVERRIDE", None) and env_str("SERVED_MODEL_NAME", None):
+    raise ValueError("OPENAI_SERVED_MODEL_NAME_OVERRIDE and SERVED_MODEL_NAME both set the served name: set one")
+SERVED_MODEL_NAME = env_str("OPENAI_SERVED_MODEL_NAME_OVERRIDE", None) or env_str("SERVED_MODEL_NAME", MODEL_NAME)
+# A chat template in place of the model's (a file's path, or the Jinja itself), on both engines.
+CUSTOM_CHAT_TEMPLATE = env_str("CUSTOM_CHAT_TEMPLATE", None)
 # auto: vLLM when it is installed and a GPU is present (the CUDA image), transformers otherwise.
 ENGINE_NAME = env_str("ENGINE", "auto")  # auto | transformers | vllm
 # The Python that runs vLLM's server: Dockerfile.vllm keeps vLLM in /opt/vllm, an environment of
@@ -164,6 +179,7 @@ def load_engine(kind: str) -> Engine:
         trust_remote_code=TRUST_REMOTE_CODE,
         cache_dir=cached_hub_folder(MODEL_NAME),
         tokenizer_cache_dir=cached_hub_folder(TOKENIZER_NAME or MODEL_NAME),
+        chat_template=CUSTOM_CHAT_TEMPLATE,
     )
 
 
@@ -326,20 +342,26 @@ def respond(
     return openai_responses(shape, deltas, bool(request.stream), include_usage)
 
 
+def error_shape(job_input: Any) -> Callable[[dict[str, Any], int], dict[str, Any]]:
+    """How this job's failures read: a native job's as the message; an OpenAI route's (openai_route,
+    or worker-vllm's route + body) as OpenAI's error object with the HTTP status vLLM would give."""
+    if not (isinstance(job_input, dict) and {"openai_route", "route"} & set(job_input)):
+        return lambda failure, status: failure
+    return lambda failure, status: {**failure, "error": openai_error(failure["error"], status)}
+
+
 # ---------------------------------------------------------------------------------------------
 # 6. Start: the handler validates everything before the first yield, then streams; the SDK runs it.
 # ---------------------------------------------------------------------------------------------
 async def handler(job: dict[str, Any]) -> AsyncIterator[Any]:
     if VLLM:  # relayed to vLLM's server, which validates and answers the request itself
-        try:
-            async with contextlib.aclosing(VLLM.handle(job, WORKER_CONFIG)) as relayed:
-                async for chunk in within_result_budget(relayed, MAX_RESULT_BYTES - RESULT_ENVELOPE_BYTES):
-                    yield chunk
-        except ResultTooLarge:
-            log.warn("Stopped a result at MAX_RESULT_BYTES", job.get("id"))
-            yield {"error": TOO_LARGE}
+        relayed = VLLM.handle(job, WORKER_CONFIG, MAX_RESULT_BYTES - RESULT_ENVELOPE_BYTES, TOO_LARGE)
+        async with contextlib.aclosing(relayed) as chunks:
+            async for chunk in chunks:
+                yield chunk
         return
     job_id = job.get("id")
+    shaped = error_shape(job.get("input"))
     try:
         route, request = parse_request(job.get("input"))
         if route == MODELS_ROUTE:
@@ -347,11 +369,11 @@ async def handler(job: dict[str, Any]) -> AsyncIterator[Any]:
             return
         planned = await asyncio.to_thread(plan, route, request)
     except (RequestError, ContextLengthError) as error:
-        yield rejected(error, job_id)
+        yield shaped(rejected(error, job_id), BAD_REQUEST)
         return
     except Exception as error:  # noqa: BLE001 - its message may quote the prompt: the type only, anywhere
         log.error(f"Preparing the request failed: {type(error).__name__}", job_id)
-        yield {"error": "the worker could not prepare this request; see the worker logs"}
+        yield shaped({"error": "the worker could not prepare this request; see the worker logs"}, INTERNAL)
         return
 
     prompt, params = planned.prompt, planned.params
@@ -383,7 +405,7 @@ async def handler(job: dict[str, Any]) -> AsyncIterator[Any]:
     except ResultTooLarge:
         log.warn(f"Stopped a result at MAX_RESULT_BYTES ({prompt.tokens} prompt tokens)", job_id)
         if not sent:  # one whole answer that cannot be delivered
-            yield {"error": TOO_LARGE}
+            yield shaped({"error": TOO_LARGE}, BAD_REQUEST)
             return
         # A stream keeps what it sent and ends as max_tokens would end it, naming the limit.
         unfinished = [index for index in range(params.n) if index not in finished]
@@ -392,17 +414,22 @@ async def handler(job: dict[str, Any]) -> AsyncIterator[Any]:
         return
     except GenerationTimeout as error:
         log.warn(f"{error} (MAX_GENERATION_SECONDS)", job_id)
-        yield {"error": f"{error} (MAX_GENERATION_SECONDS): lower max_tokens, or raise the limit on the endpoint"}
+        message = f"{error} (MAX_GENERATION_SECONDS): lower max_tokens, or raise the limit on the endpoint"
+        yield shaped({"error": message}, INTERNAL)
         return
     except torch.cuda.OutOfMemoryError:  # this job fails, the memory goes back, the next job runs
         oom = f"Out of GPU memory ({prompt.tokens} prompt tokens, max_tokens {params.max_tokens})"
-        yield out_of_memory(oom, "out of GPU memory for this request; lower max_tokens or shorten the prompt", job_id)
+        message = "out of GPU memory for this request; lower max_tokens or shorten the prompt"
+        yield shaped(out_of_memory(oom, message, job_id), INTERNAL)
         return
     except torch.AcceleratorError:  # the GPU is lost: this worker retires once the error is delivered
-        yield gpu_lost("the GPU failed during generation; retry the request", job_id, WORKER_CONFIG)
+        yield shaped(
+            gpu_lost("the GPU failed during generation; retry the request", job_id, WORKER_CONFIG), UNAVAILABLE
+        )
         return
     except Exception as error:  # noqa: BLE001 - the caller gets a message, the log gets the details
-        yield failed("Generation", error, "generation failed inside the worker; see the worker logs", job_id)
+        message = "generation failed inside the worker; see the worker logs"
+        yield shaped(failed("Generation", error, message, job_id), INTERNAL)
         return
 
     if usage is not None:

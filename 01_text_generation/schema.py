@@ -448,10 +448,31 @@ MODELS_ROUTE = "/v1/models"
 OPENAI_ROUTES = {CHAT_ROUTE: ChatCompletionRequest, COMPLETIONS_ROUTE: CompletionRequest, MODELS_ROUTE: None}
 
 
+def generic_as_openai(job_input: dict[str, Any]) -> dict[str, Any]:
+    """worker-vllm's generic shape (`route`, `body`, `method`) as the OpenAI job it stands for.
+    Pure. The method defaults to POST with a body, GET without one, as in worker-vllm."""
+    unknown = sorted(set(job_input) - {"route", "body", "method"})
+    if unknown:
+        raise RequestError(f"unknown field(s) {', '.join(unknown)} beside route; send route, body and method")
+    route, body = job_input["route"], job_input.get("body")
+    if not isinstance(route, str) or route not in OPENAI_ROUTES:
+        raise RequestError(f"route must be one of {', '.join(OPENAI_ROUTES)}, got {route!r}")
+    method = job_input.get("method") or ("POST" if body is not None else "GET")
+    if not isinstance(method, str) or method.upper() != ("GET" if OPENAI_ROUTES[route] is None else "POST"):
+        raise RequestError(f"{route} takes {'GET' if OPENAI_ROUTES[route] is None else 'POST'}, got {method!r}")
+    if OPENAI_ROUTES[route] is None:
+        if body is not None:
+            raise RequestError(f"{route} takes no body")
+        return {"openai_route": route}
+    return {"openai_route": route, "openai_input": body}
+
+
 def parse_request(job_input: Any, limits: ModelLimits | None) -> tuple[str, BaseModel | None]:
     """Turn a job's input into (route, validated request) within the model's `limits`. Pure: no model, no I/O."""
     if not isinstance(job_input, dict):
         raise RequestError(f"input must be a JSON object, got {type(job_input).__name__}")
+    if "route" in job_input:
+        job_input = generic_as_openai(job_input)
     if "openai_route" not in job_input:
         return NATIVE, validated(GenerateRequest, job_input, limits)
 

@@ -53,7 +53,9 @@ from typing import Any
 import aiohttp
 import psutil
 import runpod
-from coalesce import coalesced, merge_text
+
+from coalesce import ResultTooLarge, coalesced, merge_text, within_result_budget
+from errors import BAD_REQUEST, INTERNAL, UNAVAILABLE, RequestError, openai_error
 from vllm_launch import SETTINGS_ERROR, SettingsError
 
 log = runpod.RunPodLogger()
@@ -132,10 +134,6 @@ NATIVE_SAMPLING_FIELDS = frozenset(
     }
 )
 NATIVE_FIELDS = ("prompt", "messages", "sampling_params", "stream")
-
-
-class RequestError(ValueError):
-    """A request the caller must fix; the message goes back as the job's error."""
 
 
 def with_default_max_tokens(
@@ -288,6 +286,68 @@ def vllm_error_message(status: int, body: bytes) -> str:
     return f"vLLM refused the request (HTTP {status}): {message}"
 
 
+def failure(message: str, status: int, body: str = "") -> dict[str, Any]:
+    """A failed job's chunk, with the HTTP status and, from vLLM, its own error answer: `handle`
+    turns it into the error the caller's route takes (`for_route`)."""
+    return {"error": message, "status": status, "body": body}
+
+
+def for_route(chunk: dict[str, Any], native: bool) -> dict[str, str]:
+    """A failure as its caller reads it. Native: the message. OpenAI routes: OpenAI's error object
+    as JSON text, vLLM's own (type and param kept) where vLLM answered, the HTTP status as `code`."""
+    if native:
+        return {"error": chunk["error"]}
+    try:
+        error = json.loads(chunk["body"])["error"]
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            return {"error": json.dumps({"error": {**error, "code": chunk["status"]}}, ensure_ascii=False)}
+    except (ValueError, KeyError, TypeError):
+        pass
+    return {"error": openai_error(chunk["error"], chunk["status"])}
+
+
+class StreamEnd:
+    """What a relayed answer has sent so far, to end it the way max_tokens would when a limit
+    stops it: each unfinished choice gets finish_reason "length" and the limit's name. Pure."""
+
+    def __init__(self, route: str, choices: int) -> None:
+        self.route = route
+        self.choices = choices
+        self.streaming = False  # a stream has sent a chunk: there is an answer to keep
+        self.finished: set[int] = set()
+        self.envelope: dict[str, Any] | None = None  # the OpenAI stream's id, object, created, model
+
+    def note(self, chunk: Any) -> None:
+        """One chunk the caller got: native dicts, or SSE strings (whole events)."""
+        if isinstance(chunk, str):
+            self.streaming = True
+            for event in chunk.split(SSE_END.decode()):
+                if not event.startswith("data: {"):
+                    continue
+                data = json.loads(event[len("data: ") :])
+                self.envelope = {key: data[key] for key in ("id", "object", "created", "model") if key in data}
+                self.finished |= {c["index"] for c in data.get("choices") or () if c.get("finish_reason")}
+        elif isinstance(chunk, dict) and "usage" not in chunk:  # a native stream's delta
+            self.streaming = True
+            if chunk.get("finish_reason"):
+                self.finished.add(chunk.get("index", 0))
+        elif isinstance(chunk, dict) and "finish_reason" in chunk:  # the last of a native stream
+            self.streaming = False  # whole: nothing to close
+
+    def closing(self, limit: str) -> list[Any]:
+        unfinished = [index for index in range(self.choices) if index not in self.finished]
+        if self.envelope is None:  # native
+            many = self.choices > 1
+            return [{**({"index": i} if many else {}), "finish_reason": "length", "limit": limit} for i in unfinished]
+        chat = self.route == CHAT_ROUTE
+        events = []
+        for index in unfinished:
+            choice = {"index": index, **({"delta": {}} if chat else {"text": ""}), "logprobs": None}
+            choice.update(finish_reason="length", limit=limit)
+            events.append("data: " + json.dumps({**self.envelope, "choices": [choice]}) + "\n\n")
+        return ["".join(events) + "data: [DONE]\n\n"]
+
+
 def split_events(buffer: bytes) -> tuple[list[str], bytes]:
     """(the whole server-sent events in `buffer`, the incomplete rest). Pure."""
     *events, rest = buffer.split(SSE_END)
@@ -433,26 +493,48 @@ class VLLMServer:
         log.error("vLLM's engine is gone; this worker asks Runpod for a fresh one")
 
     # -- the relay ---------------------------------------------------------------------------------
-    async def handle(self, job: dict[str, Any], worker_config: dict[str, Any]) -> AsyncIterator[Any]:
-        """A job's chunks: vLLM's answer relayed (OpenAI routes) or reshaped (native)."""
+    async def handle(
+        self, job: dict[str, Any], worker_config: dict[str, Any], max_result_bytes: int, too_large: str
+    ) -> AsyncIterator[Any]:
+        """A job's chunks: vLLM's answer relayed (OpenAI routes) or reshaped (native), within
+        `max_result_bytes` (past them, `too_large` is the error of an answer with nothing sent)."""
         job_input = job.get("input")
         try:
             route, method, body, native = self.parse(job_input)
         except RequestError as error:
             log.warn(f"Rejected request: {error}", job.get("id"))
-            yield {"error": str(error)}
+            native_shape = not (isinstance(job_input, dict) and {"openai_route", "route"} & set(job_input))
+            yield for_route(failure(str(error), BAD_REQUEST), native_shape)
             return
         if self.dead:
             worker_config["refresh_worker"] = True
-            yield {"error": "vLLM's engine has stopped on this worker; retry the request"}
+            yield for_route(failure("vLLM's engine has stopped on this worker; retry the request", UNAVAILABLE), native)
             return
         if body is not None:
             body = with_default_max_tokens(route, body, self.default_max_tokens, self.max_model_len)
         chunks = self.relay(route, method, body, native, worker_config, job.get("id"))
-        # Whatever piled up while the SDK was POSTing the last chunk goes out together.
-        async with contextlib.aclosing(coalesced(chunks, merge_text)) as merged:
-            async for chunk in merged:
-                yield chunk
+        sent = StreamEnd(route, (body or {}).get("n") or 1)
+        try:
+            # Whatever piled up while the SDK was POSTing the last chunk goes out together.
+            async with contextlib.aclosing(coalesced(chunks, merge_text)) as merged:
+                async for chunk in within_result_budget(merged, max_result_bytes):
+                    if isinstance(chunk, dict) and "error" in chunk:
+                        yield for_route(chunk, native)
+                        return
+                    sent.note(chunk)
+                    yield chunk
+            return
+        except ResultTooLarge:
+            limit, error = "MAX_RESULT_BYTES", failure(too_large, BAD_REQUEST)
+        except TimeoutError:
+            limit = "MAX_GENERATION_SECONDS"
+            message = f"generation stopped at its {self.time_limit_s:g}-second limit ({limit}): lower max_tokens"
+            error = failure(message, INTERNAL)
+        log.warn(f"Stopped an answer at {limit}", job.get("id"))
+        # A stream keeps what it sent and ends as max_tokens would end it, naming the limit; an
+        # answer with nothing sent yet fails.
+        for chunk in sent.closing(limit) if sent.streaming else [for_route(error, native)]:
+            yield chunk
 
     @staticmethod
     def parse(job_input: Any) -> tuple[str, str, dict[str, Any] | None, bool]:
@@ -494,7 +576,11 @@ class VLLMServer:
                             if response.status >= 500 and not await self.alive(session):
                                 raise EngineStopped(vllm_error_message(response.status, text))
                             log.warn(vllm_error_message(response.status, text), job_id)
-                            yield {"error": vllm_error_message(response.status, text)}
+                            yield failure(
+                                vllm_error_message(response.status, text),
+                                response.status,
+                                text.decode("utf-8", "replace"),
+                            )
                             return
                         if response.content_type != "text/event-stream":
                             answer = await response.json()
@@ -506,19 +592,16 @@ class VLLMServer:
                             return
                         async for chunk in self._events(route, body or {}, response, native, session):
                             yield chunk
-                except TimeoutError:
-                    limit = f"{self.time_limit_s:g}-second limit (MAX_GENERATION_SECONDS)"
-                    log.warn(f"generation stopped at its {limit}", job_id)
-                    yield {"error": f"generation stopped at its {limit}: lower max_tokens, or raise the limit"}
+                except TimeoutError:  # MAX_GENERATION_SECONDS, for handle() (aiohttp's are ClientErrors too)
+                    raise
                 except (aiohttp.ClientError, EngineStopped) as error:
                     if isinstance(error, EngineStopped) or not await self.alive(session):
                         self.retire(worker_config)
-                        yield {
-                            "error": "vLLM's engine stopped during this request; the worker is being replaced, retry"
-                        }
+                        message = "vLLM's engine stopped during this request; the worker is being replaced, retry"
+                        yield failure(message, UNAVAILABLE)
                     else:
                         log.error(f"Relay to vLLM failed: {type(error).__name__}: {error}", job_id)
-                        yield {"error": "the connection to vLLM failed inside the worker; see the worker logs"}
+                        yield failure("the connection to vLLM failed inside the worker; see the worker logs", INTERNAL)
         finally:
             self.active -= 1
 
@@ -535,7 +618,7 @@ class VLLMServer:
                     message = json.loads(event[len("data: ") :])["error"].get("message", "")
                     if not await self.alive(session):
                         raise EngineStopped(message)
-                    yield {"error": f"vLLM failed during generation: {message}"}
+                    yield failure(f"vLLM failed during generation: {message}", INTERNAL, event[len("data: ") :])
                     return
                 if reshape is None:
                     yield event

@@ -12,10 +12,14 @@ Docker build context).
   a fresh worker recovers from: `gpu_lost` asks Runpod for one. Deciding on the exception type, not
   on "cuda" in a message, keeps every other job's worker alive.
 * Anything else fails that job with a generic message and logs the exception (`failed`).
+* On an OpenAI route the error text is OpenAI's error object as JSON (`openai_error`), with the
+  HTTP status vLLM's server would answer as its `code`: a gateway or the local endpoint turns it
+  into that status, and the official `openai` client raises the matching exception.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import MutableMapping
 from typing import Any, TypeVar
 
@@ -24,6 +28,15 @@ from pydantic import BaseModel, ValidationError
 
 log = runpod.RunPodLogger()
 Request = TypeVar("Request", bound=BaseModel)
+
+# The statuses a worker answers on OpenAI routes, with the error type vLLM's server names them by.
+BAD_REQUEST, NOT_FOUND, INTERNAL, UNAVAILABLE = 400, 404, 500, 503
+ERROR_TYPES = {
+    BAD_REQUEST: "BadRequestError",
+    NOT_FOUND: "NotFoundError",
+    INTERNAL: "InternalServerError",
+    UNAVAILABLE: "ServiceUnavailableError",  # retry: the worker is being replaced
+}
 
 
 class RequestError(ValueError):
@@ -82,3 +95,9 @@ def failed(what: str, error: Exception, message: str, job_id: Any) -> dict[str, 
     """Any other exception: the caller gets `message`, the log gets `what` failed, and why."""
     log.error(f"{what} failed: {type(error).__name__}: {error}", job_id)
     return {"error": message}
+
+
+def openai_error(message: str, status: int, param: str | None = None) -> str:
+    """`message` as OpenAI's error object, in JSON text (a job's error must be text)."""
+    error = {"message": message, "type": ERROR_TYPES.get(status, "InternalServerError"), "param": param, "code": status}
+    return json.dumps({"error": error}, ensure_ascii=False)

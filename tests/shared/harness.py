@@ -285,3 +285,11 @@ class DevServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def openai_failure(result: dict[str, Any]) -> tuple[str, int, str]:
+    """A failed OpenAI-route job's (message, HTTP status, error type): its error text is OpenAI's
+    error object as JSON, the status in `code` (errors.openai_error)."""
+    error = json.loads(result["error"])["error"]
+    assert set(error) == {"message", "type", "param", "code"}, error
+    return error["message"], error["code"], error["type"]

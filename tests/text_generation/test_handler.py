@@ -29,6 +29,7 @@ from tests.shared.harness import (
     load_handler,
     ok,
     openai_chat,
+    openai_failure,
     run_job,
     run_job_async,
     run_local,
@@ -350,7 +351,11 @@ def test_harmless_openai_fields_are_accepted_and_unknown_ones_refused(qwen) -> N
     [response] = ok(run_job(qwen.handler, openai_chat(body)))
     assert ChatCompletion.model_validate(response).choices[0].message.role == "assistant"
     unknown = run_job(qwen.handler, openai_chat({"messages": CHAT, "frobnicate": 1}))
-    assert unknown["error"] == "openai_input.frobnicate: Extra inputs are not permitted"
+    assert openai_failure(unknown) == (
+        "openai_input.frobnicate: Extra inputs are not permitted",
+        400,
+        "BadRequestError",
+    )
 
 
 def test_the_official_openai_client_end_to_end(qwen) -> None:
@@ -593,9 +598,10 @@ def test_a_template_that_rewrites_the_last_turn_is_a_clear_error_without_the_pro
     ]
     body = {"messages": turns, "continue_final_message": True, "add_generation_prompt": False}
     result = run_job(thinking.handler, openai_chat(body))
-    assert result["error"] == (
+    assert openai_failure(result)[:2] == (
         "messages: the model's chat template could not render them (ValueError); to continue the last message it"
-        " must be an assistant turn"
+        " must be an assistant turn",
+        400,
     )
     logs = capsys.readouterr()
     assert secret not in logs.out + logs.err and "Traceback" not in logs.out + logs.err
@@ -1320,9 +1326,10 @@ def test_logprobs_certain_to_pass_the_result_limit_are_refused_before_any_work(s
     with monkeypatch.context() as patched:
         patched.setattr(small_results.ENGINE, "generate", never)
         result = run_job(small_results.handler, {"openai_route": "/v1/chat/completions", "openai_input": body})
-    assert result["error"].startswith("the result would pass MAX_RESULT_BYTES (8,192 bytes")
-    assert "lower max_tokens, n or top_logprobs" in result["error"]
-    assert "its logprobs alone take at least" in result["error"]
+    message, status, _ = openai_failure(result)
+    assert message.startswith("the result would pass MAX_RESULT_BYTES (8,192 bytes") and status == 400
+    assert "lower max_tokens, n or top_logprobs" in message
+    assert "its logprobs alone take at least" in message
     # Without ignore_eos the model may stop early, so the request runs: whether it ends by itself or
     # at the limit, the stream keeps what it sent and every choice ends with a finish_reason.
     body.update(ignore_eos=False, min_tokens=0, seed=3)
@@ -1361,3 +1368,78 @@ def test_a_stream_that_reaches_the_result_limit_keeps_what_it_sent(small_results
     assert run_job(small_results.handler, long)["error"].startswith("the result would pass MAX_RESULT_BYTES")
     [short] = native(small_results, prompt="hi", sampling_params={"max_tokens": 4})
     assert short["usage"]["completion_tokens"] >= 1
+
+
+# ---- a drop-in for worker-vllm, on the transformers engine ----------------------------------------
+HUB_TESTS = json.loads((REPO / "tests" / "shared" / "worker_vllm_hub_tests.json").read_text())["tests"]
+
+
+def test_worker_vllms_hub_tests_pass_unchanged(qwen) -> None:
+    """worker-vllm's Runpod Hub test inputs, as they are (tests/text_generation/test_vllm_engine.py
+    runs them on vLLM): the bare prompt gets DEFAULT_MAX_TOKENS, not 16 tokens."""
+    basic, messages = (test["input"] for test in HUB_TESTS)
+    [poem] = ok(run_job(qwen.handler, basic))
+    assert poem["finish_reason"] == "stop" or poem["usage"]["completion_tokens"] > 16, poem
+    [answer] = ok(run_job(qwen.handler, messages))
+    completion = ChatCompletion.model_validate(answer)
+    assert completion.model == qwen.SERVED_MODEL_NAME and 0 < completion.usage.completion_tokens <= 200
+
+
+def test_default_max_tokens_on_a_bare_prompt(qwen, monkeypatch) -> None:
+    never_ending(qwen, monkeypatch)
+    [whole] = ok(run_job(qwen.handler, {"prompt": "Once", "sampling_params": {"temperature": 0}}))
+    assert whole["usage"]["completion_tokens"] == qwen.DEFAULT_MAX_TOKENS == 512
+
+
+def test_worker_vllms_generic_route_shape(qwen) -> None:
+    assert ok(run_job(qwen.handler, {"route": "/v1/models"})) == ok(
+        run_job(qwen.handler, {"openai_route": "/v1/models"})
+    )
+    body = {"messages": CHAT, **GREEDY}
+    [generic] = ok(run_job(qwen.handler, {"route": "/v1/chat/completions", "body": body, "method": "POST"}))
+    [openai] = ok(run_job(qwen.handler, openai_chat(body)))
+    assert {k: v for k, v in generic.items() if k not in ("id", "created")} == {
+        k: v for k, v in openai.items() if k not in ("id", "created")
+    }
+    refusals = {
+        "route must be one of": {"route": "/tokenize", "body": {"prompt": "x"}},
+        "/v1/completions takes POST, got 'GET'": {"route": "/v1/completions", "method": "GET"},
+        "/v1/models takes GET": {"route": "/v1/models", "body": {}},
+        "unknown field(s) prompt beside route": {"route": "/v1/completions", "prompt": "x"},
+    }
+    for expected, job_input in refusals.items():
+        message, status, _ = openai_failure(run_job(qwen.handler, job_input))
+        assert expected in message and status == 400, (expected, message)
+
+
+def test_openai_routes_fail_in_openais_error_shape_native_ones_as_text(qwen, monkeypatch) -> None:
+    """The status vLLM's server would give: 400 for the caller's mistakes, 500 for a failure
+    inside the worker; a native request keeps the plain message."""
+    message, status, kind = openai_failure(run_job(qwen.handler, openai_chat({"messages": CHAT, "n": 0})))
+    assert (status, kind) == (400, "BadRequestError") and message.startswith("openai_input.n")
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("a secret detail of the failure")
+
+    monkeypatch.setattr(qwen.ENGINE.model, "generate", broken)
+    failed = openai_failure(run_job(qwen.handler, openai_chat({"messages": CHAT, **GREEDY})))
+    assert failed == ("generation failed inside the worker; see the worker logs", 500, "InternalServerError")
+    native_failure = run_job(qwen.handler, {"prompt": "x", "sampling_params": {"max_tokens": 2}})
+    assert native_failure["error"] == "generation failed inside the worker; see the worker logs"
+
+
+def test_worker_vllms_served_name_and_custom_chat_template(tiny_model, tmp_path) -> None:
+    """OPENAI_SERVED_MODEL_NAME_OVERRIDE names the model; CUSTOM_CHAT_TEMPLATE (a file, or the Jinja
+    itself, as vLLM's --chat-template takes it) replaces the model's template."""
+    template = "{% for m in messages %}<<{{ m['role'] }}>>{{ m['content'] }}\n{% endfor %}<<assistant>>"
+    (tmp_path / "chat.jinja").write_text(template)
+    env = {"MODEL_NAME": str(tiny_model("qwen3")), "OPENAI_SERVED_MODEL_NAME_OVERRIDE": "my-model"}
+    for source in (str(tmp_path / "chat.jinja"), template):
+        module = load_handler(EXAMPLE, {**env, "CUSTOM_CHAT_TEMPLATE": source})
+        assert ok(run_job(module.handler, {"openai_route": "/v1/models"}))[0]["data"][0]["id"] == "my-model"
+        prompt = module.render_prompt(module.parse_request(openai_chat({"messages": CHAT}))[1]).text
+        assert prompt == "<<system>>You are terse.\n<<user>>What is the capital of France?\n<<assistant>>"
+    with pytest.raises(ValueError, match="neither a file nor a Jinja chat template"):
+        load_handler(EXAMPLE, {**env, "CUSTOM_CHAT_TEMPLATE": "/no/such/template.jinja"})
+    with pytest.raises(ValueError, match="both set the served name"):
+        load_handler(EXAMPLE, {**env, "SERVED_MODEL_NAME": "other"})

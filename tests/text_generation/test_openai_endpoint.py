@@ -78,16 +78,15 @@ def test_models_lists_the_served_model(qwen: ModuleType, url: str) -> None:
 def test_a_refused_request_answers_as_the_error_contract_maps_the_jobs_error(
     qwen: ModuleType, url: str, body: dict[str, Any]
 ) -> None:
-    """Whatever the handler's error is (a plain message today; OpenAI's error object as JSON once
-    the contract lands), the client gets exactly its mapping, and a 400 as BadRequestError."""
+    """The handler's error is OpenAI's error object with status 400: the official client raises
+    BadRequestError carrying the handler's own message, type and code."""
     error = in_process(qwen, "/v1/chat/completions", {"model": "m", **body})["error"]
     without_messages = {key: value for key, value in body.items() if key != "messages"}
     status, expected = endpoint_module(EXAMPLE).error_answer(error)
-    with pytest.raises(openai.APIStatusError) as raised:
+    assert status == 400 and expected["error"]["type"] == "BadRequestError"
+    with pytest.raises(openai.BadRequestError) as raised:
         client(url).chat.completions.create(model="m", messages=body["messages"], extra_body=without_messages)
-    assert raised.value.status_code == status and raised.value.body == expected["error"]
-    if status == 400:
-        assert isinstance(raised.value, openai.BadRequestError)
+    assert raised.value.status_code == 400 and raised.value.body == expected["error"]
     assert expected["error"]["message"]  # the handler's own message reaches the client
 
 

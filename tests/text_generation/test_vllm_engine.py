@@ -456,19 +456,26 @@ def test_native_requests_take_vllms_sampling_params(worker: ModuleType, referenc
     assert native(worker, prompt="Once upon", sampling_params=sampling)[0]["text"] == prompt
 
 
-def test_a_relayed_stream_that_reaches_the_result_limit_stops_with_a_clear_error(
+def test_a_relayed_stream_that_reaches_the_result_limit_keeps_what_it_sent(
     worker: ModuleType, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     budget = 1024  # bytes of chunks the aggregated result may hold beside its envelope
     monkeypatch.setattr(worker, "MAX_RESULT_BYTES", worker.RESULT_ENVELOPE_BYTES + budget)
     sampling = {"temperature": 0, "max_tokens": 400, "ignore_eos": True}
     result = run_job(worker.handler, {"messages": CHAT, "sampling_params": sampling, "stream": True})
-    assert result["error"].startswith("the result would pass MAX_RESULT_BYTES")
-    assert result["stream"] and len(json.dumps(result["stream"], ensure_ascii=False).encode()) <= budget
+    *sent, last = ok(result)
+    assert last == {"finish_reason": "length", "limit": "MAX_RESULT_BYTES"}
+    assert sent and len(json.dumps(result["output"], ensure_ascii=False).encode()) <= budget + 4096
+    body = {"messages": CHAT, **sampling, "stream": True}
+    events = events_of(ok(run_job(worker.handler, {"openai_route": "/v1/chat/completions", "openai_input": body})))
+    assert events[-1] == "data: [DONE]\n\n"
+    [choice] = json.loads(events[-2][len("data: ") :])["choices"]
+    assert (choice["finish_reason"], choice["limit"]) == ("length", "MAX_RESULT_BYTES")
+    ChatCompletionChunk.model_validate(json.loads(events[-2][len("data: ") :]))
     monkeypatch.undo()
     whole = native(worker, messages=CHAT, sampling_params=sampling, stream=True)
-    sent = "".join(chunk.get("text", "") for chunk in result["stream"])
-    assert "".join(chunk.get("text", "") for chunk in whole).startswith(sent)
+    text = "".join(chunk.get("text", "") for chunk in sent)
+    assert "".join(chunk.get("text", "") for chunk in whole).startswith(text)
     assert native(worker, prompt="still serving", sampling_params={"max_tokens": 2})[-1]["usage"]
 
 

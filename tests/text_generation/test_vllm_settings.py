@@ -4,8 +4,12 @@ engine and its own parser.)"""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import sys
+from collections.abc import AsyncIterator
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -175,3 +179,65 @@ def test_route_body_and_method_as_worker_vllm_takes_them(relay: ModuleType) -> N
         with pytest.raises(relay.RequestError) as error:
             parse(job_input)
         assert message in str(error.value), (message, error.value)
+
+
+# ---- a limit reached mid-answer keeps it -------------------------------------------------------------
+def relay_stopped_by(relay: ModuleType, chunks: list, error: BaseException) -> ModuleType:
+    """A relay whose vLLM answer sends `chunks`, then fails with `error` (a time limit)."""
+    server = object.__new__(relay.VLLMServer)
+    server.dead, server.default_max_tokens, server.max_model_len, server.time_limit_s = False, 512, 4096, 2.0
+
+    async def answer(*args: Any) -> AsyncIterator[Any]:
+        for chunk in chunks:
+            yield chunk
+        raise error
+
+    server.relay = answer
+    return server
+
+
+def handled(server: Any, job_input: dict, max_bytes: int = 1 << 20) -> list:
+    async def run() -> list:
+        return [chunk async for chunk in server.handle({"id": "j", "input": job_input}, {}, max_bytes, "too large")]
+
+    return asyncio.run(run())
+
+
+def test_the_time_limit_mid_stream_ends_the_answer_with_what_was_sent(relay: ModuleType) -> None:
+    envelope = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 7, "model": "m"}
+    events = [
+        "data: " + json.dumps({**envelope, "choices": [{"index": 0, "delta": {"content": word}}]}) + "\n\n"
+        for word in ("Once", " upon")
+    ]
+    body = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
+    chunks = handled(
+        relay_stopped_by(relay, events, TimeoutError()), {"openai_route": "/v1/chat/completions", "openai_input": body}
+    )
+    *kept, closing = chunks
+    assert "".join(kept) == "".join(events)
+    end, done = closing.split("\n\n")[:2]
+    assert done == "data: [DONE]"
+    assert json.loads(end[len("data: ") :]) == {
+        **envelope,
+        "choices": [
+            {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "length", "limit": "MAX_GENERATION_SECONDS"}
+        ],
+    }
+    # Native: the same, in native chunks; a choice that had finished is left as it ended.
+    native = [{"index": 0, "text": "a"}, {"index": 1, "text": "b"}, {"index": 1, "finish_reason": "stop"}]
+    job = {"prompt": "x", "sampling_params": {"n": 2}, "stream": True}
+    chunks = handled(relay_stopped_by(relay, native, TimeoutError()), job)
+    assert chunks[-1] == {"index": 0, "finish_reason": "length", "limit": "MAX_GENERATION_SECONDS"}
+    assert chunks[:-1] == native
+
+
+def test_a_time_limit_before_anything_was_sent_fails_the_job(relay: ModuleType) -> None:
+    job = {"prompt": "x", "stream": True}
+    assert handled(relay_stopped_by(relay, [], TimeoutError()), job) == [
+        {"error": "generation stopped at its 2-second limit (MAX_GENERATION_SECONDS): lower max_tokens"}
+    ]
+    # A non-streamed answer is one chunk: too large, it cannot be delivered at all.
+    whole = {"choices": [{"index": 0, "text": "x" * 5000}], "usage": {}}
+    assert handled(relay_stopped_by(relay, [whole], RuntimeError("unreached")), {"prompt": "x"}, 1000) == [
+        {"error": "too large"}
+    ]
