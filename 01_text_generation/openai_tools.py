@@ -6,7 +6,8 @@ or whole, the way vLLM's `hermes` tool parser and `qwen3` / `deepseek_r1` reason
   * tool calls, hermes style (Qwen 2.5 / 3, Hermes, many fine-tunes):
         <tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>
     become `tool_calls` entries; `tool_call_grammar` makes `tool_choice: "required"` or a named
-    tool certain, by constraining generation to exactly that shape (llguidance, structured_output.py).
+    tool certain, by constraining generation to exactly that shape (llguidance, structured_output.py):
+    the turn cannot end before one whole call, closing tag included.
   * `<think>…</think>` becomes the `reasoning` field (vLLM's name for it).
 
 Pure text in, `Delta`s out: `parse_choices` sits between the generator and the response shapes.
@@ -30,9 +31,26 @@ THINK_START, THINK_END = "<think>", "</think>"
 REASONING_PARSERS = ("qwen3", "deepseek_r1")
 
 
-def tool_call_grammar(tools: Sequence[dict[str, Any]], parallel: bool) -> str:
+def grammar_tag(tag: str, tokenizer: Any = None) -> str:
+    """A Lark term for `tag` in a grammar for `tokenizer` (an llguidance tokenizer, structured_output.py).
+
+    Where the tokenizer holds the tag as one added token (Qwen 2.5 and 3: <tool_call> is token 151657),
+    that token, by id: llguidance keeps added tokens apart from text, so a quoted
+    "<tool_call>" would never match the token such a model writes, and a matcher fed it fails (which
+    ended forced calls right after their first token). Else the tag's text. None: the text.
+    """
+    if tokenizer is not None:
+        ids = tokenizer.tokenize_str(tag, parse_special=True)
+        if len(ids) == 1 and tokenizer.is_special_token(ids[0]):
+            return f"<[{ids[0]}]>"
+    return json.dumps(tag)
+
+
+def tool_call_grammar(tools: Sequence[dict[str, Any]], parallel: bool, tokenizer: Any = None) -> str:
     """An llguidance grammar for hermes tool calls of `tools` (OpenAI tool definitions): one call,
-    or with `parallel` one or more, each `{"name": <one of them>, "arguments": <its parameters>}`."""
+    or with `parallel` one or more, each `<tool_call>`, `{"name": <one of them>, "arguments": <its
+    parameters>}`, `</tool_call>`. The end tokens are allowed only after a whole call. `tokenizer`
+    (the llguidance tokenizer it is for) decides how the tags are matched (`grammar_tag`)."""
     import llguidance
 
     options = [
@@ -48,7 +66,8 @@ def tool_call_grammar(tools: Sequence[dict[str, Any]], parallel: bool) -> str:
         for tool in tools
     ]
     schema = {"anyOf": options, "x-guidance": COMPACT_JSON}
-    call = " ".join((json.dumps(TOOL_CALL_START + "\n"), "%json", json.dumps(schema), json.dumps("\n" + TOOL_CALL_END)))
+    opening, closing = grammar_tag(TOOL_CALL_START, tokenizer), grammar_tag(TOOL_CALL_END, tokenizer)
+    call = " ".join((opening, json.dumps("\n"), "%json", json.dumps(schema), json.dumps("\n"), closing))
     more = ' ("\\n" call)*' if parallel else ""  # further calls, one per line
     return llguidance.LLMatcher.grammar_from_lark(f"start: call{more}\ncall: {call}")
 

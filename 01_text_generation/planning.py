@@ -67,8 +67,14 @@ def chat_turn(index: int, message: Message) -> dict[str, Any]:
     return turn
 
 
-def requested_grammar(request: BaseModel) -> str | None:
-    """The llguidance grammar a request's response_format, structured_outputs or forced tool_choice asks for."""
+def engine_grammar_tokenizer(engine: Any) -> Any:
+    """llguidance's view of the engine's tokenizer (built once per worker, structured_output.py)."""
+    return grammar_tokenizer(engine.tokenizer, engine.vocab_size, sorted(engine.eos_token_ids))
+
+
+def requested_grammar(request: BaseModel, engine: Any = None) -> str | None:
+    """The llguidance grammar a request's response_format, structured_outputs or forced tool_choice asks
+    for; a forced call's tags are matched as the engine's tokenizer writes them (None: as text)."""
     response_format = getattr(request, "response_format", None)
     if response_format is not None and response_format.type == "json_object":
         return json_schema_grammar(None)
@@ -77,27 +83,25 @@ def requested_grammar(request: BaseModel) -> str | None:
     if request.structured_outputs is not None:
         return request.structured_outputs.grammar_text()
     choice = getattr(request, "tool_choice", None)
+    if choice != "required" and not isinstance(choice, NamedToolChoice):
+        return None
+    tokenizer = engine_grammar_tokenizer(engine) if engine is not None else None
     if choice == "required":
         tools = [tool.model_dump(exclude_none=True) for tool in request.tools]
-        return tool_call_grammar(tools, parallel=request.parallel_tool_calls is not False)
-    if isinstance(choice, NamedToolChoice):
-        tools = [
-            tool.model_dump(exclude_none=True) for tool in request.tools if tool.function.name == choice.function.name
-        ]
-        return tool_call_grammar(tools, parallel=False)
-    return None
+        return tool_call_grammar(tools, parallel=request.parallel_tool_calls is not False, tokenizer=tokenizer)
+    tools = [tool.model_dump(exclude_none=True) for tool in request.tools if tool.function.name == choice.function.name]
+    return tool_call_grammar(tools, parallel=False, tokenizer=tokenizer)
 
 
 def checked_grammar(request: BaseModel, engine: Any) -> str | None:
     """The requested grammar, compiled once against the engine's tokenizer: a grammar the engine
     refuses is the caller's error, before any generation."""
     try:
-        grammar = requested_grammar(request)
+        grammar = requested_grammar(request, engine)
     except ValueError as error:  # a schema that is not JSON, for instance
         raise RequestError(f"structured output: {error}") from None
     if grammar is None:
         return None
-    engine_tokenizer = grammar_tokenizer(engine.tokenizer, engine.vocab_size, sorted(engine.eos_token_ids))
-    if problem := grammar_error(grammar, engine_tokenizer):
+    if problem := grammar_error(grammar, engine_grammar_tokenizer(engine)):
         raise RequestError(f"structured output: the grammar engine refused it: {problem}")
     return grammar

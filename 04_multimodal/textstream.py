@@ -49,7 +49,7 @@ class SamplingParams:
     stop_token_ids: Sequence[int] = ()  # more tokens that end generation, besides the model's own
     include_stop_str_in_output: bool = False  # keep the matched stop string (or stop token) in the text
     ignore_eos: bool = False  # the model's end tokens do not end generation
-    min_tokens: int = 0  # end tokens are masked until this many tokens exist
+    min_tokens: int = 0  # end tokens are masked until this many tokens exist (see MinTokens)
     logit_bias: Mapping[int, float] = field(default_factory=dict)  # added to those tokens' logits
     seed: int | None = None
     n: int = 1  # independent choices for one prompt, generated as one batch
@@ -208,6 +208,27 @@ class SeededSampler:
         chosen = torch.multinomial(probs, num_samples=1, generator=self.generator)
         only_chosen = torch.full_like(scores, float("-inf"))
         return only_chosen.scatter_(1, chosen, 0.0)
+
+
+class MinTokens:
+    """min_tokens, by vLLM's rule: the end tokens are masked until `min_tokens` tokens exist, unless
+    masking them would leave a row no token at all. Only a grammar can leave just the end tokens
+    (JSON whose object is closed, a choice made): its answer then ends, shorter than min_tokens, as
+    in vLLM, instead of drawing from nothing. So it comes after the grammar's mask."""
+
+    def __init__(self, prompt_len: int, min_tokens: int, stop_ids: set[int], device: torch.device) -> None:
+        self.prompt_len, self.min_tokens = prompt_len, min_tokens
+        self.stop_ids = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if input_ids.shape[1] - self.prompt_len >= self.min_tokens:
+            return scores
+        ends = scores[:, self.stop_ids].clone()
+        scores[:, self.stop_ids] = float("-inf")
+        only_ends = torch.isneginf(scores).all(dim=-1)
+        if only_ends.any():
+            scores[only_ends.nonzero(), self.stop_ids] = ends[only_ends]
+        return scores
 
 
 class OutputPenalties:
@@ -438,11 +459,7 @@ class StreamingGenerator:
         return (set() if params.ignore_eos else set(self.eos_token_ids)) | set(params.stop_token_ids)
 
     def _processors(self, params: SamplingParams, stream: TokenStream, prompt_len: int) -> Any:
-        from transformers import (
-            LogitsProcessorList,
-            MinNewTokensLengthLogitsProcessor,
-            RepetitionPenaltyLogitsProcessor,
-        )
+        from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 
         processors = LogitsProcessorList()
         if params.logprobs is not None:
@@ -453,16 +470,14 @@ class StreamingGenerator:
             processors.append(OutputPenalties(params.presence_penalty, params.frequency_penalty, prompt_len))
         if params.logit_bias:
             processors.append(LogitBias(params.logit_bias, self.device))
-        stop_ids = self.stop_token_ids(params)
-        if params.min_tokens and stop_ids:
-            processors.append(
-                MinNewTokensLengthLogitsProcessor(prompt_len, params.min_tokens, sorted(stop_ids), device=self.device)
-            )
         if params.grammar is not None:
             eos = sorted(self.eos_token_ids | set(params.stop_token_ids))
             processors.append(
                 grammar_constraint(self.tokenizer, self.vocab_size, eos, params.grammar, params.n, prompt_len)
             )
+        stop_ids = self.stop_token_ids(params)
+        if params.min_tokens and stop_ids:  # after the grammar, which may allow only the end (MinTokens)
+            processors.append(MinTokens(prompt_len, params.min_tokens, stop_ids, self.device))
         if params.temperature >= 1e-5:  # below that, greedy, as vLLM does: scores / temperature overflow
             seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
             processors.append(SeededSampler(params, seed, self.device))
@@ -512,7 +527,11 @@ class StreamingGenerator:
                 name: value.repeat(params.n, *[1] * (value.dim() - 1)) if isinstance(value, torch.Tensor) else value
                 for name, value in model_inputs.items()
             }
-        kwargs = {**model_inputs, **self._generate_kwargs(params, stream, len(prompt_ids))}
+        # The logits processors are built on a generation thread, before the time limit starts:
+        # compiling a grammar (structured_output.py, once per choice) takes seconds for a large
+        # schema, and on the event loop it would stall every other stream meanwhile.
+        built = await loop.run_in_executor(self.pool, self._generate_kwargs, params, stream, len(prompt_ids))
+        kwargs = {**model_inputs, **built}
         stop_ids = self.stop_token_ids(params)
         choices = [
             _Choice(
