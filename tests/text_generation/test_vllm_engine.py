@@ -37,7 +37,7 @@ import pytest
 from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from tests.shared.harness import REPO, base_env, load_handler, run_job, run_job_async
+from tests.shared.harness import REPO, base_env, load_handler, openai_chat, openai_failure, run_job, run_job_async
 from tests.shared.runpod_api import JobAPI, Worker
 
 VLLM_PYTHON = os.environ.get("VLLM_PYTHON", "")
@@ -705,8 +705,11 @@ def test_worker_vllms_generic_route_shape(worker: ModuleType) -> None:
     assert stable(generic) == stable(via_worker(worker, "/v1/chat/completions", body))
     [tokens] = ok(run_job(worker.handler, {"route": "/tokenize", "body": {"prompt": "Once upon"}}))
     assert tokens["count"] == len(tokens["tokens"]) > 0
-    refused = run_job(worker.handler, {"route": "/collective_rpc", "body": {"method": "x"}})["error"]
-    assert refused.startswith("route must be one of")
+    refused = openai_failure(run_job(worker.handler, {"route": "/collective_rpc", "body": {"method": "x"}}))
+    assert refused[0].startswith("route must be one of") and refused[1:] == (400, "BadRequestError")
+    # vLLM's own refusal keeps its type and param, with the HTTP status it answered.
+    message, status, kind = openai_failure(run_job(worker.handler, openai_chat({"messages": CHAT, "n": "two"})))
+    assert status == 400 and kind == "Bad Request" and "n" in message  # vLLM's type, as its server names it
 
 
 def test_worker_vllms_settings_give_the_same_server(model: Path, lora: Path, rpc: Path, tmp_path: Path) -> None:
