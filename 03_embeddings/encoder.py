@@ -20,6 +20,7 @@ from sentence_transformers.base.modules import Normalize, Router, Transformer
 from sentence_transformers.util import batch_to_device
 
 from batcher import TokenBudgetBatcher
+from errors import RequestError
 from sparse import SparseVector, active_terms
 
 log = runpod.RunPodLogger()
@@ -33,19 +34,47 @@ class Tokenized:
     counts: list[int]  # tokens per text before the cut, prompt and special tokens included
 
 
-def tokenize_within(texts: list[str], prompt: str, tokenizer: Any, max_length: int) -> Tokenized:
+@dataclass(frozen=True)
+class Cut:
+    """What happens to a text longer than the model reads (TEI's `truncate` and `truncation_direction`)."""
+
+    side: str = "right"  # "right" keeps the start (sentence-transformers' way); "left" keeps the end
+    refuse: str | None = None  # with `truncate: false`, the field to name in the error instead of cutting
+
+
+CUT_RIGHT = Cut()  # the default, as sentence-transformers cuts: a long text keeps its start
+
+
+def tokenize_within(texts: list[str], prompt: str, tokenizer: Any, max_length: int, cut: Cut = CUT_RIGHT) -> Tokenized:
     """The model's own tokenizer over `prompt + text`, as sentence-transformers does it; texts past
-    `max_length` are cut there (longest_first, keeping the closing special token). `tokenizer` is
-    the calling thread's own copy (a fast tokenizer's settings are state each call rewrites)."""
+    `max_length` are cut there (keeping the special tokens), at the end or, with `cut.side` "left",
+    at the start of the text (the prompt stays), or refused with `cut.refuse`. `tokenizer` is the
+    calling thread's own copy (a fast tokenizer's settings are state each call rewrites)."""
     prompted = [prompt + text for text in texts]
     full = tokenizer(prompted, add_special_tokens=True, verbose=False)
     counts = [len(ids) for ids in full["input_ids"]]
     encodings = [{key: values[i] for key, values in full.items()} for i in range(len(texts))]
     if long := [i for i, count in enumerate(counts) if count > max_length]:
-        cut = tokenizer([prompted[i] for i in long], truncation=True, max_length=max_length, verbose=False)
+        if cut.refuse is not None:
+            raise RequestError(
+                f"{cut.refuse}.{long[0]}: {counts[long[0]]} tokens, more than the {max_length} this model reads "
+                "(its max_seq_length), and truncate is false: shorten it, or send truncate: true to cut it"
+            )
+        if cut.side == "left":
+            prompted = {i: prompt + without_first_tokens(texts[i], counts[i] - max_length, tokenizer) for i in long}
+        cut_ids = tokenizer([prompted[i] for i in long], truncation=True, max_length=max_length, verbose=False)
         for row, i in enumerate(long):
-            encodings[i] = {key: values[row] for key, values in cut.items()}
+            encodings[i] = {key: values[row] for key, values in cut_ids.items()}
     return Tokenized(encodings, counts)
+
+
+def without_first_tokens(text: str, excess: int, tokenizer: Any) -> str:
+    """`text` from its `excess`-th token on (as the tokenizer splits the text alone), cut where that
+    token starts, so what remains tokenizes as the text's last tokens. Where the prompt's tokens
+    join the text's differently, the right cut that follows trims the one token left over."""
+    alone = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+    offsets = alone["offset_mapping"]
+    return text[offsets[min(excess, len(offsets) - 1)][0] :]
 
 
 @dataclass(frozen=True)

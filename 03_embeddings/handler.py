@@ -33,7 +33,7 @@ from sentence_transformers import CrossEncoder, SentenceTransformer, SparseEncod
 import schema
 from cold_start import COLD_START
 from dense import encode_vector, quantize, shape_embeddings
-from encoder import Encoder, ToEncode, Tokenized, tokenize_within
+from encoder import CUT_RIGHT, Cut, Encoder, ToEncode, Tokenized, tokenize_within
 from errors import RequestError, failed, gpu_lost, out_of_memory, rejected
 from loading import cached_hub_folder, model_options, model_source, openvino_precision
 from local_run import for_local_run
@@ -259,10 +259,10 @@ def parse_request(job_input: Any) -> tuple[str, BaseModel | None]:
 # ---------------------------------------------------------------------------------------------
 # 4. Inference: on the model thread, with the texts of concurrent jobs merged into batches.
 # ---------------------------------------------------------------------------------------------
-def tokenize(texts: list[str], prompt: str, tokenizer: Any = TOKENIZER) -> Tokenized:
+def tokenize(texts: list[str], prompt: str, tokenizer: Any = TOKENIZER, cut: Cut = CUT_RIGHT) -> Tokenized:
     """`prompt + text` through the calling thread's own tokenizer: the token counts, and the token
-    ids the model reads, cut at MAX_SEQ_LENGTH (encoder.tokenize_within)."""
-    return tokenize_within(texts, prompt, tokenizer, MAX_SEQ_LENGTH)
+    ids the model reads, cut at MAX_SEQ_LENGTH as `cut` says (encoder.tokenize_within)."""
+    return tokenize_within(texts, prompt, tokenizer, MAX_SEQ_LENGTH, cut)
 
 
 # Dynamic batching (batcher.py): every text of every job queues for the model thread as an item of
@@ -271,14 +271,16 @@ BATCHER = ENCODER.batcher(MODEL_THREAD, MAX_BATCH_TOKENS, MAX_BATCH_TEXTS)
 Embedded = tuple[list[np.ndarray] | list[SparseVector], list[int]]
 
 
-async def embed_texts(texts: list[str], prompt: str, task: str | None) -> Embedded:
+async def embed_texts(texts: list[str], prompt: str, task: str | None, cut: Cut = CUT_RIGHT) -> Embedded:
     """Tokenise once (on the event loop if small, else on the tokenize thread), then encode
     through the batcher: per text, the full-size float32 vector as the model gives it (before any
     final Normalize) or its sparse active terms, and the untruncated token counts."""
     if sum(map(len, texts)) <= INLINE_TOKENIZE_CHARS:
-        tokens = tokenize(texts, prompt, LOOP_TOKENIZER)  # cheaper than the thread hop
+        tokens = tokenize(texts, prompt, LOOP_TOKENIZER, cut)  # cheaper than the thread hop
     else:
-        tokens = await asyncio.get_running_loop().run_in_executor(TOKENIZE_THREAD, tokenize, texts, prompt)
+        tokens = await asyncio.get_running_loop().run_in_executor(
+            TOKENIZE_THREAD, tokenize, texts, prompt, TOKENIZER, cut
+        )
     items = [ToEncode(encoding, text, prompt, task) for encoding, text in zip(tokens.encodings, texts, strict=True)]
     lengths = [min(count, MAX_SEQ_LENGTH) for count in tokens.counts]
     # Without dynamic batching each job gets a batcher of its own: the same token-budget batches
@@ -409,7 +411,8 @@ async def handler(job: dict[str, Any]) -> dict[str, Any] | list[dict[str, Any]]:
             check_result_budget(len(texts), request)
         if isinstance(texts[0], list):  # OpenAI token-id arrays (LangChain's default): back to text
             texts = await asyncio.get_running_loop().run_in_executor(TOKENIZE_THREAD, decode_token_ids, texts)
-        vectors, counts = await embed_texts(texts, request.resolved_prompt(REQUEST_LIMITS), request.input_type)
+        cut = Cut(request.truncation_direction, None if request.truncate else request.input_field)
+        vectors, counts = await embed_texts(texts, request.resolved_prompt(REQUEST_LIMITS), request.input_type, cut)
     except RequestError as error:
         return rejected(error, job_id)
     except torch.cuda.OutOfMemoryError:  # the batcher already freed the cache and retried, down to one text

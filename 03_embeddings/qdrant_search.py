@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import os
 import sys
 import time
@@ -266,9 +267,44 @@ class QdrantStore:
         return f"collection {self.collection!r} is hybrid (dense + sparse): give the sparse endpoint too"
 
 
+# pgvector's HNSW index holds vectors of at most 2,000 dimensions (`vector`); half precision
+# (`halfvec`, pgvector 0.7+) holds up to 4,000. Larger vectors have no pgvector index at all.
+HNSW_MAX_DIMENSIONS = 2_000
+HALFVEC_MAX_DIMENSIONS = 4_000
+# An HNSW scan returns at most hnsw.ef_search rows (40 by default), so a search for more would
+# silently get 40: each search raises it to its limit. 1,000 is the largest ef_search pgvector
+# accepts, hence the largest `limit` a search may ask for.
+DEFAULT_EF_SEARCH = 40
+MAX_SEARCH_LIMIT = 1_000
+Layout = Literal["vector", "halfvec", "exact"]  # how a table's vectors are indexed and searched
+
+
+class StoreError(RuntimeError):
+    """The vector store refused an operation (a database error, a model it cannot hold)."""
+
+
+def pgvector_layout(dimensions: int, halfvec: bool) -> Layout:
+    """How vectors of `dimensions` are indexed: HNSW on `vector` up to 2,000 dimensions, HNSW on a
+    `halfvec` cast up to 4,000 where pgvector has it (0.7+; scores stay full precision), else no
+    index: an exact search, slower on big tables but always right. Above 4,000: refused."""
+    if dimensions > HALFVEC_MAX_DIMENSIONS:
+        raise StoreError(
+            f"the model's vectors have {dimensions} dimensions; pgvector indexes at most {HALFVEC_MAX_DIMENSIONS:,} "
+            "(halfvec): use Qdrant, or a model (or Matryoshka `dimensions`) of at most 4,000"
+        )
+    if dimensions <= HNSW_MAX_DIMENSIONS:
+        return "vector"
+    return "halfvec" if halfvec else "exact"
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split(".") if part.isdigit())
+
+
 class PgvectorStore:
     """One PostgreSQL table with the pgvector extension: a row per document, dense vectors only
-    (sparse vectors need pgvector 0.7's sparsevec; hybrid search is Qdrant's here)."""
+    (sparse vectors need pgvector 0.7's sparsevec; hybrid search is Qdrant's here). Every database
+    error comes out as a StoreError of one line."""
 
     hybrid = False
 
@@ -277,52 +313,103 @@ class PgvectorStore:
         from pgvector.psycopg import register_vector
         from psycopg import sql
 
-        self.sql, self.table = sql, sql.Identifier(table)
-        self.connection = psycopg.connect(database_url, autocommit=True)
-        self.connection.execute("CREATE EXTENSION IF NOT EXISTS vector")
-        register_vector(self.connection)  # numpy arrays in and out as the `vector` type
-        self.name = table
+        self.database_errors = psycopg.Error
+        self.sql, self.table, self.name = sql, sql.Identifier(table), table
+        with self._database("connecting"):
+            self.connection = psycopg.connect(database_url, autocommit=True)
+            self.connection.execute("CREATE EXTENSION IF NOT EXISTS vector")
+            register_vector(self.connection)  # numpy arrays in and out as the `vector` type
+            row = self.connection.execute("SELECT extversion FROM pg_extension WHERE extname = 'vector'").fetchone()
+        self.pgvector = version_tuple(row[0])
+        self.halfvec = self.pgvector >= (0, 7)  # halfvec and its HNSW operators came in 0.7
 
     def close(self) -> None:
         self.connection.close()
 
+    @contextlib.contextmanager
+    def _database(self, doing: str) -> Iterator[None]:
+        """psycopg's errors as one StoreError line (PostgreSQL's own message), never a traceback."""
+        try:
+            yield
+        except self.database_errors as error:
+            diag = getattr(error, "diag", None)
+            reason = (diag and diag.message_primary) or str(error).strip().splitlines()[0]
+            raise StoreError(f"PostgreSQL, {doing} table {self.name!r}: {reason}") from None
+
     def exists(self) -> bool:
-        row = self.connection.execute("SELECT to_regclass(%s)", (self.name,)).fetchone()
+        # to_regclass reads its argument as SQL would: quoted, so a mixed-case name is not folded.
+        with self._database("looking up"):
+            quoted = self.table.as_string(self.connection)
+            row = self.connection.execute("SELECT to_regclass(%s)", (quoted,)).fetchone()
         return row[0] is not None
 
     def add(self, texts: Sequence[str], dense: np.ndarray, sparse: list[Sparse] | None) -> None:
         if sparse is not None:
             raise EmbeddingError("PostgreSQL here stores dense vectors only; hybrid search needs Qdrant")
-        query = self.sql.SQL
-        # Sized to the worker's vectors on the first batch; HNSW with cosine distance, as in Qdrant.
-        self.connection.execute(
-            query(
-                "CREATE TABLE IF NOT EXISTS {} (id uuid PRIMARY KEY, text text NOT NULL, embedding vector({}) NOT NULL)"
-            ).format(self.table, self.sql.Literal(dense.shape[1]))
-        )
-        self.connection.execute(
-            query("CREATE INDEX IF NOT EXISTS {} ON {} USING hnsw (embedding vector_cosine_ops)").format(
-                self.sql.Identifier(f"{self.name}_embedding_hnsw"), self.table
-            )
-        )
-        with self.connection.cursor() as cursor:
-            cursor.executemany(
-                query(
-                    "INSERT INTO {} (id, text, embedding) VALUES (%s, %s, %s) "
-                    "ON CONFLICT (id) DO UPDATE SET embedding = EXCLUDED.embedding"
-                ).format(self.table),
-                [(point_id(text), text, vector) for text, vector in zip(texts, dense, strict=True)],
-            )
+        query, dimensions = self.sql.SQL, dense.shape[1]
+        layout = pgvector_layout(dimensions, self.halfvec)
+        with self._database("writing to"):
+            # Sized to the worker's vectors on the first batch; HNSW with cosine distance, as in Qdrant.
+            if not self.exists():
+                self.connection.execute(
+                    query(
+                        "CREATE TABLE IF NOT EXISTS {} "
+                        "(id uuid PRIMARY KEY, text text NOT NULL, embedding vector({}) NOT NULL)"
+                    ).format(self.table, self.sql.Literal(dimensions))
+                )
+                print(f"table {self.name!r}: {dimensions} dimensions, {self._layout_note(layout)}", file=sys.stderr)
+            if layout != "exact":
+                self.connection.execute(
+                    query("CREATE INDEX IF NOT EXISTS {} ON {} USING hnsw (({}) {})").format(
+                        self.sql.Identifier(f"{self.name}_embedding_hnsw"),
+                        self.table,
+                        self._indexed(layout, dimensions, self.sql.Identifier("embedding")),
+                        self.sql.SQL(f"{layout}_cosine_ops"),
+                    )
+                )
+            with self.connection.cursor() as cursor:
+                cursor.executemany(
+                    query(
+                        "INSERT INTO {} (id, text, embedding) VALUES (%s, %s, %s) "
+                        "ON CONFLICT (id) DO UPDATE SET embedding = EXCLUDED.embedding"
+                    ).format(self.table),
+                    [(point_id(text), text, vector) for text, vector in zip(texts, dense, strict=True)],
+                )
 
     def search(self, dense: np.ndarray, sparse: Sparse | None, limit: int) -> list[tuple[float, str]]:
-        # <=> is pgvector's cosine distance; 1 - distance is the cosine similarity Qdrant reports.
-        rows = self.connection.execute(
-            self.sql.SQL(
-                "SELECT 1 - (embedding <=> %s) AS score, text FROM {} ORDER BY embedding <=> %s LIMIT %s"
-            ).format(self.table),
-            (dense, dense, limit),
-        ).fetchall()
+        if not 1 <= limit <= MAX_SEARCH_LIMIT:
+            raise StoreError(f"limit must be between 1 and {MAX_SEARCH_LIMIT} with PostgreSQL, got {limit}")
+        layout = pgvector_layout(len(dense), self.halfvec)
+        ordered_by = self._indexed(layout, len(dense), self.sql.Identifier("embedding"))
+        probe = self._indexed(layout, len(dense), self.sql.Placeholder())
+        # <=> is pgvector's cosine distance; 1 - distance (in full precision) is the cosine similarity
+        # Qdrant reports. The order uses the indexed expression, so the HNSW index serves it.
+        statement = self.sql.SQL("SELECT 1 - (embedding <=> %s) AS score, text FROM {} ORDER BY {} <=> {} LIMIT %s")
+        with self._database("searching"), self.connection.transaction():
+            # SET LOCAL: for this transaction only, so the connection's other searches keep theirs.
+            ef_search = self.sql.Literal(max(limit, DEFAULT_EF_SEARCH))
+            self.connection.execute(self.sql.SQL("SET LOCAL hnsw.ef_search = {}").format(ef_search))
+            rows = self.connection.execute(
+                statement.format(self.table, ordered_by, probe), (dense, dense, limit)
+            ).fetchall()
         return [(float(score), text) for score, text in rows]
+
+    def _indexed(self, layout: Layout, dimensions: int, value: Any) -> Any:
+        """`value` as the index holds it: itself, or cast to halfvec(dimensions)."""
+        if layout != "halfvec":
+            return value
+        return self.sql.SQL("{}::halfvec({})").format(value, self.sql.Literal(dimensions))
+
+    def _layout_note(self, layout: Layout) -> str:
+        if layout == "vector":
+            return "indexed with HNSW"
+        if layout == "halfvec":
+            return "indexed with HNSW as halfvec (past vector's 2,000-dimension limit)"
+        version = ".".join(map(str, self.pgvector))
+        return (
+            f"searched exactly, without an index: pgvector {version} indexes at most 2,000 dimensions "
+            "(0.7 and later index up to 4,000 as halfvec)"
+        )
 
 
 def as_store(store: Store | QdrantClient, collection: str) -> Store:
@@ -455,8 +542,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     collection = args.collection or ("demo" if args.command == "demo" else "documents")
 
     client, sparse_client = embedding_client(args), sparse_embedding_client(args)
-    store = open_store(args, collection)
+    store = None
     try:
+        store = open_store(args, collection)
         if args.command == "index":
             # Blank lines are skipped: the worker rejects empty texts.
             lines = args.file.read_text(encoding="utf-8").splitlines()
@@ -472,13 +560,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             index(client, store, collection, DEMO_CORPUS, sparse_client=sparse_client)
             for query in DEMO_QUERIES:
                 print_results(query, search(client, store, collection, query, limit=3, sparse_client=sparse_client))
-    except (EmbeddingError, httpx.HTTPError) as error:
+    except (EmbeddingError, StoreError, httpx.HTTPError) as error:
         sys.exit(f"error: {error}")
     finally:
         client.close()
         if sparse_client:
             sparse_client.close()
-        close_store(store)
+        if store is not None:
+            close_store(store)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     AfterValidator,
@@ -114,14 +114,27 @@ def _one_text_as_list(value: Any) -> Any:
     return [value] if isinstance(value, str) else value
 
 
+def _lower_case(value: Any) -> Any:
+    return value.lower() if isinstance(value, str) else value
+
+
+# TEI's truncation_direction; TEI's clients send "Left"/"Right", OpenAI-style clients "left"/"right".
+TruncationDirection = Annotated[Literal["left", "right"], BeforeValidator(_lower_case)]
+
+
 class PromptOptions(BaseModel):
-    """How texts are prompted: shared by every embedding request, dense and sparse."""
+    """How texts are prompted and cut: shared by every embedding request, dense and sparse."""
 
     model_config = ConfigDict(strict=True)
+    input_field: ClassVar[str] = "texts"  # where the texts are, for errors about one of them
 
     input_type: InputType | None = None  # selects the model's "query"/"document" prompt, if it has one
     prompt_name: str | None = None  # any prompt the model defines, by name (TEI's and sentence-transformers' field)
     prompt: Prompt | None = None  # a free instruction put before every text (Qwen3-Embedding, e5-instruct)
+    # TEI's truncation controls. A text longer than the model reads (its max_seq_length, prompt and
+    # special tokens included) is cut, and listed in `truncated`; truncate: false refuses it instead.
+    truncate: bool = True
+    truncation_direction: TruncationDirection = "right"  # "left" keeps a text's end (the prompt stays)
 
     @field_validator("prompt_name")
     @classmethod
@@ -232,6 +245,7 @@ class OpenAIEmbeddingRequest(EmbeddingOptions):
     """OpenAI's embeddings request. Unknown fields are ignored, as OpenAI-compatible servers do."""
 
     model_config = ConfigDict(strict=True, extra="ignore")
+    input_field: ClassVar[str] = "openai_input.input"
 
     input: OpenAIInput  # a text, texts, one token-id array or several
     model: str | None = None  # this endpoint serves one model whatever the name says

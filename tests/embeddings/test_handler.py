@@ -226,6 +226,52 @@ def test_long_inputs_are_truncated_and_reported(embedder: ModuleType) -> None:
     np.testing.assert_allclose(out["embeddings"], embedder.MODEL.encode(texts), atol=1e-5)
 
 
+def one_token_words(module: ModuleType, count: int) -> list[str]:
+    """`count` different words the tiny model's tokenizer reads as one token each."""
+    tokenizer, words = module.MODEL.tokenizer, []
+    for word in sorted(set(" ".join([*SENTENCES, "capital city river mountain music market garden"]).split())):
+        word = word.strip(".,").lower()
+        if word.isalpha() and len(tokenizer(word, add_special_tokens=False)["input_ids"]) == 1 and word not in words:
+            words.append(word)
+    assert len(words) >= 4
+    return [words[index % len(words)] for index in range(count)]
+
+
+def test_truncate_false_refuses_a_long_text_naming_the_field_and_the_limit(embedder: ModuleType) -> None:
+    long_text = " ".join(["capital"] * 200)
+    refused = run_job(embedder.handler, {"texts": ["short one", long_text], "truncate": False})
+    assert refused["error"].startswith("texts.1: 202 tokens, more than the 32 this model reads (its max_seq_length)")
+    assert "truncate is false" in refused["error"]
+    body = {"input": [long_text], "truncate": False}
+    refused = run_job(embedder.handler, openai_job(body))
+    assert refused["error"].startswith("openai_input.input.0: 202 tokens, more than the 32")
+    # Short texts pass with truncate: false; the default still cuts and reports.
+    ok_short = output_of(run_job(embedder.handler, {"texts": ["short one"], "truncate": False}))
+    assert ok_short["truncated"] == []
+    assert output_of(run_job(embedder.handler, {"texts": [long_text]}))["truncated"] == [0]
+
+
+def test_left_truncation_embeds_the_texts_last_tokens(embedder: ModuleType) -> None:
+    """TEI's truncation_direction: "left" drops a long text's start, so its vector is that of its last
+    tokens; a prompt (here the model's query prompt) stays in front of them."""
+    words = one_token_words(embedder, 60)
+    text, window = " ".join(words), embedder.MAX_SEQ_LENGTH - 2  # [CLS] and [SEP]
+    out = output_of(run_job(embedder.handler, {"texts": [text, "short one"], "truncation_direction": "left"}))
+    assert out["truncated"] == [0]
+    expected = embedder.MODEL.encode([" ".join(words[-window:]), "short one"])
+    np.testing.assert_allclose(out["embeddings"], expected, atol=1e-5)
+    right = output_of(run_job(embedder.handler, {"texts": [text], "truncation_direction": "right"}))
+    np.testing.assert_allclose(right["embeddings"][0], embedder.MODEL.encode(" ".join(words[:window])), atol=1e-5)
+
+    prompt_tokens = len(embedder.MODEL.tokenizer("query: ", add_special_tokens=False)["input_ids"])
+    body = {"input": text, "input_type": "query", "truncation_direction": "Left"}  # TEI's spelling
+    with_prompt = output_of(run_job(embedder.handler, openai_job(body)))
+    kept = " ".join(words[-(window - prompt_tokens) :])
+    np.testing.assert_allclose(with_prompt["data"][0]["embedding"], embedder.MODEL.encode_query(kept), atol=1e-5)
+    refused = run_job(embedder.handler, {"texts": ["a"], "truncation_direction": "middle"})
+    assert "truncation_direction" in refused["error"] and "'left' or 'right'" in refused["error"]
+
+
 def test_texts_are_tokenized_once_off_the_model_thread_and_encoded_on_it(embedder: ModuleType, monkeypatch) -> None:
     """A small job is tokenized on the event loop (cheaper than a thread hop), a big one on the
     tokenize thread; neither on the model thread, and sentence-transformers never tokenizes again."""

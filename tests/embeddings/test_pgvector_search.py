@@ -127,6 +127,99 @@ def test_hybrid_search_is_refused_with_the_reason(qdrant_search: ModuleType, cli
         store.add(["a text"], client.embed(["a text"], "document")[0], [([1], [0.5])])
 
 
+# ---- sizes, limits, names and errors: vectors written directly, no model needed ----------------
+
+
+def unit_vectors(count: int, dimensions: int, seed: int = 0) -> Any:
+    import numpy as np
+
+    vectors = np.random.default_rng(seed).standard_normal((count, dimensions)).astype(np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def hnsw_indexes(store: Any) -> list[str]:
+    rows = store.connection.execute("SELECT indexdef FROM pg_indexes WHERE tablename = %s", (store.name,)).fetchall()
+    return [definition for (definition,) in rows if "hnsw" in definition]
+
+
+def test_how_each_size_is_indexed(qdrant_search: ModuleType) -> None:
+    layout = qdrant_search.pgvector_layout
+    assert layout(384, halfvec=False) == layout(2000, halfvec=True) == "vector"
+    assert layout(3072, halfvec=True) == layout(4000, halfvec=True) == "halfvec"  # pgvector 0.7+
+    assert layout(3584, halfvec=False) == "exact"  # pgvector 0.6: no index past 2,000 dimensions
+    with pytest.raises(qdrant_search.StoreError, match="4096 dimensions; pgvector indexes at most 4,000"):
+        layout(4096, halfvec=True)
+
+
+def test_vectors_past_2000_dimensions_are_stored_and_searched(store: Any) -> None:
+    """3,072 dimensions (text-embedding-3-large's size; 03's README recommends 3,584 and 4,096-dimension
+    models too): an HNSW index on `vector` refuses them, so CREATE INDEX failed on the first batch.
+    pgvector 0.6 has no halfvec: the table is searched exactly, and k = 100 gets 100 rows."""
+    texts = [f"document {number}" for number in range(150)]
+    vectors = unit_vectors(len(texts), 3072)
+    store.add(texts, vectors, None)
+    assert store.exists() and hnsw_indexes(store) == []
+    results = store.search(vectors[7], None, limit=100)
+    assert len(results) == 100
+    assert results[0][1] == "document 7" and results[0][0] == pytest.approx(1.0, abs=1e-5)
+    exact = sorted(
+        ((float(vectors[7] @ vector), text) for text, vector in zip(texts, vectors, strict=True)), reverse=True
+    )
+    assert [text for _, text in results] == [text for _, text in exact[:100]]
+
+
+def test_a_search_for_more_rows_than_ef_search_gets_them_all(qdrant_search: ModuleType, store: Any) -> None:
+    """An HNSW scan returns at most hnsw.ef_search rows (40 by default): a search for 100 got 40."""
+    texts = [f"document {number}" for number in range(300)]
+    store.add(texts, unit_vectors(len(texts), 384, seed=1), None)
+    assert hnsw_indexes(store), "the 384-dimension table has its HNSW index"
+    query = unit_vectors(1, 384, seed=2)[0]
+    for limit in (100, 250):
+        results = store.search(query, None, limit=limit)
+        assert len(results) == limit
+        scores = [score for score, _ in results]
+        assert scores == sorted(scores, reverse=True)
+    # SET LOCAL: the connection's own setting is untouched after the search.
+    assert store.connection.execute("SHOW hnsw.ef_search").fetchone()[0] == "40"
+    with pytest.raises(qdrant_search.StoreError, match="limit must be between 1 and 1000"):
+        store.search(query, None, limit=1001)
+
+
+def test_a_mixed_case_table_name_is_found(qdrant_search: ModuleType, database_url: str) -> None:
+    store = qdrant_search.PgvectorStore(database_url, "Docs_MixedCase")
+    try:
+        assert not store.exists()
+        store.add(["a text", "another"], unit_vectors(2, 384), None)
+        assert store.exists()  # to_regclass folded the name to docs_mixedcase: False before
+        assert store.search(unit_vectors(2, 384)[1], None, limit=2)[0][1] == "another"
+    finally:
+        store.close()
+
+
+def test_database_errors_are_one_clear_line(qdrant_search: ModuleType, store: Any, tmp_path: Path) -> None:
+    store.add(["a text"], unit_vectors(1, 384), None)
+    with pytest.raises(qdrant_search.StoreError, match=r"PostgreSQL, writing to table .*expected 384 dimensions"):
+        store.add(["another"], unit_vectors(1, 512), None)
+    with pytest.raises(qdrant_search.StoreError, match="indexes at most 4,000"):
+        store.add(["a text"], unit_vectors(1, 4096), None)
+    # The command line: a server that is not there is one line of error, not a traceback.
+    env = {k: v for k, v in base_env().items() if k not in ("QDRANT_URL", "RUNPOD_API_KEY")}
+    env["DATABASE_URL"] = f"postgresql:///postgres?host={tmp_path}&user=postgres"
+    result = subprocess.run(
+        [sys.executable, SCRIPT.name, "--endpoint-url", "http://127.0.0.1:9", "search", "anything"],
+        cwd=SCRIPT.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: PostgreSQL, connecting table 'documents':"), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
 def run_script(server: DevServer, database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in base_env().items() if k not in ("QDRANT_URL", "RUNPOD_API_KEY")}
     env["DATABASE_URL"] = database_url
