@@ -27,7 +27,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import transformers
+from jinja2 import TemplateError
 from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, ProcessorMixin
+
+from errors import RequestError
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,9 @@ class VLMFamily:
     # vision encoder and projector are small and lose the most accuracy at low precision.
     keep_unquantized: tuple[str, ...] = ("model.vision_tower", "model.multi_modal_projector", "lm_head")
     dynamic_resolution: bool = False  # Qwen: the image's own size sets its tokens (see image_token_bounds)
+    # Activations past float16's range (65,504): Gemma 3's overflow to inf/NaN in fp16, so DTYPE=auto
+    # never picks fp16 for it (its checkpoints are bfloat16, which vLLM also picks).
+    fp16_overflows: bool = False
 
 
 VLM_FAMILIES: dict[str, VLMFamily] = {
@@ -51,8 +57,22 @@ VLM_FAMILIES: dict[str, VLMFamily] = {
     ),
     "idefics3": VLMFamily("idefics3", None, 4, ("model.vision_model", "model.connector", "lm_head")),
     "smolvlm": VLMFamily("smolvlm", "SmolVLMProcessor", 4, ("model.vision_model", "model.connector", "lm_head")),
-    "gemma3": VLMFamily("gemma3", None, 8, ("model.vision_tower", "model.multi_modal_projector", "lm_head")),
+    "gemma3": VLMFamily(
+        "gemma3", None, 8, ("model.vision_tower", "model.multi_modal_projector", "lm_head"), fp16_overflows=True
+    ),
 }
+
+
+def auto_dtype(model_type: str, device: str, bf16_native: bool) -> str:
+    """DTYPE=auto, decided without a model: float32 on CPU; on a GPU float16 (half the memory of
+    float32, and native on every GPU), except for a family that overflows in it (Gemma 3): then
+    bfloat16 where the GPU computes it natively (Ampere and later: `bf16_native`), else float32."""
+    if device != "cuda":
+        return "float32"
+    family = VLM_FAMILIES.get(model_type)
+    if family is not None and family.fp16_overflows:
+        return "bfloat16" if bf16_native else "float32"
+    return "float16"
 
 
 SUB_PROCESSORS = ("image_processor", "tokenizer", "video_processor")  # loaded apart, never settings
@@ -108,7 +128,14 @@ def model_inputs(processor: Any, turns: list[dict[str, Any]], images: list[Any])
     """The chat template's prompt for `turns` (each image a {"type": "image"} part), tokenized with
     the images expanded into their tokens: input_ids, attention_mask, pixel_values and whatever else
     the family's forward takes (Qwen's image_grid_thw, Idefics3's pixel_attention_mask)."""
-    prompt = processor.apply_chat_template(turns, add_generation_prompt=True)
+    try:
+        prompt = processor.apply_chat_template(turns, add_generation_prompt=True)
+    except TemplateError as error:  # the template's own rule, e.g. Gemma 3's "roles must alternate user/assistant"
+        raise RequestError(f"messages: the model's chat template refused them: {error}") from None
+    except ValueError as error:  # transformers' own checks; their message may quote the prompt: only its type
+        raise RequestError(
+            f"messages: the model's chat template could not render them ({type(error).__name__})"
+        ) from None
     # Templates that write the bos token themselves (Gemma 3's) must not get a second one.
     bos = processor.tokenizer.bos_token
     special_tokens = not (bos and prompt.startswith(bos))

@@ -50,7 +50,7 @@ from contrastive import CONTRASTIVE_FAMILIES, ContrastiveModel
 from contrastive_tasks import ContrastiveTasks
 from engines import Prepared, TransformersVisionEngine
 from errors import RequestError, failed, gpu_lost, out_of_memory, rejected
-from families import VLM_FAMILIES, image_token_bounds, load_processor
+from families import VLM_FAMILIES, auto_dtype, image_token_bounds, load_processor
 from image_fetcher import ImageFetcher
 from images import ImageInputError, ImageLimits
 from local_run import for_local_run
@@ -86,7 +86,7 @@ DEFAULT_MODEL = "openai/clip-vit-base-patch32"
 MODEL_NAME = env_str("MODEL_NAME", DEFAULT_MODEL)  # a Hub id or a local folder
 MODEL_REVISION = env_str("MODEL_REVISION", None)  # a commit hash makes deployments reproducible
 SERVED_MODEL_NAME = env_str("SERVED_MODEL_NAME", MODEL_NAME)  # the id /v1/models lists
-DTYPE = env_str("DTYPE", "auto")  # auto: fp16 on GPU, fp32 on CPU | bfloat16 | float16 | float32
+DTYPE = env_str("DTYPE", "auto")  # auto: fp16 on GPU (Gemma 3: bf16), fp32 on CPU | bfloat16 | float16 | float32
 QUANTIZATION = env_str("QUANTIZATION", None)  # bnb-8bit | bnb-4bit, for LLaVA and BLIP-2: LLaVA-7B in ~5 GB
 # Jobs one worker runs at once; LLaVA and BLIP-2 generate on a thread each, CLIP queues for one.
 MAX_CONCURRENCY = env_int("MAX_CONCURRENCY", 4)
@@ -197,7 +197,6 @@ DEVICE = device.DEVICE  # "cuda"; "cpu" only when asked (DEVICE=cpu) or off Runp
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 if DTYPE not in ("auto", *DTYPES):
     raise ValueError(f"DTYPE must be auto, {', '.join(DTYPES)}, got {DTYPE!r}")
-TORCH_DTYPE = DTYPES[DTYPE] if DTYPE != "auto" else torch.float16 if DEVICE == "cuda" else torch.float32
 
 COLD_START.done("imports")  # the download is timed apart from the load
 hub_cache.prefetch(MODEL_NAME, revision=MODEL_REVISION)
@@ -206,6 +205,9 @@ _load_started = time.perf_counter()
 _common = {"revision": MODEL_REVISION, "cache_dir": cached_hub_folder(MODEL_NAME)}
 CONFIG = AutoConfig.from_pretrained(MODEL_NAME, **_common)
 FAMILY = family_of(CONFIG.model_type)
+# DTYPE=auto by the family (families.auto_dtype): bf16 for Gemma 3, which overflows in fp16.
+_BF16_NATIVE = DEVICE == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+TORCH_DTYPE = DTYPES[DTYPE if DTYPE != "auto" else auto_dtype(CONFIG.model_type, DEVICE, _BF16_NATIVE)]
 if CONFIG.get_text_config().is_encoder_decoder:
     # textstream streams decoder-only generation; BLIP-2's FLAN-T5 checkpoints are encoder-decoder.
     raise ValueError("MODEL_NAME pairs its vision encoder with an encoder-decoder (T5) language model; use an OPT one")

@@ -267,6 +267,12 @@ class OpenAIChatRequest(Sampling):
         return self
 
 
+TOKEN_IDS_REFUSED = (
+    "token-id arrays cannot be read here: they are OpenAI's cl100k_base ids, which this model's tokenizer"
+    " cannot decode; send the texts themselves (LangChain's OpenAIEmbeddings: check_embedding_ctx_length=False)"
+)
+
+
 class OpenAIEmbeddingRequest(BaseModel):
     """OpenAI's embeddings request, for CLIP and SigLIP, with images too (Infinity's convention):
     `modality: "image"` makes every input an image (URL, data URI or base64); without it a
@@ -283,8 +289,11 @@ class OpenAIEmbeddingRequest(BaseModel):
     @field_validator("input", mode="before")
     @classmethod
     def _texts_as_list(cls, value: Any) -> Any:
+        # Token ids are only worth taking if this model can read them back as text: these are OpenAI's
+        # cl100k_base ids (LangChain's OpenAIEmbeddings sends them by default), which no CLIP or
+        # SigLIP tokenizer decodes, and a CLIP text tower reads 77 tokens (SigLIP 64) anyway.
         if isinstance(value, list) and value and all(isinstance(v, (int, list)) for v in value):
-            raise ValueError("token id arrays are not supported (they belong to OpenAI's tokenizer); send text")
+            raise ValueError(TOKEN_IDS_REFUSED)
         return [value] if isinstance(value, str) else value
 
     def is_image(self, item: str) -> bool:

@@ -243,3 +243,17 @@ def test_one_vision_and_idefics3_tile_a_large_image_within_their_own_bound(handl
         huge = image_tokens(module, {"task": "caption", "image": photo_uri(3000, 2000)})
         assert small <= large and huge <= large, (kind, small, large, huge)  # 6 MP: no more than 0.7 MP
         assert (small < large) == (kind == "llava-onevision"), (kind, small, large)
+
+
+def test_auto_dtype_never_runs_gemma3_in_float16(handlers) -> None:
+    """DTYPE=auto, decided as a pure function: Gemma 3 overflows in fp16 (04's README), so on a GPU
+    it gets its checkpoint's bf16 where the GPU computes bf16 natively, else fp32; the other
+    families keep fp16 on a GPU, and everything runs fp32 on CPU."""
+    module = handlers["gemma3-vlm"]
+    auto_dtype = module.auto_dtype  # families.auto_dtype, as the handler calls it
+    assert auto_dtype("gemma3", "cuda", bf16_native=True) == "bfloat16"
+    assert auto_dtype("gemma3", "cuda", bf16_native=False) == "float32"  # V100, T4: no native bf16
+    for model_type in ("llava", "qwen2_5_vl", "idefics3", "clip", "siglip", "blip-2"):
+        assert auto_dtype(model_type, "cuda", bf16_native=True) == "float16"
+    assert {auto_dtype(kind, "cpu", bf16_native=True) for kind in ("gemma3", "llava", "clip")} == {"float32"}
+    assert str(module.TORCH_DTYPE) == "torch.float32"  # this CPU run

