@@ -20,7 +20,7 @@ Docker build context).
 from __future__ import annotations
 
 import json
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from typing import Any, TypeVar
 
 import runpod
@@ -101,3 +101,11 @@ def openai_error(message: str, status: int, param: str | None = None) -> str:
     """`message` as OpenAI's error object, in JSON text (a job's error must be text)."""
     error = {"message": message, "type": ERROR_TYPES.get(status, "InternalServerError"), "param": param, "code": status}
     return json.dumps({"error": error}, ensure_ascii=False)
+
+
+def error_shape(job_input: Any) -> Callable[[dict[str, Any], int], dict[str, Any]]:
+    """How this job's failures read: a native job's as the message; an OpenAI route's (openai_route,
+    or worker-vllm's route + body) as OpenAI's error object with the HTTP status vLLM would give."""
+    if not (isinstance(job_input, dict) and {"openai_route", "route"} & set(job_input)):
+        return lambda failure, status: failure
+    return lambda failure, status: {**failure, "error": openai_error(failure["error"], status)}

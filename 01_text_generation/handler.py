@@ -21,7 +21,7 @@ import contextlib
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import hub_cache  # first, before every library: settles the Hugging Face cache (hub_cache.py)
@@ -42,15 +42,15 @@ from errors import (
     INTERNAL,
     UNAVAILABLE,
     RequestError,
+    error_shape,
     failed,
     gpu_lost,
-    openai_error,
     out_of_memory,
     rejected,
 )
 from local_run import for_local_run
 from openai_tools import REASONING_PARSERS, parse_choices, prompt_opens_thinking
-from planning import Plan, Prompt, chat_turn, checked_grammar
+from planning import Plan, Prompt, chat_turn, checked_grammar, conversation
 from response_shapes import OpenAIShape, closing_chunks, logprobs_floor_bytes, native_responses, openai_responses
 from schema import (
     CHARS_PER_TOKEN_BOUND,
@@ -248,6 +248,7 @@ def render_prompt(request: BaseModel) -> Prompt:
     if not ENGINE.has_chat_template:
         raise RequestError(f"{MODEL_NAME} has no chat template: send a raw prompt instead of messages")
     turns = [chat_turn(index, message) for index, message in enumerate(messages)]
+    turns = conversation(turns, str(ENGINE.tokenizer.chat_template))  # developer turns, as vLLM reads them
     characters = sum(len(turn["content"]) for turn in turns)
     if characters > CONTEXT_LEN * CHARS_PER_TOKEN_BOUND:
         raise RequestError(
@@ -340,14 +341,6 @@ def respond(
         )
     include_usage = bool(request.stream_options and request.stream_options.include_usage)
     return openai_responses(shape, deltas, bool(request.stream), include_usage)
-
-
-def error_shape(job_input: Any) -> Callable[[dict[str, Any], int], dict[str, Any]]:
-    """How this job's failures read: a native job's as the message; an OpenAI route's (openai_route,
-    or worker-vllm's route + body) as OpenAI's error object with the HTTP status vLLM would give."""
-    if not (isinstance(job_input, dict) and {"openai_route", "route"} & set(job_input)):
-        return lambda failure, status: failure
-    return lambda failure, status: {**failure, "error": openai_error(failure["error"], status)}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ module imports nothing from the handler.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,12 +46,15 @@ class Plan:
 
 
 def chat_turn(index: int, message: Message) -> dict[str, Any]:
-    """One message as chat templates read it: developer is system, earlier tool calls carry their
-    arguments as objects (templates write them out with tojson), as vLLM passes them."""
-    turn: dict[str, Any] = {
-        "role": "system" if message.role == "developer" else message.role,
-        "content": message.text(),
-    }
+    """One message as vLLM hands it to chat templates: its name, an assistant's earlier thoughts
+    (as `reasoning` and `reasoning_content`), earlier tool calls with their arguments as objects
+    (templates write them out with tojson). A developer turn stays one until `conversation`."""
+    turn: dict[str, Any] = {"role": message.role, "content": message.text()}
+    if message.name is not None:
+        turn["name"] = message.name
+    thoughts = message.reasoning if message.reasoning is not None else message.reasoning_content
+    if message.role == "assistant" and thoughts is not None:
+        turn["reasoning"] = turn["reasoning_content"] = thoughts
     if message.tool_call_id is not None:
         turn["tool_call_id"] = message.tool_call_id
     if message.tool_calls:
@@ -65,6 +69,21 @@ def chat_turn(index: int, message: Message) -> dict[str, Any]:
             )
         turn["tool_calls"] = calls
     return turn
+
+
+def conversation(turns: list[dict[str, Any]], chat_template: str) -> list[dict[str, Any]]:
+    """The turns a template reads, by vLLM's rule: a template that names the developer role gets
+    developer turns as they are; any other gets them as system turns, every system turn merged into
+    one at the start (some templates allow a system turn only there), their texts joined by a
+    blank line."""
+    if not any(turn["role"] == "developer" for turn in turns) or re.search(r"[\"']developer[\"']", chat_template):
+        return turns
+    turns = [{**turn, "role": "system"} if turn["role"] == "developer" else turn for turn in turns]
+    systems = [index for index, turn in enumerate(turns) if turn["role"] == "system"]
+    if systems in ([], [0]):
+        return turns
+    merged = {"role": "system", "content": "\n\n".join(turns[i]["content"] for i in systems if turns[i]["content"])}
+    return [merged, *(turn for turn in turns if turn["role"] != "system")]
 
 
 def engine_grammar_tokenizer(engine: Any) -> Any:

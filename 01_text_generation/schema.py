@@ -174,10 +174,15 @@ class ToolCall(BaseModel):
 
 
 class Message(BaseModel):
-    # extra="ignore": OpenAI's "name" and a previous answer's "reasoning" are harmless on a turn
+    # extra="ignore": other fields of OpenAI's message types are harmless on a turn
     model_config = ConfigDict(strict=True, extra="ignore")
     role: Literal["system", "developer", "user", "assistant", "tool"]  # developer: OpenAI's new name for system
     content: str | list[TextPart] | None = None
+    name: str | None = None  # passed to the template, as vLLM does
+    # An earlier answer's thoughts (vLLM's field, and its older name): templates that keep them
+    # (interleaved thinking) read both, as vLLM passes both.
+    reasoning: str | None = None
+    reasoning_content: str | None = None
     tool_calls: Annotated[list[ToolCall], Field(max_length=MAX_TOOLS)] | None = None  # an assistant's earlier calls
     tool_call_id: str | None = None  # a tool result names the call it answers
 
@@ -197,9 +202,10 @@ class Message(BaseModel):
         return self
 
     def text(self) -> str:
+        """The content as one string; text parts joined by newlines, as vLLM joins them."""
         if self.content is None:
             return ""
-        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+        return self.content if isinstance(self.content, str) else "\n".join(part.text for part in self.content)
 
 
 Messages = Annotated[list[Message], Field(min_length=1, max_length=MAX_MESSAGES)]
@@ -362,10 +368,13 @@ class ResponseFormat(BaseModel):
 
 
 class FunctionDefinition(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")  # "strict": the tool-call grammar always holds to the schema
+    model_config = ConfigDict(strict=True, extra="ignore")
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
     description: str | None = None
     parameters: dict[str, Any] | None = None
+    # The tool-call grammar always holds to the schema; kept only because the template renders it,
+    # as vLLM passes it.
+    strict: bool | None = None
 
 
 class Tool(BaseModel):

@@ -133,7 +133,9 @@ NATIVE_SAMPLING_FIELDS = frozenset(
         "thinking_token_budget",
     }
 )
-NATIVE_FIELDS = ("prompt", "messages", "sampling_params", "stream")
+# How messages become the prompt (vLLM's chat fields), as the transformers engine takes them natively.
+TEMPLATE_FIELDS = ("chat_template_kwargs", "add_generation_prompt", "continue_final_message")
+NATIVE_FIELDS = ("prompt", "messages", "sampling_params", "stream", *TEMPLATE_FIELDS)
 
 
 def with_default_max_tokens(
@@ -183,6 +185,7 @@ def native_request(job_input: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     if "messages" in job_input:
         route = CHAT_ROUTE
         body["messages"] = job_input["messages"]
+        body.update({name: job_input[name] for name in TEMPLATE_FIELDS if name in job_input})
         if isinstance(body.get("logprobs"), int) and not isinstance(body["logprobs"], bool):
             body["top_logprobs"] = body["logprobs"]
             body["logprobs"] = True

@@ -152,10 +152,10 @@ def test_a_chat_template_refusal_is_a_clear_error(handlers) -> None:
     assert "Traceback" not in result["error"]
 
 
-def test_content_parts_are_joined(qwen) -> None:
-    parts = [{"role": "user", "content": [{"type": "text", "text": "Hello "}, {"type": "text", "text": "there"}]}]
+def test_content_parts_are_joined_by_newlines_as_vllm_joins_them(qwen) -> None:
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Hello"}, {"type": "text", "text": "there"}]}]
     prompt = qwen.render_prompt(qwen.GenerateRequest.model_validate({"messages": parts}))
-    assert "Hello there" in prompt.text
+    assert "Hello\nthere" in prompt.text
 
 
 # ---- sampling --------------------------------------------------------------------------------

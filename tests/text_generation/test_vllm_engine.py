@@ -742,3 +742,48 @@ def test_worker_vllms_settings_give_the_same_server(model: Path, lora: Path, rpc
     )
     assert same
     assert removed_flags == [], "a setting listed as removed is still one of vLLM's flags"
+
+
+# ---- one prompt for one chat, on both engines ---------------------------------------------------------
+RICH_CHAT = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "developer", "content": "Answer in French."},
+    {
+        "role": "user",
+        "content": [{"type": "text", "text": "Weather in Paris"}, {"type": "text", "text": "for 2 days?"}],
+    },
+    {
+        "role": "assistant",
+        "content": None,
+        "reasoning": "The user wants a forecast.",
+        "tool_calls": [
+            {
+                "id": "call_1",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city": "Paris", "days": 2}'},
+            }
+        ],
+    },
+    {"role": "tool", "tool_call_id": "call_1", "content": "Sunny, 21C"},
+    {"role": "assistant", "content": "Il fait beau.", "reasoning": "Sunny it is."},
+    {"role": "user", "name": "ada", "content": "And tomorrow?"},
+]
+
+
+def test_the_same_chat_renders_to_the_same_prompt_tokens_on_both_engines(worker: ModuleType, model: Path) -> None:
+    """Text parts, a developer turn, earlier thoughts, tool calls and results, a named user: vLLM's
+    own renderer (its /tokenize) and the transformers engine give the same prompt tokens."""
+    body = {"messages": RICH_CHAT, "tools": [WEATHER_TOOL], "add_generation_prompt": True}
+    [vllm_tokens] = ok(run_job(worker.handler, {"route": "/tokenize", "body": body}))
+    transformers = load_handler(EXAMPLE, {"MODEL_NAME": str(model), "ENGINE": "transformers"})
+    request = transformers.parse_request(openai_chat({"messages": RICH_CHAT, "tools": [WEATHER_TOOL]}))[1]
+    prompt = transformers.render_prompt(request)
+    assert list(prompt.ids) == vllm_tokens["tokens"]
+    assert "Weather in Paris\nfor 2 days?" in prompt.text  # text parts joined as vLLM joins them
+
+
+def test_native_chat_template_kwargs_reach_vllms_template(worker: ModuleType, reference: str) -> None:
+    body = {"messages": CHAT, **GREEDY, "chat_template_kwargs": {"enable_thinking": False}}
+    expected = direct(reference, "/v1/chat/completions", body)["choices"][0]["message"]
+    [whole] = native(worker, messages=CHAT, sampling_params=GREEDY, chat_template_kwargs={"enable_thinking": False})
+    assert whole["text"] == (expected["content"] or "")

@@ -241,3 +241,14 @@ def test_a_time_limit_before_anything_was_sent_fails_the_job(relay: ModuleType) 
     assert handled(relay_stopped_by(relay, [whole], RuntimeError("unreached")), {"prompt": "x"}, 1000) == [
         {"error": "too large"}
     ]
+
+
+def test_native_template_fields_are_taken_as_on_the_transformers_engine(relay: ModuleType) -> None:
+    """chat_template_kwargs, add_generation_prompt and continue_final_message: native fields of the
+    transformers engine (its GenerateRequest), so vLLM's native path takes them too."""
+    messages = [{"role": "user", "content": "hi"}]
+    template = {"chat_template_kwargs": {"enable_thinking": False}, "add_generation_prompt": True}
+    route, body = relay.native_request({"messages": messages, **template})
+    assert route == "/v1/chat/completions" and body == {"messages": messages, **template}
+    route, body = relay.native_request({"prompt": "hi", **template})  # a raw prompt has no template
+    assert route == "/v1/completions" and body == {"prompt": "hi"}
