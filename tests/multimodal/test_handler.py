@@ -6,6 +6,7 @@ import asyncio
 import base64
 import io
 import json
+import threading
 import time
 from types import ModuleType
 from typing import Any
@@ -370,22 +371,46 @@ def slow_png(delay_s: float, active: list[int] | None = None, peak: list[int] | 
 
 
 def test_a_requests_images_download_in_parallel_within_its_deadline(tiny_model, monkeypatch) -> None:
+    """Counted, not timed: the four downloads are in flight together, and a download that never
+    ends is given up at the request's deadline, while it is still held."""
     monkeypatch.setenv("RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS", "true")
     env = {"MODEL_NAME": str(tiny_model("clip")), "MAX_REQUEST_SECONDS": "1.5", "DOWNLOAD_TIMEOUT_S": "10"}
     module = load_handler(EXAMPLE, env)
-    routes = {f"/slow{i}.png": slow_png(0.5) for i in range(4)} | {"/slower.png": slow_png(3.0)}
+    release, served = threading.Event(), []
+    png = base64.b64decode(image_uri().split(",", 1)[1])
+
+    def held(request: Any) -> None:  # answers only once the test lets it: longer than any deadline
+        release.wait(30)
+        held_png(request)
+        served.append(1)
+
+    together = threading.Barrier(4, timeout=10)  # each answer waits for all four requests: never one by one
+
+    def gathered(request: Any) -> None:
+        together.wait()
+        held_png(request)
+
+    def held_png(request: Any) -> None:
+        request.send_response(200)
+        request.send_header("Content-Type", "image/png")
+        request.send_header("Content-Length", str(len(png)))
+        request.end_headers()
+        request.wfile.write(png)
+
+    routes = {f"/together{i}.png": gathered for i in range(4)} | {"/held.png": held}
+    routes["/slow0.png"] = held_png
     with http_server(routes) as base:
-        started = time.monotonic()
-        four = one(module, task="embed", images=[f"{base}/slow{i}.png" for i in range(4)])  # 2 s one by one
-        assert len(four["image_embeddings"]) == 4 and time.monotonic() - started < 1.4
-        started = time.monotonic()
-        result = run_job(module.handler, {"task": "embed", "images": [f"{base}/slow0.png", f"{base}/slower.png"]})
-        waited = time.monotonic() - started
+        four = one(module, task="embed", images=[f"{base}/together{i}.png" for i in range(4)])
+        assert len(four["image_embeddings"]) == 4 and not together.broken, "the four downloads ran together"
+        try:
+            result = run_job(module.handler, {"task": "embed", "images": [f"{base}/slow0.png", f"{base}/held.png"]})
+            assert served == [], "refused at the deadline, while the download was still held"
+        finally:
+            release.set()
     assert result["error"].startswith(
         "images: downloading the request's 2 images took longer than the request's 1.5-second limit "
         "(MAX_REQUEST_SECONDS)"
     )
-    assert 1.4 < waited < 2.5, "refused at the deadline, not after the slow download"
 
 
 def test_downloads_of_concurrent_jobs_are_bounded_together(tiny_model, monkeypatch) -> None:
