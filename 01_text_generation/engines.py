@@ -1,10 +1,10 @@
-"""Generation engines behind one small interface, so the handler never depends on a library.
+"""The transformers engine: the model, its tokenizer and chat template, and streamed generation.
 
-An engine takes a prompt (text the chat template already produced, or a raw completion prompt)
-and sampling parameters, and streams `Delta`s (see textstream.py): text that is safe to show,
-then a last delta with the finish reason and token usage. `TransformersEngine` runs Hugging Face
-transformers anywhere. (ENGINE=vllm does not use this interface: vLLM's own OpenAI server answers
-those jobs, see vllm_server.py.)
+`TransformersEngine` takes a prompt (text the chat template already produced, or a raw
+completion prompt) and sampling parameters, and streams `Delta`s (see textstream.py): text that
+is safe to show, then a last delta with the finish reason and token usage. It runs Hugging Face
+transformers anywhere. (ENGINE=vllm needs no engine here: vLLM's own OpenAI server answers those
+jobs, see vllm_server.py.)
 """
 
 from __future__ import annotations
@@ -12,27 +12,11 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
 from textstream import Delta, SamplingParams, StreamingGenerator, recommended_sampling, special_tokens_only
-
-
-class Engine(Protocol):
-    """What the handler needs from an engine."""
-
-    max_model_len: int
-    has_chat_template: bool
-    sampling_defaults: dict[str, Any]  # the model's recommended temperature, top_p, ... if it has any
-
-    def render_chat(self, messages: list[dict[str, Any]], **options: Any) -> str: ...
-
-    def tokenize(self, prompt: str, is_chat: bool) -> list[int]: ...
-
-    def count_prompt_tokens(self, prompt: str, is_chat: bool) -> int: ...
-
-    def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]: ...
 
 
 class HuggingFacePrompts:

@@ -36,7 +36,7 @@ from pydantic import BaseModel
 import schema
 from coalesce import ResultTooLarge, coalesced, merge_text, within_result_budget
 from cold_start import COLD_START
-from engines import Engine, load_transformers_engine
+from engines import TransformersEngine, load_transformers_engine
 from errors import (
     BAD_REQUEST,
     INTERNAL,
@@ -166,7 +166,7 @@ def choose_engine(requested: str, vllm_installed: bool, gpu: bool) -> str:
     return requested
 
 
-def load_engine(kind: str) -> Engine:
+def load_engine(kind: str) -> TransformersEngine:
     return load_transformers_engine(
         MODEL_NAME,
         revision=MODEL_REVISION,
@@ -205,7 +205,7 @@ VLLM: VLLMServer | None = (
     if ENGINE_KIND == "vllm"
     else None
 )
-ENGINE: Engine | None = None if VLLM else load_engine(ENGINE_KIND)
+ENGINE: TransformersEngine | None = None if VLLM else load_engine(ENGINE_KIND)
 # What a request may ask of this model, handed to the request schema as its validation context:
 # prompt + completion tokens, and the token ids it may name (the tokenizer's vocabulary). vLLM's
 # server checks its own requests, so with ENGINE=vllm there are none here.

@@ -1,12 +1,12 @@
-"""The generation engine behind one small interface, so the handler never depends on a library.
+"""The generation engine: a transformers vision-language model, its processor, streamed generation.
 
 The handler hands an engine a prompt, either chat turns (each image a {"type": "image"} part)
 or, for models without a chat template (BLIP-2), plain text, together with the decoded images;
 the engine returns a `Prepared` request (it knows its prompt's length in tokens, image tokens
 included, before anything is generated) and then streams `Delta`s for it (textstream.py).
 
-`TransformersVisionEngine` runs any transformers image-text-to-text model. The interface is the
-one the text worker's engines have (render, count, generate), shaped for images: a vLLM engine
+`TransformersVisionEngine` runs any transformers image-text-to-text model. Its methods are the
+text worker's (render, count, generate), shaped for images: a vLLM engine
 would take the same turns and images (vLLM renders the same chat template and takes PIL images
 as `multi_modal_data`), count with its own processor and stream from `AsyncLLM`. It is not here
 because vLLM's multimodal code imports torchvision, which cannot be installed beside the CPU
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from PIL import Image
 
@@ -31,18 +31,6 @@ class Prepared:
 
     inputs: dict[str, Any]
     prompt_tokens: int
-
-
-class VisionEngine(Protocol):
-    """What the handler needs from an engine."""
-
-    context_len: int
-    eos_token_ids: set[int]
-    sampling_defaults: dict[str, Any]  # the model's recommended temperature, top_p, ... if it has any
-
-    def prepare(self, prompt: list[dict[str, Any]] | str, images: list[Image.Image]) -> Prepared: ...
-
-    def generate(self, prepared: Prepared, params: SamplingParams) -> AsyncIterator[Delta]: ...
 
 
 @dataclass
