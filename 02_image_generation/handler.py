@@ -49,7 +49,7 @@ from errors import RequestError, failed, gpu_lost, out_of_memory, rejected, vali
 from families import FAMILIES, Family, detect_family, unsupported, with_overrides
 from images import ImageInputError, ImageLimits
 from local_run import for_local_run
-from loras import LoraError, default_cache_dir, load_endpoint_loras, resolve_requested
+from loras import LoraCache, LoraError, LoraLimits, load_endpoint_loras, resolve_requested, seconds_left
 from pipelines import (
     DTYPES,
     SCHEDULERS,
@@ -136,8 +136,8 @@ DEFAULT_GUIDANCE = float(os.environ["DEFAULT_GUIDANCE"]) if os.environ.get("DEFA
 DEFAULT_WIDTH = env_int("DEFAULT_WIDTH", 0) or None
 DEFAULT_HEIGHT = env_int("DEFAULT_HEIGHT", 0) or None
 DEFAULT_SCHEDULER = env_str("DEFAULT_SCHEDULER", None)
-# Seconds one request may denoise: well under Runpod's default execution timeout (600 s), so a
-# runaway request ends with an answer instead of a killed job. 0 turns the limit off.
+# Seconds one request may take (LoRA downloads, then denoising): well under Runpod's default
+# execution timeout (600 s), so a runaway request ends with an answer instead of a killed job. 0: no limit.
 MAX_GENERATION_SECONDS = env_float("MAX_GENERATION_SECONDS", 300.0)
 
 # Request limits the endpoint sets; the fixed ones (MAX_SIDE, MAX_STEPS, MAX_SEED, ...) are in
@@ -154,12 +154,13 @@ INPUT_LIMITS = ImageLimits(
 # {"name", "source", "weight"}; a request names them (or any other source) in `loras`.
 LORAS = env_str("LORAS", None)
 MAX_LORAS_LOADED = env_int("MAX_LORAS_LOADED", 8)  # a LoRA is 10-200 MB of GPU memory; the LRU one goes
-LORA_LIMITS = ImageLimits(
+LORA_LIMITS = LoraLimits(
     max_bytes=env_int("MAX_LORA_BYTES", 1024**3),  # the largest SDXL LoRAs (rank 128-256) are ~0.5-1 GB
-    max_pixels=0,  # not an image
-    timeout_s=env_float("LORA_DOWNLOAD_TIMEOUT_S", 300.0),  # 1 GB at ~30 Mbit/s; the whole download
+    timeout_s=env_float("LORA_DOWNLOAD_TIMEOUT_S", 300.0),  # 1 GB at ~30 Mbit/s; and within the job's time limit
+    max_loaded=MAX_LORAS_LOADED,
 )
-LORA_CACHE = default_cache_dir()  # downloads, by URL: on the network volume when there is one
+# Downloaded LoRAs (on the network volume if any): past 10 GiB, ~10 of the largest SDXL LoRAs, the LRU ones go.
+LORA_CACHE = LoraCache(env_int("LORA_CACHE_BYTES", 10 * 1024**3))
 
 # Largest result a job may return: Runpod's /runsync limit (its /run limit is 10 MB: set 10000000
 # for clients that use /run). It counts the whole aggregated result, progress chunks included.
@@ -220,9 +221,7 @@ COLD_START.report(f"load to {DEVICE}")
 
 # LoRA adapters load into the shared modules; the gate lets only jobs wanting the same ones run
 # together. The endpoint's own (LORAS) load now, and are never evicted.
-GATE, ENDPOINT_LORAS, ENDPOINT_LORA_WEIGHTS = load_endpoint_loras(
-    LORAS, TEXT2IMAGE, MAX_LORAS_LOADED, LORA_CACHE, LORA_LIMITS
-)
+GATE, ENDPOINT_LORAS, ENDPOINT_LORA_WEIGHTS = load_endpoint_loras(LORAS, TEXT2IMAGE, LORA_CACHE, LORA_LIMITS)
 
 # Denoising runs on these threads; the event loop stays free to stream progress and take jobs.
 PIPELINE_THREADS = ThreadPoolExecutor(max_workers=MAX_CONCURRENCY, thread_name_prefix="denoise")
@@ -255,8 +254,8 @@ def parse_request(job_input: Any) -> ImageRequest:
 # ---------------------------------------------------------------------------------------------
 # 4. Inference: a Job settled before the first chunk (planning.py), then denoising on a thread.
 # ---------------------------------------------------------------------------------------------
-def prepare(request: ImageRequest) -> Job:
-    """Fetch and fit the input images and settle every setting. Blocking: runs off the event loop."""
+def prepare(request: ImageRequest, deadline: float | None = None) -> Job:
+    """Fetch and fit the inputs (LoRAs by `deadline`, the job's), settle every setting. Blocking: off the event loop."""
     source, control, mask = load_inputs(request, INPUT_LIMITS)
     width, height = output_size(request, source or control, FAMILY, MAX_PIXELS)
     if not UPLOAD:  # images that cannot fit the result inline are refused before any work
@@ -265,7 +264,7 @@ def prepare(request: ImageRequest) -> Job:
     strength = request.strength or DEFAULT_STRENGTH
     requested = [(lora.source, lora.weight) for lora in request.loras or []]  # fetched now if need be
     adapters, fields, weights = resolve_requested(
-        requested, ENDPOINT_LORAS, ENDPOINT_LORA_WEIGHTS, LORA_CACHE, LORA_LIMITS
+        requested, ENDPOINT_LORAS, ENDPOINT_LORA_WEIGHTS, LORA_CACHE, LORA_LIMITS, deadline
     )
     if source is not None and int(steps * strength) < 1:
         raise RequestError(
@@ -368,9 +367,11 @@ async def image_stream(job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
     """One job's chunks: a clear error, or progress then the images."""
     job_id = str(job.get("id"))
     loop = asyncio.get_running_loop()
+    # MAX_GENERATION_SECONDS runs from here: the LoRA downloads count against it, then denoising.
+    deadline = time.monotonic() + MAX_GENERATION_SECONDS if MAX_GENERATION_SECONDS else None
     try:
         request = parse_request(job.get("input"))
-        prepared = await loop.run_in_executor(None, prepare, request)
+        prepared = await loop.run_in_executor(None, prepare, request, deadline)
     except (RequestError, ImageInputError, LoraError) as error:
         yield rejected(error, job_id)
         return
@@ -379,7 +380,7 @@ async def image_stream(job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
     # overtaken by a newer one is dropped, never queued, and once the images are ready no progress
     # is sent before them. Past MAX_GENERATION_SECONDS, next_step raises TimeLimitExceeded.
     started = time.perf_counter()
-    run = ThreadRun(PIPELINE_THREADS, denoise, prepared, seconds=MAX_GENERATION_SECONDS)
+    run = ThreadRun(PIPELINE_THREADS, denoise, prepared, seconds=seconds_left(deadline))
     streamed_bytes = 0  # the progress chunks are part of the aggregated result too
     try:
         while (step := await run.next_step()) is not None:

@@ -8,38 +8,67 @@ the same moment. `AdapterGate` admits jobs by their adapter set: any number of j
 same set (no adapters included) run together; a job wanting another set waits until they are
 done, then the set is switched (loading what is missing, evicting the least recently used beyond
 `max_loaded`) while no job runs. A waiting job stops the admission of new jobs of the running
-set, so nobody waits forever.
+set, so nobody waits forever. Eviction never touches what a job needs: a running job's adapters
+are never unloaded (switches happen only while no job runs), the set being switched in is pinned
+while it loads, and a set that cannot fit beside the endpoint's own adapters (more than
+`max_loaded` in all) is refused before anything loads.
 
 Sources, resolved to a local file before a job waits for the gate (`resolve`; a request's list with
 `resolve_requested`, the endpoint's LORAS at start with `load_endpoint_loras`):
 * an endpoint LoRA's name (the LORAS setting, loaded at start);
 * a local or network-volume path: a `.safetensors` file, or a folder holding
   `pytorch_lora_weights.safetensors` (what diffusers' training scripts write);
-* an http(s) URL, downloaded with the image downloader's caps (size, SSRF guard, deadline) and
-  cached on disk by the URL's hash;
+* an http(s) URL, fetched through the runpod SDK's SSRF guard (public addresses only);
 * a Hub file `owner/repo/file.safetensors`, or a Hub repo `owner/repo` holding
   `pytorch_lora_weights.safetensors`.
+
+Downloads (URL and Hub alike, `fetch_to_cache`) are bounded: `max_bytes` per file (refused from
+its declared size, or as soon as the bytes pass it), and a deadline, the sooner of the per-download
+`timeout_s` and the end of the job's own time limit. They stream to disk `LORA_CHUNK_BYTES` at a
+time into a temporary file renamed into place once whole and valid, so an adapter is never held
+whole in memory and a failed download leaves nothing behind. `LoraCache` keeps them under a name
+made from what identifies the file: a Hub file by repo, commit and file name, a URL without its
+query string (a signed URL's signature changes on every request, the file does not). It is bounded
+in bytes: past the bound the least recently used files go, except those used in the last
+`CACHE_IN_USE_S` (a job on this worker or on another one sharing the volume may be about to load
+them).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 import threading
+import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-from images import ImageInputError, ImageLimits, download
+from urllib.parse import urlsplit, urlunsplit
 
 DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"  # the file name diffusers' trainers write
+# Bytes read and written at a time while downloading: a 1 GB adapter never sits in memory, and the
+# byte cap and the abandoned flag are checked at every chunk.
+LORA_CHUNK_BYTES = 1024 * 1024
+# A cached file used this recently is never evicted: between being resolved and being loaded by the
+# gate, a job (here or on another worker sharing the volume) needs it; longer than a job's wait.
+CACHE_IN_USE_S = 15 * 60.0
+# Seconds for the Hub's answer about a file (its commit and size): huggingface_hub's own default.
+HUB_METADATA_TIMEOUT_S = 10.0
 
 
 class LoraError(ValueError):
     """An adapter the caller must fix; the message names the field."""
+
+
+@dataclass(frozen=True)
+class LoraLimits:
+    max_bytes: int  # one adapter file, downloaded (MAX_LORA_BYTES)
+    timeout_s: float  # one download, all of it (LORA_DOWNLOAD_TIMEOUT_S)
+    max_loaded: int  # adapters loaded at once, the endpoint's own included (MAX_LORAS_LOADED)
 
 
 @dataclass(frozen=True)
@@ -65,53 +94,277 @@ def _check_safetensors(field: str, path: Path) -> None:
         raise LoraError(f"{field}: the file holds no LoRA weights (no 'lora' keys)")
 
 
-# Hub files this process has fetched and checked, by (repo, file). hf_hub_download asks the Hub for
-# the file's current revision on every call, even when it is cached: a round trip per job. So a
-# worker resolves each Hub file once; a new worker (a restart, a scale-up) sees the newest revision.
-_HUB_FILES: dict[tuple[str, str], Path] = {}
+class LoraCache:
+    """Downloaded adapter files, `<hash of what identifies the file>.safetensors` in one folder,
+    bounded to `max_bytes` by evicting the least recently used (a file's mtime is its last use:
+    atime is often off on volumes)."""
+
+    def __init__(self, max_bytes: int, folder: Path | None = None) -> None:
+        self.max_bytes = max_bytes
+        self.folder = folder or default_cache_dir()
+        self.lock = threading.Lock()  # eviction against this worker's other downloads
+
+    def path(self, key: str) -> Path:
+        return self.folder / (hashlib.sha256(key.encode()).hexdigest() + ".safetensors")
+
+    def hit(self, key: str) -> Path | None:
+        """The cached file for `key`, marked as just used; None when it is not there."""
+        path = self.path(key)
+        try:
+            os.utime(path)
+        except FileNotFoundError:
+            return None
+        return path
+
+    def evict(self, keep: Path) -> None:
+        """Least recently used first until the folder fits `max_bytes`; never `keep` (just written)
+        nor a file used in the last CACHE_IN_USE_S. A download's temporary file left that long
+        (a worker stopped mid-download) goes too."""
+        recent = time.time() - CACHE_IN_USE_S
+        with self.lock:
+            for partial in self.folder.glob("*.part"):
+                with suppress(FileNotFoundError):
+                    if partial.stat().st_mtime < recent:
+                        partial.unlink()
+            files = []
+            for path in self.folder.glob("*.safetensors"):
+                try:
+                    stat = path.stat()
+                except FileNotFoundError:  # evicted meanwhile by another worker on the volume
+                    continue
+                files.append((stat.st_mtime, stat.st_size, path))
+            total = sum(size for _, size, _ in files)
+            for mtime, size, path in sorted(files, key=lambda entry: entry[0]):
+                if total <= self.max_bytes:
+                    break
+                if path == keep or mtime > recent:
+                    continue
+                path.unlink(missing_ok=True)
+                total -= size
 
 
-def resolve(field: str, source: str, named: dict[str, Adapter], cache_dir: Path, limits: ImageLimits) -> Adapter:
-    """The local adapter file behind `source`. Blocking (downloads): run it off the event loop."""
+def seconds_left(deadline: float | None) -> float | None:
+    """Seconds until `deadline` (a time.monotonic() instant), at least a millisecond; None: no limit."""
+    return None if deadline is None else max(deadline - time.monotonic(), 0.001)
+
+
+def fetch_to_cache(
+    field: str,
+    key: str,
+    open_body: Callable[[], Any],
+    cache: LoraCache,
+    limits: LoraLimits,
+    deadline: float | None,
+) -> Path:
+    """The cached file for `key`, downloaded if need be. `open_body()` is a context manager giving
+    (declared size or None, iterator of byte chunks of at most LORA_CHUNK_BYTES). The download runs
+    on a thread the job stops waiting for at the sooner of `limits.timeout_s` and `deadline` (the
+    job's own time limit); the thread then drops the connection at its next chunk and deletes its
+    temporary file: client libraries only time out single reads, so a server trickling bytes could
+    otherwise hold a job forever."""
+    if (hit := cache.hit(key)) is not None:
+        return hit
+    outcome: dict[str, Any] = {}
+    abandoned = threading.Event()
+
+    def fetch() -> None:
+        try:
+            outcome["path"] = _stream_to_cache(field, key, open_body, cache, limits.max_bytes, abandoned)
+        except Exception as error:  # noqa: BLE001 - handed to the waiting caller below
+            outcome["error"] = error
+
+    left = seconds_left(deadline)
+    job_bound = left is not None and left < limits.timeout_s
+    worker = threading.Thread(target=fetch, name="lora-download", daemon=True)
+    worker.start()
+    worker.join(left if job_bound else limits.timeout_s)
+    if worker.is_alive():
+        abandoned.set()
+        if job_bound:
+            raise LoraError(f"{field}: the download was stopped at the job's time limit (MAX_GENERATION_SECONDS)")
+        raise LoraError(f"{field}: the download took longer than {limits.timeout_s:g} s (LORA_DOWNLOAD_TIMEOUT_S)")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["path"]
+
+
+def _too_large(field: str, max_bytes: int) -> LoraError:
+    return LoraError(f"{field}: the file is larger than {max_bytes} bytes (MAX_LORA_BYTES)")
+
+
+def _stream_to_cache(
+    field: str, key: str, open_body: Callable[[], Any], cache: LoraCache, max_bytes: int, abandoned: threading.Event
+) -> Path:
+    """Chunk by chunk into a temporary file in the cache folder, renamed into place when whole and
+    a valid LoRA; any failure, the cap or the job giving up removes the temporary file."""
+    with open_body() as (declared, chunks):
+        if declared is not None and declared > max_bytes:
+            raise _too_large(field, max_bytes)
+        cache.folder.mkdir(parents=True, exist_ok=True)
+        handle, partial_name = tempfile.mkstemp(dir=cache.folder, suffix=".part")
+        partial = Path(partial_name)
+        try:
+            written = 0
+            with os.fdopen(handle, "wb") as out:
+                for chunk in chunks:
+                    if abandoned.is_set():
+                        raise LoraError(f"{field}: the download was abandoned")  # nobody waits for it
+                    written += len(chunk)
+                    if written > max_bytes:
+                        raise _too_large(field, max_bytes)
+                    out.write(chunk)
+            _check_safetensors(field, partial)
+            target = cache.path(key)
+            partial.replace(target)  # atomic: only whole, valid files ever land under the final name
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+    cache.evict(keep=target)
+    return target
+
+
+def url_key(url: str) -> str:
+    """What identifies a URL's file: the URL without its query string and fragment, so a signed
+    URL (S3, R2, GCS: a new signature on every request) names one file, however often it is signed."""
+    parts = urlsplit(url)
+    return "url:" + urlunsplit((parts.scheme, parts.netloc.lower(), parts.path, "", ""))
+
+
+@contextmanager
+def _url_body(field: str, url: str, limits: LoraLimits) -> Iterator[tuple[int | None, Iterable[bytes]]]:
+    """The body behind a request's URL, through the runpod SDK's SSRF guard (public addresses only,
+    each redirect re-checked), capped at `max_bytes`."""
+    import requests
+    from runpod.serverless.utils import rp_ssrf
+
+    def capped(response: Any) -> Iterator[bytes]:
+        try:
+            yield from rp_ssrf.iter_content_capped(response, LORA_CHUNK_BYTES, limits.max_bytes)
+        except rp_ssrf.SSRFError:
+            raise _too_large(field, limits.max_bytes) from None
+        except requests.RequestException as error:
+            raise LoraError(f"{field}: the URL could not be downloaded ({type(error).__name__})") from None
+
+    try:
+        response = rp_ssrf.safe_get(url, timeout=limits.timeout_s, max_bytes=limits.max_bytes)
+    except rp_ssrf.SSRFError as error:
+        if "size cap" in str(error):
+            raise _too_large(field, limits.max_bytes) from None
+        raise LoraError(f"{field}: the URL is refused: only public http(s) addresses are fetched ({error})") from None
+    except requests.RequestException as error:
+        raise LoraError(f"{field}: the URL could not be downloaded ({type(error).__name__})") from None
+    with response:
+        if response.status_code != 200:
+            raise LoraError(f"{field}: downloading the URL gave HTTP {response.status_code}")
+        yield None, capped(response)  # a declared size over the cap was refused by safe_get
+
+
+def _hub_error(field: str, repo: str, filename: str, error: Exception) -> LoraError:
+    return LoraError(f"{field}: {repo}/{filename} could not be fetched from the Hub ({type(error).__name__})")
+
+
+# Hub files this process has resolved, by (repo, file): the cache key of the commit it got. Asking
+# the Hub which commit a file is at costs a round trip per job; a worker asks once, and a new worker
+# (a restart, a scale-up) sees the newest revision.
+_HUB_FILES: dict[tuple[str, str], str] = {}
+
+
+def _hub_file(
+    field: str, repo: str, filename: str, cache: LoraCache, limits: LoraLimits, deadline: float | None
+) -> tuple[str, Path]:
+    """A Hub file in the LoRA cache and its key, the repo, commit and file name: the Hub's answer about
+    the file (commit, size; refused over the cap before any byte) and the download both count
+    against the deadline."""
+    from huggingface_hub import get_hf_file_metadata, get_session, hf_hub_url
+    from huggingface_hub.utils import build_hf_headers, hf_raise_for_status
+
+    if (key := _HUB_FILES.get((repo, filename))) is not None and (hit := cache.hit(key)) is not None:
+        return key, hit
+    left = seconds_left(deadline)
+    try:
+        timeout = min(HUB_METADATA_TIMEOUT_S, limits.timeout_s, left or HUB_METADATA_TIMEOUT_S)
+        metadata = get_hf_file_metadata(hf_hub_url(repo, filename), timeout=timeout)
+    except Exception as error:  # noqa: BLE001 - huggingface_hub raises many types (offline, gated, missing, network)
+        raise _hub_error(field, repo, filename, error) from None
+    if metadata.size is not None and metadata.size > limits.max_bytes:
+        raise _too_large(field, limits.max_bytes)
+    commit = metadata.commit_hash or "unknown"
+    key = f"hub:{repo}@{commit}/{filename}"
+
+    @contextmanager
+    def body() -> Iterator[tuple[int | None, Iterable[bytes]]]:
+        url = hf_hub_url(repo, filename, revision=metadata.commit_hash)
+        try:
+            with get_session().stream(
+                "GET", url, headers=build_hf_headers(), follow_redirects=True, timeout=limits.timeout_s
+            ) as response:
+                hf_raise_for_status(response)
+                yield metadata.size, response.iter_bytes(LORA_CHUNK_BYTES)
+        except LoraError:
+            raise
+        except Exception as error:  # noqa: BLE001 - as above
+            raise _hub_error(field, repo, filename, error) from None
+
+    path = fetch_to_cache(field, key, body, cache, limits, deadline)
+    _HUB_FILES[(repo, filename)] = key
+    return key, path
+
+
+def _local_path(source: str) -> Path | None:
+    """An absolute path's LoRA file: the file, or a folder's DIFFUSERS_LORA_FILE."""
+    path = Path(source)
+    if not path.is_absolute():
+        return None
+    return path / DIFFUSERS_LORA_FILE if path.is_dir() else path
+
+
+def _hub_path(source: str) -> tuple[str, str] | None:
+    """(repo, file) of `owner/repo` (its DIFFUSERS_LORA_FILE) or `owner/repo/file.safetensors`."""
+    parts = source.split("/")
+    if len(parts) >= 2 and all(parts):
+        return "/".join(parts[:2]), "/".join(parts[2:]) or DIFFUSERS_LORA_FILE
+    return None
+
+
+def _identity(source: str, named: dict[str, Adapter]) -> str:
+    """The adapter name `source` will resolve to, told without any download: to count a request's
+    adapters before fetching them (a Hub file not yet resolved here counts as one of its own)."""
+    if source in named:
+        return named[source].name
+    if source.startswith(("https://", "http://")):
+        return _adapter_name(url_key(source))
+    if (path := _local_path(source)) is not None:
+        return _adapter_name(str(path.resolve()))
+    if (hub := _hub_path(source)) is not None and (key := _HUB_FILES.get(hub)) is not None:
+        return _adapter_name(key)
+    return "unresolved:" + source
+
+
+def resolve(
+    field: str,
+    source: str,
+    named: dict[str, Adapter],
+    cache: LoraCache,
+    limits: LoraLimits,
+    deadline: float | None = None,
+) -> Adapter:
+    """The local adapter file behind `source`, downloaded by `deadline` (a time.monotonic() instant,
+    the job's time limit; None: only `limits.timeout_s`). Blocking: run it off the event loop."""
     if source in named:
         return named[source]
     if source.startswith(("https://", "http://")):
-        target = cache_dir / (hashlib.sha256(source.encode()).hexdigest() + ".safetensors")
-        if not target.exists():
-            try:
-                data = download(field, source, limits, what="file")
-            except ImageInputError as error:
-                raise LoraError(str(error)) from None
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            partial = target.with_suffix(".part")
-            partial.write_bytes(data)
-            _check_safetensors(field, partial)
-            partial.replace(target)  # only whole, valid files ever land under the final name
-        return Adapter(_adapter_name(source), str(target))
-    path = Path(source)
-    if path.is_absolute():
-        if path.is_dir():
-            path = path / DIFFUSERS_LORA_FILE
+        key = url_key(source)
+        path = fetch_to_cache(field, key, lambda: _url_body(field, source, limits), cache, limits, deadline)
+        return Adapter(_adapter_name(key), str(path))
+    if (path := _local_path(source)) is not None:
         if not path.is_file():
             raise LoraError(f"{field}: no LoRA file at {source}")
         _check_safetensors(field, path)
         return Adapter(_adapter_name(str(path.resolve())), str(path))
-    parts = source.split("/")
-    if len(parts) >= 2 and all(parts):
-        from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-        repo, filename = "/".join(parts[:2]), "/".join(parts[2:]) or DIFFUSERS_LORA_FILE
-        if (local := _HUB_FILES.get((repo, filename))) is None:
-            try:
-                local = Path(hf_hub_download(repo, filename))
-            except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as error:
-                raise LoraError(
-                    f"{field}: {repo}/{filename} could not be fetched from the Hub ({type(error).__name__})"
-                ) from None
-            _check_safetensors(field, local)
-            _HUB_FILES[(repo, filename)] = local
-        return Adapter(_adapter_name(f"hub:{repo}/{filename}"), str(local))
+    if (hub := _hub_path(source)) is not None:
+        repo, filename = hub
+        key, local = _hub_file(field, repo, filename, cache, limits, deadline)
+        return Adapter(_adapter_name(key), str(local))
     raise LoraError(
         f"{field}: expected an endpoint LoRA's name, an absolute path, an http(s) URL or a Hub repo"
         " (owner/repo or owner/repo/file.safetensors)"
@@ -139,8 +392,9 @@ class AdapterGate:
         self.waiting: dict[AdapterSet, int] = {}
         self.changed = threading.Condition()
 
-    def load(self, adapter: Adapter, field: str) -> None:
-        """Load one adapter into the shared modules. Only while no job runs (or at start)."""
+    def load(self, adapter: Adapter, field: str, keep: frozenset[str] = frozenset()) -> None:
+        """Load one adapter into the shared modules. Only while no job runs (or at start). Evicts
+        the least recently used beyond max_loaded, never a pinned one nor one in `keep`."""
         if adapter.name in self.loaded:
             self.loaded.move_to_end(adapter.name)
             return
@@ -153,10 +407,11 @@ class AdapterGate:
             self._forget(adapter.name)
             raise LoraError(f"{field}: the adapter does not fit this model (none of its layers are in it)")
         self.loaded[adapter.name] = adapter
+        kept = self.pinned | keep | {adapter.name}
         while len(self.loaded) > self.max_loaded:
-            unpinned = next((name for name in self.loaded if name not in self.pinned), None)
-            if unpinned is None or unpinned == adapter.name:
-                break
+            unpinned = next((name for name in self.loaded if name not in kept), None)
+            if unpinned is None:
+                break  # cannot happen for a set that passed check_fits
             self._forget(unpinned)
 
     def preload(self, adapters: list[tuple[Adapter, str]]) -> None:
@@ -170,9 +425,21 @@ class AdapterGate:
         if any(name in names for names in self.pipeline.get_list_adapters().values()):
             self.pipeline.delete_adapters(name)
 
+    def check_fits(self, wanted: AdapterSet) -> None:
+        """Refuse a set that cannot be loaded at once beside the endpoint's pinned adapters: loading
+        its last adapter would evict its first, and set_adapters would fail."""
+        needed = self.pinned | {adapter.name for adapter, _ in wanted}
+        if len(needed) > self.max_loaded:
+            beside = len(needed) - len(wanted)
+            raise LoraError(
+                f"loras: {len(wanted)} adapter(s) and the endpoint's {beside} other LORAS make {len(needed)}"
+                f" loaded at once, over this endpoint's {self.max_loaded} (MAX_LORAS_LOADED): ask for fewer"
+            )
+
     def _switch(self, wanted: AdapterSet, fields: list[str]) -> None:
+        keep = frozenset(adapter.name for adapter, _ in wanted)  # the set switched in: never evicted by itself
         for (adapter, _), field in zip(wanted, fields, strict=True):
-            self.load(adapter, field)
+            self.load(adapter, field, keep)
         if wanted:
             self.pipeline.enable_lora()
             self.pipeline.set_adapters([a.name for a, _ in wanted], adapter_weights=[w for _, w in wanted])
@@ -183,6 +450,7 @@ class AdapterGate:
     @contextmanager
     def using(self, wanted: AdapterSet, fields: list[str], on_wait: Callable[[], None] | None = None) -> Iterator[None]:
         """Hold the shared modules with `wanted` active for the body's duration."""
+        self.check_fits(wanted)  # before waiting, before anything loads
         with self.changed:
             self.waiting[wanted] = self.waiting.get(wanted, 0) + 1
             try:
@@ -220,17 +488,27 @@ def resolve_requested(
     requested: list[tuple[str, float | None]],
     named: dict[str, Adapter],
     named_weights: dict[str, float],
-    cache_dir: Path,
-    limits: ImageLimits,
+    cache: LoraCache,
+    limits: LoraLimits,
+    deadline: float | None = None,
 ) -> tuple[AdapterSet, tuple[str, ...], tuple[float, ...]]:
     """A request's `loras`, as (source, weight) pairs in its order: the adapter set of their local
-    files (downloaded or fetched from the Hub if need be), the request field of each adapter in the
-    set (for errors), and the weight each pair got: its own, the endpoint LoRA's, or 1."""
+    files (downloaded or fetched from the Hub if need be, by `deadline`), the request field of each
+    adapter in the set (for errors), and the weight each pair got: its own, the endpoint LoRA's, or 1.
+    A request that cannot fit beside the endpoint's own adapters is refused before any download."""
+    endpoint = {adapter.name for adapter in named.values()}
+    new = {_identity(source, named) for source, _ in requested} - endpoint
+    if len(endpoint) + len(new) > limits.max_loaded:
+        raise LoraError(
+            f"loras: {len(new)} adapter(s) beside the endpoint's {len(endpoint)} LORAS make"
+            f" {len(endpoint) + len(new)} loaded at once, over this endpoint's {limits.max_loaded}"
+            " (MAX_LORAS_LOADED): ask for fewer"
+        )
     weights = tuple(weight if weight is not None else named_weights.get(source, 1.0) for source, weight in requested)
     chosen: dict[str, tuple[Adapter, float, str]] = {}
     for index, ((source, _), weight) in enumerate(zip(requested, weights, strict=True)):
         field = f"loras.{index}.source"
-        adapter = resolve(field, source, named, cache_dir, limits)
+        adapter = resolve(field, source, named, cache, limits, deadline)
         if adapter.name in chosen:
             raise LoraError(f"{field}: the same adapter twice; give it one weight")
         chosen[adapter.name] = (adapter, weight, field)
@@ -240,18 +518,24 @@ def resolve_requested(
 
 
 def load_endpoint_loras(
-    value: str | None, pipeline: Any, max_loaded: int, cache_dir: Path, limits: ImageLimits
+    value: str | None, pipeline: Any, cache: LoraCache, limits: LoraLimits
 ) -> tuple[AdapterGate, dict[str, Adapter], dict[str, float]]:
     """The endpoint's own LoRAs (LORAS), loaded into `pipeline` at start and never evicted: the gate
-    over them, and each one's adapter and weight by name."""
-    gate = AdapterGate(pipeline, max_loaded, pinned=set())
+    over them, and each one's adapter and weight by name. More of them than `limits.max_loaded`
+    stops the worker, naming MAX_LORAS_LOADED."""
+    gate = AdapterGate(pipeline, limits.max_loaded, pinned=set())
     adapters: dict[str, Adapter] = {}
     weights: dict[str, float] = {}
     for index, entry in enumerate(parse_endpoint_loras(value)):
-        adapter = resolve(f"LORAS[{index}]", entry["source"], {}, cache_dir, limits)
+        adapter = resolve(f"LORAS[{index}]", entry["source"], {}, cache, limits)
         adapters[entry["name"]] = adapter
         weights[entry["name"]] = entry["weight"]
         gate.pinned.add(adapter.name)
+    if len(gate.pinned) > limits.max_loaded:
+        raise ValueError(
+            f"LORAS names {len(gate.pinned)} adapters, over MAX_LORAS_LOADED ({limits.max_loaded}):"
+            " raise it or name fewer"
+        )
     gate.preload([(adapter, f"LORAS ({name})") for name, adapter in adapters.items()])
     return gate, adapters, weights
 

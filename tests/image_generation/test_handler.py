@@ -414,7 +414,7 @@ def test_endpoint_loras_load_at_start_and_are_named_by_requests(tiny_model) -> N
 def test_a_lora_from_a_url_goes_through_the_safe_downloader(tiny_model, monkeypatch, tmp_path) -> None:
     data = (tiny_model("lora-sd15-a") / "pytorch_lora_weights.safetensors").read_bytes()
     module = load_handler(EXAMPLE, {"MODEL_NAME": str(tiny_model("sd15")), "MAX_LORA_BYTES": str(len(data))})
-    monkeypatch.setattr(module, "LORA_CACHE", tmp_path / "loras")
+    monkeypatch.setattr(module, "LORA_CACHE", type(module.LORA_CACHE)(1 << 30, tmp_path / "loras"))
     routes = {"/a.safetensors": (200, "application/octet-stream", data), "/big": (200, "x", data + b"\0")}
     with http_server(routes) as base:
         refused = run_job(module.handler, {"prompt": "x", "loras": [{"source": f"{base}/a.safetensors"}], **SMALL})
@@ -422,28 +422,40 @@ def test_a_lora_from_a_url_goes_through_the_safe_downloader(tiny_model, monkeypa
         _, fetched = generate(module, prompt="x", seed=3, loras=[{"source": f"{base}/a.safetensors"}], **SMALL)
         too_big = run_job(module.handler, {"prompt": "x", "loras": [{"source": f"{base}/big"}], **SMALL})
     assert refused["error"].startswith("loras.0.source: the URL is refused: only public http(s) addresses")
-    assert too_big["error"] == f"loras.0.source: the file is larger than {len(data)} bytes"
+    assert too_big["error"] == f"loras.0.source: the file is larger than {len(data)} bytes (MAX_LORA_BYTES)"
     _, local = generate(module, prompt="x", seed=3, loras=[lora(tiny_model, "lora-sd15-a")], **SMALL)
     np.testing.assert_array_equal(pixels(fetched["images"][0]["image"]), pixels(local["images"][0]["image"]))
-    assert len(list((tmp_path / "loras").glob("*.safetensors"))) == 1  # cached by URL, whole files only
+    assert len(list((tmp_path / "loras").iterdir())) == 1  # cached by URL, whole files only
 
 
-def test_a_hub_lora_is_fetched_once_per_worker(lora_worker, tiny_model, monkeypatch) -> None:
-    """hf_hub_download asks the Hub on every call: a worker resolves a Hub file once, then reuses it."""
-    import huggingface_hub
+def test_a_hub_lora_is_fetched_once_per_worker(lora_worker, tiny_model, monkeypatch, tmp_path) -> None:
+    """Asking the Hub which commit a file is at costs a round trip: a worker asks once (here a local
+    server stands for the Hub), downloads once, then reuses the file."""
+    from huggingface_hub import constants
 
-    calls: list[tuple[str, str]] = []
+    data = (tiny_model("lora-sd15-a") / "pytorch_lora_weights.safetensors").read_bytes()
+    calls: list[str] = []
 
-    def hub_download(repo: str, filename: str) -> str:
-        calls.append((repo, filename))
-        return str(tiny_model("lora-sd15-a") / filename)
+    def hub(request: Any) -> None:
+        calls.append(request.command)
+        request.send_response(200)
+        request.send_header("X-Repo-Commit", "c0ffee")
+        request.send_header("Content-Length", str(len(data)))
+        request.end_headers()
+        if request.command == "GET":
+            request.wfile.write(data)
 
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub_download)
-    source = {"source": "someone/fetched-once-lora"}  # a repo holding pytorch_lora_weights.safetensors
-    images = [pixels(generate(lora_worker, prompt="x", seed=6, loras=[source], **SMALL)[1]["images"][0]["image"])]
-    images.append(pixels(generate(lora_worker, prompt="x", seed=6, loras=[source], **SMALL)[1]["images"][0]["image"]))
+    file = "pytorch_lora_weights.safetensors"
+    routes = {f"/someone/fetched-once-lora/resolve/{rev}/{file}": hub for rev in ("main", "c0ffee")}
+    monkeypatch.setattr(lora_worker, "LORA_CACHE", type(lora_worker.LORA_CACHE)(1 << 30, tmp_path / "loras"))
+    with http_server(routes) as base:
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", base + "/{repo_id}/resolve/{revision}/{filename}")
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        source = {"source": "someone/fetched-once-lora"}  # a repo holding pytorch_lora_weights.safetensors
+        finals = [generate(lora_worker, prompt="x", seed=6, loras=[source], **SMALL)[1] for _ in range(2)]
+    images = [pixels(final["images"][0]["image"]) for final in finals]
     _, local = generate(lora_worker, prompt="x", seed=6, loras=[lora(tiny_model, "lora-sd15-a")], **SMALL)
-    assert calls == [("someone/fetched-once-lora", "pytorch_lora_weights.safetensors")]
+    assert calls == ["HEAD", "GET"]
     for image in images:
         np.testing.assert_array_equal(image, pixels(local["images"][0]["image"]))
 

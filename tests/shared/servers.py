@@ -19,7 +19,8 @@ Route = tuple[int, str, bytes] | Callable[[BaseHTTPRequestHandler], None]
 
 @contextlib.contextmanager
 def http_server(routes: dict[str, Route]) -> Iterator[str]:
-    """Serve `routes` on 127.0.0.1 and yield the base URL. Unknown paths answer 404."""
+    """Serve `routes` on 127.0.0.1 and yield the base URL. Unknown paths answer 404. HEAD gets a
+    GET's headers without the body (a callable route sees `command` and answers it itself)."""
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
@@ -32,7 +33,10 @@ def http_server(routes: dict[str, Route]) -> Iterator[str]:
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            self.wfile.write(body)
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        do_HEAD = do_GET
 
         def log_message(self, *args: object) -> None:  # keep test output clean
             pass
