@@ -12,8 +12,7 @@ import pytest
 from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from tests.copied_modules.siblings import load_copy_beside
-from tests.shared.harness import shared_copies
+from tests.shared.harness import load_copy_beside, shared_copies
 
 COPIES = shared_copies("response_shapes.py")
 

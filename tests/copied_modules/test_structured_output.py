@@ -8,8 +8,7 @@ from types import ModuleType
 
 import pytest
 
-from tests.copied_modules.siblings import load_copy_beside
-from tests.shared.harness import shared_copies
+from tests.shared.harness import load_copy_beside, shared_copies
 
 COPIES = shared_copies("structured_output.py")
 

@@ -293,3 +293,18 @@ def openai_failure(result: dict[str, Any]) -> tuple[str, int, str]:
     error = json.loads(result["error"])["error"]
     assert set(error) == {"message", "type", "param", "code"}, error
     return error["message"], error["code"], error["type"]
+
+
+def load_copy_beside(path: Path) -> ModuleType:
+    """`load_copy`, with `path`'s folder first on sys.path while it imports, and its sibling
+    modules forgotten before and after (the next example's copy gets its own)."""
+    siblings = {module.stem for module in path.parent.glob("*.py")}
+    for name in siblings:
+        sys.modules.pop(name, None)
+    sys.path.insert(0, str(path.parent))
+    try:
+        return load_copy(path)
+    finally:
+        sys.path.remove(str(path.parent))
+        for name in siblings:
+            sys.modules.pop(name, None)

@@ -18,6 +18,7 @@ import jsonschema
 import pytest
 from openai.types.chat import ChatCompletion
 
+from tests.shared.chat_tools import CLOCK
 from tests.shared.harness import load_handler, ok, openai_chat, run_job
 
 EXAMPLE = "01_text_generation"
@@ -39,18 +40,6 @@ WEATHER = {
                 "days": {"type": "integer", "minimum": 1, "maximum": 7},
             },
             "required": ["city", "unit", "days"],
-            "additionalProperties": False,
-        },
-    },
-}
-CLOCK = {
-    "type": "function",
-    "function": {
-        "name": "get_time",
-        "parameters": {
-            "type": "object",
-            "properties": {"zone": {"enum": ["UTC", "CET"]}, "precise": {"type": "boolean"}},
-            "required": ["zone", "precise"],
             "additionalProperties": False,
         },
     },

@@ -20,12 +20,14 @@ import torch
 from openai.types import Completion, Model
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
+from tests.shared.chat_tools import CLOCK
 from tests.shared.harness import (
     REPO,
     DevServer,
     json_lines,
     lazy_handlers,
     load_copy,
+    load_copy_beside,
     load_handler,
     ok,
     openai_chat,
@@ -215,12 +217,8 @@ def test_engine_choice(qwen) -> None:
 
 
 def relay_module() -> ModuleType:
-    """vllm_server.py (the relay), imported beside its sibling modules (coalesce, vllm_launch)."""
-    sys.path.insert(0, str(REPO / EXAMPLE))
-    try:
-        return load_copy(REPO / EXAMPLE / "vllm_server.py")
-    finally:
-        sys.path.remove(str(REPO / EXAMPLE))
+    """vllm_server.py (the relay), imported beside its sibling modules (coalesce, errors, vllm_launch)."""
+    return load_copy_beside(REPO / EXAMPLE / "vllm_server.py")
 
 
 def test_vllm_is_found_in_the_interpreter_that_runs_its_server(tmp_path: Path) -> None:
@@ -706,18 +704,6 @@ WEATHER = {
             "type": "object",
             "properties": {"city": {"enum": ["Paris", "Rome"]}, "unit": {"enum": ["celsius", "fahrenheit"]}},
             "required": ["city", "unit"],
-            "additionalProperties": False,
-        },
-    },
-}
-CLOCK = {
-    "type": "function",
-    "function": {
-        "name": "get_time",
-        "parameters": {
-            "type": "object",
-            "properties": {"zone": {"enum": ["UTC", "CET"]}, "precise": {"type": "boolean"}},
-            "required": ["zone", "precise"],
             "additionalProperties": False,
         },
     },

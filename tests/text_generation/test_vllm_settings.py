@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 from collections.abc import AsyncIterator
 from types import ModuleType
 from typing import Any
 
 import pytest
 
-from tests.shared.harness import REPO, load_copy
+from tests.shared.harness import REPO, load_copy, load_copy_beside
 
 EXAMPLE = "01_text_generation"
 
@@ -25,12 +24,8 @@ def launch() -> ModuleType:
 
 @pytest.fixture(scope="module")
 def relay() -> ModuleType:
-    """vllm_server.py, imported beside its sibling modules (coalesce, vllm_launch)."""
-    sys.path.insert(0, str(REPO / EXAMPLE))
-    try:
-        return load_copy(REPO / EXAMPLE / "vllm_server.py")
-    finally:
-        sys.path.remove(str(REPO / EXAMPLE))
+    """vllm_server.py, imported beside its sibling modules (coalesce, errors, vllm_launch)."""
+    return load_copy_beside(REPO / EXAMPLE / "vllm_server.py")
 
 
 @pytest.fixture(scope="module")
