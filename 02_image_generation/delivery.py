@@ -9,6 +9,8 @@ not. `refuse_what_cannot_fit` lets handler.py refuse a request that cannot fit b
 
 from __future__ import annotations
 
+import json
+import math
 import tempfile
 import time
 from dataclasses import dataclass
@@ -30,6 +32,10 @@ MIME = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 PNG_MIN_BYTES_PER_PIXEL = 1.0
 BASE64_GROWTH = 4 / 3
 WAYS_OUT = "configure S3 upload (BUCKET_ENDPOINT_URL and keys), ask for fewer images, or use output_format jpeg or webp"
+# Runpod's cap on one streamed chunk ("The maximum size for a single streamed payload chunk is
+# 1 MB", its /stream API reference). One 1024² PNG is 2-3 MB as a data URI.
+STREAM_CHUNK_BYTES = 1_000_000
+PART_ENVELOPE_BYTES = 256  # room in an image_part chunk for its keys beside the data
 
 
 @dataclass(frozen=True)
@@ -154,3 +160,29 @@ def deliver(
             result["nsfw_content_detected"] = generated.nsfw
         results.append(result)
     return results, timings
+
+
+def within_stream_chunks(final: dict[str, Any], limit: int = STREAM_CHUNK_BYTES) -> list[dict[str, Any]]:
+    """The images chunk as chunks of at most `limit` bytes of JSON, so /stream delivers each one.
+
+    It goes out whole when it fits (URLs, small images). Otherwise every inline image goes first,
+    in order, as `{"image_part": {"index": i, "part": k, "parts": n, "data": ...}}` chunks, and the
+    images chunk comes last with that image's `"image"` null and `"parts": n`: the parts' `data`,
+    joined in order, is the data URI. /runsync returns the same chunks."""
+    if len(json.dumps(final)) <= limit:
+        return [final]
+    room = limit - PART_ENVELOPE_BYTES
+    parts: list[dict[str, Any]] = []
+    images = []
+    for index, result in enumerate(final["images"]):
+        where = result["image"]
+        if not where.startswith("data:"):
+            images.append(result)
+            continue
+        count = math.ceil(len(where) / room)
+        parts += [
+            {"image_part": {"index": index, "part": k, "parts": count, "data": where[k * room : (k + 1) * room]}}
+            for k in range(count)
+        ]
+        images.append({**result, "image": None, "parts": count})
+    return [*parts, {**final, "images": images}]
