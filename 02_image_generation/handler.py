@@ -44,7 +44,7 @@ from PIL import Image
 from checkpoints import is_single_file
 from coalesce import coalesced, keep_latest
 from cold_start import COLD_START
-from delivery import Bucket, DeliveryError, deliver, refuse_what_cannot_fit
+from delivery import STREAM_CHUNK_BYTES, Bucket, DeliveryError, deliver, refuse_what_cannot_fit, within_stream_chunks
 from errors import RequestError, failed, gpu_lost, out_of_memory, rejected, validated
 from families import FAMILIES, Family, detect_family, unsupported, with_overrides
 from images import ImageInputError, ImageLimits
@@ -427,7 +427,9 @@ async def image_stream(job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         job_id,
     )
     parameters = prepared.parameters(MODEL_NAME, FAMILY.name)
-    yield {"images": results, "parameters": parameters, "timings": {"inference_ms": inference_ms, **timings}}
+    final = {"images": results, "parameters": parameters, "timings": {"inference_ms": inference_ms, **timings}}
+    for chunk in within_stream_chunks(final, STREAM_CHUNK_BYTES):  # Runpod's cap on one streamed chunk
+        yield chunk
 
 
 async def handler(job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
