@@ -113,12 +113,37 @@ FAMILIES: dict[str, Family] = {
 }
 
 
+# The text-to-image pipelines this worker serves, and the families each holds: anything else
+# AutoPipeline loads (PixArt, Sana, Kandinsky, ...) has other components, inputs and defaults.
+SUPPORTED_PIPELINES = {
+    "StableDiffusionPipeline": "Stable Diffusion 1.x and 2.x, SD Turbo",
+    "StableDiffusionXLPipeline": "SDXL, SDXL Turbo",
+    "FluxPipeline": "FLUX.1 [schnell] and [dev]",
+    "StableDiffusion3Pipeline": "SD 3.5 Large and Medium",
+}
+
+
+class UnsupportedModel(ValueError):
+    """The model loads as a pipeline this worker does not serve: the worker stops at start."""
+
+
+def require_supported(pipeline: Any) -> None:
+    """Raise UnsupportedModel, in one line naming what is served, unless `pipeline` is one of SUPPORTED_PIPELINES."""
+    kind = type(pipeline).__name__
+    if kind not in SUPPORTED_PIPELINES:
+        raise UnsupportedModel(
+            f"MODEL_NAME: the model loads as {kind}, which this worker does not serve;"
+            f" it serves {'; '.join(SUPPORTED_PIPELINES.values())}"
+        )
+
+
 def _config(component: Any) -> dict[str, Any]:
     return dict(getattr(component, "config", None) or {})
 
 
 def detect_family(pipeline: Any) -> Family:
     """The family of a loaded text-to-image pipeline, from its classes and configs."""
+    require_supported(pipeline)
     kind = type(pipeline).__name__
     if kind.startswith("Flux"):
         guided = _config(pipeline.transformer).get("guidance_embeds", False)

@@ -1,9 +1,10 @@
 """The diffusers pipelines: loaded once over one set of weights, and a light copy of one per request.
 
 Loading (`load_pipelines`): the dtype (`auto_dtype`, told before any weights load), the published
-fp16 weight variant, a replacement VAE and SDXL's VAE kept in fp32, a single-file checkpoint, the
-ControlNet class that fits the denoiser, and torch.compile. Text-to-image, image-to-image,
-inpainting and ControlNet then share every module.
+fp16 weight variant, a replacement VAE and SDXL's VAE kept in fp32 (`needs_fp32_vae`), a single-file
+checkpoint, the ControlNet class that fits the denoiser, and torch.compile; a pipeline of another
+kind stops the worker (families.require_supported). Text-to-image, image-to-image, inpainting and
+ControlNet then share every module.
 
 Serving (`own_copy`, `call_arguments`, `step_reporter`, `global_seed`): a request's own scheduler
 and tokenizers over those shared modules, so nothing a request sets outlives it; each pipeline's
@@ -45,7 +46,7 @@ from diffusers import (
 )
 
 from checkpoints import BASES, checkpoint_family, local_file
-from families import Family
+from families import Family, require_supported
 from planning import Job
 
 log = runpod.RunPodLogger()
@@ -55,6 +56,10 @@ RUNPOD_HF_CACHE = "/runpod-volume/huggingface-cache/hub"
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 # Trained in bf16: in fp16 their activations overflow into black or noisy images.
 BF16_PIPELINES = ("FluxPipeline", "StableDiffusion3Pipeline")
+# The pipelines whose fp16 VAE diffusers runs in fp32 when its config says force_upcast: SDXL's,
+# whose VAE overflows in fp16. SD 1.x/2.x, FLUX.1 and SD 3.5 run theirs in the model's dtype (their
+# image-to-image and inpainting would hand an fp32 VAE's latents to the fp16 denoiser as they are).
+FP32_VAE_PIPELINES = ("StableDiffusionXLPipeline",)
 
 
 # ---- loading, once per worker ---------------------------------------------------------------
@@ -93,12 +98,16 @@ class ModelSpec:
         return index["_class_name"]
 
 
-def auto_dtype(device: str, pipeline_class: Callable[[], str], bf16_supported: Callable[[], bool]) -> torch.dtype:
+def auto_dtype(device: str, pipeline_class: Callable[[], str], bf16_supported: Callable[..., bool]) -> torch.dtype:
     """DTYPE=auto: fp32 on the CPU; on a GPU bf16 for FLUX.1 and SD 3.5 (where the GPU has it:
-    Ampere and newer), fp16 for the UNet families (half the memory of fp32, the same images)."""
+    Ampere and newer), fp16 for the UNet families (half the memory of fp32, the same images).
+
+    bf16_supported is torch.cuda.is_bf16_supported, asked without emulation: by default it also
+    says yes on Turing (T4, RTX 20xx), which has no bf16 units and would run it emulated, slowly."""
     if device != "cuda":
         return torch.float32
-    return torch.bfloat16 if pipeline_class() in BF16_PIPELINES and bf16_supported() else torch.float16
+    native_bf16 = pipeline_class() in BF16_PIPELINES and bf16_supported(including_emulation=False)
+    return torch.bfloat16 if native_bf16 else torch.float16
 
 
 def from_pretrained_fp16_first(loader: Any, name: str, dtype: torch.dtype, **kwargs: Any) -> Any:
@@ -126,6 +135,17 @@ def keep_vae_in_fp32(vae: Any) -> None:
     for module in (vae.encoder, vae.quant_conv, vae.post_quant_conv, vae.decoder):
         if module is not None:
             module.register_forward_pre_hook(cast_vae_inputs_to_fp32)
+
+
+def needs_fp32_vae(pipeline: Any) -> bool:
+    """Where diffusers itself decodes in fp32: an fp16 VAE that says force_upcast, in a pipeline that
+    reads it (FP32_VAE_PIPELINES). A VAE that decodes in fp16 (madebyollin/sdxl-vae-fp16-fix) says not."""
+    vae = pipeline.vae
+    return (
+        type(pipeline).__name__ in FP32_VAE_PIPELINES
+        and vae.dtype == torch.float16
+        and bool(vae.config.get("force_upcast"))
+    )
 
 
 def load_single_file(model: ModelSpec, dtype: torch.dtype, components: dict[str, Any]) -> Any:
@@ -184,7 +204,8 @@ def load_pipelines(
             cache_dir=cached_hub_folder(model.name),
             **components,
         )
-    if text2image.vae.dtype == torch.float16 and text2image.vae.config.get("force_upcast"):
+    require_supported(text2image)  # another kind of pipeline stops the worker here, naming what is served
+    if needs_fp32_vae(text2image):
         keep_vae_in_fp32(text2image.vae)
     if cpu_offload and device == "cuda":
         text2image.enable_model_cpu_offload()

@@ -184,8 +184,11 @@ def test_auto_dtype_is_bf16_for_flow_models_on_gpus_told_before_the_weights_load
     def never() -> str:
         raise AssertionError("the CPU needs no look at the model")
 
-    assert module.auto_dtype("cpu", never, lambda: True) == torch.float32
-    assert module.auto_dtype("cuda", lambda: "FluxPipeline", lambda: True) == torch.bfloat16
-    assert module.auto_dtype("cuda", lambda: "StableDiffusion3Pipeline", lambda: True) == torch.bfloat16
-    assert module.auto_dtype("cuda", lambda: "FluxPipeline", lambda: False) == torch.float16  # no bf16 (pre-Ampere)
-    assert module.auto_dtype("cuda", lambda: "StableDiffusionXLPipeline", lambda: True) == torch.float16
+    def native_bf16(including_emulation: bool) -> bool:  # torch.cuda.is_bf16_supported on an Ampere GPU
+        return True
+
+    assert module.auto_dtype("cpu", never, native_bf16) == torch.float32
+    assert module.auto_dtype("cuda", module.pipeline_class_name, native_bf16) == torch.bfloat16
+    assert module.auto_dtype("cuda", handlers["sd3.5-medium"].pipeline_class_name, native_bf16) == torch.bfloat16
+    assert module.auto_dtype("cuda", lambda: "StableDiffusionXLPipeline", native_bf16) == torch.float16
+    # GPUs without bf16 units, and both answers of torch's check: test_precision.py
