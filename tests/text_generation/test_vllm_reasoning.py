@@ -20,7 +20,8 @@ import pytest
 if not os.environ.get("VLLM_PYTHON"):
     pytest.skip("vLLM runs in its own environment: bash tests/vllm_cpu.sh", allow_module_level=True)
 
-from tests.text_generation.test_vllm_engine import CHAT, GREEDY, PERSON_SCHEMA, ok, parity, run_job, start_pair
+from tests.shared.harness import ok, run_job
+from tests.text_generation.vllm_pair import CHAT, GREEDY, PERSON_SCHEMA, parity, start_pair
 
 
 @pytest.fixture(scope="module")
