@@ -43,7 +43,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, Aut
 
 import planning
 import schema
-from clip_batcher import EncodeBatcher
+from clip_batcher import EncodeBatcher, jobs_to_fill
 from coalesce import ResultTooLarge, coalesced, merge_text, within_result_budget
 from cold_start import COLD_START
 from contrastive import CONTRASTIVE_FAMILIES, ContrastiveModel
@@ -88,8 +88,6 @@ MODEL_REVISION = env_str("MODEL_REVISION", None)  # a commit hash makes deployme
 SERVED_MODEL_NAME = env_str("SERVED_MODEL_NAME", MODEL_NAME)  # the id /v1/models lists
 DTYPE = env_str("DTYPE", "auto")  # auto: fp16 on GPU (Gemma 3: bf16), fp32 on CPU | bfloat16 | float16 | float32
 QUANTIZATION = env_str("QUANTIZATION", None)  # bnb-8bit | bnb-4bit, for LLaVA and BLIP-2: LLaVA-7B in ~5 GB
-# Jobs one worker runs at once; LLaVA and BLIP-2 generate on a thread each, CLIP queues for one.
-MAX_CONCURRENCY = env_int("MAX_CONCURRENCY", 4)
 DEFAULT_MAX_TOKENS = env_int("DEFAULT_MAX_TOKENS", 256)  # a full answer about an image, not an essay
 # Seconds one generation may run. Runpod fails a job that passes the endpoint's execution timeout
 # (600 s by default) and stops its worker; this ends the answer 30 s before, with what was
@@ -131,7 +129,7 @@ TOO_LARGE = (
 )
 # CLIP / SigLIP dynamic batching: the encodes of concurrent jobs share forward passes. A batch
 # waits BATCH_WAIT_MS for company (far below a network round trip) and closes at BATCH_MAX_ITEMS
-# images or texts, so one big job cannot hold the others back.
+# images or distinct texts (each kind is its own forward pass), so one big job cannot hold the others back.
 DYNAMIC_BATCHING = (env_str("DYNAMIC_BATCHING", "true") or "").lower() in ("1", "true", "yes")
 BATCH_WAIT_MS = env_float("BATCH_WAIT_MS", 5.0)
 BATCH_MAX_ITEMS = env_int("BATCH_MAX_ITEMS", 64)
@@ -220,6 +218,17 @@ PROCESSOR = (
 )
 if VLM_FAMILY and VLM_FAMILY.dynamic_resolution:
     image_token_bounds(PROCESSOR, MIN_IMAGE_TOKENS, MAX_IMAGE_TOKENS)
+GENERATING_CONCURRENCY = 4  # a chat VLM or BLIP-2 job generates on a thread of its own, with its own KV cache
+
+
+def default_concurrency(family: str, batch_max_items: int) -> int:
+    """Jobs one worker runs at once unless MAX_CONCURRENCY says: a CLIP or SigLIP job waits in the batcher
+    for a shared forward pass, so enough one-image jobs to fill the batch on the model and the next one
+    (clip_batcher.jobs_to_fill: 128 at BATCH_MAX_ITEMS 64); a generating job, a few."""
+    return jobs_to_fill(batch_max_items) if family in EMBEDDING_FAMILIES else GENERATING_CONCURRENCY
+
+
+MAX_CONCURRENCY = env_int("MAX_CONCURRENCY", default_concurrency(FAMILY, BATCH_MAX_ITEMS))
 # Images per generation request, all turns together; each family's default keeps several images
 # and an answer inside its context (families.py has the table). BLIP-2 answers about one image.
 MAX_IMAGES_PER_REQUEST = env_int("MAX_IMAGES_PER_REQUEST", VLM_FAMILY.max_images if VLM_FAMILY else 1)
@@ -407,9 +416,9 @@ async def handler(job: dict[str, Any]) -> AsyncIterator[Any]:
         yield {"error": f"{error} (MAX_GENERATION_SECONDS): lower max_tokens, or raise the limit on the endpoint"}
         return
     except torch.cuda.OutOfMemoryError:  # this job fails, the memory goes back, the next job runs
-        yield out_of_memory(
-            "Out of GPU memory", "out of GPU memory for this request; lower max_tokens or send fewer images", job_id
-        )
+        # A CLIP batch that ran out was split and retried (clip_batcher.py): this job failed in one of its own.
+        fix = "send fewer images or texts" if FAMILY in EMBEDDING_FAMILIES else "lower max_tokens or send fewer images"
+        yield out_of_memory("Out of GPU memory", f"out of GPU memory for this request; {fix}", job_id)
         return
     except torch.AcceleratorError:  # the GPU is lost: this worker retires once the error is delivered
         yield gpu_lost("the GPU failed on this request; retry it", job_id, WORKER_CONFIG)

@@ -291,6 +291,114 @@ def test_labels_shared_by_concurrent_jobs_are_encoded_once(clip, monkeypatch) ->
         np.testing.assert_allclose([e["score"] for e in got["labels"]], [e["score"] for e in want["labels"]], atol=1e-5)
 
 
+def test_max_concurrency_follows_the_model_kind(handlers, tiny_model) -> None:
+    """CLIP / SigLIP jobs wait in the batcher for a shared pass: a worker takes enough to fill the
+    batch on the model and the next one; a generating VLM job holds a thread and a KV cache: 4."""
+    clip, llava = handlers["clip"], handlers["llava"]
+    assert clip.default_concurrency("clip", 64) == clip.default_concurrency("siglip", 64) == 128
+    assert clip.default_concurrency("clip", 16) == 32, "it follows BATCH_MAX_ITEMS"
+    for family in set(clip.FAMILIES.values()) - {"clip", "siglip"}:  # BLIP-2 and every chat VLM
+        assert clip.default_concurrency(family, 64) == 4, family
+    assert clip.MAX_CONCURRENCY == clip.WORKER_CONFIG["concurrency_modifier"](1) == 128
+    assert llava.MAX_CONCURRENCY == llava.WORKER_CONFIG["concurrency_modifier"](1) == 4
+    model = str(tiny_model("clip"))
+    assert load_handler(EXAMPLE, {"MODEL_NAME": model, "BATCH_MAX_ITEMS": "8"}).MAX_CONCURRENCY == 16
+    assert load_handler(EXAMPLE, {"MODEL_NAME": model, "MAX_CONCURRENCY": "6"}).MAX_CONCURRENCY == 6, "it overrides"
+
+
+def one_batch_of(module: ModuleType, monkeypatch, items: int) -> None:
+    """The batcher closes its next batch exactly when `items` images (or distinct texts) are in, so
+    a test knows every job of a concurrent burst shares it, whatever the threads' timing."""
+    monkeypatch.setattr(module.BATCHER, "max_items", items)
+    monkeypatch.setattr(module.BATCHER, "wait_s", 60.0)  # never reached: the burst fills the batch first
+
+
+def concurrently(module: ModuleType, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    async def together() -> list[dict[str, Any]]:
+        return await asyncio.gather(*(run_job_async(module.handler, {"input": r}) for r in requests))
+
+    return asyncio.run(together())
+
+
+def test_a_batch_holds_max_items_images_and_as_many_distinct_texts(clip, monkeypatch) -> None:
+    """Images and texts are separate forward passes, each bounded by BATCH_MAX_ITEMS on its own, and
+    a label every job sends counts once: eight classify jobs of three shared labels are one batch of
+    8 images and 3 texts (counted as rows of one pass, 8 + 8 × 3 would have made four batches)."""
+    requests = [{"task": "classify", "image": image_uri(seed=seed), "labels": ["a", "b", "c"]} for seed in range(8)]
+    one_batch_of(clip, monkeypatch, items=8)
+    before = clip.BATCHER.batches
+    assert all("error" not in result for result in concurrently(clip, requests))
+    assert clip.BATCHER.batches - before == 1
+
+
+def test_an_input_that_breaks_the_model_fails_only_its_own_job(clip, monkeypatch) -> None:
+    """A failed batch is split and retried (as 03's is): the job whose text makes the model's forward
+    raise fails alone with the worker's error, and the jobs batched with it get their solo results."""
+    requests = [{"task": "embed", "texts": [f"a photo of thing {i}"]} for i in range(5)]
+    requests.insert(2, {"task": "embed", "texts": ["a fine text", "poison"]})
+    alone = [one(clip, **request) for request in requests if "poison" not in request["texts"]]
+    get_text_features = clip.MODEL.get_text_features
+
+    def breaks_on_poison(**tokens: Any) -> Any:
+        if any("poison" in text for text in clip.TOKENIZER.batch_decode(tokens["input_ids"])):
+            raise RuntimeError("the model broke on this input")
+        return get_text_features(**tokens)
+
+    monkeypatch.setattr(clip.MODEL, "get_text_features", breaks_on_poison)
+    one_batch_of(clip, monkeypatch, items=7)  # the seven distinct texts
+    before = clip.BATCHER.batches
+    results = concurrently(clip, requests)
+    assert results[2]["error"] == "the model failed on this request inside the worker; see the worker logs"
+    good = [ok(result)[0] for index, result in enumerate(results) if index != 2]
+    for got, want in zip(good, alone, strict=True):
+        np.testing.assert_allclose(got["text_embeddings"], want["text_embeddings"], atol=1e-5)
+    assert clip.BATCHER.batches - before > 1, "the failed batch was retried in parts"
+
+
+def test_out_of_memory_in_a_batch_frees_the_cache_and_fails_only_the_job_too_big_alone(clip, monkeypatch) -> None:
+    """A batch too big for the GPU is split (the cache given back before each retry) until its parts
+    fit: jobs that fit alone get their solo results, a job that runs out even alone fails with the
+    out-of-memory error, and the worker is not retired."""
+    requests = [{"task": "embed", "images": [image_uri(seed=seed)]} for seed in range(4)]
+    requests.append({"task": "embed", "images": [image_uri(seed=seed) for seed in (4, 5, 6)]})
+    alone = [one(clip, **request) for request in requests[:4]]
+    get_image_features = clip.MODEL.get_image_features
+    freed: list[bool] = []
+
+    def out_of_memory_at_three(**inputs: Any) -> Any:
+        if inputs["pixel_values"].shape[0] >= 3:  # this "GPU" holds two images at a time
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return get_image_features(**inputs)
+
+    monkeypatch.setattr(clip.MODEL, "get_image_features", out_of_memory_at_three)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: freed.append(True))
+    monkeypatch.setattr(clip, "WORKER_CONFIG", {})  # where a lost GPU would ask for a fresh worker
+    one_batch_of(clip, monkeypatch, items=7)  # the seven images
+    results = concurrently(clip, requests)
+    assert results[4]["error"] == "out of GPU memory for this request; send fewer images or texts"
+    for result, want in zip(results[:4], alone, strict=True):
+        np.testing.assert_allclose(ok(result)[0]["image_embeddings"], want["image_embeddings"], atol=1e-5)
+    assert len(freed) >= 2, "the cache was given back before the retries"
+    assert "refresh_worker" not in clip.WORKER_CONFIG
+
+
+def test_a_lost_gpu_fails_the_whole_batch_at_once(clip, monkeypatch) -> None:
+    """No smaller batch can get past a lost CUDA context: no retries, every job of the batch fails
+    and the worker asks for a fresh one."""
+
+    def lost(**tokens: Any) -> Any:
+        raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(clip.MODEL, "get_text_features", lost)
+    monkeypatch.setattr(clip, "WORKER_CONFIG", {})
+    one_batch_of(clip, monkeypatch, items=3)
+    before = clip.BATCHER.batches
+    results = concurrently(clip, [{"task": "embed", "texts": [f"text {i}"]} for i in range(3)])
+    assert [result.get("error") for result in results] == ["the GPU failed on this request; retry it"] * 3
+    assert clip.BATCHER.batches - before == 1
+    assert clip.WORKER_CONFIG["refresh_worker"] is True
+
+
 def embeddings_job(body: dict[str, Any]) -> dict[str, Any]:
     return {"openai_route": "/v1/embeddings", "openai_input": body}
 

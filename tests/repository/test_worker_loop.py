@@ -240,3 +240,28 @@ def test_multimodal_answer_streams_the_same_over_a_slow_network(llava_worker: Wo
     bad = api.run({**request, "image": "data:image/png;base64,AAAA"})
     assert bad.status == "FAILED" and "image" in bad.error and "Traceback" not in bad.error
     assert api.run({**request, "stream": False}).status == "COMPLETED"  # still serving
+
+
+def test_a_clip_worker_takes_many_jobs_at_once_and_batches_them_together(tiny_model: Callable[[str], Path]) -> None:
+    """A CLIP worker's default concurrency fills its batcher: twelve one-image embed jobs queued
+    together are taken in one job-take (more than the generating families' 4) and encoded in one
+    forward pass. The batch closes exactly at twelve images (BATCH_MAX_ITEMS), never on a timer."""
+    jobs = 12
+    image = json.loads((REPO / "04_multimodal" / "test_input.json").read_text())["input"]["image"]
+    env = {
+        "MODEL_NAME": str(tiny_model("clip")),
+        "BATCH_MAX_ITEMS": str(jobs),  # default MAX_CONCURRENCY: 2 × 12 = 24
+        "BATCH_WAIT_MS": "60000",  # never reached when the twelve jobs run together
+        "RUNPOD_LOG_LEVEL": "INFO",  # the batcher logs each batch
+    }
+    with serving("04_multimodal", env) as worker:
+        api = worker.api
+        ids = api.submit_many([{"task": "embed", "images": [image]} for _ in range(jobs)])
+        done = [api.wait(job_id) for job_id in ids]
+        assert all(job.status == "COMPLETED" for job in done), [job.error for job in done]
+        assert api.take_sizes == [jobs], "the SDK took every job in one job-take"
+        assert api.max_batch_asked == 2 * jobs
+        assert max(job.taken_at for job in done) < min(job.result.at for job in done), "all were in flight at once"
+        assert f"Encoded a batch of {jobs} encodes: {jobs} images, 0 distinct texts" in worker.output()
+        vectors = [job.output[0]["image_embeddings"][0] for job in done]
+        np.testing.assert_allclose(vectors, [vectors[0]] * jobs, atol=1e-5)  # the same image, the same vector

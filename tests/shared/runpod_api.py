@@ -93,6 +93,7 @@ class JobAPI:
         self.jobs: dict[str, Job] = {}
         self.takes = 0  # job-take requests seen: the first one means a worker is serving
         self.max_batch_asked = 0  # the largest batch_size a worker asked for
+        self.take_sizes: list[int] = []  # jobs handed out by each take that gave any, in order
         self.pings = 0
         self._queue: list[str] = []
         self._to_stop: list[str] = []
@@ -121,6 +122,18 @@ class JobAPI:
             self.jobs[job.id] = job
             self._queue.append(job.id)
         return job.id
+
+    def submit_many(self, job_inputs: list[Any]) -> list[str]:
+        """Queue several jobs at once: a take that comes after finds them all."""
+        jobs = [
+            Job(id=f"job-{uuid.uuid4().hex[:12]}", input=job_input, submitted_at=time.monotonic())
+            for job_input in job_inputs
+        ]
+        with self._lock:
+            for job in jobs:
+                self.jobs[job.id] = job
+                self._queue.append(job.id)
+        return [job.id for job in jobs]
 
     def cancel(self, job_id: str) -> None:
         """Ask the worker to stop a job, as Runpod does on /cancel or an execution timeout."""
@@ -193,6 +206,8 @@ class JobAPI:
             jobs = [self.jobs[job_id] for job_id in taken]
             for job in jobs:
                 job.taken_at = time.monotonic()
+            if jobs:
+                self.take_sizes.append(len(jobs))
             return jobs
 
         jobs = await self._long_poll(pick)
