@@ -28,7 +28,7 @@ from typing import Any
 
 import transformers
 from jinja2 import TemplateError
-from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, ProcessorMixin
+from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, BitsAndBytesConfig, ProcessorMixin
 
 from errors import RequestError
 
@@ -140,3 +140,32 @@ def model_inputs(processor: Any, turns: list[dict[str, Any]], images: list[Any])
     bos = processor.tokenizer.bos_token
     special_tokens = not (bos and prompt.startswith(bos))
     return dict(processor(images=images, text=prompt, add_special_tokens=special_tokens, return_tensors="pt"))
+
+
+# Module paths (from the model's root) that stay in full precision when QUANTIZATION is set.
+KEEP_UNQUANTIZED = {"blip2": ("vision_model", "qformer", "language_projection", "language_model.lm_head")} | {
+    vlm.name: vlm.keep_unquantized for vlm in VLM_FAMILIES.values()
+}
+
+
+def quantization_config(name: str | None, family: str, compute_dtype: Any) -> BitsAndBytesConfig | None:
+    """transformers' bitsandbytes config for QUANTIZATION (None: none); the reason when a family has none."""
+    if not name:
+        return None
+    if family not in KEEP_UNQUANTIZED:  # CLIP and SigLIP
+        raise ValueError(
+            "QUANTIZATION applies to LLaVA and BLIP-2; CLIP and SigLIP are small enough to serve unquantized"
+        )
+    # Only the language model is quantized: it holds ~95% of the weights, while the vision encoder
+    # and the projector are small and lose the most accuracy at low precision.
+    keep = list(KEEP_UNQUANTIZED[family])
+    if name == "bnb-8bit":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=keep)
+    if name == "bnb-4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=compute_dtype,
+            llm_int8_skip_modules=keep,
+        )
+    raise ValueError(f"QUANTIZATION must be bnb-8bit or bnb-4bit, got {name!r}")

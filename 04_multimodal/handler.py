@@ -39,7 +39,7 @@ import runpod
 import torch
 from PIL import Image
 from pydantic import BaseModel
-from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
 import planning
 import schema
@@ -49,8 +49,18 @@ from cold_start import COLD_START
 from contrastive import CONTRASTIVE_FAMILIES, ContrastiveModel
 from contrastive_tasks import ContrastiveTasks
 from engines import Prepared, TransformersVisionEngine
-from errors import RequestError, failed, gpu_lost, out_of_memory, rejected
-from families import VLM_FAMILIES, auto_dtype, image_token_bounds, load_processor
+from errors import (
+    BAD_REQUEST,
+    INTERNAL,
+    UNAVAILABLE,
+    RequestError,
+    error_shape,
+    failed,
+    gpu_lost,
+    out_of_memory,
+    rejected,
+)
+from families import VLM_FAMILIES, auto_dtype, image_token_bounds, load_processor, quantization_config
 from image_fetcher import ImageFetcher
 from images import ImageInputError, ImageLimits
 from local_run import for_local_run
@@ -161,34 +171,6 @@ def family_of(model_type: str) -> str:
     if model_type not in FAMILIES:
         raise ValueError(f"MODEL_NAME is a {model_type!r} model; this worker serves {SERVED}")
     return FAMILIES[model_type]
-
-
-# Module paths (from the model's root) that stay in full precision when QUANTIZATION is set.
-KEEP_UNQUANTIZED = {"blip2": ("vision_model", "qformer", "language_projection", "language_model.lm_head")} | {
-    vlm.name: vlm.keep_unquantized for vlm in VLM_FAMILIES.values()
-}
-
-
-def quantization_config(name: str | None, family: str, compute_dtype: torch.dtype) -> BitsAndBytesConfig | None:
-    if not name:
-        return None
-    if family in EMBEDDING_FAMILIES:
-        raise ValueError(
-            "QUANTIZATION applies to LLaVA and BLIP-2; CLIP and SigLIP are small enough to serve unquantized"
-        )
-    # Only the language model is quantized: it holds ~95% of the weights, while the vision encoder
-    # and the projector are small and lose the most accuracy at low precision.
-    keep = list(KEEP_UNQUANTIZED[family])
-    if name == "bnb-8bit":
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=keep)
-    if name == "bnb-4bit":
-        return BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_compute_dtype=compute_dtype,
-            llm_int8_skip_modules=keep,
-        )
-    raise ValueError(f"QUANTIZATION must be bnb-8bit or bnb-4bit, got {name!r}")
 
 
 DEVICE = device.DEVICE  # "cuda"; "cpu" only when asked (DEVICE=cpu) or off Runpod: see device.py
@@ -344,6 +326,7 @@ async def handler(job: dict[str, Any]) -> AsyncIterator[Any]:
     shape: OpenAIShape | None = None  # an OpenAI chat's (None: a native answer)
     finished = False  # whether the answer ended by itself
     sent = False  # whether a chunk reached the caller: then a limit ends the answer, not the job
+    shaped = error_shape(job.get("input"))  # OpenAI routes fail in OpenAI's error shape (errors.py)
     try:
         task, request = parse_request(job.get("input"), FAMILY)
         if task == MODELS_ROUTE:
@@ -402,31 +385,31 @@ async def handler(job: dict[str, Any]) -> AsyncIterator[Any]:
     except ResultTooLarge:
         log.warn("Stopped a result at MAX_RESULT_BYTES", job_id)
         if not sent:  # one whole answer that cannot be delivered
-            yield {"error": TOO_LARGE}
+            yield shaped({"error": TOO_LARGE}, BAD_REQUEST)
             return
         # A stream keeps what it sent and ends as max_tokens would end it, naming the limit.
         for chunk in closing_chunks(shape, [] if finished else [0], "MAX_RESULT_BYTES"):
             yield chunk
         return
     except (RequestError, ImageInputError, ContextLengthError) as error:
-        yield rejected(error, job_id)
+        yield shaped(rejected(error, job_id), BAD_REQUEST)
         return
     except GenerationTimeout as error:
         log.warn(f"{error} (MAX_GENERATION_SECONDS)", job_id)
-        yield {"error": f"{error} (MAX_GENERATION_SECONDS): lower max_tokens, or raise the limit on the endpoint"}
+        message = f"{error} (MAX_GENERATION_SECONDS): lower max_tokens, or raise the limit on the endpoint"
+        yield shaped({"error": message}, INTERNAL)
         return
     except torch.cuda.OutOfMemoryError:  # this job fails, the memory goes back, the next job runs
         # A CLIP batch that ran out was split and retried (clip_batcher.py): this job failed in one of its own.
         fix = "send fewer images or texts" if FAMILY in EMBEDDING_FAMILIES else "lower max_tokens or send fewer images"
-        yield out_of_memory("Out of GPU memory", f"out of GPU memory for this request; {fix}", job_id)
+        yield shaped(out_of_memory("Out of GPU memory", f"out of GPU memory for this request; {fix}", job_id), INTERNAL)
         return
     except torch.AcceleratorError:  # the GPU is lost: this worker retires once the error is delivered
-        yield gpu_lost("the GPU failed on this request; retry it", job_id, WORKER_CONFIG)
+        yield shaped(gpu_lost("the GPU failed on this request; retry it", job_id, WORKER_CONFIG), UNAVAILABLE)
         return
     except Exception as error:  # noqa: BLE001 - the caller gets a message, the log gets the details
-        yield failed(
-            "Request", error, "the model failed on this request inside the worker; see the worker logs", job_id
-        )
+        message = "the model failed on this request inside the worker; see the worker logs"
+        yield shaped(failed("Request", error, message, job_id), INTERNAL)
         return
 
     if usage is not None:

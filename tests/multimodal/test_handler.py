@@ -28,6 +28,7 @@ from tests.shared.harness import (
     load_handler,
     ok,
     openai_chat,
+    openai_failure,
     run_job,
     run_job_async,
     run_local,
@@ -888,10 +889,11 @@ def test_a_chat_template_that_refuses_the_messages_is_the_callers_error(llava, m
         "Conversation roles must alternate": [user, user],
     }
     for reason, messages in cases.items():
-        for job_input in ({"task": "chat", "messages": messages}, openai_chat({"messages": messages})):
-            result = run_job(llava.handler, job_input)
-            assert result["error"].startswith("messages: the model's chat template refused them: " + reason), result
-            assert secret not in result["error"] and result["stream"] == []
+        native = run_job(llava.handler, {"task": "chat", "messages": messages})
+        assert native["error"].startswith("messages: the model's chat template refused them: " + reason), native
+        assert secret not in native["error"] and native["stream"] == []
+        message, status, kind = openai_failure(run_job(llava.handler, openai_chat({"messages": messages})))
+        assert message == native["error"] and (status, kind) == (400, "BadRequestError")
     [answer] = ok(run_job(llava.handler, {"task": "chat", "messages": [user], "sampling_params": {"max_tokens": 2}}))
     assert answer["text"] is not None  # the template's own rules pass a valid conversation
 
