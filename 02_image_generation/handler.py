@@ -9,11 +9,12 @@ ControlNet, all sharing one copy of the weights:
 The handler is an async generator: while the model denoises it streams progress chunks
 ({"status": "progress", "step": 3, "total": 30}), then one chunk with the images and the seed of
 each one. The file reads top to bottom: configuration, model load, request, inference, response,
-the handler. What each step leans on lives beside it, one job per file: pipelines.py (loading the
-pipelines, a request's own copy), schema.py (the request model), planning.py (what a request
-becomes: the Job), delivery.py (data URIs, S3, the result's size), families.py, checkpoints.py,
-loras.py, and the files shared with other examples (hub_cache.py, device.py, cold_start.py,
-images.py, coalesce.py, local_run.py, errors.py).
+the handler. What each step leans on lives beside it, one job per file: settings.py (reading the
+environment), pipelines.py (loading the pipelines, a request's own copy), schema.py (the request
+model), planning.py (what a request becomes: the Job), progress.py (denoising on a thread, progress
+chunks), delivery.py (data URIs, S3, the result's size), families.py, checkpoints.py, loras.py, and
+the files shared with other examples (hub_cache.py, device.py, cold_start.py, images.py,
+coalesce.py, local_run.py, errors.py).
 """
 
 from __future__ import annotations
@@ -59,11 +60,13 @@ from pipelines import (
     global_seed,
     load_pipelines,
     own_copy,
+    quantization_config,
     step_reporter,
 )
 from planning import DEFAULT_STRENGTH, Generated, Job, canny_edges, default_steps, image_seeds, load_inputs, output_size
-from progress import ThreadRun, TimeLimitExceeded
+from progress import ThreadRun, TimeLimitExceeded, is_progress, progress_chunk
 from schema import ImageRequest, RequestLimits
+from settings import env_flag, env_float, env_int, env_str
 
 # Re-exported (an `as` alias says so): tests and benchmarks reach these as this module's attributes.
 from images import data_uri as data_uri, encode_image as encode_image  # isort: skip
@@ -76,24 +79,8 @@ diffusers.utils.logging.set_verbosity_error()
 
 
 # ---------------------------------------------------------------------------------------------
-# 1. Configuration: read once from the environment, each default with its reason.
+# 1. Configuration: read once from the environment (settings.py), each default with its reason.
 # ---------------------------------------------------------------------------------------------
-def env_int(name: str, default: int) -> int:
-    return int(os.environ.get(name) or default)
-
-
-def env_float(name: str, default: float) -> float:
-    return float(os.environ.get(name) or default)
-
-
-def env_str(name: str, default: str | None) -> str | None:
-    return os.environ.get(name) or default
-
-
-def env_flag(name: str, default: bool) -> bool:
-    return (os.environ.get(name) or str(default)).lower() in ("1", "true", "yes")
-
-
 # SDXL base 1.0: the most used open text-to-image model; 1024² images, fits a 24 GB GPU in fp16.
 DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 MODEL_NAME = env_str("MODEL_NAME", DEFAULT_MODEL)  # a Hub id, a local folder, or a .safetensors/.ckpt file
@@ -112,6 +99,9 @@ MODEL_CONFIG = env_str("MODEL_CONFIG", None)
 # the repo has one (SDXL's VAE overflows in fp16: use madebyollin/sdxl-vae-fp16-fix or bf16).
 # auto: on a GPU bf16 for FLUX.1 and SD 3.5 (trained in it), fp16 for the others; fp32 on CPU.
 DTYPE = env_str("DTYPE", "auto")  # auto | float16 | bfloat16 | float32
+# bnb-4bit | bnb-8bit: FLUX.1 and SD 3.5's transformer and T5 quantized as they load (pipelines.py),
+# FLUX.1 [dev] in ~11 GB of weights instead of ~33 GB: a 24 GB GPU without CPU offload.
+QUANTIZATION = env_str("QUANTIZATION", None)
 # Images generated at once. 1: diffusion saturates a GPU on its own, and a second job would only
 # split it and double the activation memory.
 MAX_CONCURRENCY = env_int("MAX_CONCURRENCY", 1)
@@ -196,6 +186,7 @@ pipeline_class_name = MODEL.pipeline_class_name  # read from the model's files, 
 TORCH_DTYPE = (
     DTYPES[DTYPE] if DTYPE != "auto" else auto_dtype(DEVICE, pipeline_class_name, torch.cuda.is_bf16_supported)
 )
+QUANTIZED = quantization_config(QUANTIZATION, pipeline_class_name(), SINGLE_FILE, TORCH_DTYPE)  # or refused now
 
 COLD_START.done("imports")  # the download is timed apart from the load
 FP16_VARIANT = "fp16" if TORCH_DTYPE == torch.float16 else None  # the half-size files, when loading fp16
@@ -205,15 +196,17 @@ COLD_START.done("download")
 _load_started = time.perf_counter()
 # Text-to-image, image-to-image, inpainting and ControlNet over one set of weights. A bad
 # checkpoint stops here with CheckpointError, naming the setting to fix.
+COMPILE_MODE = TORCH_COMPILE_MODE if TORCH_COMPILE else None  # None: nothing compiles
 TEXT2IMAGE, IMAGE2IMAGE, INPAINTING, CONTROLNET = load_pipelines(
-    MODEL, TORCH_DTYPE, DEVICE, ENABLE_CPU_OFFLOAD, ENABLE_VAE_TILING, TORCH_COMPILE_MODE if TORCH_COMPILE else None
+    MODEL, TORCH_DTYPE, DEVICE, ENABLE_CPU_OFFLOAD, ENABLE_VAE_TILING, COMPILE_MODE, QUANTIZED
 )
 _family = FAMILIES[MODEL_FAMILY] if MODEL_FAMILY else detect_family(TEXT2IMAGE)  # by what it is, not its name
 FAMILY: Family = with_overrides(
     _family, DEFAULT_STEPS, DEFAULT_GUIDANCE, DEFAULT_WIDTH, DEFAULT_HEIGHT, DEFAULT_SCHEDULER
 )
 log.info(
-    f"Loaded {MODEL_NAME} ({FAMILY.name}, {type(TEXT2IMAGE).__name__}) on {DEVICE} ({TORCH_DTYPE}) in "
+    f"Loaded {MODEL_NAME} ({FAMILY.name}, {type(TEXT2IMAGE).__name__}) on {DEVICE} ({TORCH_DTYPE}"
+    f"{', ' + QUANTIZATION if QUANTIZED else ''}) in "
     f"{time.perf_counter() - _load_started:.1f}s; ControlNet: {CONTROLNET_MODEL or 'none'}; "
     f"outputs: {'S3 bucket ' + BUCKET_NAME if UPLOAD else 'data URIs'}"
 )
@@ -349,15 +342,9 @@ def warm_up() -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# 5. Response: progress chunks while denoising, then the images (delivery.py: data URIs or S3
-#    URLs within the result's size), their seeds, the parameters used and timings.
+# 5. Response: progress chunks while denoising (progress.py), then the images (delivery.py: data
+#    URIs or S3 URLs within the result's size), their seeds, the parameters used and timings.
 # ---------------------------------------------------------------------------------------------
-def progress_chunk(step: int, total: int) -> dict[str, Any]:
-    return {"status": "progress", "step": step, "total": total}
-
-
-def is_progress(chunk: Any) -> bool:
-    return isinstance(chunk, dict) and chunk.get("status") == "progress"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,8 +2,9 @@
 
 Loading (`load_pipelines`): the dtype (`auto_dtype`, told before any weights load), the published
 fp16 weight variant, a replacement VAE and SDXL's VAE kept in fp32 (`needs_fp32_vae`), a single-file
-checkpoint, the ControlNet class that fits the denoiser, and torch.compile; a pipeline of another
-kind stops the worker (families.require_supported). Text-to-image, image-to-image, inpainting and
+checkpoint, the ControlNet class that fits the denoiser, bitsandbytes quantization of the big modules as
+they load (`quantization_config`), and torch.compile; a pipeline of another kind stops the worker
+(families.require_supported). Text-to-image, image-to-image, inpainting and
 ControlNet then share every module.
 
 Serving (`own_copy`, `call_arguments`, `step_reporter`, `global_seed`): a request's own scheduler
@@ -27,6 +28,7 @@ import hub_cache  # before every library: settles the Hugging Face cache (hub_ca
 import diffusers
 import runpod
 import torch
+import transformers
 from diffusers import (
     AutoencoderKL,
     AutoPipelineForImage2Image,
@@ -44,6 +46,7 @@ from diffusers import (
     SD3ControlNetModel,
     UniPCMultistepScheduler,
 )
+from diffusers.quantizers import PipelineQuantizationConfig
 
 from checkpoints import BASES, checkpoint_family, local_file
 from families import Family, require_supported
@@ -60,6 +63,20 @@ BF16_PIPELINES = ("FluxPipeline", "StableDiffusion3Pipeline")
 # whose VAE overflows in fp16. SD 1.x/2.x, FLUX.1 and SD 3.5 run theirs in the model's dtype (their
 # image-to-image and inpainting would hand an fp32 VAE's latents to the fp16 denoiser as they are).
 FP32_VAE_PIPELINES = ("StableDiffusionXLPipeline",)
+# QUANTIZATION → bitsandbytes' settings, the same for diffusers' and transformers' BitsAndBytesConfig:
+# NF4 (4-bit NormalFloat, bitsandbytes' and diffusers' recommended 4-bit type: ~0.56 bytes a weight
+# with its scales) or LLM.int8 (~1 byte a weight). Computing happens in the model's dtype (bf16).
+QUANTIZATIONS: dict[str, dict[str, Any]] = {
+    "bnb-4bit": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"},
+    "bnb-8bit": {"load_in_8bit": True},
+}
+# What quantizes, per pipeline: the modules that hold most of the weights, the transformer (diffusers)
+# and the T5-XXL text encoder (transformers; 4.7B parameters). CLIP and the VAE (~0.1-0.8B) stay as
+# they are. SD 1.x/2.x and SDXL fit a 24 GB GPU in fp16 and are not wired: QUANTIZATION is refused there.
+QUANTIZED_MODULES: dict[str, dict[str, str]] = {
+    "FluxPipeline": {"transformer": "diffusers", "text_encoder_2": "transformers"},
+    "StableDiffusion3Pipeline": {"transformer": "diffusers", "text_encoder_3": "transformers"},
+}
 
 
 # ---- loading, once per worker ---------------------------------------------------------------
@@ -108,6 +125,33 @@ def auto_dtype(device: str, pipeline_class: Callable[[], str], bf16_supported: C
         return torch.float32
     native_bf16 = pipeline_class() in BF16_PIPELINES and bf16_supported(including_emulation=False)
     return torch.bfloat16 if native_bf16 else torch.float16
+
+
+def quantization_config(
+    quantization: str | None, pipeline_class: str, single_file: bool, dtype: torch.dtype
+) -> PipelineQuantizationConfig | None:
+    """diffusers' own pipeline-level quantization for QUANTIZATION (None: none asked), or ValueError at
+    start, before any download, naming what is wired: the pipelines of QUANTIZED_MODULES, from a
+    diffusers folder or repo (diffusers quantizes a pipeline's modules as from_pretrained loads them)."""
+    if quantization is None:
+        return None
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"QUANTIZATION must be one of {', '.join(QUANTIZATIONS)}, got {quantization!r}")
+    if pipeline_class not in QUANTIZED_MODULES:
+        raise ValueError(
+            f"QUANTIZATION={quantization}: quantization is wired for FLUX.1 and SD 3.5 (their transformer and"
+            f" T5 encoder), and the model loads as {pipeline_class}, which fits a 24 GB GPU in fp16: unset QUANTIZATION"
+        )
+    if single_file:
+        raise ValueError(
+            f"QUANTIZATION={quantization} needs a diffusers folder or repo in MODEL_NAME, not a single file"
+        )
+    settings = QUANTIZATIONS[quantization]
+    if "load_in_4bit" in settings:
+        settings = settings | {"bnb_4bit_compute_dtype": dtype}
+    library = {"diffusers": diffusers.BitsAndBytesConfig, "transformers": transformers.BitsAndBytesConfig}
+    mapping = {name: library[owner](**settings) for name, owner in QUANTIZED_MODULES[pipeline_class].items()}
+    return PipelineQuantizationConfig(quant_mapping=mapping)
 
 
 def from_pretrained_fp16_first(loader: Any, name: str, dtype: torch.dtype, **kwargs: Any) -> Any:
@@ -184,9 +228,11 @@ def load_pipelines(
     cpu_offload: bool = False,
     vae_tiling: bool = False,
     compile_mode: str | None = None,
+    quantization: PipelineQuantizationConfig | None = None,
 ) -> tuple[Any, Any, Any, Any | None]:
     """Text-to-image, image-to-image, inpainting and (optionally) ControlNet pipelines over one
-    set of weights. compile_mode: torch.compile's mode for the denoiser; None compiles nothing."""
+    set of weights. compile_mode: torch.compile's mode for the denoiser; None compiles nothing.
+    quantization: quantization_config's, applied as the modules load (the rest in `dtype`)."""
     components: dict[str, Any] = {}
     if model.vae:
         vae = hub_cache.local_model(model.vae) or model.vae
@@ -202,6 +248,7 @@ def load_pipelines(
             dtype,
             revision=model.revision,
             cache_dir=cached_hub_folder(model.name),
+            **({"quantization_config": quantization} if quantization else {}),
             **components,
         )
     require_supported(text2image)  # another kind of pipeline stops the worker here, naming what is served

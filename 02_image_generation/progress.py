@@ -5,7 +5,8 @@ event loop free to stream progress and take other jobs. The run reports each ste
 (`on_step`); `ThreadRun.next_step` hands the event loop only the newest one: a step overtaken by a
 newer one is dropped, never queued, and once the run is done no step is returned (progress not yet
 sent is stale next to the result). Past the deadline it raises TimeLimitExceeded; `stop` sets the
-`cancelled` event the run checks between steps and waits for its thread to finish.
+`cancelled` event the run checks between steps and waits for its thread to finish. A step reaches
+the caller as a progress chunk (`progress_chunk`).
 """
 
 from __future__ import annotations
@@ -66,3 +67,12 @@ class ThreadRun:
         self.cancelled.set()
         with contextlib.suppress(Exception):
             await asyncio.shield(self.running)
+
+
+def progress_chunk(step: int, total: int) -> dict[str, Any]:
+    """The chunk a step streams as: {"status": "progress", "step": 7, "total": 30}."""
+    return {"status": "progress", "step": step, "total": total}
+
+
+def is_progress(chunk: Any) -> bool:
+    return isinstance(chunk, dict) and chunk.get("status") == "progress"
