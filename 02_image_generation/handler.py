@@ -140,14 +140,14 @@ INPUT_LIMITS = ImageLimits(
     timeout_s=env_float("DOWNLOAD_TIMEOUT_S", 15.0),  # a whole download, not each read
 )
 
-# LoRA adapters (loras.py). LORAS: the endpoint's own, loaded at start, as a JSON list of
-# {"name", "source", "weight"}; a request names them (or any other source) in `loras`.
+# LoRA adapters (loras.py). LORAS: the endpoint's own, loaded at start, a JSON list; requests name them in `loras`.
 LORAS = env_str("LORAS", None)
-MAX_LORAS_LOADED = env_int("MAX_LORAS_LOADED", 8)  # a LoRA is 10-200 MB of GPU memory; the LRU one goes
 LORA_LIMITS = LoraLimits(
     max_bytes=env_int("MAX_LORA_BYTES", 1024**3),  # the largest SDXL LoRAs (rank 128-256) are ~0.5-1 GB
     timeout_s=env_float("LORA_DOWNLOAD_TIMEOUT_S", 300.0),  # 1 GB at ~30 Mbit/s; and within the job's time limit
-    max_loaded=MAX_LORAS_LOADED,
+    max_loaded=env_int("MAX_LORAS_LOADED", 8),  # a LoRA is 10-200 MB of GPU memory; the LRU one goes
+    slots=env_int("LORA_SLOTS", 1),  # TORCH_COMPILE: adapters at once, each a compiled slot computed every step
+    max_rank=env_int("LORA_MAX_RANK", 64),  # TORCH_COMPILE: most published SD, SDXL and FLUX LoRAs are rank 4-64
 )
 # Downloaded LoRAs (on the network volume if any): past 10 GiB, ~10 of the largest SDXL LoRAs, the LRU ones go.
 LORA_CACHE = LoraCache(env_int("LORA_CACHE_BYTES", 10 * 1024**3))

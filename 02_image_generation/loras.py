@@ -32,12 +32,22 @@ query string (a signed URL's signature changes on every request, the file does n
 in bytes: past the bound the least recently used files go, except those used in the last
 `CACHE_IN_USE_S` (a job on this worker or on another one sharing the volume may be about to load
 them).
+
+On a compiled denoiser (TORCH_COMPILE) adapters cannot be added or removed: the compiled graph is
+specialised to its modules, and diffusers' adapter APIs do not see through torch.compile's wrapper.
+`HotswapSlots` prepares `slots` zeroed LoRA layers of rank `max_rank` on the denoiser's attention
+projections before it compiles (diffusers' `enable_lora_hotswap`); a job's adapters are copied into
+them in place (`load_lora_weights(..., hotswap=True)`, no recompilation), and a job without adapters
+runs on slots of zeros: the base weights exactly. An adapter that cannot fit a slot (a rank over
+LORA_MAX_RANK, layers beyond the attention projections, text encoder layers, DoRA) or a set larger
+than LORA_SLOTS is refused before anything is copied.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tempfile
 import threading
 import time
@@ -69,6 +79,8 @@ class LoraLimits:
     max_bytes: int  # one adapter file, downloaded (MAX_LORA_BYTES)
     timeout_s: float  # one download, all of it (LORA_DOWNLOAD_TIMEOUT_S)
     max_loaded: int  # adapters loaded at once, the endpoint's own included (MAX_LORAS_LOADED)
+    slots: int = 1  # TORCH_COMPILE: adapters a job may use at once on the compiled denoiser (LORA_SLOTS)
+    max_rank: int = 64  # TORCH_COMPILE: the highest LoRA rank the slots hold (LORA_MAX_RANK)
 
 
 @dataclass(frozen=True)
@@ -379,11 +391,144 @@ def adapter_set(chosen: list[tuple[Adapter, float]]) -> AdapterSet:
     return tuple(sorted(chosen, key=lambda pair: (pair[0].name, pair[1])))
 
 
+# ---- adapters on a compiled denoiser (TORCH_COMPILE) ------------------------------------------
+# The layers the slots cover: the attention projections, which diffusers' LoRA training scripts
+# target (SD, SDXL, FLUX.1, SD 3.5). Every slot computes on every step, zeros or not: a wider
+# cover would cost every job, with or without adapters.
+HOTSWAP_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+# A LoRA weight's key in peft's layout: the module, then `lora_A` or `lora_B`.
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>A|B)\.(?P<tensor>weight|bias)$")
+
+
+class HotswapSlots:
+    """`count` LoRA layers of rank `max_rank` on the attention projections of `pipeline`'s denoiser
+    (its `denoiser` attribute: "unet" or "transformer"), prepared before it compiles; a job's adapters
+    are copied into them, unused ones hold zeros. See the module docstring."""
+
+    def __init__(self, pipeline: Any, denoiser: str, count: int, max_rank: int) -> None:
+        self.pipeline = pipeline
+        self.denoiser = denoiser
+        self.names = [f"slot_{index}" for index in range(count)]
+        self.max_rank = max_rank
+        self.modules: dict[str, tuple[int, int]] = {}  # each Linear the slots cover: (in, out) features
+
+    @classmethod
+    def prepare(cls, pipeline: Any, limits: LoraLimits) -> HotswapSlots | None:
+        """The slots (zeros) on `pipeline`'s denoiser when torch.compile wraps it (None otherwise),
+        injected before its first call, so the graph compiled then holds them. A pipeline without LoRA
+        hotswap, or LORA_SLOTS=0, gets none: every LoRA request is then refused."""
+        import torch
+
+        denoiser = "transformer" if getattr(pipeline, "transformer", None) is not None else "unet"
+        model = getattr(pipeline, denoiser)
+        if not hasattr(model, "_orig_mod"):  # not compiled: adapters load as usual
+            return None
+        model = model._orig_mod  # the module torch.compile wraps; it traces it at the first call
+        count = limits.slots if hasattr(model, "enable_lora_hotswap") else 0
+        slots = cls(pipeline, denoiser, count, limits.max_rank)
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and name.endswith(tuple("." + t for t in HOTSWAP_TARGETS)):
+                slots.modules[name] = (module.in_features, module.out_features)
+        for name in slots.names:
+            slots.inject(name)
+        return slots
+
+    def inject(self, name: str) -> None:
+        """A slot of zeros at the target rank, its scalings made tensors (diffusers' enable_lora_hotswap
+        before the load): a hotswap then changes values the compiled graph reads, never the graph."""
+        model = getattr(self.pipeline, self.denoiser)
+        model = getattr(model, "_orig_mod", model)
+        model.enable_lora_hotswap(target_rank=self.max_rank, check_compiled="ignore")
+        model.load_lora_adapter(self.zeros(everywhere=True), prefix=self.denoiser, adapter_name=name)
+
+    def zeros(self, everywhere: bool = False) -> dict[str, Any]:
+        """A LoRA of zeros, fresh tensors (loading may keep them as the slot's own). Hotswapped in with
+        one module, it zeroes every other module of the slot too (peft zeroes the keys it lacks)."""
+        import torch
+
+        modules = list(self.modules.items())
+        state = {}
+        for name, (features_in, features_out) in modules if everywhere else modules[:1]:
+            state[f"{self.denoiser}.{name}.lora_A.weight"] = torch.zeros(self.max_rank, features_in)
+            state[f"{self.denoiser}.{name}.lora_B.weight"] = torch.zeros(features_out, self.max_rank)
+        return state
+
+    def check_count(self, wanted: AdapterSet) -> None:
+        if len(wanted) > len(self.names):
+            raise LoraError(
+                f"loras: {len(wanted)} adapters at once, over the {len(self.names)} this endpoint's compiled"
+                f" {self.denoiser} holds (LORA_SLOTS, with TORCH_COMPILE): ask for fewer"
+            )
+
+    def check(self, adapter: Adapter, field: str) -> None:
+        """Refuse, before anything is copied, an adapter a slot cannot hold."""
+        from diffusers.utils import convert_unet_state_dict_to_peft
+
+        loaded = self.pipeline.lora_state_dict(adapter.path)
+        state = loaded[0] if isinstance(loaded, tuple) else loaded
+        setting = "with TORCH_COMPILE (LoRA hotswap)"
+        prefix = self.denoiser + "."
+        if others := sorted({key.split(".")[0] for key in state if not key.startswith(prefix)}):
+            raise LoraError(
+                f"{field}: the adapter has layers for {', '.join(others)};"
+                f" {setting} only the {self.denoiser}'s are served"
+            )
+        state = {key.removeprefix(prefix): value for key, value in state.items()}
+        if state and not any("lora_A" in key for key in state):
+            state = convert_unet_state_dict_to_peft(state)  # diffusers' older layout, as load_lora_weights does
+        for key, value in state.items():
+            match = _LORA_KEY.match(key)
+            if match is None or match["tensor"] != "weight":
+                raise LoraError(f"{field}: the adapter holds {key}, not a plain LoRA weight: not served {setting}")
+            if match["module"] not in self.modules:
+                raise LoraError(
+                    f"{field}: the adapter changes {match['module']}; {setting} only the attention projections"
+                    f" ({', '.join(HOTSWAP_TARGETS)}) take adapters"
+                )
+            features_in, features_out = self.modules[match["module"]]
+            if value.shape[1 if match["part"] == "A" else 0] != (features_in if match["part"] == "A" else features_out):
+                raise LoraError(f"{field}: the adapter does not fit this model ({match['module']} has other sizes)")
+            if match["part"] == "A" and value.shape[0] > self.max_rank:
+                raise LoraError(
+                    f"{field}: the adapter's rank {value.shape[0]} is over the {self.max_rank} this endpoint's"
+                    f" compiled {self.denoiser} holds {setting}: raise LORA_MAX_RANK"
+                )
+
+    def fill(self, wanted: AdapterSet, fields: list[str]) -> None:
+        """Copy `wanted` into the slots, its weights applied, and zero the slots it leaves."""
+        self.check_count(wanted)
+        for (adapter, _), field in zip(wanted, fields, strict=True):
+            self.check(adapter, field)  # every adapter, before any is copied
+        for index, name in enumerate(self.names):
+            if index < len(wanted):
+                adapter, weight = wanted[index]
+                self._swap(name, adapter.path, weight, fields[index])
+            else:
+                self._swap(name, self.zeros(), 1.0, "loras")
+
+    def _swap(self, name: str, source: Any, weight: float, field: str) -> None:
+        try:
+            self.pipeline.load_lora_weights(source, adapter_name=name, hotswap=True)
+        except Exception as error:  # noqa: BLE001 - past check(): diffusers removed the slot; zeros again
+            self.inject(name)
+            raise LoraError(
+                f"{field}: the adapter does not fit the compiled {self.denoiser} ({type(error).__name__})"
+            ) from None
+        # The weight on the slot's scalings, in place: tensors the compiled graph reads, not constants in it.
+        if weight != 1.0:
+            from peft.tuners.lora import LoraLayer
+
+            for module in getattr(self.pipeline, self.denoiser).modules():
+                if isinstance(module, LoraLayer) and name in module.scaling:
+                    module.scaling[name].mul_(weight)
+
+
 class AdapterGate:
     """Jobs run together only when they want the same adapters; see the module docstring."""
 
-    def __init__(self, pipeline: Any, max_loaded: int, pinned: set[str]) -> None:
+    def __init__(self, pipeline: Any, max_loaded: int, pinned: set[str], slots: HotswapSlots | None = None) -> None:
         self.pipeline = pipeline  # adapters load into its modules, which every pipeline shares
+        self.slots = slots  # a compiled denoiser's (TORCH_COMPILE): adapters are copied into them instead
         self.max_loaded = max_loaded
         self.pinned = pinned  # endpoint LoRAs: never evicted
         self.loaded: OrderedDict[str, Adapter] = OrderedDict()  # least recently used first
@@ -397,6 +542,10 @@ class AdapterGate:
         the least recently used beyond max_loaded, never a pinned one nor one in `keep`."""
         if adapter.name in self.loaded:
             self.loaded.move_to_end(adapter.name)
+            return
+        if self.slots is not None:
+            self.slots.check(adapter, field)  # copied into a slot by _switch; nothing loads here
+            self.loaded[adapter.name] = adapter
             return
         try:
             self.pipeline.load_lora_weights(adapter.path, adapter_name=adapter.name)
@@ -422,12 +571,14 @@ class AdapterGate:
 
     def _forget(self, name: str) -> None:
         self.loaded.pop(name, None)
-        if any(name in names for names in self.pipeline.get_list_adapters().values()):
+        if self.slots is None and any(name in names for names in self.pipeline.get_list_adapters().values()):
             self.pipeline.delete_adapters(name)
 
     def check_fits(self, wanted: AdapterSet) -> None:
         """Refuse a set that cannot be loaded at once beside the endpoint's pinned adapters: loading
         its last adapter would evict its first, and set_adapters would fail."""
+        if self.slots is not None:
+            self.slots.check_count(wanted)
         needed = self.pinned | {adapter.name for adapter, _ in wanted}
         if len(needed) > self.max_loaded:
             beside = len(needed) - len(wanted)
@@ -437,6 +588,10 @@ class AdapterGate:
             )
 
     def _switch(self, wanted: AdapterSet, fields: list[str]) -> None:
+        if self.slots is not None:
+            self.slots.fill(wanted, fields)  # every adapter checked before any is copied; the rest zeroed
+            self.current = wanted
+            return
         keep = frozenset(adapter.name for adapter, _ in wanted)  # the set switched in: never evicted by itself
         for (adapter, _), field in zip(wanted, fields, strict=True):
             self.load(adapter, field, keep)
@@ -523,7 +678,7 @@ def load_endpoint_loras(
     """The endpoint's own LoRAs (LORAS), loaded into `pipeline` at start and never evicted: the gate
     over them, and each one's adapter and weight by name. More of them than `limits.max_loaded`
     stops the worker, naming MAX_LORAS_LOADED."""
-    gate = AdapterGate(pipeline, limits.max_loaded, pinned=set())
+    gate = AdapterGate(pipeline, limits.max_loaded, pinned=set(), slots=HotswapSlots.prepare(pipeline, limits))
     adapters: dict[str, Adapter] = {}
     weights: dict[str, float] = {}
     for index, entry in enumerate(parse_endpoint_loras(value)):

@@ -176,6 +176,41 @@ def test_a_flux_lora_job_matches_the_raw_pipeline_with_that_adapter(handlers, ti
     np.testing.assert_array_equal(pixels(plain_after["images"][0]["image"]), pixels(plain["images"][0]["image"]))
 
 
+@pytest.mark.compile
+def test_a_real_torch_compile_of_the_flux_transformer_serves_loras_without_recompiling(tiny_model) -> None:
+    """Issue 22 on FLUX.1 [schnell]: inductor for real on the CPU (TORCH_COMPILE_MODE=default, at a
+    64² default size so the warm-up compiles the jobs' shape). A request's LoRA and an endpoint LoRA
+    go into the slot compiled with the transformer: no recompilation, the plain job after each is
+    byte-identical to the one before, and each LoRA image is close to the uncompiled worker's."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    adapter = str(tiny_model("lora-flux-schnell"))
+    env = {
+        "MODEL_NAME": str(tiny_model("flux-schnell")),
+        "LORAS": f'[{{"name": "f", "source": "{adapter}", "weight": 0.5}}]',
+        "DEFAULT_WIDTH": "64",
+        "DEFAULT_HEIGHT": "64",
+    }
+    module = load_handler(EXAMPLE, {**env, "TORCH_COMPILE": "true", "TORCH_COMPILE_MODE": "default"})
+    assert type(module.TEXT2IMAGE.transformer).__name__ == "OptimizedModule"
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 1, "the warm-up image compiled the transformer"
+    jobs = [{}, {"loras": [{"source": adapter}]}, {}, {"loras": [{"source": "f"}]}, {}]
+    plain, with_lora, after_lora, with_endpoint, after_endpoint = (
+        pixels(generate(module, prompt="a tree", seed=5, **SMALL, **job)[1]["images"][0]["image"]) for job in jobs
+    )
+    assert counters["stats"]["unique_graphs"] == graphs, "a job, or an adapter, compiled again"
+    np.testing.assert_array_equal(after_lora, plain)  # no adapter left behind
+    np.testing.assert_array_equal(after_endpoint, plain)
+    assert not np.array_equal(with_lora, plain) and not np.array_equal(with_endpoint, with_lora)
+    eager = load_handler(EXAMPLE, env)
+    for job, compiled in zip(jobs[:2] + jobs[3:4], (plain, with_lora, with_endpoint), strict=True):
+        _, expected = generate(eager, prompt="a tree", seed=5, **SMALL, **job)
+        difference = np.abs(compiled.astype(int) - pixels(expected["images"][0]["image"]).astype(int))
+        assert difference.max() <= 2, difference.max()  # inductor rounds differently, by a pixel level at most
+
+
 def test_auto_dtype_is_bf16_for_flow_models_on_gpus_told_before_the_weights_load(handlers) -> None:
     module = handlers["flux-schnell"]
     assert module.pipeline_class_name() == "FluxPipeline"  # from model_index.json

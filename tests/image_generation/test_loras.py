@@ -441,3 +441,82 @@ def test_a_hub_lora_is_cached_by_its_commit(loras, lora_bytes, tmp_path, local_h
     assert loras.resolve("f", "someone/lora", {}, cache, limits(loras)) == first
     assert [hit.split()[0] for hit in hits] == ["HEAD", "GET", "HEAD"]
     assert Path(first.path).read_bytes() == lora_bytes and Path(first.path).parent == cache.folder
+
+
+# ---- LoRAs on a compiled denoiser (TORCH_COMPILE): what cannot fit a slot is refused first ------
+# The real inductor compiles are in test_models.py and test_flow.py; here torch.compile only wraps
+# the UNet (it compiles at the first call, and none is made): what is tested is the refusals.
+
+
+def compiled_gate(loras: ModuleType, tiny_model, tmp_path: Path, slots: int, max_rank: int) -> tuple[Any, Any]:
+    """The tiny SD 1.5 with its UNet under torch.compile's eager backend: dynamo traces it (the slots
+    must hold in one graph) and runs the traced code without inductor, so an image takes a second."""
+    import torch
+    from diffusers import AutoPipelineForText2Image
+
+    pipeline = AutoPipelineForText2Image.from_pretrained(str(tiny_model("sd15")))
+    pipeline.set_progress_bar_config(disable=True)
+    pipeline.unet = torch.compile(pipeline.unet, fullgraph=True, backend="eager")
+    limits = loras.LoraLimits(max_bytes=2**20, timeout_s=5.0, max_loaded=8, slots=slots, max_rank=max_rank)
+    gate, _, _ = loras.load_endpoint_loras(None, pipeline, loras.LoraCache(2**20, tmp_path), limits)
+    return pipeline, gate
+
+
+def slot_weights(pipeline: Any) -> dict[str, Any]:
+    return {key: value for key, value in pipeline.unet._orig_mod.state_dict().items() if ".lora_" in key}
+
+
+def test_a_compiled_unet_refuses_what_its_lora_slots_cannot_hold_before_copying_anything(
+    loras, tiny_model, tmp_path
+) -> None:
+    """The tiny LoRAs are rank 4: over LORA_MAX_RANK=2 each is refused naming it, two adapters
+    over LORA_SLOTS=1 are refused naming that, and the slots stay zeros (the base model exactly)."""
+    pipeline, gate = compiled_gate(loras, tiny_model, tmp_path, slots=1, max_rank=2)
+    weights = slot_weights(pipeline)
+    assert weights and all(name.split(".lora_")[1].split(".")[1] == "slot_0" for name in weights)
+    a, b = (
+        loras.Adapter(f"lora_{kind}", str(tiny_model(f"lora-sd15-{kind}") / "pytorch_lora_weights.safetensors"))
+        for kind in "ab"
+    )
+    with pytest.raises(loras.LoraError, match=r"rank 4 is over the 2 .*raise LORA_MAX_RANK"):
+        with gate.using(loras.adapter_set([(a, 1.0)]), ["loras.0.source"]):
+            pass
+    with pytest.raises(loras.LoraError, match=r"2 adapters at once, over the 1 .*\(LORA_SLOTS, with TORCH_COMPILE\)"):
+        with gate.using(loras.adapter_set([(a, 1.0), (b, 1.0)]), ["loras.0.source", "loras.1.source"]):
+            pass
+    assert all(not value.any() for value in slot_weights(pipeline).values())
+    assert sorted(slot_weights(pipeline)) == sorted(weights)  # the slot is still there, of zeros
+
+
+def test_a_lora_in_a_compiled_slot_gives_the_image_of_diffusers_own_load(loras, tiny_model, tmp_path) -> None:
+    """Each adapter at its weight, copied into the slot, gives bit for bit the image of the same
+    adapter loaded the usual way on an uncompiled pipeline; a plain job gets zeros, the base image."""
+    import torch
+    from diffusers import AutoPipelineForText2Image
+
+    def image(pipeline: Any) -> np.ndarray:
+        generator = torch.Generator("cpu").manual_seed(3)
+        return np.asarray(pipeline("a tree", width=64, height=64, num_inference_steps=2, generator=generator).images[0])
+
+    pipeline, gate = compiled_gate(loras, tiny_model, tmp_path, slots=1, max_rank=8)
+    reference = AutoPipelineForText2Image.from_pretrained(str(tiny_model("sd15")))
+    reference.set_progress_bar_config(disable=True)
+    with gate.using((), []):
+        plain = image(pipeline)
+    np.testing.assert_array_equal(plain, image(reference))
+    for kind, weight in (("a", 1.0), ("b", 0.5)):
+        path = str(tiny_model(f"lora-sd15-{kind}") / "pytorch_lora_weights.safetensors")
+        with gate.using(loras.adapter_set([(loras.Adapter(kind, path), weight)]), ["loras.0.source"]):
+            with_lora = image(pipeline)
+        reference.load_lora_weights(path, adapter_name=kind)
+        reference.set_adapters([kind], adapter_weights=[weight])
+        np.testing.assert_array_equal(with_lora, image(reference))
+        assert not np.array_equal(with_lora, plain)
+    with gate.using((), []):
+        np.testing.assert_array_equal(image(pipeline), plain)
+        assert all(not value.any() for value in slot_weights(pipeline).values())
+    sdxl = loras.Adapter("lora_x", str(tiny_model("lora-sdxl") / "pytorch_lora_weights.safetensors"))
+    with pytest.raises(loras.LoraError, match=r"does not fit this model|only the attention projections"):
+        with gate.using(loras.adapter_set([(sdxl, 1.0)]), ["loras.0.source"]):
+            pass
+    assert all(not value.any() for value in slot_weights(pipeline).values())
