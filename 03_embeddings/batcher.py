@@ -12,7 +12,22 @@ How a batch is chosen (`take_batch`, a pure function):
   * Around the anchor, the batch takes the waiting texts closest to it in length, as long as the
     padded size (texts × the longest one, what the model really computes) stays within
     `max_tokens` and the count within `max_texts`. Texts of similar length waste little padding.
-  * Only texts of one `group` share a batch (the caller decides what cannot be mixed).
+  * Only texts of one `group` share a batch (the caller decides what cannot be mixed), and only
+    texts of one `run`: a job may bring its own model function (the reranker's pairs do).
+  * Aging: a job passed over MAX_PASSED_OVER batches in a row (batches taken while it had texts
+    waiting, none of them in it) anchors the next batch itself, the most passed over first.
+
+Why aging, and its bound. Without it a job of several long texts can wait forever: under steady
+one-line traffic there is always a job with one text waiting, which anchors every batch, and the
+budget leaves no room beside short texts for an 8,192-token one (three texts padded to 8,192 are
+over 16,384 tokens). With it, no job is passed over more than MAX_PASSED_OVER + J - 1 batches in a
+row, J the jobs waiting when it reached MAX_PASSED_OVER (at most MAX_CONCURRENCY): from then on
+every batch is anchored by a job passed over at least as often (ties: the older first); each batch
+empties that set of jobs ahead of it by one at least (an anchor's count goes back to 0), and a job
+that arrives later starts at 0 and can only ever count less than it. Its texts then ride in the
+batch it anchors, so a job of n texts is served in at most n × (MAX_PASSED_OVER + J) batches, and
+beside one such job, one-line queries keep MAX_PASSED_OVER of every MAX_PASSED_OVER + 1 batches.
+Tested by driving take_batch with streams of jobs (tests/embeddings/test_batcher.py).
 
 A job is answered the moment its own last text is done, whatever else its batches held.
 
@@ -29,6 +44,12 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
+# Batches a waiting job can be passed over in a row before it anchors the next one itself. Small
+# enough that a long document waits at most a few batches more than a one-line query (on a GPU,
+# a batch of 16,384 tokens takes tens of milliseconds); large enough that one-line queries, which
+# anchor most batches, keep 8 of every 9 batches when long jobs compete with them.
+MAX_PASSED_OVER = 8
+
 
 @dataclass(eq=False)
 class Job:
@@ -39,6 +60,8 @@ class Job:
     future: asyncio.Future[list[Any]]
     waiting: int  # texts not yet taken into a batch
     left: int  # texts without a result yet
+    run: Callable[[list[Any]], Sequence[Any]] | None = None  # its own model function, else the batcher's
+    passed_over: int = 0  # batches taken in a row while it waited, none of its texts in them
 
 
 @dataclass(eq=False)
@@ -58,13 +81,18 @@ def padded_tokens(lengths: Sequence[int]) -> int:
     return len(lengths) * max(lengths, default=0)
 
 
-def take_batch(waiting: list[Item], max_tokens: int, max_texts: int) -> list[Item]:
+def take_batch(
+    waiting: list[Item], max_tokens: int, max_texts: int, max_passed_over: int = MAX_PASSED_OVER
+) -> list[Item]:
     """Remove the next batch from `waiting` and return it (see the module's docstring).
 
     The anchor always goes, even alone over `max_tokens`: a text as long as the model's window
     must still be embedded.
     """
-    anchor = min(waiting, key=lambda item: (item.job.waiting, item.job.seq, item.order))
+    if overdue := [item for item in waiting if item.job.passed_over >= max_passed_over]:
+        anchor = min(overdue, key=lambda item: (-item.job.passed_over, item.job.seq, item.order))
+    else:
+        anchor = min(waiting, key=lambda item: (item.job.waiting, item.job.seq, item.order))
     peers = sorted((item for item in waiting if item.group == anchor.group), key=lambda item: (item.length, item.order))
     low = high = peers.index(anchor)  # the batch is peers[low : high + 1], sorted by length
     while high - low + 1 < max_texts:
@@ -84,8 +112,11 @@ def take_batch(waiting: list[Item], max_tokens: int, max_texts: int) -> list[Ite
     batch = peers[low : high + 1]
     taken = set(map(id, batch))
     waiting[:] = [item for item in waiting if id(item) not in taken]
+    served = {item.job for item in batch}
     for item in batch:
         item.job.waiting -= 1
+    for job in {item.job for item in waiting}:  # the jobs still waiting: passed over, or served
+        job.passed_over = 0 if job in served else job.passed_over + 1
     return batch
 
 
@@ -109,13 +140,22 @@ class TokenBudgetBatcher:
         self._arrivals = 0
         self._drainer: asyncio.Task[None] | None = None
 
-    async def submit(self, payloads: Sequence[Any], lengths: Sequence[int], group: Hashable = None) -> list[Any]:
-        """Queue one job's texts and wait for all their results, in order."""
+    async def submit(
+        self,
+        payloads: Sequence[Any],
+        lengths: Sequence[int],
+        group: Hashable = None,
+        run: Callable[[list[Any]], Sequence[Any]] | None = None,
+    ) -> list[Any]:
+        """Queue one job's texts and wait for all their results, in order. `run`, when given, is the
+        model function for this job's texts instead of the batcher's own (they never share a batch
+        with texts of another `run`): another model on the same thread and in the same queue."""
         loop = asyncio.get_running_loop()
         self._arrivals += 1
-        job = Job(self._arrivals, [None] * len(payloads), loop.create_future(), len(payloads), len(payloads))
+        job = Job(self._arrivals, [None] * len(payloads), loop.create_future(), len(payloads), len(payloads), run)
         if not payloads:
             return []
+        group = group if run is None else (run, group)
         for index, (payload, length) in enumerate(zip(payloads, lengths, strict=True)):
             self.waiting.append(Item(job, index, payload, length, group, order=self._arrivals * 1_000_000 + index))
         # The model is idle: start now (the collector task is held, since a loop keeps only weak refs).
@@ -138,8 +178,9 @@ class TokenBudgetBatcher:
             return
         self.batches += 1
         loop = asyncio.get_running_loop()
+        run = batch[0].job.run or self.run  # one group, so one run: see `submit`
         try:
-            results = await loop.run_in_executor(self.executor, self.run, [item.payload for item in batch])
+            results = await loop.run_in_executor(self.executor, run, [item.payload for item in batch])
         except Exception as error:  # noqa: BLE001 - each job gets its own outcome below
             if self.on_error is not None:
                 self.on_error(error)

@@ -31,13 +31,14 @@ from pydantic import BaseModel
 from sentence_transformers import CrossEncoder, SentenceTransformer, SparseEncoder
 
 import schema
+from batcher import TokenBudgetBatcher
 from cold_start import COLD_START
 from dense import encode_vector, quantize, shape_embeddings
 from encoder import CUT_RIGHT, Cut, Encoder, ToEncode, Tokenized, tokenize_within
 from errors import RequestError, failed, gpu_lost, out_of_memory, rejected
 from loading import cached_hub_folder, model_options, model_source, openvino_precision
 from local_run import for_local_run
-from rerank import rerank, rerank_response
+from rerank import Reranker, check_rerank_budget, rerank, rerank_response
 from result_size import (
     MAX_JSON_BYTES_PER_FLOAT,
     MIN_JSON_BYTES_PER_FLOAT,
@@ -126,7 +127,8 @@ MAX_INPUTS = env_int("MAX_INPUTS", 2048)  # texts per request: OpenAI's own cap
 # truncated anyway); the cap only bounds the memory a single request can make us tokenise.
 MAX_INPUT_CHARS = env_int("MAX_INPUT_CHARS", 50_000)
 MIN_DIMENSIONS = env_int("MIN_DIMENSIONS", 1)  # OpenAI accepts any positive size; the maximum is the model's own
-BATCH_SIZE = env_int("BATCH_SIZE", 64)  # pairs per cross-encoder pass (rerank) and texts per calibration pass
+# Pairs per cross-encoder pass in a rerank batch (cut by MAX_BATCH_TOKENS/TEXTS), texts per calibration pass.
+BATCH_SIZE = env_int("BATCH_SIZE", 64)
 # Dynamic batching (batcher.py): the texts of all waiting jobs share forward passes, as TEI and
 # Infinity do. A batch holds texts of similar length, at most MAX_BATCH_TOKENS once padded
 # (texts × the longest): on a GPU TEI's default, 16,384, which fits a 16 GB GPU with a
@@ -198,6 +200,7 @@ RERANKER = (
     if RERANK_MODEL_NAME
     else None
 )
+RERANKING = Reranker(RERANKER, BATCH_SIZE) if RERANKER is not None else None  # its pairs join the batcher
 LOADED_AT = int(time.time())
 RUNS_IN = str(DTYPE) if BACKEND == "torch" else BACKEND  # what the model computes in, for the log
 if BACKEND == "openvino":  # OPENVINO_PRECISION, unless the CPU cannot run it
@@ -283,11 +286,13 @@ async def embed_texts(texts: list[str], prompt: str, task: str | None, cut: Cut 
         )
     items = [ToEncode(encoding, text, prompt, task) for encoding, text in zip(tokens.encodings, texts, strict=True)]
     lengths = [min(count, MAX_SEQ_LENGTH) for count in tokens.counts]
-    # Without dynamic batching each job gets a batcher of its own: the same token-budget batches
-    # and failure isolation, on the same model thread, but never shared with another job.
-    batcher = BATCHER if DYNAMIC_BATCHING else ENCODER.batcher(MODEL_THREAD, MAX_BATCH_TOKENS, MAX_BATCH_TEXTS)
-    vectors = await batcher.submit(items, lengths, ENCODER.group(prompt, task))
+    vectors = await job_batcher().submit(items, lengths, ENCODER.group(prompt, task))
     return vectors, tokens.counts
+
+
+def job_batcher() -> TokenBudgetBatcher:
+    """BATCHER; without dynamic batching, one of the job's own (same budgets and thread, never shared)."""
+    return BATCHER if DYNAMIC_BATCHING else ENCODER.batcher(MODEL_THREAD, MAX_BATCH_TOKENS, MAX_BATCH_TEXTS)
 
 
 def embed_now(texts: list[str], prompt: str = "", task: str | None = None) -> list[np.ndarray] | list[SparseVector]:
@@ -396,16 +401,13 @@ async def handler(job: dict[str, Any]) -> dict[str, Any] | list[dict[str, Any]]:
         if route == OPENAI_MODELS_ROUTE:
             return models_response()
         if route == "rerank":
-            if RERANKER is None:
+            if RERANKING is None:
                 raise RequestError("reranking needs a cross-encoder: set RERANK_MODEL_NAME on the endpoint")
-            ranked = await asyncio.get_running_loop().run_in_executor(
-                MODEL_THREAD, rerank, RERANKER, request, BATCH_SIZE
-            )
-            log.info(
-                f"Reranked {len(request.documents)} documents in {(time.perf_counter() - started) * 1000:.0f} ms",
-                job_id,
-            )
-            return rerank_response(ranked, request, RERANK_MODEL_NAME)
+            check_rerank_budget(request, MAX_RESULT_BYTES)  # before the work: with its documents it can be large
+            ranked = await rerank(RERANKING, request, job_batcher(), TOKENIZE_THREAD)  # in the batcher's batches
+            elapsed_ms = (time.perf_counter() - started) * 1000
+            log.info(f"Reranked {len(request.documents)} documents in {elapsed_ms:.0f} ms", job_id)
+            return rerank_response(ranked, request, RERANK_MODEL_NAME, MAX_RESULT_BYTES)
         texts = request.input if isinstance(request, OpenAIEmbeddingRequest) else request.texts
         if not SPARSE:  # a sparse result's size is known only once its active terms are
             check_result_budget(len(texts), request)

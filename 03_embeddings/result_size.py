@@ -21,6 +21,20 @@ MAX_JSON_BYTES_PER_FLOAT = 25
 MIN_JSON_BYTES_PER_INT = 3
 # Room for everything beside the vectors (model name, usage, truncated indices).
 RESULT_OVERHEAD_BYTES = 1_000
+# One result of a ranking, without its document's text, at the fewest bytes (TEI's keys, the
+# shortest, with a one-digit index and a score written as "0.0") and at the most (Cohere's keys,
+# the longest, with a seven-digit index and the longest float json writes).
+MIN_RERANK_RESULT_BYTES = len('{"index": 0, "score": 0.0}, ')
+MAX_RERANK_RESULT_BYTES = len(
+    '{"index": 1000000, "relevance_score": -1.2345678901234567e-300, "document": {"text": ""}}, '
+)
+MIN_DOCUMENT_KEY_BYTES = len(', "text": ""')  # a returned document's key and quotes, at the fewest
+# json.dumps writes a character as itself (1 byte) at the fewest, as two \uXXXX escapes (12) at the most.
+MAX_JSON_BYTES_PER_CHAR = 12
+# What to send instead, when an embedding result would be over the limit.
+EMBEDDING_WAYS_OUT = (
+    'send encoding_format "base64" (about a quarter of the size), fewer texts per request, or fewer dimensions'
+)
 
 
 def result_bytes(count: int, dimensions: int, precision: str, encoding_format: str, json_bytes: int) -> int:
@@ -35,19 +49,27 @@ def result_bytes(count: int, dimensions: int, precision: str, encoding_format: s
     return count * per_vector + RESULT_OVERHEAD_BYTES
 
 
-def too_large(size: int, limit: int, certain: bool) -> str:
+def rerank_result_bytes(request: Any, most: bool) -> int:
+    """The size of the ranking a rerank request (schema.RerankRequest) gets, at the fewest bytes (its
+    top_n shortest documents, a byte a character) or, with `most`, at the most (its longest ones)."""
+    count = min(request.top_n or len(request.documents), len(request.documents))
+    size = count * (MAX_RERANK_RESULT_BYTES if most else MIN_RERANK_RESULT_BYTES)
+    if request.return_documents:  # which documents come back is known only once they are scored
+        chars = sorted(map(len, request.documents), reverse=most)[:count]
+        size += sum(chars) * MAX_JSON_BYTES_PER_CHAR if most else sum(chars) + count * MIN_DOCUMENT_KEY_BYTES
+    return size + RESULT_OVERHEAD_BYTES if most else size
+
+
+def too_large(size: int, limit: int, certain: bool, ways_out: str = EMBEDDING_WAYS_OUT) -> str:
     """The error for a result of `size` bytes over `limit` (MAX_RESULT_BYTES), with the ways out."""
     amount = f"at least {size:,}" if certain else f"{size:,}"
-    return (
-        f"the result would be {amount} bytes, over MAX_RESULT_BYTES ({limit:,}: Runpod's limit "
-        'for a job result); send encoding_format "base64" (about a quarter of the size), fewer texts '
-        "per request, or fewer dimensions"
-    )
+    limit_named = f"MAX_RESULT_BYTES ({limit:,}: Runpod's limit for a job result)"
+    return f"the result would be {amount} bytes, over {limit_named}; {ways_out}"
 
 
-def measured(output: dict[str, Any], ceiling: int, limit: int) -> dict[str, Any]:
+def measured(output: Any, ceiling: int, limit: int, ways_out: str = EMBEDDING_WAYS_OUT) -> Any:
     """`output`, after measuring it when it might be over `limit` (its `ceiling` says so; json.dumps
     costs time, so only then): a result Runpod would refuse becomes this job's clear error."""
     if ceiling > limit and (size := len(json.dumps(output).encode())) > limit:
-        return {"error": too_large(size, limit, certain=False)}
+        return {"error": too_large(size, limit, certain=False, ways_out=ways_out)}
     return output

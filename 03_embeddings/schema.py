@@ -292,6 +292,11 @@ class RerankRequest(BaseModel):
     top_n: Annotated[int, Field(ge=1)] | None = None  # all documents, best first, when unset
     return_documents: bool = Field(False, validation_alias=AliasChoices("return_documents", "return_text"))
     raw_scores: bool = False  # TEI and Infinity: the cross-encoder's logits, without its activation
+    # TEI's truncation controls, for a (query, document) pair longer than the cross-encoder reads:
+    # cut (right: the model's own cut, the longer of the two loses its end; left: the document loses
+    # its start, the query stays whole), or refused with truncate: false.
+    truncate: bool = True
+    truncation_direction: TruncationDirection = "right"
     _shape: RerankShape = PrivateAttr("infinity")
 
 

@@ -237,3 +237,131 @@ def test_a_cancelled_jobs_texts_never_reach_the_model(batcher: ModuleType, threa
 
     assert asyncio.run(main()) == ["vector of kept"]
     assert all("never" not in call for call in calls)
+
+
+# ---- fairness: no job waits forever (take_batch driven directly, no model, no clock) -------------
+
+
+class Stream:
+    """A queue fed with jobs as a busy worker's would be: `arrive` adds a job, `batch` takes the next
+    batch and records, for every job, the most batches it was passed over in a row, and any run of
+    passes longer than the proof in batcher.py allows (MAX_PASSED_OVER + J - 1, J the jobs waiting
+    when its count reached MAX_PASSED_OVER)."""
+
+    def __init__(self, module: ModuleType, max_tokens: int, max_texts: int) -> None:
+        self.module, self.max_tokens, self.max_texts = module, max_tokens, max_texts
+        self.waiting: list[Any] = []
+        self.jobs: list[Any] = []
+        self.batches = 0
+        self.passes: dict[int, int] = {}  # job seq -> passed over in a row now
+        self.jobs_waiting_at_limit: dict[int, int] = {}  # job seq -> J, during a run past MAX_PASSED_OVER
+        self.longest: dict[int, int] = {}  # job seq -> its longest run of passes
+        self.over_the_bound: list[tuple[int, int, int]] = []  # (job seq, passes, J)
+        self.done_at: dict[int, int] = {}  # job seq -> the batch that took its last text
+
+    def arrive(self, lengths: list[int]) -> int:
+        seq = len(self.jobs)
+        job = self.module.Job(seq, [None] * len(lengths), None, len(lengths), len(lengths))
+        self.jobs.append(job)
+        self.waiting += [self.module.Item(job, i, (seq, i), n, order=seq * 100_000 + i) for i, n in enumerate(lengths)]
+        self.passes[seq] = self.longest[seq] = 0
+        return seq
+
+    def batch(self) -> list[Any]:
+        limit = self.module.MAX_PASSED_OVER
+        waiting_jobs = {item.job.seq for item in self.waiting}
+        for seq in waiting_jobs:
+            if self.passes[seq] == limit:
+                self.jobs_waiting_at_limit[seq] = len(waiting_jobs)
+        taken = self.module.take_batch(self.waiting, self.max_tokens, self.max_texts)
+        self.batches += 1
+        longest = max(item.length for item in taken)
+        assert self.module.padded_tokens([item.length for item in taken]) <= max(self.max_tokens, longest)
+        served = {item.job.seq for item in taken}
+        for seq in waiting_jobs:
+            if seq in served:
+                self.passes[seq] = 0
+                self.jobs_waiting_at_limit.pop(seq, None)
+                continue
+            self.passes[seq] += 1
+            self.longest[seq] = max(self.longest[seq], self.passes[seq])
+            jobs = self.jobs_waiting_at_limit.get(seq)
+            if jobs is not None and self.passes[seq] > limit + jobs - 1:
+                self.over_the_bound.append((seq, self.passes[seq], jobs))
+        for item in taken:
+            if item.job.waiting == 0:
+                self.done_at[item.job.seq] = self.batches
+        return taken
+
+
+def one_line() -> int:
+    return 12  # a one-line query: 12 tokens with [CLS] and [SEP]
+
+
+@pytest.mark.parametrize(
+    ("max_tokens", "max_texts", "long_job"),
+    [
+        (16_384, 256, [8_192, 8_192]),  # the GPU defaults, two documents of a long-context model's window
+        (16_384, 256, [8_192] * 5),
+        (16_384, 256, [8_192]),  # a one-text document: already bounded by arrival order, still checked
+        (65_536, 1_024, [8_192] * 9),  # a raised budget on a big GPU
+        (2_048, 32, [512] * 3),  # the CPU defaults, 512-token documents
+    ],
+)
+def test_a_long_job_is_served_within_the_bound_under_steady_one_line_traffic(
+    batcher: ModuleType, max_tokens: int, max_texts: int, long_job: list[int]
+) -> None:
+    """Twenty one-line queries arrive for every batch (the GPU takes them all in one), and a job of
+    long documents arrives among them. Every one-line job anchors the batch before it (it has the
+    fewest texts waiting) and the budget has no room for a long document beside them: before aging,
+    the long job was never taken in 2,000 batches. Now it is passed over exactly MAX_PASSED_OVER
+    batches, then anchors one, and each of its batches takes as many of its texts as fit."""
+    stream = Stream(batcher, max_tokens, max_texts)
+    arrivals = min(20, max_texts // 2)
+    for _ in range(arrivals):
+        stream.arrive([one_line()])
+    long_seq = stream.arrive(long_job)
+    per_batch = max(1, max_tokens // long_job[0])
+    rounds = -(-len(long_job) // per_batch)
+    for _ in range(2_000):
+        stream.batch()
+        for _ in range(arrivals):
+            stream.arrive([one_line()])
+        if long_seq in stream.done_at:
+            break
+    assert long_seq in stream.done_at, f"the long job waited {stream.batches} batches and was never finished"
+    assert stream.done_at[long_seq] <= rounds * (batcher.MAX_PASSED_OVER + 1), stream.done_at[long_seq]
+    # One-line queries lost at most one batch in MAX_PASSED_OVER + 1 to it: none waited more than that.
+    assert max(stream.longest[seq] for seq in stream.done_at if seq != long_seq) <= 1
+    assert not stream.over_the_bound
+
+
+@pytest.mark.parametrize(("max_tokens", "max_texts", "window"), [(16_384, 256, 8_192), (2_048, 32, 512)])
+@pytest.mark.parametrize("seed", range(2))
+def test_no_job_is_passed_over_more_than_the_proven_bound(
+    batcher: ModuleType, max_tokens: int, max_texts: int, window: int, seed: int
+) -> None:
+    """A random mix at and past saturation (one-line queries, RAG chunks, long documents, jobs of
+    one to 64 texts, up to 30 jobs arriving per batch): every job, passed over MAX_PASSED_OVER
+    times while J jobs waited, is passed over at most MAX_PASSED_OVER + J - 1 times in a row (the
+    proof in batcher.py), and every job is finished."""
+    import random
+
+    rng = random.Random(seed)
+    stream = Stream(batcher, max_tokens, max_texts)
+    for _ in range(150):
+        for _ in range(rng.choice([0, 1, 4, 12, 30])):
+            kind = rng.random()
+            if kind < 0.8:
+                stream.arrive([rng.randint(6, 20)])
+            elif kind < 0.95:
+                stream.arrive([rng.randint(30, window // 2) for _ in range(rng.randint(1, 64))])
+            else:
+                stream.arrive([window] * rng.randint(1, 6))
+        if stream.waiting:
+            stream.batch()
+    while stream.waiting:
+        stream.batch()
+    assert len(stream.done_at) == len(stream.jobs)
+    assert not stream.over_the_bound, stream.over_the_bound[:5]
+    assert max(stream.longest.values()) > batcher.MAX_PASSED_OVER, "the mix never reached the aging rule"

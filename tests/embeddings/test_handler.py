@@ -15,6 +15,7 @@ import httpx
 import numpy as np
 import openai
 import pytest
+import torch
 from openai.types import CreateEmbeddingResponse, Model
 from sentence_transformers import quantize_embeddings
 
@@ -860,8 +861,6 @@ def test_rerank_tei_shape(reranking: ModuleType) -> None:
 
 
 def test_rerank_raw_scores_are_the_logits(reranking: ModuleType) -> None:
-    import torch
-
     body = {"query": "capital of France", "texts": DOCUMENTS, "raw_scores": True}
     listed = output_of(run_job(reranking.handler, body))
     pairs = [("capital of France", d) for d in DOCUMENTS]
@@ -896,6 +895,118 @@ def test_rerank_without_a_reranker_is_a_clear_error(embedder: ModuleType) -> Non
 )
 def test_rerank_bad_input(reranking: ModuleType, job_input: Any, message: str) -> None:
     assert message in run_job(reranking.handler, job_input)["error"]
+
+
+def rerank_words(module: ModuleType, count: int, skip: int = 0) -> list[str]:
+    """`count` words the tiny cross-encoder's tokenizer reads as one token each, from the `skip`-th on."""
+    tokenizer = module.RERANKER.tokenizer
+    vocabulary = sorted(word for word in tokenizer.get_vocab() if word.isalpha() and len(word) > 2)
+    words = [word for word in vocabulary if tokenizer.tokenize(word) == [word]][skip:]
+    assert len(words) >= 8
+    return [words[index % len(words)] for index in range(count)]
+
+
+async def until(condition: Any, turns: int = 10_000) -> None:
+    """Let the event loop run until `condition()` holds (failing after `turns` turns of a millisecond)."""
+    for _ in range(turns):
+        if condition():
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError("the condition never held")
+
+
+def test_a_big_rerank_lets_an_embedding_job_through_between_its_batches(reranking: ModuleType, monkeypatch) -> None:
+    """A 200-document rerank runs in the batcher's batches (32 pairs at most on CPU): a one-text
+    embedding job sent while its first batch is on the model rides in the very next batch, and is
+    answered while the rerank still has batches to run (its second one is held until then). Before,
+    the rerank was one task on the model thread: the embedding job waited for all 200 pairs."""
+    events: list[tuple[str, int]] = []
+    first_on_model, release_first, small_answered = threading.Event(), threading.Event(), threading.Event()
+    predict, run = reranking.RERANKER.predict, reranking.BATCHER.run
+
+    def sliced_predict(*args: Any, **kwargs: Any) -> Any:
+        pairs = args[0] if args else kwargs["inputs"]  # CrossEncoder.rank passes them by name
+        events.append(("rerank", len(pairs)))
+        if len(events) == 1:
+            first_on_model.set()
+            assert release_first.wait(timeout=10)
+        elif sum(kind == "rerank" for kind, _ in events) == 2:
+            assert small_answered.wait(timeout=10)
+        return predict(*args, **kwargs)
+
+    def embedding_run(batch: list[Any]) -> Any:
+        events.append(("embed", len(batch)))
+        return run(batch)
+
+    monkeypatch.setattr(reranking.RERANKER, "predict", sliced_predict)
+    monkeypatch.setattr(reranking.BATCHER, "run", embedding_run)
+    query, documents = "capital of France", [f"Document {i}: Paris is a city in France." for i in range(200)]
+    small_text = "How do I reset my password?"
+
+    async def both() -> tuple[dict[str, Any], dict[str, Any], bool]:
+        rerank_job = {"id": "big", "input": {"query": query, "documents": documents, "raw_scores": True}}
+        big = asyncio.create_task(run_job_async(reranking.handler, rerank_job))
+        await until(first_on_model.is_set)
+        before = reranking.BATCHER.batches
+        small = asyncio.create_task(run_job_async(reranking.handler, {"id": "small", "input": {"texts": small_text}}))
+        # Until the small job's text is in the batcher's hands (waiting, or taken into a batch).
+        await until(
+            lambda: (
+                reranking.BATCHER.batches > before
+                or any(getattr(item.payload, "text", None) == small_text for item in reranking.BATCHER.waiting)
+            )
+        )
+        release_first.set()
+        small_result = await small
+        rerank_was_done = big.done()
+        small_answered.set()
+        return await big, small_result, rerank_was_done
+
+    big, small, rerank_was_done = asyncio.run(both())
+    assert not rerank_was_done, f"the embedding job waited for the whole rerank: {events}"
+    assert events[0][0] == "rerank" and events[0][1] <= reranking.MAX_BATCH_TEXTS
+    assert events[1] == ("embed", 1), events
+    assert sum(count for kind, count in events if kind == "rerank") == len(documents)
+    alone = output_of(run_job(reranking.handler, {"texts": small_text}))
+    np.testing.assert_allclose(output_of(small)["embeddings"], alone["embeddings"], atol=1e-6)
+    results = output_of(big)["results"]
+    scores = [result["relevance_score"] for result in results]
+    assert sorted(result["index"] for result in results) == list(range(200)) and scores == sorted(scores, reverse=True)
+    logits = predict([(query, document) for document in documents], activation_fn=torch.nn.Identity())
+    np.testing.assert_allclose([logits[result["index"]] for result in results], scores, atol=1e-5)
+
+
+def test_rerank_truncate_false_refuses_a_pair_over_the_window(reranking: ModuleType) -> None:
+    long_document = " ".join(rerank_words(reranking, 200))
+    body = {"query": "capital", "documents": ["tea", long_document], "truncate": False}
+    refused = run_job(reranking.handler, body)["error"]
+    assert refused.startswith("documents.1: 204 tokens with the query, more than the 128 this reranker reads")
+    assert "truncate is false" in refused
+    assert len(output_of(run_job(reranking.handler, {**body, "documents": ["tea", "sea"]}))["results"]) == 2
+    assert len(output_of(run_job(reranking.handler, {**body, "truncate": True}))["results"]) == 2
+
+
+def test_rerank_left_truncation_scores_the_documents_end(reranking: ModuleType) -> None:
+    """TEI's truncation_direction on /rerank: "left" cuts a long document's start (the query stays),
+    so two documents that differ only in their first words score the same; "right" (the default,
+    the cross-encoder's own cut) keeps their starts, which differ."""
+    start_a, start_b, ending = (
+        rerank_words(reranking, 40),
+        rerank_words(reranking, 40, skip=7),
+        rerank_words(reranking, 150),
+    )
+    documents = [" ".join(start_a + ending), " ".join(start_b + ending), "tea"]
+    body = {"query": "capital", "documents": documents, "raw_scores": True, "truncation_direction": "Left"}
+    left = {r["index"]: r["relevance_score"] for r in output_of(run_job(reranking.handler, body))["results"]}
+    kept = " ".join(ending[-(128 - 3 - 1) :])  # the window less [CLS], two [SEP] and the one-token query
+    expected = reranking.RERANKER.predict([("capital", kept), ("capital", "tea")], activation_fn=torch.nn.Identity())
+    # The tiny model's logits are about 0.0012 and differ by about 0.5% between these documents.
+    np.testing.assert_allclose([left[0], left[1], left[2]], [expected[0], expected[0], expected[1]], rtol=1e-4)
+    right = {
+        r["index"]: r["relevance_score"]
+        for r in output_of(run_job(reranking.handler, {**body, "truncation_direction": "right"}))["results"]
+    }
+    assert abs(right[0] - right[1]) > 1e-3 * abs(right[0]) and right[2] == pytest.approx(left[2], rel=1e-4)
 
 
 # ---- result budget --------------------------------------------------------------------------
@@ -933,6 +1044,79 @@ def test_a_result_measured_over_the_budget_is_a_clear_error(budgeted: ModuleType
     assert result["error"].startswith("the result would be ") and "bytes, over MAX_RESULT_BYTES" in result["error"]
     assert "at least" not in result["error"]
     assert "embeddings" in output_of(run_job(budgeted.handler, {"texts": ["word"] * 2}))
+
+
+@pytest.fixture(scope="module")
+def rerank_budgeted(tiny_model, tiny_path: Path) -> ModuleType:
+    env = {
+        "MODEL_NAME": str(tiny_path),
+        "RERANK_MODEL_NAME": str(tiny_model("cross-encoder")),
+        "MAX_RESULT_BYTES": "3000",
+    }
+    return load_handler(EXAMPLE, env)
+
+
+def test_a_ranking_certainly_over_the_budget_is_refused_before_the_work(
+    rerank_budgeted: ModuleType, monkeypatch
+) -> None:
+    """20 documents of 200 characters with return_documents: at least 4,800 bytes of JSON, over a
+    MAX_RESULT_BYTES of 3,000. Refused before the cross-encoder runs, naming the limit and the ways out."""
+
+    def never(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the cross-encoder ran for a request refused by its size")
+
+    documents = [f"{i:03d} " + "x" * 196 for i in range(20)]
+    body = {"query": "q", "documents": documents, "return_documents": True}
+    monkeypatch.setattr(rerank_budgeted.RERANKER, "predict", never)
+    for job in (
+        body,
+        {"query": "q", "texts": documents, "return_text": True},
+        {"openai_route": "/v1/rerank", "openai_input": body},
+    ):
+        error = run_job(rerank_budgeted.handler, job)["error"]
+        assert error.startswith("the result would be at least 4,800 bytes, over MAX_RESULT_BYTES (3,000"), error
+        for way_out in ("fewer documents", "top_n", "return_documents false"):
+            assert way_out in error
+    monkeypatch.undo()
+    assert len(output_of(run_job(rerank_budgeted.handler, {**body, "top_n": 2}))["results"]) == 2
+    assert len(output_of(run_job(rerank_budgeted.handler, {**body, "return_documents": False}))["results"]) == 20
+
+
+def test_a_ranking_measured_over_the_budget_is_a_clear_error(rerank_budgeted: ModuleType) -> None:
+    """12 documents of 100 "é": at least 1,680 bytes, in fact over 7,000 (json escapes each as \\u00e9)."""
+    body = {"query": "q", "documents": ["é" * 100] * 12, "return_documents": True}
+    assert rerank_bytes(rerank_budgeted, body, most=False) < 3000
+    error = run_job(rerank_budgeted.handler, body)["error"]
+    assert error.startswith("the result would be ") and "bytes, over MAX_RESULT_BYTES (3,000" in error
+    assert "at least" not in error and "return_documents false" in error
+
+
+def validated_rerank(module: ModuleType, body: dict[str, Any]) -> Any:
+    route, request = module.parse_request(body)
+    assert route == "rerank"
+    return request
+
+
+def rerank_bytes(module: ModuleType, body: dict[str, Any], most: bool) -> int:
+    """result_size.rerank_result_bytes, as the handler's own rerank.py imported it."""
+    return module.rerank_response.__globals__["rerank_result_bytes"](validated_rerank(module, body), most=most)
+
+
+@pytest.mark.parametrize(
+    "job",
+    [
+        {"query": "q", "documents": [*DOCUMENTS, 'Café 東京 😀 \n"quoted"'], "return_documents": True},
+        {"query": "q", "texts": [*DOCUMENTS, "Café 東京 😀"], "return_text": True, "top_n": 2},
+        {
+            "openai_route": "/v2/rerank",
+            "openai_input": {"query": "q", "documents": DOCUMENTS, "return_documents": True},
+        },
+        {"query": "q", "documents": DOCUMENTS, "raw_scores": True},
+    ],
+)
+def test_rerank_result_bytes_bound_the_real_json_size(reranking: ModuleType, job: dict[str, Any]) -> None:
+    size = len(json.dumps(output_of(run_job(reranking.handler, job))).encode())
+    assert rerank_bytes(reranking, job, most=False) <= size <= rerank_bytes(reranking, job, most=True)
 
 
 @pytest.mark.parametrize(

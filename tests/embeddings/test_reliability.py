@@ -171,7 +171,7 @@ INVALID = [
     {"query": "q", "documents": []},
     "just a string",
 ]
-# The jobs that go through the dynamic batcher (all but rerank and models).
+# The embedding jobs (reranks go through the dynamic batcher too, in batches of their own).
 BATCHED = 4
 
 
@@ -186,7 +186,7 @@ def test_200_concurrent_mixed_jobs_match_their_solo_runs(worker: ModuleType, mon
         assert all("output" in a for a in alone[: len(VALID)]) and all("error" in a for a in alone[len(VALID) :])
         counter = ConcurrencyCounter()
         monkeypatch.setattr(worker.BATCHER, "run", counter.wrap(worker.BATCHER.run))
-        monkeypatch.setattr(worker, "rerank", counter.wrap(worker.rerank))
+        monkeypatch.setattr(worker.RERANKER, "predict", counter.wrap(worker.RERANKER.predict))
         batches = worker.BATCHER.batches
         inputs = load_mix(specs, 200)
         run = run_load(worker.handler, inputs)
