@@ -105,7 +105,10 @@ def openai_error(message: str, status: int, param: str | None = None) -> str:
 
 def error_shape(job_input: Any) -> Callable[[dict[str, Any], int], dict[str, Any]]:
     """How this job's failures read: a native job's as the message; an OpenAI route's (openai_route,
-    or worker-vllm's route + body) as OpenAI's error object with the HTTP status vLLM would give."""
+    or worker-vllm's route + body) as OpenAI's error object with the HTTP status vLLM would give. A
+    result without an error passes unchanged."""
     if not (isinstance(job_input, dict) and {"openai_route", "route"} & set(job_input)):
-        return lambda failure, status: failure
-    return lambda failure, status: {**failure, "error": openai_error(failure["error"], status)}
+        return lambda result, status: result
+    return lambda result, status: (
+        {**result, "error": openai_error(result["error"], status)} if "error" in result else result
+    )

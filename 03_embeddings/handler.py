@@ -35,21 +35,29 @@ from batcher import TokenBudgetBatcher
 from cold_start import COLD_START
 from dense import encode_vector, quantize, shape_embeddings
 from encoder import CUT_RIGHT, Cut, Encoder, ToEncode, Tokenized, tokenize_within
-from errors import RequestError, failed, gpu_lost, out_of_memory, rejected
+from errors import (
+    BAD_REQUEST,
+    INTERNAL,
+    UNAVAILABLE,
+    RequestError,
+    error_shape,
+    failed,
+    gpu_lost,
+    out_of_memory,
+    rejected,
+)
 from loading import cached_hub_folder, model_options, model_source, openvino_precision
 from local_run import for_local_run
 from rerank import Reranker, check_rerank_budget, rerank, rerank_response
 from result_size import (
     MAX_JSON_BYTES_PER_FLOAT,
-    MIN_JSON_BYTES_PER_FLOAT,
     RESULT_OVERHEAD_BYTES,
+    check_result_budget,
+    dense_result_bytes,
     measured,
-    result_bytes,
-    too_large,
 )
 from schema import (
     OPENAI_MODELS_ROUTE,
-    EmbeddingOptions,
     EmbedRequest,
     OpenAIEmbeddingRequest,
     RequestLimits,
@@ -377,18 +385,6 @@ def models_response() -> dict[str, Any]:
     return {"object": "list", "data": [model]}
 
 
-def dense_result_bytes(count: int, request: EmbeddingOptions, json_bytes: int) -> int:
-    """The size of the result of `count` dense vectors shaped by `request` (see result_size.py)."""
-    precision = getattr(request, "precision", "float32")
-    return result_bytes(count, request.dimensions or EMBEDDING_DIM, precision, request.encoding_format, json_bytes)
-
-
-def check_result_budget(count: int, request: EmbeddingOptions) -> None:
-    """Refuse, before any work, a request whose result would certainly exceed MAX_RESULT_BYTES."""
-    if (floor := dense_result_bytes(count, request, MIN_JSON_BYTES_PER_FLOAT)) > MAX_RESULT_BYTES:
-        raise RequestError(too_large(floor, MAX_RESULT_BYTES, certain=True))
-
-
 # ---------------------------------------------------------------------------------------------
 # 6. The handler: validate, embed off the event loop, shape; every failure is a clean error.
 # ---------------------------------------------------------------------------------------------
@@ -396,6 +392,7 @@ async def handler(job: dict[str, Any]) -> dict[str, Any] | list[dict[str, Any]]:
     job_id = job.get("id")
     started = time.perf_counter()
     texts: list[str] = []
+    shaped = error_shape(job.get("input"))  # OpenAI routes fail in OpenAI's error shape (errors.py)
     try:
         route, request = parse_request(job.get("input"))
         if route == OPENAI_MODELS_ROUTE:
@@ -407,24 +404,25 @@ async def handler(job: dict[str, Any]) -> dict[str, Any] | list[dict[str, Any]]:
             ranked = await rerank(RERANKING, request, job_batcher(), TOKENIZE_THREAD)  # in the batcher's batches
             elapsed_ms = (time.perf_counter() - started) * 1000
             log.info(f"Reranked {len(request.documents)} documents in {elapsed_ms:.0f} ms", job_id)
-            return rerank_response(ranked, request, RERANK_MODEL_NAME, MAX_RESULT_BYTES)
+            return shaped(rerank_response(ranked, request, RERANK_MODEL_NAME, MAX_RESULT_BYTES), BAD_REQUEST)
         texts = request.input if isinstance(request, OpenAIEmbeddingRequest) else request.texts
         if not SPARSE:  # a sparse result's size is known only once its active terms are
-            check_result_budget(len(texts), request)
+            check_result_budget(len(texts), request, EMBEDDING_DIM, MAX_RESULT_BYTES)
         if isinstance(texts[0], list):  # OpenAI token-id arrays (LangChain's default): back to text
             texts = await asyncio.get_running_loop().run_in_executor(TOKENIZE_THREAD, decode_token_ids, texts)
         cut = Cut(request.truncation_direction, None if request.truncate else request.input_field)
         vectors, counts = await embed_texts(texts, request.resolved_prompt(REQUEST_LIMITS), request.input_type, cut)
     except RequestError as error:
-        return rejected(error, job_id)
+        return shaped(rejected(error, job_id), BAD_REQUEST)
     except torch.cuda.OutOfMemoryError:  # the batcher already freed the cache and retried, down to one text
         oom = f"Out of GPU memory on a text of a request of {len(texts)} inputs"
-        why = "out of GPU memory on a text of this request even in a batch of its own; "
-        return out_of_memory(oom, why + "send shorter texts, or lower MAX_BATCH_TOKENS", job_id, free_cache=False)
+        why = "out of GPU memory on a text of this request even in a batch of its own; send shorter texts, or lower"
+        return shaped(out_of_memory(oom, why + " MAX_BATCH_TOKENS", job_id, free_cache=False), INTERNAL)
     except torch.AcceleratorError:  # the GPU is lost: refresh_worker in the result retires this worker
-        return gpu_lost("the GPU failed while embedding; retry the request", job_id)
+        return shaped(gpu_lost("the GPU failed while embedding; retry the request", job_id), UNAVAILABLE)
     except Exception as error:  # noqa: BLE001 - the caller gets a message, the log gets the details
-        return failed("Embedding", error, "embedding failed inside the worker; see the worker logs", job_id)
+        message = "embedding failed inside the worker; see the worker logs"
+        return shaped(failed("Embedding", error, message, job_id), INTERNAL)
 
     log.info(
         f"Embedded {len(texts)} inputs ({usage(counts)['prompt_tokens']} tokens, "
@@ -434,10 +432,10 @@ async def handler(job: dict[str, Any]) -> dict[str, Any] | list[dict[str, Any]]:
     if isinstance(request, SparseEmbedRequest):
         return sparse_response(vectors, counts, request)
     vectors = shape_embeddings(np.stack(vectors), request.dimensions, request.normalize)
-    ceiling = dense_result_bytes(len(texts), request, MAX_JSON_BYTES_PER_FLOAT)
+    ceiling = dense_result_bytes(len(texts), request, EMBEDDING_DIM, MAX_JSON_BYTES_PER_FLOAT)
     if isinstance(request, EmbedRequest):
         return measured(native_response(vectors, counts, request), ceiling, MAX_RESULT_BYTES)
-    return measured(openai_response(vectors, counts, request), ceiling, MAX_RESULT_BYTES)
+    return shaped(measured(openai_response(vectors, counts, request), ceiling, MAX_RESULT_BYTES), BAD_REQUEST)
 
 
 WORKER_CONFIG: dict[str, Any] = {

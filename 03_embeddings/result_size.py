@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from errors import RequestError
+
 # Bytes one value takes in the JSON result, separator included. Written out as a JSON number, a
 # float32 is short only when it is a round binary fraction (0.5, 0.0): real embeddings average
 # about 20 characters ("-0.08346541225910187, "), never under 8. An int8 value is at least "0, ".
@@ -73,3 +75,15 @@ def measured(output: Any, ceiling: int, limit: int, ways_out: str = EMBEDDING_WA
     if ceiling > limit and (size := len(json.dumps(output).encode())) > limit:
         return {"error": too_large(size, limit, certain=False, ways_out=ways_out)}
     return output
+
+
+def dense_result_bytes(count: int, request: Any, dimensions: int, json_bytes: int) -> int:
+    """The size of the result of `count` dense vectors of `dimensions` shaped by `request`."""
+    precision = getattr(request, "precision", "float32")
+    return result_bytes(count, request.dimensions or dimensions, precision, request.encoding_format, json_bytes)
+
+
+def check_result_budget(count: int, request: Any, dimensions: int, limit: int) -> None:
+    """Refuse, before any work, a request whose result would certainly exceed `limit` (MAX_RESULT_BYTES)."""
+    if (floor := dense_result_bytes(count, request, dimensions, MIN_JSON_BYTES_PER_FLOAT)) > limit:
+        raise RequestError(too_large(floor, limit, certain=True))

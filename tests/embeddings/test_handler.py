@@ -19,12 +19,27 @@ import torch
 from openai.types import CreateEmbeddingResponse, Model
 from sentence_transformers import quantize_embeddings
 
-from tests.shared.harness import REPO, DevServer, beside, json_lines, load_handler, run_job, run_job_async, run_local
+from tests.shared.harness import (
+    REPO,
+    DevServer,
+    beside,
+    json_lines,
+    load_copy_beside,
+    load_handler,
+    openai_failure,
+    run_job,
+    run_job_async,
+    run_local,
+)
 from tests.shared.harness import ok as output_of
 from tests.shared.openai_gateway import runpod_gateway
 
 EXAMPLE = "03_embeddings"
 SENTENCES = ["The cat sat on the mat.", "Paris is the capital of France.", "Café 東京 😀 works too."]
+
+
+# The result-size arithmetic, from its own module (result_size.py), beside its siblings.
+result_size = load_copy_beside(REPO / EXAMPLE / "result_size.py")
 
 
 @pytest.fixture(scope="module")
@@ -244,8 +259,8 @@ def test_truncate_false_refuses_a_long_text_naming_the_field_and_the_limit(embed
     assert refused["error"].startswith("texts.1: 202 tokens, more than the 32 this model reads (its max_seq_length)")
     assert "truncate is false" in refused["error"]
     body = {"input": [long_text], "truncate": False}
-    refused = run_job(embedder.handler, openai_job(body))
-    assert refused["error"].startswith("openai_input.input.0: 202 tokens, more than the 32")
+    message, status, _ = openai_failure(run_job(embedder.handler, openai_job(body)))
+    assert message.startswith("openai_input.input.0: 202 tokens, more than the 32") and status == 400
     # Short texts pass with truncate: false; the default still cuts and reports.
     ok_short = output_of(run_job(embedder.handler, {"texts": ["short one"], "truncate": False}))
     assert ok_short["truncated"] == []
@@ -1039,7 +1054,7 @@ def test_a_result_that_would_certainly_be_too_large_is_refused_before_the_work(
 
 def test_a_result_measured_over_the_budget_is_a_clear_error(budgeted: ModuleType) -> None:
     # Six float vectors of 32 dimensions: at least 2,560 bytes, in fact about 4,300.
-    assert budgeted.result_bytes(6, 32, "float32", "float", budgeted.MIN_JSON_BYTES_PER_FLOAT) < 3000
+    assert result_size.result_bytes(6, 32, "float32", "float", result_size.MIN_JSON_BYTES_PER_FLOAT) < 3000
     result = run_job(budgeted.handler, {"texts": ["word"] * 6})
     assert result["error"].startswith("the result would be ") and "bytes, over MAX_RESULT_BYTES" in result["error"]
     assert "at least" not in result["error"]
@@ -1073,7 +1088,8 @@ def test_a_ranking_certainly_over_the_budget_is_refused_before_the_work(
         {"query": "q", "texts": documents, "return_text": True},
         {"openai_route": "/v1/rerank", "openai_input": body},
     ):
-        error = run_job(rerank_budgeted.handler, job)["error"]
+        result = run_job(rerank_budgeted.handler, job)
+        error = openai_failure(result)[0] if "openai_route" in job else result["error"]
         assert error.startswith("the result would be at least 4,800 bytes, over MAX_RESULT_BYTES (3,000"), error
         for way_out in ("fewer documents", "top_n", "return_documents false"):
             assert way_out in error
@@ -1128,9 +1144,9 @@ def test_result_bytes_bound_the_real_json_size(
 ) -> None:
     job = {"texts": SENTENCES, "precision": precision, "encoding_format": encoding_format, "dimensions": dimensions}
     size = len(json.dumps(output_of(run_job(embedder.handler, job))))
-    low = embedder.result_bytes(3, dimensions, precision, encoding_format, embedder.MIN_JSON_BYTES_PER_FLOAT)
-    high = embedder.result_bytes(3, dimensions, precision, encoding_format, embedder.MAX_JSON_BYTES_PER_FLOAT)
-    assert low - embedder.RESULT_OVERHEAD_BYTES <= size <= high
+    low = result_size.result_bytes(3, dimensions, precision, encoding_format, result_size.MIN_JSON_BYTES_PER_FLOAT)
+    high = result_size.result_bytes(3, dimensions, precision, encoding_format, result_size.MAX_JSON_BYTES_PER_FLOAT)
+    assert low - result_size.RESULT_OVERHEAD_BYTES <= size <= high
 
 
 # ---- pure functions -------------------------------------------------------------------------
