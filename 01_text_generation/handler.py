@@ -62,6 +62,7 @@ from schema import (
     ModelLimits,
     Sampling,
 )
+from settings import env_float, env_int, env_str
 from textstream import ContextLengthError, Delta, GenerationTimeout, Usage, resolve_sampling
 from vllm_launch import vllm_installed
 from vllm_server import VLLMServer, server_environment, start_vllm_server
@@ -72,18 +73,7 @@ log = runpod.RunPodLogger()
 # ---------------------------------------------------------------------------------------------
 # 1. Configuration: read once from the environment, each default with its reason.
 # ---------------------------------------------------------------------------------------------
-def env_int(name: str, default: int | None) -> int | None:
-    value = os.environ.get(name)
-    return int(value) if value else default
-
-
-def env_float(name: str, default: float) -> float:
-    return float(os.environ.get(name) or default)
-
-
-def env_str(name: str, default: str | None) -> str | None:
-    return os.environ.get(name) or default
-
+# settings.py reads each variable (env_int, env_str, ...): unset or empty, it is the default.
 
 # Qwen2.5-0.5B-Instruct: a real instruct model with a chat template and a 32k context, ungated
 # (no HF_TOKEN needed), 1 GB in bf16: it deploys on any GPU and still answers on CPU.

@@ -1,4 +1,5 @@
 """Endpoint settings as handler.py reads them: each from its environment variable, once, at import.
+One identical copy per example (each folder is its own Docker build context).
 
 An unset or empty variable gives the default; handler.py names every setting, its default and the
 reason for it (and the README's Configuration table lists exactly the variables it reads).
@@ -7,10 +8,14 @@ reason for it (and the README's Configuration table lists exactly the variables 
 from __future__ import annotations
 
 import os
+from typing import TypeVar
+
+Default = TypeVar("Default", int, float, None)
 
 
-def env_int(name: str, default: int) -> int:
-    return int(os.environ.get(name) or default)
+def env_int(name: str, default: int | Default) -> int | Default:
+    value = os.environ.get(name)
+    return int(value) if value else default
 
 
 def env_float(name: str, default: float) -> float:

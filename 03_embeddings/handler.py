@@ -64,6 +64,7 @@ from schema import (
     SparseEmbedRequest,
     decode_token_ids,
 )
+from settings import env_flag, env_int
 from sparse import SparseVector, sparse_json, sparse_result_ceiling, top_terms
 
 # Re-exported (an `as` alias says so): tests reach it as this module's attribute.
@@ -75,13 +76,7 @@ log = runpod.RunPodLogger()
 # ---------------------------------------------------------------------------------------------
 # 1. Configuration: read once from the environment, each default with its reason.
 # ---------------------------------------------------------------------------------------------
-def env_int(name: str, default: int) -> int:
-    return int(os.environ.get(name) or default)
-
-
-def env_flag(name: str, default: bool) -> bool:
-    return (os.environ.get(name) or str(default)).lower() in ("1", "true", "yes")
-
+# settings.py reads each variable (env_int, env_str, ...): unset or empty, it is the default.
 
 # all-MiniLM-L6-v2: the most used sentence-transformers model; 22M parameters and 384 dimensions,
 # so it answers in milliseconds on any GPU (and on CPU), a sound default to deploy as is.

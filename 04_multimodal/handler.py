@@ -67,6 +67,7 @@ from local_run import for_local_run
 from planning import generation_prompt, sampling_of
 from response_shapes import OpenAIShape, closing_chunks, native_responses, openai_responses
 from schema import EMBEDDINGS_ROUTE, MODELS_ROUTE, OpenAIChatRequest, RequestLimits
+from settings import env_float, env_int, env_str
 from textstream import ContextLengthError, Delta, GenerationTimeout, Usage, recommended_sampling, resolve_sampling
 
 # Re-exported (an `as` alias says so): tests and benchmarks reach these as this module's attributes.
@@ -78,17 +79,7 @@ log = runpod.RunPodLogger()
 # ---------------------------------------------------------------------------------------------
 # 1. Configuration: read once from the environment, each default with its reason.
 # ---------------------------------------------------------------------------------------------
-def env_int(name: str, default: int) -> int:
-    return int(os.environ.get(name) or default)
-
-
-def env_float(name: str, default: float) -> float:
-    return float(os.environ.get(name) or default)
-
-
-def env_str(name: str, default: str | None) -> str | None:
-    return os.environ.get(name) or default
-
+# settings.py reads each variable (env_int, env_str, ...): unset or empty, it is the default.
 
 # CLIP ViT-B/32: the reference zero-shot classifier and image/text embedder; 150M parameters, so
 # it serves from any GPU (or CPU). Set MODEL_NAME to a LLaVA or BLIP-2 model to answer questions.

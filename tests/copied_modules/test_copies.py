@@ -17,6 +17,7 @@ COPIED = {
     "cold_start.py": EXAMPLES,  # the cold start's seconds, per phase
     "errors.py": EXAMPLES,  # the error contract: request errors, out of memory, a lost GPU, other failures
     "local_run.py": EXAMPLES,  # `python handler.py` prints a job's real output
+    "settings.py": EXAMPLES,  # an endpoint setting read from its environment variable
     "coalesce.py": STREAMING,  # streaming at the network's pace
     "images.py": ("02_image_generation", "04_multimodal"),  # images in and out
     "textstream.py": TEXT,  # streamed generation with transformers
