@@ -249,10 +249,10 @@ def test_a_stalled_url_download_is_refused_at_its_deadline_and_cleaned_up(loras,
             url = base + "/slow.safetensors"
             with pytest.raises(loras.LoraError, match=r"took longer than 0.5 s \(LORA_DOWNLOAD_TIMEOUT_S\)"):
                 loras.resolve("loras.0.source", url, {}, cache, limits(loras, timeout_s=0.5))
-            started = time.monotonic()
+            # Refused while the server still holds the rest (release is not set): had the deadline not
+            # held, the download would have completed once the server gave up waiting, and not raised.
             with pytest.raises(loras.LoraError, match=r"stopped at the job's time limit \(MAX_GENERATION_SECONDS\)"):
                 loras.resolve("loras.0.source", url, {}, cache, limits(loras), deadline=time.monotonic() + 0.5)
-            assert time.monotonic() - started < 10
             release.set()
             assert wait_until(lambda: not list(cache.folder.glob("*")))  # no .part, no half file
     finally:
@@ -352,11 +352,10 @@ def test_a_lora_download_counts_against_the_jobs_time_limit(worker, lora_bytes, 
         with pytest.MonkeyPatch.context() as patch, http_server(routes) as base:
             patch.setattr(worker, "LORA_CACHE", cache)
             patch.setattr(worker, "MAX_GENERATION_SECONDS", 1.0)
-            started = time.monotonic()
+            # The job answers while the server still holds the file's rest (see the test above).
             result = run_job(
                 worker.handler, {"prompt": "x", "loras": [{"source": base + "/slow.safetensors"}], **SMALL}
             )
-            assert time.monotonic() - started < 20
             release.set()
         assert (
             result["error"]
