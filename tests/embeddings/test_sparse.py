@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.shared.harness import REPO, load_copy, load_handler, run_job, run_job_async
+from tests.shared.harness import REPO, load_copy, load_handler, openai_failure, run_job, run_job_async
 from tests.shared.harness import ok as output_of
 
 EXAMPLE = "03_embeddings"
@@ -132,8 +132,8 @@ def test_bad_max_active_dims_names_the_limit(sparse: ModuleType) -> None:
 
 def test_openai_route_is_refused_with_the_native_way(sparse: ModuleType) -> None:
     job = {"openai_route": "/v1/embeddings", "openai_input": {"model": "x", "input": TEXTS}}
-    message = error_of(run_job(sparse.handler, job))
-    assert "sparse model (MODEL_KIND=sparse)" in message and '{"texts": [...]}' in message
+    message, status, _ = openai_failure(run_job(sparse.handler, job))
+    assert "sparse model (MODEL_KIND=sparse)" in message and '{"texts": [...]}' in message and status == 400
     models = output_of(run_job(sparse.handler, {"openai_route": "/v1/models"}))
     assert models["data"][0]["id"] == sparse.MODEL_NAME  # listing the model still works
 
