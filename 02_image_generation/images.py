@@ -12,7 +12,8 @@ no decoder can read, corrupt metadata included, is an ImageInputError naming the
 Out: PNG, JPEG or WebP bytes, as a data URI (or uploaded elsewhere by the caller).
 
 This file is copied, identical, into every example that handles images (each folder is its own
-Docker context); `tests/copied_modules/test_images.py` checks that the copies match and exercises each one.
+Docker context); `tests/copied_modules/test_copies.py` checks that the copies match and
+`tests/copied_modules/test_images.py` exercises each one.
 """
 
 from __future__ import annotations
