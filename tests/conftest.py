@@ -16,6 +16,15 @@ os.environ.setdefault("RUNPOD_LOG_LEVEL", "INFO")
 
 from tests.shared import tiny_models
 
+# `pytest -n auto` (the README's command): one test process per core, at most this many. Each
+# process holds its own copy of every library and the tiny models its files load (about 2 GB by
+# the end), and more processes than cores only make the subprocess-heavy tests wait on each other.
+MAX_TEST_PROCESSES = 4
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    return max(1, min(len(os.sched_getaffinity(0)), MAX_TEST_PROCESSES))
+
 
 @pytest.fixture(scope="session")
 def tiny_model() -> Iterator[Callable[[str], Path]]:

@@ -128,7 +128,7 @@ def test_ci_runs_exactly_the_readme_quickstart() -> None:
     ]
     assert ci_commands == [
         "pip install --require-hashes --no-deps -r requirements-dev.lock",
-        "pytest",
+        "pytest -n auto",
         "bash tests/vllm_cpu.sh",
         "bash tests/openvino_cpu.sh",
         "bash tests/built_images.sh",
