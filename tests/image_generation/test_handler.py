@@ -19,7 +19,6 @@ from PIL import Image
 
 from tests.shared.harness import (
     REPO,
-    DevServer,
     free_port,
     json_lines,
     lazy_handlers,
@@ -866,26 +865,9 @@ def test_python_handler_py_prints_progress_then_images(tiny_model) -> None:
     assert test_input["prompt"] not in run.stdout + run.stderr, "prompts never reach the logs"
 
 
-def test_a_prompt_over_clips_77_tokens_stays_out_of_the_logs(tiny_model) -> None:
-    long_prompt = "a lighthouse " * 60 + "secrettailword"
-    job = json.dumps({"input": {"prompt": long_prompt, "seed": 1, **SMALL}})
-    run = run_local(EXAMPLE, {"MODEL_NAME": str(tiny_model("sd15")), "RUNPOD_LOG_LEVEL": "INFO"}, "--test_input", job)
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert "secrettailword" not in run.stdout + run.stderr
-
-
 def test_python_handler_py_fails_on_a_bad_job(tiny_model) -> None:
     run = run_local(
         EXAMPLE, {"MODEL_NAME": str(tiny_model("sd15"))}, "--test_input", '{"input": {"prompt": "x", "width": 100}}'
     )
     assert run.returncode == 1
     assert "width: Input should be a multiple of 8" in run.stdout
-
-
-def test_dev_server_runsync(tiny_model) -> None:
-    with DevServer(EXAMPLE, {"MODEL_NAME": str(tiny_model("sd15"))}) as server:
-        response = server.post("/runsync", {"input": {"prompt": "a kite", "seed": 3, **SMALL}})
-    body = response.json()
-    assert response.status_code == 200 and body["status"] == "COMPLETED"
-    assert body["output"][-1]["images"][0]["seed"] == 3
-    assert decode(body["output"][-1]["images"][0]["image"]).size == (64, 64)

@@ -297,9 +297,12 @@ def test_sequential_jobs_leak_no_memory_threads_or_files(worker: ModuleType) -> 
 def test_python_handler_py_keeps_secrets_prompts_and_images_out_of_the_logs(env: dict[str, str]) -> None:
     """`python handler.py` at INFO, uploading to a real S3 server (moto), with HF_TOKEN, RUNPOD_API_KEY
     and the bucket's secret key set: no secret anywhere in its output (presigned URLs carry only the
-    access key id), and neither the prompt nor the input image's base64 in any log line."""
+    access key id), and neither the prompt nor the input image's base64 in any log line. The prompt
+    is over CLIP's 77 tokens: the part cut off stays out of the logs too (transformers' truncation
+    warning would print it)."""
     image = png_data_uri(64, 64, seed=secrets.randbelow(10**6))
-    prompt = distinctive_prompt()
+    tail = f"tailword{secrets.token_hex(4)}"
+    prompt = distinctive_prompt() + " a lighthouse" * 60 + " " + tail
     with s3_server() as endpoint:
         run_env = {
             **env,
@@ -322,7 +325,7 @@ def test_python_handler_py_keeps_secrets_prompts_and_images_out_of_the_logs(env:
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     [url] = [item["image"] for item in json_lines(run.stdout)[-1]["images"]]
     assert url.startswith(f"{endpoint}/outputs/local_test/") and len(stored) == 1
-    assert_no_leaks(run.stdout + run.stderr, secret_values(run_env), [prompt, payload_fingerprint(image)])
+    assert_no_leaks(run.stdout + run.stderr, secret_values(run_env), [prompt, tail, payload_fingerprint(image)])
 
 
 # ---- the real dev server ------------------------------------------------------------------------
@@ -330,7 +333,8 @@ def test_python_handler_py_keeps_secrets_prompts_and_images_out_of_the_logs(env:
 
 def test_dev_server_answers_a_concurrent_burst_without_a_500(worker: ModuleType, env: dict[str, str]) -> None:
     """16 concurrent /runsync requests, valid and invalid, through `python handler.py --rp_serve_api`:
-    no HTTP 500; valid ones COMPLETED with the same images as in-process, invalid ones with their error."""
+    no HTTP 500; valid ones COMPLETED with the same images (size and seed included) as in-process,
+    invalid ones with their error."""
     bodies = load_mix(VALID[:4] + INVALID[:4], 16)
     with quiet_logs():
         expected = [image_answer(run_job(worker.handler, body)) for body in bodies]
@@ -346,4 +350,7 @@ def test_dev_server_answers_a_concurrent_burst_without_a_500(worker: ModuleType,
         else:
             assert got["status"] == "COMPLETED" and dev_server_error(got) is None, str(got)[:500]
             assert image_answer({"output": got["output"]}) == want, body
+            first = got["output"][-1]["images"][0]
+            assert first["seed"] == body["seed"]
+            assert decode(first["image"]).size == (body.get("width", 64), body.get("height", 64))
     assert_no_leaks(logs, secret_values(server_env), [])
