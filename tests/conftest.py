@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-# The suite never touches the network: every model is built locally or shipped in a wheel.
+# The suite never downloads a model: every model is built locally or shipped in a wheel.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 # The SDK logs every job's input and output at its default level, DEBUG: too loud for test reports.
