@@ -202,9 +202,6 @@ def test_a_search_for_more_rows_than_ef_search_gets_them_all(qdrant_search: Modu
     texts = [f"document {number}" for number in range(300)]
     store.add(texts, unit_vectors(len(texts), 384, seed=1), None)
     assert hnsw_indexes(store), "the 384-dimension table has its HNSW index"
-    # The planner reads a table this small with a sequential scan, which never touches the index
-    # (nor ef_search); with sequential scans off it takes the index, as on a table of real size.
-    store.connection.execute("SET enable_seqscan = off")
     query = unit_vectors(1, 384, seed=2)[0]
     for limit in (100, 250):
         scans = index_scans(store)
