@@ -12,6 +12,8 @@ How a batch is chosen (`take_batch`, a pure function):
   * Around the anchor, the batch takes the waiting texts closest to it in length, as long as the
     padded size (texts × the longest one, what the model really computes) stays within
     `max_tokens` and the count within `max_texts`. Texts of similar length waste little padding.
+  * A `PaddingBound` (the encoder sets one on a CPU) also keeps the padded size within a multiple
+    of the texts' own tokens: a far longer text waits for a batch of texts nearer its length.
   * Only texts of one `group` share a batch (the caller decides what cannot be mixed), and only
     texts of one `run`: a job may bring its own model function (the reranker's pairs do).
   * Aging: a job passed over MAX_PASSED_OVER batches in a row (batches taken while it had texts
@@ -81,13 +83,33 @@ def padded_tokens(lengths: Sequence[int]) -> int:
     return len(lengths) * max(lengths, default=0)
 
 
+@dataclass(frozen=True)
+class PaddingBound:
+    """How much padding a batch may carry: its padded tokens at most `ratio` × its texts' own
+    tokens + `slack`. Where a forward pass costs about its padded tokens plus a fixed part (a CPU:
+    the weights are read once per pass), padding is work thrown away, and a text far longer than
+    the rest is cheaper in a later batch of texts near its length; `slack`, the fixed part in
+    tokens, keeps a small batch whole, where splitting it would cost a second pass's fixed part."""
+
+    ratio: float
+    slack: int
+
+    def allows(self, padded: int, own: int) -> bool:
+        return padded <= self.ratio * own + self.slack
+
+
 def take_batch(
-    waiting: list[Item], max_tokens: int, max_texts: int, max_passed_over: int = MAX_PASSED_OVER
+    waiting: list[Item],
+    max_tokens: int,
+    max_texts: int,
+    max_passed_over: int = MAX_PASSED_OVER,
+    padding: PaddingBound | None = None,
 ) -> list[Item]:
     """Remove the next batch from `waiting` and return it (see the module's docstring).
 
     The anchor always goes, even alone over `max_tokens`: a text as long as the model's window
-    must still be embedded.
+    must still be embedded. With `padding`, a text joins only while the batch's padded tokens
+    stay within that bound of its own: one that would pad it more waits for texts nearer its length.
     """
     if overdue := [item for item in waiting if item.job.passed_over >= max_passed_over]:
         anchor = min(overdue, key=lambda item: (-item.job.passed_over, item.job.seq, item.order))
@@ -95,11 +117,17 @@ def take_batch(
         anchor = min(waiting, key=lambda item: (item.job.waiting, item.job.seq, item.order))
     peers = sorted((item for item in waiting if item.group == anchor.group), key=lambda item: (item.length, item.order))
     low = high = peers.index(anchor)  # the batch is peers[low : high + 1], sorted by length
+    own_tokens = anchor.length  # the batch's tokens before padding
+
+    def fits(size: int, longest: int, added: int) -> bool:
+        padded = size * longest
+        return padded <= max_tokens and (padding is None or padding.allows(padded, own_tokens + added))
+
     while high - low + 1 < max_texts:
         size = high - low + 2
         # A longer text raises the padding of the whole batch; a shorter one is padded to the longest.
-        longer_fits = high + 1 < len(peers) and size * peers[high + 1].length <= max_tokens
-        shorter_fits = low > 0 and size * peers[high].length <= max_tokens
+        longer_fits = high + 1 < len(peers) and fits(size, peers[high + 1].length, peers[high + 1].length)
+        shorter_fits = low > 0 and fits(size, peers[high].length, peers[low - 1].length)
         if not (longer_fits or shorter_fits):
             break
         closer_is_longer = longer_fits and (
@@ -107,8 +135,10 @@ def take_batch(
         )
         if closer_is_longer:
             high += 1
+            own_tokens += peers[high].length
         else:
             low -= 1
+            own_tokens += peers[low].length
     batch = peers[low : high + 1]
     taken = set(map(id, batch))
     waiting[:] = [item for item in waiting if id(item) not in taken]
@@ -131,9 +161,10 @@ class TokenBudgetBatcher:
         max_texts: int,
         fatal: tuple[type[BaseException], ...] = (),
         on_error: Callable[[BaseException], None] | None = None,
+        padding: PaddingBound | None = None,
     ) -> None:
         self.run, self.executor = run, executor
-        self.max_tokens, self.max_texts = max_tokens, max_texts
+        self.max_tokens, self.max_texts, self.padding = max_tokens, max_texts, padding
         self.fatal, self.on_error = fatal, on_error
         self.waiting: list[Item] = []
         self.batches = 0  # model calls made (retries of a split batch included), for logs and tests
@@ -169,7 +200,7 @@ class TokenBudgetBatcher:
 
     async def _drain(self) -> None:
         while self.waiting:
-            batch = take_batch(self.waiting, self.max_tokens, self.max_texts)
+            batch = take_batch(self.waiting, self.max_tokens, self.max_texts, padding=self.padding)
             await self._encode(batch)
 
     async def _encode(self, batch: list[Item]) -> None:

@@ -19,11 +19,22 @@ import torch
 from sentence_transformers.base.modules import Normalize, Router, Transformer
 from sentence_transformers.util import batch_to_device
 
-from batcher import TokenBudgetBatcher
+from batcher import PaddingBound, TokenBudgetBatcher
 from errors import RequestError
 from sparse import SparseVector, active_terms
 
 log = runpod.RunPodLogger()
+
+# How much padding a batch may carry on a CPU (batcher.PaddingBound). There a forward pass costs
+# about its padded tokens plus a fixed part, the weights read once: all-MiniLM-L6-v2 on one core of
+# the AMX Xeon, 10.5 ms a pass and 0.175 ms a padded token, so the fixed part is worth 60 tokens.
+# One-line queries of 7 to 33 tokens, taken as they arrive (64 jobs in flight, 32 texts a batch),
+# were padded to 2.2x their own tokens, and the worker trailed Infinity there; with at most 1.5x
+# plus 128 tokens the worker spent 7-14 % less CPU on them (benchmarks/embeddings.py, 03's README).
+# The slack is two passes' fixed part: with one (64) batches of 8 texts were split, a far longer
+# one left to a pass of its own, and cost 20 % more. A GPU is left unbounded: its fixed part
+# (kernel launches) is worth thousands of short tokens, and its batches are not measured here.
+CPU_PADDING = PaddingBound(ratio=1.5, slack=128)
 
 
 @dataclass
@@ -142,10 +153,10 @@ class Encoder:
         return list(features["sentence_embedding"].float().cpu().numpy())
 
     def batcher(self, executor: Executor, max_tokens: int, max_texts: int) -> TokenBudgetBatcher:
-        """Batches of at most `max_tokens` padded tokens and `max_texts` texts, encoded on
-        `executor` (the model's one thread). A batch that fails is split and retried, down to
-        single texts, so only a text that cannot fit fails its job; a lost GPU context fails every
-        text at once: splitting the batch cannot bring it back."""
+        """Batches of at most `max_tokens` padded tokens and `max_texts` texts (on a CPU, with no
+        more padding than CPU_PADDING), encoded on `executor` (the model's one thread). A batch
+        that fails is split and retried, down to single texts, so only a text that cannot fit
+        fails its job; a lost GPU context fails every text at once: splitting cannot bring it back."""
         return TokenBudgetBatcher(
             self.encode,
             executor,
@@ -153,4 +164,5 @@ class Encoder:
             max_texts,
             fatal=(torch.AcceleratorError,),
             on_error=release_memory,
+            padding=CPU_PADDING if self.model.device.type == "cpu" else None,
         )

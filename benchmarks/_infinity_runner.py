@@ -10,8 +10,9 @@ This process loads the model into Infinity's `AsyncEmbeddingEngine` (torch engin
 prints one line "ready", then reads one JSON request per line from stdin and answers each with
 one JSON line: {"total": seconds, "latencies": [seconds from the common start, per call]}.
 
-    {"mode": "concurrent", "texts": [...]}   one embed call per text, all at once
-    {"mode": "one_call", "texts": [...]}     one embed call with every text
+    {"mode": "concurrent", "texts": [...], "in_flight": n}   one embed call per text, at most n at
+                                                            a time (null or absent: all at once)
+    {"mode": "one_call", "texts": [...]}                     one embed call with every text
 """
 
 from __future__ import annotations
@@ -41,9 +42,12 @@ async def serve(model: str, batch_size: int) -> None:
             request = json.loads(line)
             texts = request["texts"]
             started = time.perf_counter()
+            # The next call starts the moment one in flight finishes, as the worker's jobs do.
+            slots = asyncio.Semaphore(request.get("in_flight") or len(texts))
 
-            async def one(batch: list[str], started: float = started) -> float:
-                await engine.embed(sentences=batch)
+            async def one(batch: list[str], started: float = started, slots: asyncio.Semaphore = slots) -> float:
+                async with slots:
+                    await engine.embed(sentences=batch)
                 return time.perf_counter() - started
 
             if request["mode"] == "concurrent":

