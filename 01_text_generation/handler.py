@@ -34,7 +34,7 @@ from jinja2 import TemplateError
 from pydantic import BaseModel
 
 import schema
-from coalesce import ResultTooLarge, coalesced, merge_text, within_result_budget
+from coalesce import ResultTooLarge, coalesced, merge_answer, within_result_budget
 from cold_start import COLD_START
 from engines import TransformersEngine, load_transformers_engine
 from errors import (
@@ -381,7 +381,7 @@ async def handler(job: dict[str, Any]) -> AsyncIterator[Any]:
             # Closed first (aclosing) when the job ends early: its task stops reading `deltas`,
             # which can then be closed too (a generator still being read cannot).
             chunks = respond(route, request, planned, shape, observed())
-            async with contextlib.aclosing(coalesced(chunks, merge_text)) as out:
+            async with contextlib.aclosing(coalesced(chunks, merge_answer)) as out:
                 async for chunk in within_result_budget(out, MAX_RESULT_BYTES - RESULT_ENVELOPE_BYTES):
                     sent = True
                     yield chunk

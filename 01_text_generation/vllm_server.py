@@ -54,7 +54,7 @@ import aiohttp
 import psutil
 import runpod
 
-from coalesce import ResultTooLarge, coalesced, merge_text, within_result_budget
+from coalesce import ResultTooLarge, coalesced, merge_answer, within_result_budget
 from errors import BAD_REQUEST, INTERNAL, UNAVAILABLE, RequestError, openai_error
 from vllm_launch import SETTINGS_ERROR, SettingsError
 
@@ -357,6 +357,24 @@ def split_events(buffer: bytes) -> tuple[list[str], bytes]:
     return [event.decode() + "\n\n" for event in events], rest
 
 
+def ends_an_answer(event: str) -> bool:
+    """Whether one of vLLM's server-sent events belongs to the end of an answer: it carries a
+    choice's finish_reason, or the usage that follows the last one. Pure."""
+    if not event.startswith("data: {"):
+        return False
+    data = json.loads(event[len("data: ") :])
+    choices = data.get("choices") or ()
+    return any(choice.get("finish_reason") for choice in choices) or (not choices and bool(data.get("usage")))
+
+
+def relayed(events: list[str], reshape: NativeStream | None) -> list[Any]:
+    """What the caller gets for some of vLLM's events: the events, or their native chunks."""
+    if reshape is None:
+        return events
+    data = [json.loads(event[len("data: ") :]) for event in events if event.startswith("data: {")]
+    return [chunk for event in data for chunk in reshape.feed(event)]
+
+
 # ---------------------------------------------------------------------------------------------
 # The server process and the relay
 # ---------------------------------------------------------------------------------------------
@@ -519,7 +537,7 @@ class VLLMServer:
         sent = StreamEnd(route, (body or {}).get("n") or 1)
         try:
             # Whatever piled up while the SDK was POSTing the last chunk goes out together.
-            async with contextlib.aclosing(coalesced(chunks, merge_text)) as merged:
+            async with contextlib.aclosing(coalesced(chunks, merge_answer)) as merged:
                 async for chunk in within_result_budget(merged, max_result_bytes):
                     if isinstance(chunk, dict) and "error" in chunk:
                         yield for_route(chunk, native)
@@ -613,6 +631,10 @@ class VLLMServer:
     ) -> AsyncIterator[Any]:
         """vLLM's stream as whole events (never part of one), or as native chunks."""
         reshape = NativeStream(route, many=(body.get("n") or 1) > 1) if native else None
+        # An event that ends a choice, and the usage after it, wait for the next event, which vLLM
+        # sends right after them ([DONE], another choice's token): yielded together, the last text
+        # and the end share one POST (coalesce.merge_answer) instead of a round trip each.
+        held: list[str] = []
         buffer = b""
         async for data in response.content.iter_any():
             events, buffer = split_events(buffer + data)
@@ -623,11 +645,13 @@ class VLLMServer:
                         raise EngineStopped(message)
                     yield failure(f"vLLM failed during generation: {message}", INTERNAL, event[len("data: ") :])
                     return
-                if reshape is None:
-                    yield event
-                elif event.startswith("data: {"):
-                    for chunk in reshape.feed(json.loads(event[len("data: ") :])):
+                held.append(event)
+                if not ends_an_answer(event):
+                    for chunk in relayed(held, reshape):
                         yield chunk
+                    held = []
+        for chunk in relayed(held, reshape):  # a stream that ended right after a choice did
+            yield chunk
         if buffer.strip():
             raise aiohttp.ClientPayloadError("vLLM's stream ended inside an event")
         if not await self.alive(session):

@@ -9,8 +9,9 @@ holds its slot long after the model is done: measured through the SDK's real wor
 `coalesced(chunks, merge)` runs the handler's stream in a task of its own, so the model keeps
 producing while a POST is in flight. Each time the SDK asks for the next chunk it gets every
 chunk that became ready meanwhile, combined by `merge`: consecutive text deltas are joined
-(`merge_text`), superseded progress updates are dropped (`keep_latest`). With a fast network
-nothing changes: a chunk that is alone when asked for goes out alone, at once.
+(`merge_text`), superseded progress updates are dropped (`keep_latest`), and a text delta ready
+together with the chunk that ends its answer goes inside that chunk (`merge_answer`). With a fast
+network nothing changes: a chunk that is alone when asked for goes out alone, at once.
 
 `within_result_budget(chunks, max_bytes)` guards the other end: with `return_aggregate_stream`
 the job's result is the list of every chunk, and Runpod drops a result over its payload limit
@@ -111,6 +112,36 @@ def merge_text(items: list[Any]) -> list[Any]:
         if merged and _mergeable(merged[-1], item):
             last = merged[-1]
             merged[-1] = last + item if isinstance(last, str) else {**last, "text": last["text"] + item["text"]}
+        else:
+            merged.append(item)
+    return merged
+
+
+def _ends(text: Any, end: Any) -> bool:
+    """A native text delta and, after it, the chunk that ends the same choice (its finish reason)."""
+    return (
+        isinstance(text, dict)
+        and isinstance(end, dict)
+        and isinstance(text.get("text"), str)
+        and set(text) <= {"index", "text"}
+        and "finish_reason" in end
+        and "text" not in end
+        and text.get("index") == end.get("index")
+    )
+
+
+def merge_answer(items: list[Any]) -> list[Any]:
+    """`merge_text`, and text ready together with the chunk that ends its choice goes in that chunk:
+    `{"text", "finish_reason", "usage"}`, the shape of a whole answer.
+
+    The SDK POSTs each chunk on its own: a last text delta and the end sent apart would cost the
+    job a second round trip after its last token. A client that joins every chunk's `text` and
+    reads `finish_reason` where it is reads the same answer either way.
+    """
+    merged: list[Any] = []
+    for item in merge_text(items):
+        if merged and _ends(merged[-1], item):
+            merged[-1] = {**merged[-1], **item}
         else:
             merged.append(item)
     return merged

@@ -50,6 +50,26 @@ def test_merge_text_joins_consecutive_text_and_keeps_everything_else_in_order(co
     assert coalesce.merge_text(choices) == [{"index": 0, "text": "a"}, {"index": 1, "text": "bc"}]
 
 
+def test_merge_answer_puts_the_text_ready_with_the_end_in_the_end(coalesce: ModuleType) -> None:
+    """The SDK POSTs each chunk on its own: a last text delta apart from the end costs a round trip."""
+    end = {"finish_reason": "length", "usage": {"completion_tokens": 3}}
+    assert coalesce.merge_answer([{"text": "a"}, {"text": "b"}, end]) == [{"text": "ab", **end}]
+    assert coalesce.merge_answer([end]) == [end]
+    assert coalesce.merge_answer([{"text": "a"}]) == [{"text": "a"}]
+    # Only into the end of the same choice, and only a plain text delta.
+    many = [{"index": 0, "text": "a"}, {"index": 1, "text": "b"}, {"index": 1, "finish_reason": "stop"}]
+    assert coalesce.merge_answer(many) == [many[0], {"index": 1, "text": "b", "finish_reason": "stop"}]
+    assert coalesce.merge_answer([{"index": 0, "text": "a"}, {"index": 1, "finish_reason": "stop"}]) == [
+        {"index": 0, "text": "a"},
+        {"index": 1, "finish_reason": "stop"},
+    ]
+    logprobs = [{"text": "a"}, {"logprobs": {"content": []}}, end]
+    assert coalesce.merge_answer(logprobs) == logprobs
+    assert coalesce.merge_answer([{"usage": {}}]) == [{"usage": {}}]  # n > 1: the usage ends no choice
+    events = ['data: {"a": 1}\n\n', "data: [DONE]\n\n"]
+    assert coalesce.merge_answer(events) == ["".join(events)]
+
+
 def test_keep_latest_drops_overtaken_updates_and_never_a_result(coalesce: ModuleType) -> None:
     merge = coalesce.keep_latest(lambda item: item.get("kind") == "progress")
     p1, p2, p3 = ({"kind": "progress", "step": step} for step in (1, 2, 3))

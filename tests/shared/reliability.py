@@ -205,12 +205,21 @@ def normalized(value: Any) -> Any:
     return value
 
 
+def _text_apart(chunk: Any) -> list[Any]:
+    """An end chunk that carries text (coalesce.merge_answer) as that text delta, then the end."""
+    if not (isinstance(chunk, dict) and "text" in chunk and "finish_reason" in chunk):
+        return [chunk]
+    text = {key: value for key, value in chunk.items() if key in ("index", "text")}
+    return [text, {key: value for key, value in chunk.items() if key != "text"}]
+
+
 def canonical_chunks(chunks: list[Any]) -> list[Any]:
     """Streamed chunks as one event or text piece each: how many tokens went out together in one
     chunk depends on timing (coalesce.py merges what piled up during a POST), what they say not.
-    SSE strings become one string per event; consecutive text-only chunks become one."""
+    SSE strings become one string per event; consecutive text-only chunks become one, and the text
+    an end chunk carries (coalesce.merge_answer) joins them, the end following on its own."""
     out: list[Any] = []
-    for chunk in chunks:
+    for chunk in [piece for whole in chunks for piece in _text_apart(whole)]:
         if isinstance(chunk, str) and chunk.startswith("data: "):
             out += [event + "\n\n" for event in chunk.split("\n\n") if event]
         elif (

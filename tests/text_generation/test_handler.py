@@ -94,6 +94,8 @@ def test_each_family_streams_native_and_openai(handlers, family: str) -> None:
     chunks = native(module, messages=CHAT, sampling_params=GREEDY, stream=True)
     *texts, last = chunks
     assert all(set(c) == {"text"} and c["text"] for c in texts), "text chunks are never empty"
+    # The last chunk carries the text that was ready with the end (coalesce.merge_answer), if any.
+    assert set(last) - {"text"} == {"finish_reason", "usage"} and last.get("text") != ""
     assert last["finish_reason"] in ("stop", "length")
     prompt = module.render_prompt(module.GenerateRequest(messages=CHAT))
     assert last["usage"]["prompt_tokens"] == prompt.tokens
@@ -103,7 +105,7 @@ def test_each_family_streams_native_and_openai(handlers, family: str) -> None:
     # The same greedy request unstreamed, and through transformers directly, say the same thing.
     [whole] = native(module, messages=CHAT, sampling_params=GREEDY)
     reference, reference_ids = raw_greedy(module, prompt.text, True, GREEDY["max_tokens"])
-    assert whole["text"] == streamed_text(texts) == reference
+    assert whole["text"] == streamed_text(chunks) == reference
     assert whole["usage"] == last["usage"] and last["usage"]["completion_tokens"] == len(reference_ids)
 
     [completion] = ok(run_job(module.handler, openai_chat({"messages": CHAT, **GREEDY})))
@@ -1139,10 +1141,10 @@ def test_a_time_limit_mid_answer_keeps_what_was_generated(short_lived, monkeypat
     finally:
         hook.remove()
     assert "error" not in result, result
-    *texts, last = result["output"]
+    last = result["output"][-1]
     assert last["finish_reason"] == "length" and last["limit"] == "MAX_GENERATION_SECONDS"
     assert last["usage"]["completion_tokens"] == 3
-    text = streamed_text(texts) if stream else last["text"]
+    text = streamed_text(result["output"])
     assert text and raw_greedy(short_lived, "Once", False, 3)[0] == text
 
 
