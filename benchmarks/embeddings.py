@@ -46,9 +46,10 @@ EXAMPLE = "03_embeddings"
 MIN_TEXTS_PER_SAMPLE = 32
 # sentence-transformers' and Infinity's default batch size, for the raw encode and for Infinity.
 RAW_BATCH_SIZE = 32
-# Words per short query (5 to 10: about 7 to 14 tokens with the special ones), the shortest texts
-# an endpoint gets. Against the one-sentence queries (8 to 20 tokens) each forward pass costs less,
-# so a fixed cost per job weighs more: an independent run found the worker behind Infinity here.
+# Words per short query (5 to 10: 7 to 33 tokens with the special ones, 12 on average, since a
+# corpus word can split into several), the shortest texts an endpoint gets. Each forward pass costs
+# less than with one-sentence queries, so a job's fixed cost and a batch's padding weigh more: an
+# independent run found the worker behind Infinity here (03's README: Side by side with Infinity).
 SHORT_QUERY_WORDS = (5, 10)
 # Short-query jobs in flight at once (--in-flight): a few clients, the 64 of that independent run,
 # and a burst as large as the workload. In-flight jobs cap how many texts a batch can gather.
