@@ -22,6 +22,7 @@ from tests.shared import tiny_models
 MAX_TEST_PROCESSES = 4
 
 
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: environments without it run the suite too
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     return max(1, min(len(os.sched_getaffinity(0)), MAX_TEST_PROCESSES))
 
