@@ -17,7 +17,6 @@ pinned sha256), a C compiler and make.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import io
 import os
@@ -30,6 +29,8 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from tests.shared.disk_cache import built_once
 
 PGVECTOR_VERSION = "0.8.0"
 # Debian's copy of pgvector's release tarball (the same bytes as GitHub's v0.8.0 tag archive); the
@@ -66,44 +67,16 @@ def cache_root() -> Path:
     return Path(os.environ.get("PGVECTOR_CACHE") or DEFAULT_ROOT)
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
 def pgvector_install(root: Path | None = None) -> Path:
     """A PostgreSQL tree like pgserver's, with pgvector PGVECTOR_VERSION installed in it: built the
     first time any session asks, then handed out from the cache. Never write into it."""
     source = pgserver_install()
     key = f"postgresql-{postgres_version(source)}-pgvector-{PGVECTOR_VERSION}"
     base = cache_root() if root is None else Path(root)
-    final = base / key
     # The tree keeps the wheel's layout, pgserver/pginstall beside pgserver.libs: initdb finds its
     # libpq through the relative rpath the wheel's repair tool wrote ($ORIGIN/../../../pgserver.libs).
-    install = final / "pgserver" / "pginstall"
-    if final.is_dir():
-        return install
-    partials = base / ".partial" / key
-    with _locked(base / ".locks" / f"{key}.lock"):
-        if final.is_dir():  # another session built it while this one waited
-            return install
-        # Under the lock nobody else builds this key: what is left here is a crashed build's.
-        shutil.rmtree(partials, ignore_errors=True)
-        partials.mkdir(parents=True)
-        partial = Path(tempfile.mkdtemp(dir=partials))
-        try:
-            _build(source, partial, base)
-            partial.chmod(0o755)  # mkdtemp's 0700 would hide the tree from SERVER_ACCOUNT
-            os.replace(partial, final)
-        finally:
-            shutil.rmtree(partials, ignore_errors=True)
-    return install
+    built = built_once(base, key, lambda partial: _build(source, partial, base))
+    return built / "pgserver" / "pginstall"
 
 
 def _download_source(cache: Path) -> bytes:

@@ -16,17 +16,15 @@ to tmp_path first (tests/conftest.py fails the session if a handed-out folder ch
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import functools
 import hashlib
 import importlib.metadata
 import os
 import platform
-import shutil
-import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+
+from tests.shared.disk_cache import built_once
 
 PACKAGE = Path(__file__).resolve().parent
 DEFAULT_ROOT = Path.home() / ".cache" / "runpod-workers" / "tiny-models"
@@ -84,17 +82,6 @@ def cache_root() -> Path:
     return Path(os.environ.get("TINY_MODELS_CACHE") or DEFAULT_ROOT)
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
 def cached(
     kind: str,
     root: Path | None = None,
@@ -106,24 +93,7 @@ def cached(
     if build is None:
         from tests.shared.tiny_models import build
     folder = (cache_root() if root is None else Path(root)) / (key or _this_key())
-    final = folder / kind
-    if final.is_dir():
-        return final
-    partials = folder / ".partial" / kind
-    with _locked(folder / ".locks" / f"{kind}.lock"):
-        if final.is_dir():  # another session built it while this one waited
-            return final
-        # Under the lock nobody else builds this kind: what is left here is a crashed build's.
-        shutil.rmtree(partials, ignore_errors=True)
-        partials.mkdir(parents=True)
-        partial = Path(tempfile.mkdtemp(dir=partials))
-        try:
-            build(kind, partial)
-            partial.chmod(0o755)  # mkdtemp's 0700 would hide the model from a container's other users
-            os.replace(partial, final)
-        finally:
-            shutil.rmtree(partials, ignore_errors=True)
-    return final
+    return built_once(folder, kind, lambda partial: build(kind, partial))
 
 
 def listing(folder: Path) -> dict[str, tuple[int, int]]:
