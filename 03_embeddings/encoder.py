@@ -62,9 +62,8 @@ def tokenize_within(texts: list[str], prompt: str, tokenizer: Any, max_length: i
     at the start of the text (the prompt stays), or refused with `cut.refuse`. `tokenizer` is the
     calling thread's own copy (a fast tokenizer's settings are state each call rewrites)."""
     prompted = [prompt + text for text in texts]
-    full = tokenizer(prompted, add_special_tokens=True, verbose=False)
-    counts = [len(ids) for ids in full["input_ids"]]
-    encodings = [{key: values[i] for key, values in full.items()} for i in range(len(texts))]
+    encodings = whole_encodings(prompted, tokenizer)
+    counts = [len(encoding["input_ids"]) for encoding in encodings]
     if long := [i for i, count in enumerate(counts) if count > max_length]:
         if cut.refuse is not None:
             raise RequestError(
@@ -77,6 +76,36 @@ def tokenize_within(texts: list[str], prompt: str, tokenizer: Any, max_length: i
         for row, i in enumerate(long):
             encodings[i] = {key: values[row] for key, values in cut_ids.items()}
     return Tokenized(encodings, counts)
+
+
+def whole_encodings(texts: list[str], tokenizer: Any) -> list[dict[str, list[int]]]:
+    """What `tokenizer(texts)` gives (special tokens added, nothing cut or padded), one dict per text.
+
+    A fast tokenizer's Rust backend is called directly, with the settings transformers' own call
+    would give it: that call costs 35 µs more for a one-line query (62 -> 29 µs on the AMX Xeon),
+    a tenth of such a job's work on the event loop, where it competes with the model for the CPU
+    (README: Side by side with Infinity). The cut below leaves truncation on, so it is reset here.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:  # a slow (pure Python) tokenizer
+        full = tokenizer(texts, add_special_tokens=True, verbose=False)
+        return [{key: values[i] for key, values in full.items()} for i in range(len(texts))]
+    if backend.truncation is not None:
+        backend.no_truncation()
+    if backend.padding is not None:
+        backend.no_padding()
+    if backend.encode_special_tokens != tokenizer.split_special_tokens:
+        backend.encode_special_tokens = tokenizer.split_special_tokens
+    type_ids, mask = "token_type_ids" in tokenizer.model_input_names, "attention_mask" in tokenizer.model_input_names
+    encodings = []
+    for encoding in backend.encode_batch(texts, add_special_tokens=True):
+        fields = {"input_ids": encoding.ids}
+        if type_ids:
+            fields["token_type_ids"] = encoding.type_ids
+        if mask:
+            fields["attention_mask"] = encoding.attention_mask
+        encodings.append(fields)
+    return encodings
 
 
 def without_first_tokens(text: str, excess: int, tokenizer: Any) -> str:

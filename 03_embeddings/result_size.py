@@ -15,9 +15,10 @@ from typing import Any
 
 from errors import RequestError
 
-# Bytes one value takes in the JSON result, separator included. Written out as a JSON number, a
-# float32 is short only when it is a round binary fraction (0.5, 0.0): real embeddings average
-# about 20 characters ("-0.08346541225910187, "), never under 8. An int8 value is at least "0, ".
+# Bytes one value takes in the JSON result, separator included. A float32 is written in at most 9
+# significant digits (dense.float32_decimals), fewer only when its decimal ends in zeros: a unit
+# vector's values average about 14 characters ("-0.0834654122, "), never under 8; 25 covers a value
+# outside dense.DECIMAL_RANGE, written with float64's 17. An int8 value is at least "0, ".
 MIN_JSON_BYTES_PER_FLOAT = 8
 MAX_JSON_BYTES_PER_FLOAT = 25
 MIN_JSON_BYTES_PER_INT = 3
@@ -35,7 +36,7 @@ MIN_DOCUMENT_KEY_BYTES = len(', "text": ""')  # a returned document's key and qu
 MAX_JSON_BYTES_PER_CHAR = 12
 # What to send instead, when an embedding result would be over the limit.
 EMBEDDING_WAYS_OUT = (
-    'send encoding_format "base64" (about a quarter of the size), fewer texts per request, or fewer dimensions'
+    'send encoding_format "base64" (about a third of the size), fewer texts per request, or fewer dimensions'
 )
 
 

