@@ -82,7 +82,7 @@ def float32_decimals(vector: np.ndarray) -> np.ndarray:
     exact = vector.astype(np.float64)
     magnitude = np.abs(exact)
     within = (magnitude >= DECIMAL_RANGE[0]) & (magnitude < DECIMAL_RANGE[1])
-    exponent = np.floor(np.log10(np.where(within, magnitude, 1.0))).astype(np.intp)
-    scale = POWERS_OF_TEN[np.clip(FLOAT32_DIGITS - 1 - exponent, 0, len(POWERS_OF_TEN) - 1)]
+    exponent = np.floor(np.log10(np.where(within, magnitude, 1.0))).astype(np.intp)  # -14 to 7
+    scale = POWERS_OF_TEN[FLOAT32_DIGITS - 1 - exponent]  # 10**1 to 10**22
     decimal = np.rint(exact * scale) / scale  # an integer over a power of ten: IEEE division rounds it to nearest
     return np.where(within & (decimal.astype(np.float32) == vector), decimal, exact)
