@@ -4,7 +4,8 @@ Infinity (`infinity-emb` 0.0.78) needs sentence-transformers < 4 and numpy < 2, 
 the test environment; create it once with
 
     python -m venv .venv-infinity
-    .venv-infinity/bin/pip install torch==2.13.0 "infinity-emb[torch,server]==0.0.78" "sentence-transformers<4" "numpy<2"
+    .venv-infinity/bin/pip install torch==2.13.0 "infinity-emb[torch,server]==0.0.78" \
+        "sentence-transformers<4" "numpy<2"
 
 This process loads the model into Infinity's `AsyncEmbeddingEngine` (torch engine, on the CPU),
 prints one line "ready", then reads one JSON request per line from stdin and answers each with
