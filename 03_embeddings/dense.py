@@ -67,7 +67,7 @@ def encode_vector(vector: np.ndarray, encoding_format: str) -> JSONVector | str:
 # of the value, a float32's half step at least 3e-8 of it). Written with the 17 digits of the
 # float64 it becomes in Python, a 384-dimension vector is 8.4 kB of JSON and json.dumps takes
 # 190 µs for it, the largest part of a one-line query's work on the event loop; with 9, 5.6 kB
-# and 120 µs (float32_decimals costs 25), as TEI and Infinity answer with float32's own digits.
+# and 120 µs (float32_decimals costs 20). TEI too writes a float32 with its own digits.
 FLOAT32_DIGITS = 9
 # Within these magnitudes the decimal is computed exactly as below (a power of ten up to 10**22 is
 # a float64 exactly, and the rounded value is below 10**9); any other value keeps its 17 digits.
