@@ -3,6 +3,7 @@ that fail or race; and the package's command line."""
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import subprocess
@@ -166,3 +167,21 @@ def test_the_command_line_builds_what_the_cache_holds(tiny_model, tmp_path: Path
     assert sorted(cache.listing(built)) == sorted(cache.listing(held))
     for name in cache.listing(held):
         assert (built / name).read_bytes() == (held / name).read_bytes(), name
+
+
+def test_the_wordpiece_vocabulary_is_the_same_on_every_build() -> None:
+    """03's tiny encoders share one WordPiece vocabulary, learnt in each build: `tokenizers`'
+    trainer learnt a different one in each process (its ties are broken in hash-map order)."""
+    code = "import json, tests.shared.tiny_models.vocabularies as v; print(json.dumps(v.train_wordpiece([])))"
+    builds = {
+        subprocess.run(
+            [sys.executable, "-c", code],
+            cwd=REPO,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        for seed in ("1", "2")
+    }
+    assert len(builds) == 1 and len(json.loads(builds.pop())) == 400

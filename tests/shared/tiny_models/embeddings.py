@@ -7,18 +7,18 @@ import json
 import tempfile
 from pathlib import Path
 
-from tests.shared.tiny_models.corpus import CORPUS, SEED
+from tests.shared.tiny_models.corpus import SEED
+from tests.shared.tiny_models.vocabularies import train_wordpiece
 
 
 def _train_wordpiece(vocab_size: int = 400):
-    """A BERT-style WordPiece tokenizer trained on CORPUS (no download)."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    """A BERT-style WordPiece tokenizer trained on CORPUS (no download), the same on every build."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    vocab = train_wordpiece(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"], vocab_size)
+    tok = Tokenizer(models.WordPiece({token: i for i, token in enumerate(vocab)}, unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.train_from_iterator([CORPUS] * 4, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",

@@ -1,5 +1,6 @@
 """Tokenizer vocabularies trained on CORPUS that several families share: CLIP's BPE (the Stable Diffusion
-text encoders, FLUX, SD 3.5 and CLIPModel) and a SentencePiece unigram model (SigLIP, T5)."""
+text encoders, FLUX, SD 3.5 and CLIPModel), BERT's WordPiece (03's encoders) and a SentencePiece
+unigram model (SigLIP, T5)."""
 
 from __future__ import annotations
 
@@ -58,6 +59,45 @@ def train_clip_bpe(max_merges: int = 400) -> tuple[dict[str, int], list[tuple[st
     alphabet = _bytes_to_unicode()
     tokens = [*alphabet, *(c + "</w>" for c in alphabet), *(a + b for a, b in merges), *_CLIP_SPECIALS]
     return {token: i for i, token in enumerate(dict.fromkeys(tokens))}, merges
+
+
+def train_wordpiece(specials: list[str], vocab_size: int = 400) -> list[str]:
+    """A BERT WordPiece vocabulary learnt from CORPUS the way `tokenizers`' WordPieceTrainer learns
+    one: BPE merges over words split into their first character and "##"-marked continuations,
+    each merge a token, after the specials and every character seen. Ties among equally frequent
+    pairs go to the first pair in order. The trainer leaves them to a hash map, so its vocabulary
+    changed from build to build, and with it every tiny encoder's outputs: a test that passed on
+    one build of the tiny models once failed on the next (the rerank truncation test, 2026-12-07).
+    """
+    from tokenizers import normalizers, pre_tokenizers
+
+    text = normalizers.BertNormalizer(lowercase=True).normalize_str(CORPUS)
+    words: Counter[tuple[str, ...]] = Counter()
+    for word, _ in pre_tokenizers.BertPreTokenizer().pre_tokenize_str(text):
+        words[(word[0], *("##" + c for c in word[1:]))] += 1
+    vocab = list(dict.fromkeys([*specials, *sorted({symbol for word in words for symbol in word})]))
+    while len(vocab) < vocab_size:
+        pairs: Counter[tuple[str, str]] = Counter()
+        for word, n in words.items():
+            for pair in itertools.pairwise(word):
+                pairs[pair] += n
+        if not pairs:  # every word is a single token
+            break
+        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
+        joined = best[0] + best[1].removeprefix("##")
+        merged: Counter[tuple[str, ...]] = Counter()
+        for word, n in words.items():
+            symbols: list[str] = []
+            for symbol in word:
+                if symbols and (symbols[-1], symbol) == best:
+                    symbols[-1] = joined
+                else:
+                    symbols.append(symbol)
+            merged[tuple(symbols)] += n
+        words = merged
+        if joined not in vocab:
+            vocab.append(joined)
+    return vocab
 
 
 def write_clip_vocab(folder: Path, vocab: dict[str, int], merges: list[tuple[str, str]]) -> None:
