@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import operator
 from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from tests.shared.tiny_models.corpus import CORPUS
@@ -19,6 +21,35 @@ def _bytes_to_unicode() -> list[str]:
     themselves, the others are shifted to code points 256+ so no token holds whitespace or controls."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     return [chr(b) for b in printable] + [chr(256 + n) for n in range(256 - len(printable))]
+
+
+def _bpe_merges(
+    words: Counter[tuple[str, ...]], join: Callable[[str, str], str]
+) -> Iterator[tuple[tuple[str, str], str]]:
+    """BPE over word counts: each next merge (the pair, and the symbol `join` makes of it) is the
+    most frequent pair of adjacent symbols (among equally frequent pairs, the first in order, so
+    every build learns the same), merged in every word before the next is counted; until every
+    word is a single symbol."""
+    while True:
+        pairs: Counter[tuple[str, str]] = Counter()
+        for word, n in words.items():
+            for pair in itertools.pairwise(word):
+                pairs[pair] += n
+        if not pairs:
+            return
+        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
+        joined = join(*best)
+        yield best, joined
+        merged: Counter[tuple[str, ...]] = Counter()
+        for word, n in words.items():
+            symbols: list[str] = []
+            for symbol in word:
+                if symbols and (symbols[-1], symbol) == best:
+                    symbols[-1] = joined
+                else:
+                    symbols.append(symbol)
+            merged[tuple(symbols)] += n
+        words = merged
 
 
 def train_clip_bpe(max_merges: int = 400) -> tuple[dict[str, int], list[tuple[str, str]]]:
@@ -36,26 +67,7 @@ def train_clip_bpe(max_merges: int = 400) -> tuple[dict[str, int], list[tuple[st
     words: Counter[tuple[str, ...]] = Counter()
     for word, _ in backend.pre_tokenizer.pre_tokenize_str(backend.normalizer.normalize_str(CORPUS)):
         words[(*word[:-1], word[-1] + "</w>")] += 1
-    merges: list[tuple[str, str]] = []
-    while len(merges) < max_merges:
-        pairs: Counter[tuple[str, str]] = Counter()
-        for word, n in words.items():
-            for pair in itertools.pairwise(word):
-                pairs[pair] += n
-        if not pairs:  # every word is a single token
-            break
-        best = min(pairs, key=lambda pair: (-pairs[pair], pair))  # among equally frequent pairs, the first in order
-        merges.append(best)
-        merged: Counter[tuple[str, ...]] = Counter()
-        for word, n in words.items():
-            symbols: list[str] = []
-            for symbol in word:
-                if symbols and (symbols[-1], symbol) == best:
-                    symbols[-1] += symbol
-                else:
-                    symbols.append(symbol)
-            merged[tuple(symbols)] += n
-        words = merged
+    merges = [pair for pair, _ in itertools.islice(_bpe_merges(words, operator.add), max_merges)]
     alphabet = _bytes_to_unicode()
     tokens = [*alphabet, *(c + "</w>" for c in alphabet), *(a + b for a, b in merges), *_CLIP_SPECIALS]
     return {token: i for i, token in enumerate(dict.fromkeys(tokens))}, merges
@@ -76,26 +88,9 @@ def train_wordpiece(specials: list[str], vocab_size: int = 400) -> list[str]:
     for word, _ in pre_tokenizers.BertPreTokenizer().pre_tokenize_str(text):
         words[(word[0], *("##" + c for c in word[1:]))] += 1
     vocab = list(dict.fromkeys([*specials, *sorted({symbol for word in words for symbol in word})]))
-    while len(vocab) < vocab_size:
-        pairs: Counter[tuple[str, str]] = Counter()
-        for word, n in words.items():
-            for pair in itertools.pairwise(word):
-                pairs[pair] += n
-        if not pairs:  # every word is a single token
-            break
-        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
-        joined = best[0] + best[1].removeprefix("##")
-        merged: Counter[tuple[str, ...]] = Counter()
-        for word, n in words.items():
-            symbols: list[str] = []
-            for symbol in word:
-                if symbols and (symbols[-1], symbol) == best:
-                    symbols[-1] = joined
-                else:
-                    symbols.append(symbol)
-            merged[tuple(symbols)] += n
-        words = merged
-        if joined not in vocab:
+    merges = _bpe_merges(words, lambda first, then: first + then.removeprefix("##"))
+    while len(vocab) < vocab_size and (merge := next(merges, None)) is not None:
+        if (joined := merge[1]) not in vocab:
             vocab.append(joined)
     return vocab
 
