@@ -364,6 +364,7 @@ async def handler(job: dict[str, Any]) -> AsyncIterator[Any]:
     started = time.perf_counter()
     usage: Usage | None = None
     finished: set[int] = set()  # the choices that ended
+    ended: set[int] = set()  # the choices whose end reached the caller
     sent = False  # whether a chunk reached the caller: then a limit ends the answer, not the job
     try:
         # aclosing: if the job is cancelled or its consumer leaves, generation stops at once.
@@ -383,7 +384,9 @@ async def handler(job: dict[str, Any]) -> AsyncIterator[Any]:
             chunks = respond(route, request, planned, shape, observed())
             async with contextlib.aclosing(coalesced(chunks, merge_answer)) as out:
                 async for chunk in within_result_budget(out, MAX_RESULT_BYTES - RESULT_ENVELOPE_BYTES):
-                    sent = True
+                    # An end is in this chunk or an earlier one: the coalescer queues each chunk in the
+                    # step that observed its delta. One held back by the limit never reached the caller.
+                    sent, ended = True, set(finished)
                     yield chunk
     except ResultTooLarge:
         log.warn(f"Stopped a result at MAX_RESULT_BYTES ({prompt.tokens} prompt tokens)", job_id)
@@ -391,7 +394,7 @@ async def handler(job: dict[str, Any]) -> AsyncIterator[Any]:
             yield shaped({"error": TOO_LARGE}, BAD_REQUEST)
             return
         # A stream keeps what it sent and ends as max_tokens would end it, naming the limit.
-        unfinished = [index for index in range(params.n) if index not in finished]
+        unfinished = [index for index in range(params.n) if index not in ended]
         for chunk in closing_chunks(None if route == NATIVE else shape, unfinished, "MAX_RESULT_BYTES"):
             yield chunk
         return

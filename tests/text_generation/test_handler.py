@@ -1335,6 +1335,27 @@ def test_logprobs_certain_to_pass_the_result_limit_are_refused_before_any_work(s
     assert aggregated_bytes(result["output"]) <= RESULT_LIMIT
 
 
+def test_an_end_held_back_by_the_result_limit_is_still_sent(small_results, monkeypatch) -> None:
+    """The generation ends while the SDK is sending a chunk, so its last text and its end are merged
+    into one chunk, and that chunk passes the limit: the stream still ends naming the limit. Before,
+    the worker took the choice for ended (the engine had said so) and the stream stopped without
+    any end (seen once through the job loop, test_worker_loop)."""
+
+    async def generate(ids: Any, params: Any) -> Any:
+        delta, usage = small_results.Delta, small_results.Usage
+        yield delta(text="Once")
+        for _ in range(20):  # the consumer takes the first chunk and the SDK "sends" it
+            await asyncio.sleep(0)
+        for _ in range(2000):  # then everything else at once: it piles up in one chunk
+            yield delta(text=" upon")
+        yield delta(finish_reason="length", usage=usage(prompt_tokens=4, completion_tokens=2001))
+
+    monkeypatch.setattr(small_results.ENGINE, "generate", generate)
+    request = {"prompt": "Once upon a time", "sampling_params": {"max_tokens": 2001}, "stream": True}
+    output = ok(run_job(small_results.handler, request))
+    assert output == [{"text": "Once"}, {"finish_reason": "length", "limit": "MAX_RESULT_BYTES"}]
+
+
 def test_a_stream_that_reaches_the_result_limit_keeps_what_it_sent(small_results, qwen) -> None:
     request = {"prompt": "Once upon a time", "sampling_params": {"max_tokens": 400, "ignore_eos": True, "seed": 5}}
     result = run_job(small_results.handler, {**request, "stream": True})
